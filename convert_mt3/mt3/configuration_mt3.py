@@ -1,0 +1,44 @@
+"""MT3 model configuration: T5.1.1 with continuous (log-mel) encoder inputs and fixed sinusoids."""
+
+from transformers import T5Config
+
+
+class MT3Config(T5Config):
+    r"""
+    Configuration of [`MT3ForConditionalGeneration`]. Defaults are the published multi-instrument MT3
+    (magenta/mt3 `gin/model.gin` + `gin/mt3.gin`).
+
+    input_depth (`int`, defaults to 512):
+        Width of one encoder input frame (number of log-mel bins) fed to `continuous_inputs_projection`.
+    max_position_embeddings (`int`, defaults to 2048):
+        Rows of the fixed sinusoidal position table (MT3 `layers.FixedEmbed.max_length`).
+    """
+
+    model_type = "mt3"
+
+    vocab_size: int = 1536
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_layers: int = 8
+    num_decoder_layers: int | None = None  # None: as many as num_layers
+    num_heads: int = 6
+    dropout_rate: float | int = 0.1
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+    input_depth: int = 512
+    max_position_embeddings: int = 2048
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    decoder_start_token_id: int | None = 0
+
+    def __post_init__(self, **kwargs):
+        kwargs.pop("tie_word_embeddings", None)
+        super().__post_init__(**kwargs)
+        # MT3 has a separate `logits_dense` head: never tie it to the token embedder,
+        # and never rescale decoder outputs (T5's d_model**-0.5 applies only to tied heads).
+        self.tie_word_embeddings = False
+        self.scale_decoder_outputs = False
+
+
+__all__ = ["MT3Config"]

@@ -1,0 +1,29 @@
+"""Shared fixtures: the path to ../shared (golden data, real checkpoint) when CI provides it."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_ENV = "MT3_SHARED_DIR"
+
+
+def shared_dir() -> Path | None:
+    """`$MT3_SHARED_DIR` if it is set and exists, else None (tests needing it skip)."""
+    value = os.environ.get(SHARED_ENV)
+    if value and Path(value).is_dir():
+        return Path(value)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    path = shared_dir()
+    if path is None:
+        pytest.skip(f"${SHARED_ENV} not set or missing: no golden data / real checkpoint here")
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden_cases(shared: Path) -> list[Path]:
+    return sorted(p for p in (shared / "golden").iterdir() if p.is_dir())

@@ -1,0 +1,117 @@
+"""MT3Config from a checkpoint: sizes from array shapes, head layout from `config.gin`.
+
+A 2-D attention kernel (d_model, heads * d_kv) cannot say how its 384 columns split into
+heads, so `num_heads`/`head_dim` come from the `config.gin` T5X writes into the model folder
+(beside or above the checkpoint folder), else from the published MT3 values. Every value can
+be overridden (CLI flags); shapes and gin must agree with each other.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .mt3.configuration_mt3 import MT3Config
+
+GIN_FILE = "config.gin"
+GIN_SEARCH_DEPTH = 3  # the checkpoint folder and up to this many parents
+# gin `network.T5Config` name -> MT3Config field
+GIN_FIELDS = {
+    "vocab_size": "vocab_size",
+    "emb_dim": "d_model",
+    "num_heads": "num_heads",
+    "head_dim": "d_kv",
+    "mlp_dim": "d_ff",
+    "num_encoder_layers": "num_layers",
+    "num_decoder_layers": "num_decoder_layers",
+    "dropout_rate": "dropout_rate",
+}
+_GIN_LINE = re.compile(r"^\s*(?:network\.)?T5Config\.(\w+)\s*=\s*(.+?)\s*$")
+_GIN_BLOCK = re.compile(r"^\s*(?:network\.)?T5Config\s*:\s*$")
+_GIN_ITEM = re.compile(r"^\s+(\w+)\s*=\s*(.+?)\s*$")
+
+
+class ConfigError(ValueError):
+    """Checkpoint shapes, gin file and overrides disagree."""
+
+
+def find_gin(checkpoint_dir: Path) -> Path | None:
+    """The nearest `config.gin` in the checkpoint folder or its parents (T5X's model_dir)."""
+    for folder in [checkpoint_dir, *checkpoint_dir.resolve().parents][: GIN_SEARCH_DEPTH + 1]:
+        if (folder / GIN_FILE).is_file():
+            return folder / GIN_FILE
+    return None
+
+
+def parse_gin(path: Path) -> dict[str, Any]:
+    """`network.T5Config` bindings as MT3Config fields; both `T5Config.x = v` and block form."""
+    values: dict[str, Any] = {}
+    in_block = False
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].rstrip()
+        match = _GIN_LINE.match(line)
+        if _GIN_BLOCK.match(line):
+            in_block = True
+            continue
+        if in_block:
+            item = _GIN_ITEM.match(line)
+            if item:
+                match = item
+            elif line.strip():
+                in_block = False
+        if match and match.group(1) in GIN_FIELDS:
+            try:
+                values[GIN_FIELDS[match.group(1)]] = ast.literal_eval(match.group(2))
+            except (ValueError, SyntaxError):
+                raise ConfigError(f"{path}: cannot read T5Config.{match.group(1)} = {match.group(2)}") from None
+    return values
+
+
+def _count_layers(arrays: dict[str, np.ndarray], stack: str) -> int:
+    return len({key.split("/")[1] for key in arrays if key.startswith(f"{stack}/layers_")})
+
+
+def _shape(arrays: dict[str, np.ndarray], key: str) -> tuple[int, ...]:
+    if key not in arrays:
+        raise ConfigError(f"checkpoint has no array {key}; cannot derive the model size")
+    return arrays[key].shape
+
+
+def shape_values(arrays: dict[str, np.ndarray]) -> dict[str, int]:
+    """The sizes the arrays themselves fix."""
+    vocab_size, d_model = _shape(arrays, "decoder/token_embedder/embedding")
+    query = _shape(arrays, "encoder/layers_0/attention/query/kernel")
+    values = {
+        "vocab_size": vocab_size,
+        "d_model": d_model,
+        "input_depth": _shape(arrays, "encoder/continuous_inputs_projection/kernel")[0],
+        "d_ff": _shape(arrays, "encoder/layers_0/mlp/wi_0/kernel")[1],
+        "num_layers": _count_layers(arrays, "encoder"),
+        "num_decoder_layers": _count_layers(arrays, "decoder"),
+    }
+    if len(query) == 3:  # (d_model, heads, d_kv): the heads are explicit
+        values["num_heads"], values["d_kv"] = query[1], query[2]
+    return values
+
+
+def derive_config(arrays: dict[str, np.ndarray], gin: Path | None = None, overrides: dict[str, Any] | None = None) -> MT3Config:
+    """Shapes, then gin, then overrides; published MT3 defaults for anything still unset."""
+    from_shapes = shape_values(arrays)
+    from_gin = parse_gin(gin) if gin else {}
+    for field, value in from_gin.items():
+        if field in from_shapes and from_shapes[field] != value:
+            raise ConfigError(f"{gin}: T5Config {field} = {value} but the checkpoint arrays give {from_shapes[field]}")
+    values = {**from_gin, **from_shapes, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    config = MT3Config(**values)
+    inner = _shape(arrays, "encoder/layers_0/attention/query/kernel")
+    inner = int(np.prod(inner[1:]))
+    if config.num_heads * config.d_kv != inner:
+        raise ConfigError(f"num_heads * d_kv = {config.num_heads} * {config.d_kv} != {inner}, the attention width of encoder/layers_0/attention/query/kernel")
+    return config
+
+
+__all__ = ["ConfigError", "derive_config", "find_gin", "parse_gin", "shape_values"]

@@ -63,7 +63,7 @@ def _decode_ext(code: int, data: bytes) -> Any:
     """flax ExtType -> numpy (ndarray: msgpack of (shape, dtype name, buffer))."""
     if code == _EXT_NDARRAY:
         shape, dtype, buffer = msgpack.unpackb(data)
-        return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)
+        return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape).copy()  # writable
     if code == _EXT_NPSCALAR:
         dtype, buffer = msgpack.unpackb(data)
         return np.frombuffer(buffer, dtype=np.dtype(dtype))[0]

@@ -12,6 +12,9 @@ class MT3Config(T5Config):
         Width of one encoder input frame (number of log-mel bins) fed to `continuous_inputs_projection`.
     max_position_embeddings (`int`, defaults to 2048):
         Rows of the fixed sinusoidal position table (MT3 `layers.FixedEmbed.max_length`).
+    max_target_length (`int`, defaults to 1024):
+        Most tokens MT3 decodes per segment (the targets length of its feature converter); the model's default
+        `generation_config.max_new_tokens`.
     """
 
     model_type = "mt3"
@@ -28,6 +31,7 @@ class MT3Config(T5Config):
     feed_forward_proj: str = "gated-gelu"
     input_depth: int = 512
     max_position_embeddings: int = 2048
+    max_target_length: int = 1024
     pad_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
     decoder_start_token_id: int | None = 0

@@ -1,0 +1,20 @@
+PYTHON ?= python3
+SHARED ?= ../shared
+OUT ?= converted/mt3
+
+.PHONY: install convert test bench lint
+
+install:
+	$(PYTHON) -m pip install -e ".[dev]"
+
+convert:
+	$(PYTHON) -m convert_mt3 $(SHARED)/checkpoints/mt3 $(OUT) --golden $(SHARED)/golden --overwrite
+
+test:
+	MT3_SHARED_DIR=$${MT3_SHARED_DIR:-$(SHARED)} $(PYTHON) -m pytest -q
+
+bench:
+	MT3_SHARED_DIR=$${MT3_SHARED_DIR:-$(SHARED)} $(PYTHON) benchmarks/bench.py
+
+lint:
+	$(PYTHON) -m ruff check convert_mt3 tests examples benchmarks

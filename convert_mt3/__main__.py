@@ -1,0 +1,93 @@
+"""python -m convert_mt3 CHECKPOINT_DIR OUT_DIR [options]: T5X MT3 checkpoint -> Hugging Face folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+# MT3Config fields a flag can set (value type, help); unset flags keep what the checkpoint says.
+OVERRIDES = {
+    "d_model": (int, "model width (default: from the token embedder's shape)"),
+    "d_ff": (int, "MLP width (default: from mlp/wi_0)"),
+    "num_layers": (int, "encoder layers (default: counted in the checkpoint)"),
+    "num_decoder_layers": (int, "decoder layers (default: counted in the checkpoint)"),
+    "num_heads": (int, "attention heads (default: config.gin, else 6)"),
+    "d_kv": (int, "size of one attention head (default: config.gin head_dim, else 64)"),
+    "vocab_size": (int, "output vocabulary (default: from the token embedder's shape)"),
+    "input_depth": (int, "log-mel bins per encoder frame (default: from continuous_inputs_projection)"),
+    "max_position_embeddings": (int, "rows of the sinusoid position table (default 2048)"),
+    "dropout_rate": (float, "dropout for fine-tuning (default: config.gin, else 0.1)"),
+    "layer_norm_epsilon": (float, "RMS-norm epsilon (default 1e-6)"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert_mt3",
+        description="Convert a Magenta MT3 T5X checkpoint into a Hugging Face transformers folder "
+        "(safetensors, config, processor, remote code, model card), verify it, optionally push it.",
+    )
+    parser.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR", help="T5X checkpoint folder (msgpack `checkpoint` + target.* zarr folders)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write; built beside it and moved in when verified")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights (default float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary, errors only")
+    parser.add_argument("--golden", metavar="DIR", help="folder of outputs of the original MT3 (case folders with frames.npy, encoder_out.npy, logits.npy, tokens.json): measure parity and put it in the model card")
+    hub = parser.add_argument_group("Hugging Face Hub")
+    hub.add_argument("--push-to-hub", metavar="REPO_ID", help="after verification, upload OUT_DIR to this model repo (token: HF_TOKEN or cached login)")
+    hub.add_argument("--private", action="store_true", help="create the repo as private")
+    hub.add_argument("--revision", metavar="BRANCH", help="branch to push to (created if missing)")
+    hub.add_argument("--commit-message", default="Upload MT3 converted with convert-mt3", help="commit message of the upload")
+    config = parser.add_argument_group("config overrides", "values normally derived from the checkpoint's shapes and config.gin")
+    for field, (kind, text) in OVERRIDES.items():
+        config.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, metavar="N" if kind is int else "X", help=text)
+    parser.add_argument("--version", action="version", version=f"convert-mt3 {__version__}")
+    args = parser.parse_args(argv)
+    if (args.private or args.revision) and not args.push_to_hub:
+        parser.error("--private and --revision need --push-to-hub")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Heavy imports after argument parsing, so --help is instant.
+    from .export import convert
+    from .hub import push_folder
+
+    try:
+        result = convert(
+            args.checkpoint_dir,
+            args.out_dir,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            golden_dir=args.golden,
+            overrides={field: getattr(args, field) for field in OVERRIDES},
+            repo_id=args.push_to_hub,
+        )
+        if not args.quiet:
+            print(
+                f"wrote {result.out_dir}: {result.num_arrays} arrays ({result.num_zarr} zarr + {result.num_inline} inline), "
+                f"{result.num_parameters:,} parameters, {result.dtype}, step {result.step}; "
+                f"reload check max abs error {result.reload_max_abs_error:.1e}"
+            )
+            if result.parity:
+                p = result.parity
+                print(
+                    f"golden parity: encoder {p['encoder_max_abs_error']:.2e}, logits {p['logits_max_abs_error']:.2e}, "
+                    f"greedy segments identical {p['greedy_segments_identical']}/{p['greedy_segments']}"
+                )
+        if args.push_to_hub:
+            url = push_folder(result.out_dir, args.push_to_hub, private=args.private, revision=args.revision, commit_message=args.commit_message)
+            print(url)
+    except (ValueError, OSError, RuntimeError) as err:
+        # User-facing failures are one line, no traceback (the error classes name file/array).
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Checkpoint -> model -> verified `save_pretrained` folder, built beside OUT_DIR and moved in at the end.
+
+    read_checkpoint -> derive_config -> t5x_to_state_dict -> MT3ForConditionalGeneration
+      -> temporary folder (safetensors, configs, processor, Hub code, card)
+      -> reload with trust_remote_code and compare -> move into OUT_DIR
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.initialization import no_init_weights
+
+from . import __version__
+from .checkpoint import T5XCheckpoint, read_checkpoint
+from .config import derive_config, find_gin
+from .mapping import t5x_to_state_dict
+from .model_card import render_model_card
+from .mt3.configuration_mt3 import MT3Config
+from .mt3.feature_extraction_mt3 import MT3FeatureExtractor
+from .mt3.modeling_mt3 import MT3ForConditionalGeneration
+from .mt3.processing_mt3 import MT3Processor
+from .mt3.tokenization_mt3 import MT3Tokenizer
+from .parity import measure_golden_parity
+
+HUB_CODE_DIR = Path(__file__).parent / "mt3"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Reloaded folder vs in-memory model on the check input: same weights and code, so float32
+# agrees to rounding; half precisions are compared with the float32 source model.
+RELOAD_TOLERANCE = {"float32": 1e-5, "bfloat16": 0.5, "float16": 0.05}
+AUTO_MAP = {
+    "AutoConfig": "configuration_mt3.MT3Config",
+    "AutoModel": "modeling_mt3.MT3ForConditionalGeneration",
+    "AutoModelForSeq2SeqLM": "modeling_mt3.MT3ForConditionalGeneration",
+}
+
+
+class ExportError(ValueError):
+    """The output folder cannot be written, or the written folder fails its check."""
+
+
+@dataclass
+class ConversionResult:
+    out_dir: Path
+    source: Path
+    step: int | None
+    num_arrays: int
+    num_inline: int
+    num_zarr: int
+    num_parameters: int
+    dtype: str
+    reload_max_abs_error: float
+    parity: dict[str, Any] = field(default_factory=dict)
+
+
+def build_model(checkpoint: T5XCheckpoint, config: MT3Config) -> MT3ForConditionalGeneration:
+    """An MT3 model holding exactly the checkpoint's arrays (strict: all used, all filled)."""
+    with no_init_weights():  # every parameter is overwritten below; skip random init
+        model = MT3ForConditionalGeneration(config)
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    model.load_state_dict(t5x_to_state_dict(checkpoint.arrays, expected), strict=True, assign=True)
+    return model.eval()
+
+
+def check_input(config: MT3Config, frames: int = 32, tokens: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed, seeded input for comparing two copies of a model."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2, frames, config.input_depth, generator=generator)
+    decoder_ids = torch.randint(0, config.vocab_size, (2, tokens), generator=generator)
+    return features, decoder_ids
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, features: torch.Tensor, decoder_ids: torch.Tensor) -> torch.Tensor:
+    dtype = next(model.parameters()).dtype
+    return model(input_features=features.to(dtype), decoder_input_ids=decoder_ids).logits.float()
+
+
+def verify_folder(folder: Path, reference: MT3ForConditionalGeneration, dtype: str) -> float:
+    """Reload `folder` the way a user does (Auto classes, remote code) and compare with `reference`."""
+    from transformers import AutoModel, AutoProcessor
+
+    reloaded = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=DTYPES[dtype]).eval()
+    if type(reloaded).__name__ != "MT3ForConditionalGeneration":
+        raise ExportError(f"{folder}: AutoModel loaded {type(reloaded).__name__}, expected MT3ForConditionalGeneration")
+    AutoProcessor.from_pretrained(folder, trust_remote_code=True)  # must resolve, else a broken upload
+    source = reference.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        if not torch.equal(tensor, source[name].to(tensor.dtype)):
+            raise ExportError(f"{folder}: reloaded parameter {name} differs from the checkpoint array")
+    features, decoder_ids = check_input(reference.config)
+    error = (logits_of(reloaded, features, decoder_ids) - logits_of(reference, features, decoder_ids)).abs().max().item()
+    if not error <= RELOAD_TOLERANCE[dtype]:
+        raise ExportError(f"{folder}: reloaded logits differ from the source model by {error:.3g} (> {RELOAD_TOLERANCE[dtype]})")
+    return error
+
+
+def _hub_code_files() -> list[Path]:
+    return sorted(p for p in HUB_CODE_DIR.glob("*.py") if p.name != "__init__.py")
+
+
+def write_folder(folder: Path, model: MT3ForConditionalGeneration, dtype: str) -> None:
+    """save_pretrained of model, processor and remote code into `folder`."""
+    model.config.auto_map = dict(AUTO_MAP)
+    model.to(DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
+    for auto_class, cls in [("AutoFeatureExtractor", MT3FeatureExtractor), ("AutoTokenizer", MT3Tokenizer), ("AutoProcessor", MT3Processor)]:
+        cls.register_for_auto_class(auto_class)
+    MT3Processor(feature_extractor=MT3FeatureExtractor(), tokenizer=MT3Tokenizer()).save_pretrained(folder)
+    for file in _hub_code_files():  # verbatim, so the folder runs with transformers alone
+        shutil.copyfile(file, folder / file.name)
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Replace `out_dir` by `staging`, keeping the old folder until the new one is in place."""
+    backup = None
+    if out_dir.exists():
+        backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(backup)
+    staging.rename(out_dir)
+    if backup is not None:
+        shutil.rmtree(backup)
+
+
+def convert(
+    checkpoint_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    quiet: bool = False,
+    golden_dir: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+) -> ConversionResult:
+    """Convert a T5X MT3 checkpoint into a verified Hugging Face folder at `out_dir`."""
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    out_dir = Path(out_dir).absolute()
+    _prepare_out_dir(out_dir, overwrite)
+    checkpoint = read_checkpoint(checkpoint_dir, quiet=quiet)
+    gin = find_gin(checkpoint.path)
+    config = derive_config(checkpoint.arrays, gin, overrides)
+    model = build_model(checkpoint, config)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    parity = measure_golden_parity(model, Path(golden_dir), quiet=quiet) if golden_dir else {}
+
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as err:
+        raise ExportError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
+    try:
+        reference = model
+        if dtype != "float32":  # keep a float32 copy to compare the half-precision folder with
+            reference = build_model(checkpoint, config)
+        write_folder(staging, model, dtype)
+        result = ConversionResult(
+            out_dir=out_dir,
+            source=checkpoint.path,
+            step=checkpoint.step,
+            num_arrays=len(checkpoint.arrays),
+            num_inline=checkpoint.num_inline,
+            num_zarr=checkpoint.num_zarr,
+            num_parameters=num_parameters,
+            dtype=dtype,
+            reload_max_abs_error=verify_folder(staging, reference, dtype),
+            parity=parity,
+        )
+        (staging / "README.md").write_text(render_model_card(result, __version__, repo_id))
+        _move_into_place(staging, out_dir)
+    except OSError as err:
+        raise ExportError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+__all__ = ["ConversionResult", "ExportError", "build_model", "convert", "verify_folder", "write_folder"]

@@ -1,0 +1,62 @@
+"""Publish a verified folder to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+
+class HubError(RuntimeError):
+    """Authentication or network failure while pushing; the local folder is untouched."""
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def _redact(message: str) -> str:
+    token = get_token()
+    return message.replace(token, "***") if token else message
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str = "Upload MT3 converted with convert-mt3",
+    api: HfApi | None = None,
+) -> str:
+    """create_repo(exist_ok) + upload_folder of exactly `folder`; returns the repo URL.
+
+    The token comes from `HF_TOKEN` or the cached login (huggingface_hub's own lookup); it is
+    never printed or logged: error messages are redacted before they are raised. Re-running
+    uploads the same files, which the Hub records as an empty (no-op) commit.
+    """
+    api = api or HfApi()
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message,
+        )
+    except LocalTokenNotFoundError:
+        raise HubError(f"push to {repo_id}: not logged in; set HF_TOKEN or run `hf auth login`") from None
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        raise HubError(_redact(f"push to {repo_id} failed (HTTP {status}): {_first_line(err)}")) from None
+    except Exception as err:  # connection errors: the HTTP client's own exception types
+        raise HubError(_redact(f"push to {repo_id} failed: {type(err).__name__}: {_first_line(err)}")) from None
+    base = str(getattr(url, "url", None) or f"https://huggingface.co/{repo_id}")
+    return f"{base}/tree/{revision}" if revision else base
+
+
+__all__ = ["HubError", "push_folder"]

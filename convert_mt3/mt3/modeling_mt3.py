@@ -1,0 +1,565 @@
+"""PyTorch MT3: the T5.1.1 encoder-decoder of Magenta MT3 (`mt3/network.py`, `mt3/layers.py`).
+
+MT3 differs from transformers' T5 in ways that change the numbers, so the stacks are written here while the
+pieces that are identical (RMS norm, gated-GELU MLP) are reused from `transformers.models.t5`:
+
+- the encoder reads continuous frames (log-mel) through a bias-free `continuous_inputs_projection`;
+- both stacks add a fixed sinusoidal position table (MT3's own formula) instead of a relative position bias;
+- the encoder masks nothing: zero-padded frames of the last segment are attended to, as in the original;
+- attention logits are not scaled by 1/sqrt(d_kv) (T5X folds that into the trained query kernel);
+- the LM head `logits_dense` is separate from the token embedder and its input is not rescaled.
+
+Parameter names follow the T5X tree (`encoder.layers.{i}.attention.query` <- `encoder/layers_{i}/attention/query`).
+"""
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    Seq2SeqLMOutput,
+)
+from transformers.models.t5.modeling_t5 import T5DenseGatedActDense, T5LayerNorm
+
+from .configuration_mt3 import MT3Config
+
+
+def mt3_sinusoid_table(
+    max_len: int, features: int, min_scale: float = 1.0, max_scale: float = 10000.0
+) -> torch.Tensor:
+    """MT3 `layers.sinusoidal()`: sines in the first half of the features, cosines in the second.
+
+    Computed in float64 numpy and rounded once to float32, like the original. The frequency step divides by
+    `features // 2 - 1` (not `features // 2` as in most transformer code), which is why this is not shared
+    with any transformers helper.
+    """
+    half = features // 2
+    position = np.arange(max_len, dtype=np.float64)[:, None]  # (max_len, 1)
+    scale_factor = -np.log(max_scale / min_scale) / (half - 1)
+    div_term = min_scale * np.exp(np.arange(half, dtype=np.float64) * scale_factor)  # (half,)
+    table = np.zeros((max_len, features), dtype=np.float32)
+    table[:, :half] = np.sin(position * div_term)
+    table[:, half : 2 * half] = np.cos(position * div_term)
+    return torch.from_numpy(table)
+
+
+class MT3SinusoidalPositions(nn.Module):
+    """Fixed position table (MT3 `FixedEmbed`), a non-persistent buffer: rebuilt, never loaded or saved."""
+
+    def __init__(self, config: MT3Config):
+        super().__init__()
+        self.max_len = config.max_position_embeddings
+        self.features = config.d_model
+        # Filled by `MT3PreTrainedModel._init_weights`, which also runs after `from_pretrained` built the module on
+        # the meta device: a non-persistent buffer is not in the checkpoint, so it must be recomputed there.
+        self.register_buffer("table", torch.empty(self.max_len, self.features), persistent=False)
+
+    def compute_table(self) -> torch.Tensor:
+        return mt3_sinusoid_table(self.max_len, self.features)
+
+    def forward(self, start: int, length: int) -> torch.Tensor:
+        """Rows `start .. start + length - 1` of the table, shape (1, length, features)."""
+        if start + length > self.max_len:
+            raise ValueError(
+                f"MT3 has {self.max_len} positions (max_position_embeddings) but position {start + length - 1} was requested"
+            )
+        return self.table[start : start + length].unsqueeze(0)
+
+
+class MT3Attention(nn.Module):
+    """Multi-head attention of MT3: bias-free projections, no logit scaling, no position bias.
+
+    `num_heads * d_kv` (384 in MT3) need not equal `d_model` (512).
+    """
+
+    def __init__(self, config: MT3Config, layer_idx: int | None = None):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.head_dim = config.d_kv
+        self.dropout = config.dropout_rate
+        inner_dim = config.num_heads * config.d_kv
+        self.query = nn.Linear(config.d_model, inner_dim, bias=False)
+        self.key = nn.Linear(config.d_model, inner_dim, bias=False)
+        self.value = nn.Linear(config.d_model, inner_dim, bias=False)
+        self.out = nn.Linear(inner_dim, config.d_model, bias=False)
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        # (batch, length, heads * d_kv) -> (batch, heads, length, d_kv)
+        batch, length, _ = states.shape
+        return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        cache: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Self-attention, or cross-attention over `key_value_states` (the encoder output).
+
+        `attention_mask` is additive, broadcastable to (batch, heads, q_len, kv_len); `is_causal` asks for a plain
+        causal mask (only used when `attention_mask` is None). With a `cache`, self-attention appends this step's
+        keys/values, and cross-attention projects the encoder output once and reuses it on every later step.
+        """
+        batch, q_len, _ = hidden_states.shape
+        query = self._split_heads(self.query(hidden_states))  # (batch, heads, q_len, d_kv)
+
+        if key_value_states is None:
+            key = self._split_heads(self.key(hidden_states))
+            value = self._split_heads(self.value(hidden_states))
+            if cache is not None:
+                key, value = cache.self_attention_cache.update(key, value, self.layer_idx)
+        elif cache is not None and cache.is_updated.get(self.layer_idx, False):
+            layer = cache.cross_attention_cache.layers[self.layer_idx]
+            key, value = layer.keys, layer.values  # (batch, heads, frames, d_kv), projected at the first step
+        else:
+            key = self._split_heads(self.key(key_value_states))
+            value = self._split_heads(self.value(key_value_states))
+            if cache is not None:
+                key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+                cache.is_updated[self.layer_idx] = True
+
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if self.config._attn_implementation == "sdpa" and not output_attentions:
+            # scale=1.0: MT3's query kernel already holds the 1/sqrt(d_kv) factor.
+            attn = F.scaled_dot_product_attention(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                dropout_p=dropout,
+                is_causal=is_causal and attention_mask is None and q_len > 1,
+                scale=1.0,
+            )
+        else:
+            scores = torch.matmul(query, key.transpose(-1, -2))  # (batch, heads, q_len, kv_len)
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            elif is_causal and q_len > 1:
+                kv_len = key.shape[-2]
+                causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
+                scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+            weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+            attn = torch.matmul(F.dropout(weights, p=dropout, training=self.training), value)
+
+        attn = attn.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
+        return self.out(attn), weights  # (batch, q_len, d_model)
+
+
+class MT3EncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm self-attention + gated-GELU MLP (MT3 `EncoderLayer`)."""
+
+    def __init__(self, config: MT3Config, layer_idx: int | None = None):
+        super().__init__()
+        self.pre_attention_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.attention = MT3Attention(config, layer_idx=layer_idx)
+        self.pre_mlp_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.mlp = T5DenseGatedActDense(config)  # wo(gelu_new(wi_0 x) * wi_1 x), gelu_new = flax's tanh gelu
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn, weights = self.attention(
+            self.pre_attention_layer_norm(hidden_states),
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+        )
+        hidden_states = hidden_states + self.dropout(attn)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.pre_mlp_layer_norm(hidden_states)))
+        return hidden_states, weights  # (batch, frames, d_model)
+
+
+class MT3DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm causal self-attention, encoder-decoder attention and MLP (MT3 `DecoderLayer`)."""
+
+    def __init__(self, config: MT3Config, layer_idx: int | None = None):
+        super().__init__()
+        self.pre_self_attention_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.self_attention = MT3Attention(config, layer_idx=layer_idx)
+        self.pre_cross_attention_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.encoder_decoder_attention = MT3Attention(config, layer_idx=layer_idx)
+        self.pre_mlp_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.mlp = T5DenseGatedActDense(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        attn, self_weights = self.self_attention(
+            self.pre_self_attention_layer_norm(hidden_states),
+            attention_mask=attention_mask,
+            is_causal=is_causal,
+            cache=cache,
+            output_attentions=output_attentions,
+        )
+        hidden_states = hidden_states + self.dropout(attn)
+        attn, cross_weights = self.encoder_decoder_attention(
+            self.pre_cross_attention_layer_norm(hidden_states),
+            key_value_states=encoder_hidden_states,
+            attention_mask=encoder_attention_mask,
+            cache=cache,
+            output_attentions=output_attentions,
+        )
+        hidden_states = hidden_states + self.dropout(attn)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.pre_mlp_layer_norm(hidden_states)))
+        return hidden_states, self_weights, cross_weights  # (batch, tokens, d_model)
+
+
+def _padding_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, kv_len) 1 = attend / 0 = padding -> additive (batch, 1, 1, kv_len)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask.bool(), torch.finfo(dtype).min
+    )[:, None, None, :]
+
+
+class MT3PreTrainedModel(PreTrainedModel):
+    config_class = MT3Config
+    config: MT3Config
+    base_model_prefix = "mt3"
+    main_input_name = "input_features"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MT3EncoderLayer", "MT3DecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """T5X initializers of MT3 (variance scaling, fan-in), and the sinusoid table.
+
+        The query kernel gets the extra 1/sqrt(d_kv) that replaces the attention logit scaling.
+        """
+        factor = self.config.initializer_factor
+        d_model, d_kv, heads = self.config.d_model, self.config.d_kv, self.config.num_heads
+        if isinstance(module, MT3SinusoidalPositions):
+            init.copy_(module.table, module.compute_table())
+        elif isinstance(module, MT3Attention):
+            init.normal_(module.query.weight, std=factor * (d_model * d_kv) ** -0.5)
+            init.normal_(module.key.weight, std=factor * d_model**-0.5)
+            init.normal_(module.value.weight, std=factor * d_model**-0.5)
+            init.normal_(module.out.weight, std=factor * (heads * d_kv) ** -0.5)
+        elif isinstance(module, T5DenseGatedActDense):
+            init.normal_(module.wi_0.weight, std=factor * d_model**-0.5)
+            init.normal_(module.wi_1.weight, std=factor * d_model**-0.5)
+            init.normal_(module.wo.weight, std=factor * self.config.d_ff**-0.5)
+        elif isinstance(module, T5LayerNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, MT3Encoder):
+            init.normal_(module.continuous_inputs_projection.weight, std=factor * self.config.input_depth**-0.5)
+        elif isinstance(module, MT3Decoder):
+            init.normal_(module.token_embedder.weight, std=factor)
+            init.normal_(module.logits_dense.weight, std=factor * d_model**-0.5)
+
+    def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forcing decoder inputs: `[decoder_start] + labels[:-1]`, with -100 replaced by the pad id."""
+        start, pad = self.config.decoder_start_token_id, self.config.pad_token_id
+        if start is None or pad is None:
+            raise ValueError("config.decoder_start_token_id and config.pad_token_id must be set to shift labels")
+        shifted = labels.new_full(labels.shape, start)
+        shifted[..., 1:] = labels[..., :-1]
+        return shifted.masked_fill(shifted == -100, pad)
+
+
+class MT3Encoder(nn.Module):
+    """Continuous-input encoder (MT3 `Encoder`): frames -> projection + sinusoids -> layers -> `encoder_norm`."""
+
+    main_input_name = "input_features"
+
+    def __init__(self, config: MT3Config):
+        super().__init__()
+        self.config = config
+        self.continuous_inputs_projection = nn.Linear(config.input_depth, config.d_model, bias=False)
+        self.position_embedding = MT3SinusoidalPositions(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.layers = nn.ModuleList([MT3EncoderLayer(config, layer_idx=i) for i in range(config.num_layers)])
+        self.encoder_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutput | tuple:
+        """`input_features` (batch, frames, input_depth) -> (batch, frames, d_model).
+
+        MT3 masks no frame; pass `attention_mask` (batch, frames) only to deviate from the original on purpose.
+        """
+        if input_features.dim() != 3 or input_features.shape[-1] != self.config.input_depth:
+            raise ValueError(
+                f"Expected `input_features` of shape (batch, frames, {self.config.input_depth}), "
+                f"found {tuple(input_features.shape)}"
+            )
+        dtype = self.continuous_inputs_projection.weight.dtype
+        hidden = self.continuous_inputs_projection(input_features.to(dtype))  # (batch, frames, d_model)
+        hidden = self.dropout(hidden + self.position_embedding(0, hidden.shape[1]).to(dtype))
+        mask = None if attention_mask is None else _padding_to_additive(attention_mask, dtype)
+
+        all_hidden = (hidden,) if output_hidden_states else None
+        all_attn = () if output_attentions else None
+        for layer in self.layers:
+            hidden, weights = layer(hidden, attention_mask=mask, output_attentions=bool(output_attentions))
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            if output_attentions:
+                all_attn += (weights,)
+        hidden = self.dropout(self.encoder_norm(hidden))
+
+        out = BaseModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, attentions=all_attn)
+        return out if return_dict is not False else out.to_tuple()
+
+
+class MT3Decoder(nn.Module):
+    """Token decoder (MT3 `Decoder`); also holds the LM head `logits_dense`, as in the T5X parameter tree."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self, config: MT3Config):
+        super().__init__()
+        self.config = config
+        self.token_embedder = nn.Embedding(config.vocab_size, config.d_model)
+        self.position_embedding = MT3SinusoidalPositions(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.layers = nn.ModuleList(
+            [MT3DecoderLayer(config, layer_idx=i) for i in range(config.num_decoder_layers)]
+        )
+        self.decoder_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.logits_dense = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def _self_attention_mask(
+        self, padding_mask: torch.Tensor | None, q_len: int, past_len: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor | None, bool]:
+        """(additive mask or None, is_causal). The common cases need no mask tensor at all."""
+        if padding_mask is None:
+            if q_len == 1:
+                return None, False  # one new token sees every cached one
+            if past_len == 0:
+                return None, True  # plain causal: SDPA's fused path
+        kv_len = past_len + q_len
+        positions = torch.arange(kv_len, device=device)
+        allowed = positions[None, :] <= positions[past_len:, None]  # (q_len, kv_len)
+        allowed = allowed[None, None]  # (1, 1, q_len, kv_len)
+        if padding_mask is not None:
+            if padding_mask.shape[-1] != kv_len:
+                raise ValueError(
+                    f"`decoder_attention_mask` must cover past and new tokens ({kv_len}), found {padding_mask.shape[-1]}"
+                )
+            allowed = allowed & padding_mask.bool()[:, None, None, :]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min), False
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool = False,
+        position_ids: torch.LongTensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        """`input_ids` (batch, tokens) -> hidden states after `decoder_norm` (batch, tokens, d_model)."""
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        elif cache is not None and not isinstance(cache, EncoderDecoderCache):
+            cache = EncoderDecoderCache(cache, DynamicCache())
+        past_len = cache.get_seq_length() if cache is not None else 0
+
+        dtype = self.token_embedder.weight.dtype
+        q_len = input_ids.shape[1]
+        hidden = self.token_embedder(input_ids)  # (batch, tokens, d_model), no sqrt(d_model) scaling in MT3
+        if position_ids is None:
+            positions = self.position_embedding(past_len, q_len)  # (1, tokens, d_model)
+        else:
+            positions = self.position_embedding.table[position_ids]
+        hidden = self.dropout(hidden + positions.to(dtype))
+
+        self_mask, is_causal = self._self_attention_mask(attention_mask, q_len, past_len, dtype, hidden.device)
+        cross_mask = None
+        if encoder_attention_mask is not None:
+            cross_mask = _padding_to_additive(encoder_attention_mask, dtype)
+
+        all_hidden = (hidden,) if output_hidden_states else None
+        all_self = () if output_attentions else None
+        all_cross = () if output_attentions else None
+        for layer in self.layers:
+            hidden, self_weights, cross_weights = layer(
+                hidden,
+                encoder_hidden_states,
+                attention_mask=self_mask,
+                is_causal=is_causal,
+                encoder_attention_mask=cross_mask,
+                cache=cache,
+                output_attentions=output_attentions,
+            )
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            if output_attentions:
+                all_self += (self_weights,)
+                all_cross += (cross_weights,)
+        hidden = self.dropout(self.decoder_norm(hidden))
+
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden,
+            cache=cache if use_cache else None,
+            hidden_states=all_hidden,
+            attentions=all_self,
+            cross_attentions=all_cross,
+        )
+
+
+class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
+    """MT3: log-mel segments (batch, 256, 512) -> event tokens. `generate(input_features=...)` is MT3's greedy decode."""
+
+    def __init__(self, config: MT3Config):
+        super().__init__(config)
+        self.encoder = MT3Encoder(config)
+        self.decoder = MT3Decoder(config)
+        self.post_init()
+        # MT3 decodes greedily up to the targets length; kept in generation_config.json by `save_pretrained`.
+        self.generation_config.update(
+            decoder_start_token_id=config.decoder_start_token_id,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+            max_new_tokens=config.max_target_length,
+            num_beams=1,
+            do_sample=False,
+        )
+
+    def get_encoder(self, modality: str | None = None) -> MT3Encoder:
+        return self.encoder
+
+    def get_decoder(self) -> MT3Decoder:
+        return self.decoder
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.token_embedder
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.decoder.token_embedder = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.decoder.logits_dense
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.decoder.logits_dense = value
+
+    def forward(
+        self,
+        input_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        decoder_position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> Seq2SeqLMOutput | tuple:
+        """
+        input_features (batch, frames, input_depth): log-mel frames of audio segments (not needed with `encoder_outputs`).
+        attention_mask (batch, frames): optional frame mask; MT3 itself masks nothing, so leave it None for parity.
+        decoder_input_ids (batch, tokens): starts with `decoder_start_token_id` (0); made from `labels` if absent.
+        cache: `EncoderDecoderCache` of earlier steps (`past_key_values` is accepted as an alias).
+        labels (batch, tokens): targets for the cross-entropy loss, -100 = ignored.
+        """
+        if cache is None:
+            cache = past_key_values
+        output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
+        output_hidden_states = bool(
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None:
+            use_cache = False
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+
+        if encoder_outputs is None:
+            if input_features is None:
+                raise ValueError("Pass `input_features` (batch, frames, input_depth) or `encoder_outputs`")
+            encoder_outputs = self.encoder(
+                input_features,
+                attention_mask=attention_mask,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(
+                last_hidden_state=encoder_outputs[0],
+                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+                attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
+            )
+
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("Pass `decoder_input_ids` or `labels`")
+            decoder_input_ids = self._shift_right(labels)
+
+        decoder_outputs = self.decoder(
+            decoder_input_ids,
+            encoder_outputs.last_hidden_state,
+            attention_mask=decoder_attention_mask,
+            encoder_attention_mask=attention_mask,
+            cache=cache,
+            use_cache=use_cache,
+            position_ids=decoder_position_ids,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.decoder.logits_dense(decoder_outputs.last_hidden_state)  # (batch, tokens, vocab)
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), labels.to(logits.device).view(-1), ignore_index=-100
+            )
+
+        output = Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=decoder_outputs.cache,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return self._shift_right(labels)
+
+
+__all__ = ["MT3PreTrainedModel", "MT3ForConditionalGeneration", "mt3_sinusoid_table"]

@@ -1,0 +1,79 @@
+"""Measure a converted model against outputs of the original JAX MT3 (a `golden` folder).
+
+Each case folder holds what the original computed (see its README): `frames.npy` (encoder
+inputs), `encoder_out.npy` and `logits.npy` for segments 0 and 1, and `tokens.json` (greedy
+tokens). The figures land in the model card, so they are measured, never typed in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+class GoldenError(ValueError):
+    """A golden folder that lacks the files a parity measurement needs."""
+
+
+def _load(case: Path, name: str) -> Any:
+    path = case / name
+    if not path.is_file():
+        raise GoldenError(f"{path}: missing golden file")
+    return json.loads(path.read_text()) if name.endswith(".json") else np.load(path, allow_pickle=False)
+
+
+@torch.no_grad()
+def measure_case(model: torch.nn.Module, case: Path) -> dict[str, Any]:
+    """Max abs errors of encoder output and teacher-forced logits; greedy tokens of the same segments."""
+    frames, encoder_out, logits = _load(case, "frames.npy"), _load(case, "encoder_out.npy"), _load(case, "logits.npy")
+    golden_tokens = _load(case, "tokens.json")["segments"]
+    count, positions = encoder_out.shape[0], logits.shape[1]
+    dtype = next(model.parameters()).dtype
+    features = torch.from_numpy(frames[:count]).to(dtype)
+
+    encoded = model.get_encoder()(input_features=features).last_hidden_state.float()
+    # Teacher forcing as the golden run did: [0] + tokens[:63], tokens = greedy ids, EOS, then 0s.
+    targets = np.zeros((count, positions), dtype=np.int64)
+    for row, tokens in enumerate(golden_tokens[:count]):
+        ids = (list(tokens) + [model.config.eos_token_id])[:positions]
+        targets[row, : len(ids)] = ids
+    decoder_ids = np.concatenate([np.full((count, 1), model.config.decoder_start_token_id), targets[:, :-1]], axis=1)
+    out = model(input_features=features, decoder_input_ids=torch.from_numpy(decoder_ids)).logits.float()
+
+    generated = model.generate(input_features=features).tolist()
+    identical = 0
+    for row, tokens in enumerate(golden_tokens[:count]):
+        ids = generated[row][1:]  # drop the decoder start id
+        ids = ids[: ids.index(model.config.eos_token_id)] if model.config.eos_token_id in ids else ids
+        identical += ids == list(tokens)
+    return {
+        "case": case.name,
+        "segments": count,
+        "encoder_max_abs_error": float(np.abs(encoded.numpy() - encoder_out).max()),
+        "logits_max_abs_error": float(np.abs(out.numpy() - logits).max()),
+        "logits_max_abs": float(np.abs(logits).max()),
+        "greedy_segments_identical": int(identical),
+    }
+
+
+def measure_golden_parity(model: torch.nn.Module, golden_dir: Path, *, quiet: bool = True) -> dict[str, Any]:
+    """Figures for every case folder under `golden_dir` (float32 model expected)."""
+    cases = sorted(p for p in Path(golden_dir).iterdir() if p.is_dir()) if Path(golden_dir).is_dir() else []
+    if not cases:
+        raise GoldenError(f"{golden_dir}: no golden case folders found")
+    results = [measure_case(model, case) for case in tqdm(cases, desc="golden parity", unit="case", disable=quiet)]
+    return {
+        "cases": results,
+        "encoder_max_abs_error": max(r["encoder_max_abs_error"] for r in results),
+        "logits_max_abs_error": max(r["logits_max_abs_error"] for r in results),
+        "greedy_segments_identical": sum(r["greedy_segments_identical"] for r in results),
+        "greedy_segments": sum(r["segments"] for r in results),
+    }
+
+
+__all__ = ["GoldenError", "measure_case", "measure_golden_parity"]

@@ -29,14 +29,14 @@ def tiny_arrays(
     rng = np.random.default_rng(seed)
 
     def rand(*shape):
-        return rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[0])
+        return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
 
     inner = heads * d_kv
     arrays = {
         "encoder/continuous_inputs_projection/kernel": rand(input_depth, d_model),
-        "encoder/encoder_norm/scale": 1 + 0.1 * rand(d_model),
+        "encoder/encoder_norm/scale": (1 + 0.1 * rand(d_model)).astype(np.float32),
         "decoder/token_embedder/embedding": rand(vocab, d_model),
-        "decoder/decoder_norm/scale": 1 + 0.1 * rand(d_model),
+        "decoder/decoder_norm/scale": (1 + 0.1 * rand(d_model)).astype(np.float32),
         "decoder/logits_dense/kernel": rand(d_model, vocab),
     }
 
@@ -49,7 +49,7 @@ def tiny_arrays(
         arrays[f"{prefix}/mlp/wi_1/kernel"] = rand(d_model, d_ff)
         arrays[f"{prefix}/mlp/wo/kernel"] = rand(d_ff, d_model)
         for norm in norms:
-            arrays[f"{prefix}/{norm}/scale"] = 1 + 0.1 * rand(d_model)
+            arrays[f"{prefix}/{norm}/scale"] = (1 + 0.1 * rand(d_model)).astype(np.float32)
 
     for i in range(layers):
         block(f"encoder/layers_{i}", ["attention"], ["pre_attention_layer_norm", "pre_mlp_layer_norm"])

@@ -53,8 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Heavy imports after argument parsing, so --help is instant.
+    from transformers.utils import logging as transformers_logging
+
     from .export import convert
     from .hub import push_folder
+
+    if args.quiet:
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
 
     try:
         result = convert(

@@ -1,0 +1,245 @@
+"""`python -m convert_mt3` end to end on tiny T5X checkpoints, and every bad input it must refuse."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from convert_mt3.__main__ import main
+from t5x_writer import tiny_arrays, write_t5x_checkpoint
+
+# Tiny model, but with MT3's real vocabulary and mel depth so the saved processor fits it.
+TINY = dict(d_model=32, heads=2, d_kv=8, d_ff=48, layers=2, decoder_layers=2, vocab=1536, input_depth=512)
+GIN = "network.T5Config.num_heads = 2\nnetwork.T5Config.head_dim = 8\nnetwork.T5Config.dropout_rate = 0.0\n"
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    return tiny_arrays(**TINY)
+
+
+@pytest.fixture
+def ckpt(tmp_path, arrays):
+    return write_t5x_checkpoint(tmp_path / "model" / "checkpoint_1000", arrays, gin=GIN)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, arrays):
+    """One successful conversion shared by the read-only tests below."""
+    root = tmp_path_factory.mktemp("converted")
+    ckpt = write_t5x_checkpoint(root / "model" / "checkpoint_1000", arrays, gin=GIN)
+    assert main([str(ckpt), str(root / "out"), "--quiet"]) == 0
+    return root / "out"
+
+
+def torch_layout(path: str, array: np.ndarray) -> np.ndarray:
+    """What the folder must hold for a T5X array: kernels (in, out) become (out, in)."""
+    return array.T if path.endswith("/kernel") else array
+
+
+def test_every_array_bit_exact_in_safetensors(converted, arrays):
+    weights = load_file(converted / "model.safetensors")
+    assert len(weights) == len(arrays)
+    for path, array in arrays.items():
+        name = ".".join(p.replace("layers_", "layers.") for p in path.split("/")[:-1]) + ".weight"
+        assert weights[name].dtype == np.float32
+        np.testing.assert_array_equal(weights[name], torch_layout(path, array), err_msg=path)
+
+
+def test_folder_contents_and_config(converted):
+    files = {p.name for p in converted.iterdir()}
+    for name in [
+        "model.safetensors", "config.json", "generation_config.json", "preprocessor_config.json",
+        "tokenizer_config.json", "README.md", "configuration_mt3.py", "modeling_mt3.py",
+        "feature_extraction_mt3.py", "tokenization_mt3.py", "processing_mt3.py",
+    ]:
+        assert name in files, name
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    config = json.loads((converted / "config.json").read_text())
+    # sizes from shapes, head layout and dropout from config.gin
+    assert config["model_type"] == "mt3"
+    assert (config["d_model"], config["d_ff"], config["vocab_size"], config["input_depth"]) == (32, 48, 1536, 512)
+    assert (config["num_layers"], config["num_decoder_layers"], config["num_heads"], config["d_kv"]) == (2, 2, 2, 8)
+    assert config["dropout_rate"] == 0.0 and config["tie_word_embeddings"] is False
+    assert config["auto_map"]["AutoModel"] == config["auto_map"]["AutoModelForSeq2SeqLM"] == "modeling_mt3.MT3ForConditionalGeneration"
+    generation = json.loads((converted / "generation_config.json").read_text())
+    assert (generation["decoder_start_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (0, 1, 0)
+    assert generation.get("max_new_tokens") == 1024 and not generation.get("do_sample", False)
+    for file in ["configuration_mt3.py", "modeling_mt3.py"]:  # copied verbatim
+        assert (converted / file).read_bytes() == (Path("convert_mt3/mt3") / file).read_bytes()
+
+
+def test_model_card(converted):
+    card = (converted / "README.md").read_text()
+    assert card.startswith("---\nlicense: apache-2.0\nlibrary_name: transformers\n")
+    for text in ["music-transcription", "audio-to-midi", "Gardner", "T5X step 1000", "AutoProcessor", "convert-mt3 0.1.0"]:
+        assert text in card, text
+
+
+def test_overrides_win_over_gin(ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert main([str(ckpt), str(out), "--quiet", "--num-heads", "4", "--d-kv", "4", "--dtype", "bfloat16"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_heads"], config["d_kv"]) == (4, 4)
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+
+
+def test_overwrite(ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert main([str(ckpt), str(out), "--quiet"]) == 1
+    assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert main([str(ckpt), str(out), "--quiet", "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]  # no staging or backup left
+
+
+def test_progress_and_quiet(ckpt, tmp_path):
+    """tqdm progress on stderr by default; --quiet prints nothing at all."""
+    cmd = [sys.executable, "-m", "convert_mt3", str(ckpt)]
+    loud = subprocess.run(cmd + [str(tmp_path / "a")], capture_output=True, text=True)
+    assert loud.returncode == 0, loud.stderr
+    assert "reading arrays" in loud.stderr and "wrote" in loud.stdout
+    quiet = subprocess.run(cmd + [str(tmp_path / "b"), "--quiet"], capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.stderr
+
+
+# --- bad input: exit 1, one line naming the culprit, nothing written -----------------------------
+
+
+def break_missing_folder(ckpt):
+    shutil.rmtree(ckpt / "target.decoder.layers_0.mlp.wo.kernel")
+    return "decoder/layers_0/mlp/wo/kernel"
+
+
+def break_gzip(ckpt):
+    chunk = ckpt / "target.encoder.layers_1.attention.value.kernel" / "0.0"
+    chunk.write_bytes(chunk.read_bytes()[:50])
+    return "target.encoder.layers_1.attention.value.kernel/0.0"
+
+
+def break_zarray_shape(ckpt):
+    meta_file = ckpt / "target.decoder.logits_dense.kernel" / ".zarray"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "shape": [32, 1535]}))
+    return "target.decoder.logits_dense.kernel/.zarray"
+
+
+def break_truncated_msgpack(ckpt):
+    data = (ckpt / "checkpoint").read_bytes()
+    (ckpt / "checkpoint").write_bytes(data[: len(data) // 2])
+    return "checkpoint: truncated or corrupt msgpack"
+
+
+def break_missing_msgpack(ckpt):
+    (ckpt / "checkpoint").unlink()
+    return "checkpoint: missing"
+
+
+def break_escaping_spec(ckpt):
+    import msgpack
+
+    tree = msgpack.unpackb((ckpt / "checkpoint").read_bytes(), strict_map_key=False)
+    tree["optimizer"]["target"]["encoder"]["continuous_inputs_projection"]["kernel"]["kvstore"]["path"] = "/etc/"
+    (ckpt / "checkpoint").write_bytes(msgpack.packb(tree))
+    return "encoder/continuous_inputs_projection/kernel: spec path '/etc/' leaves the checkpoint folder"
+
+
+def break_missing_norm(ckpt):
+    import msgpack
+
+    tree = msgpack.unpackb((ckpt / "checkpoint").read_bytes(), strict_map_key=False)
+    del tree["optimizer"]["target"]["decoder"]["layers_1"]["pre_cross_attention_layer_norm"]
+    (ckpt / "checkpoint").write_bytes(msgpack.packb(tree))
+    return "decoder.layers.1.pre_cross_attention_layer_norm.weight"
+
+
+def break_dtype(ckpt):
+    meta_file = ckpt / "target.decoder.token_embedder.embedding" / ".zarray"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "dtype": "|u1"}))
+    return "unsupported dtype '|u1'"
+
+
+def break_compressor(ckpt):
+    meta_file = ckpt / "target.decoder.token_embedder.embedding" / ".zarray"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "compressor": {"id": "zstd", "level": 3}}))
+    return "unsupported compressor"
+
+
+def break_empty_dir(ckpt):
+    shutil.rmtree(ckpt)
+    ckpt.mkdir()
+    return "checkpoint: missing"
+
+
+def break_not_a_dir(ckpt):
+    shutil.rmtree(ckpt)
+    ckpt.write_text("not a folder")
+    return "not a directory"
+
+
+BREAKERS = [
+    break_missing_folder, break_gzip, break_zarray_shape, break_truncated_msgpack, break_missing_msgpack,
+    break_escaping_spec, break_missing_norm, break_dtype, break_compressor, break_empty_dir, break_not_a_dir,
+]
+
+
+@pytest.mark.parametrize("breaker", BREAKERS, ids=[b.__name__[6:] for b in BREAKERS])
+def test_bad_checkpoint_is_refused_cleanly(breaker, ckpt, tmp_path, capsys):
+    expected = breaker(ckpt)
+    out = tmp_path / "out"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main([str(ckpt), str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if "reading arrays" not in line]  # the progress bar, if it started
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert expected in err[0], err[0]
+    assert "Traceback" not in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no OUT_DIR, no staging folder
+
+
+def test_unwritable_out_dir(ckpt, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main([str(ckpt), str(blocker / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "cannot be written" in err and len(err.splitlines()) == 1
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "convert_mt3", str(tmp_path / "nope"), str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: no such checkpoint directory"
+
+
+def test_real_checkpoint_converts(shared, tmp_path):
+    """The real MT3 checkpoint: 189/189 arrays bit-exact in the folder."""
+    from convert_mt3.checkpoint import read_checkpoint
+
+    start = time.perf_counter()
+    out = tmp_path / "mt3"
+    assert main([str(shared / "checkpoints" / "mt3"), str(out), "--quiet"]) == 0
+    seconds = time.perf_counter() - start
+    source = read_checkpoint(shared / "checkpoints" / "mt3").arrays
+    weights = load_file(out / "model.safetensors")
+    exact = 0
+    for path, array in source.items():
+        name = ".".join(p.replace("layers_", "layers.") for p in path.split("/")[:-1]) + ".weight"
+        exact += np.array_equal(weights[name], torch_layout(path, array))
+    n_params = sum(w.size for w in weights.values())
+    print(f"real checkpoint: {exact}/{len(source)} arrays bit-exact, {n_params:,} parameters, converted in {seconds:.1f} s")
+    assert exact == len(source) == len(weights) == 189
+    assert n_params == 45_896_704

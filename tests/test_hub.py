@@ -1,0 +1,154 @@
+"""The converted folder on its own (no convert_mt3, offline), its model card snippet, and --push-to-hub."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import convert_mt3.hub
+from convert_mt3.__main__ import main
+from t5x_writer import tiny_arrays, write_t5x_checkpoint
+
+FAKE_TOKEN = "hf_FAKEtokenFAKEtokenFAKEtoken0123"
+TINY = dict(d_model=32, heads=2, d_kv=8, d_ff=48, layers=2, decoder_layers=2, vocab=1536, input_depth=512)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    return write_t5x_checkpoint(root / "model" / "checkpoint_1000", tiny_arrays(**TINY), gin="network.T5Config.num_heads = 2\nnetwork.T5Config.head_dim = 8\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "mt3-tiny"
+    assert main([str(ckpt), str(out), "--quiet"]) == 0
+    return out
+
+
+def run_standalone(folder: Path, script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run `script` on a copy of `folder`, offline, in a process where convert_mt3 cannot be imported."""
+    copy = tmp_path / "elsewhere" / folder.name
+    shutil.copytree(folder, copy)
+    guard = "import sys\nsys.modules['convert_mt3'] = None  # any import of convert_mt3 now fails\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "MODEL": str(copy)}
+    return subprocess.run(
+        [sys.executable, "-c", guard + script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+AUTO_SCRIPT = textwrap.dedent(
+    """
+    import os, numpy as np, torch
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForSeq2SeqLM, AutoProcessor
+    path = os.environ["MODEL"]
+    kw = dict(trust_remote_code=True)
+    names = [type(AutoConfig.from_pretrained(path, **kw)).__name__, type(AutoModel.from_pretrained(path, **kw)).__name__,
+             type(AutoModelForSeq2SeqLM.from_pretrained(path, **kw)).__name__,
+             type(AutoFeatureExtractor.from_pretrained(path, **kw)).__name__, type(AutoProcessor.from_pretrained(path, **kw)).__name__]
+    print(",".join(names))
+    model = AutoModel.from_pretrained(path, **kw)
+    processor = AutoProcessor.from_pretrained(path, **kw)
+    inputs = processor(audio=np.random.default_rng(0).standard_normal(40000).astype(np.float32) * 0.1, sampling_rate=16000, return_tensors="pt")
+    tokens = model.generate(input_features=inputs["input_features"], max_new_tokens=8)
+    print("generated", tuple(tokens.shape))
+    """
+)
+
+
+def check_standalone(folder: Path, tmp_path: Path) -> None:
+    result = run_standalone(folder, AUTO_SCRIPT, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MT3Config,MT3ForConditionalGeneration,MT3ForConditionalGeneration,MT3FeatureExtractor,MT3Processor" in result.stdout
+    assert re.search(r"generated \(2, \d+\)", result.stdout), result.stdout
+
+
+def test_tiny_folder_loads_with_transformers_alone(tiny_folder, tmp_path):
+    check_standalone(tiny_folder, tmp_path)
+
+
+def test_real_folder_loads_with_transformers_alone(shared, tmp_path):
+    out = tmp_path / "mt3"
+    assert main([str(shared / "checkpoints" / "mt3"), str(out), "--quiet"]) == 0
+    check_standalone(out, tmp_path)
+
+
+def test_model_card_snippet_runs(tiny_folder, tmp_path):
+    """The usage block of the card, executed as written (repo id -> the local folder)."""
+    card = (tiny_folder / "README.md").read_text()
+    snippet = re.search(r"## Usage\n\n```python\n(.*?)```", card, re.S).group(1)
+    assert 'from_pretrained("mt3-tiny"' in snippet
+    result = run_standalone(tiny_folder, snippet.replace('"mt3-tiny"', 'os.environ["MODEL"]').replace("import numpy", "import os\nimport numpy"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "transcription.mid").exists()
+
+
+class FakeHfApi:
+    """Records the calls `push_folder` makes; can fail like an offline or unauthorised Hub."""
+
+    calls: list = []
+    fail_with: Exception | None = None
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        if self.fail_with:
+            raise self.fail_with
+        return f"https://huggingface.co/{repo_id}"
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
+        self.calls.append(("upload_folder", kwargs["repo_id"], {**kwargs, "files": files}))
+
+
+@pytest.fixture
+def fake_api(monkeypatch):
+    FakeHfApi.calls = []
+    FakeHfApi.fail_with = None
+    monkeypatch.setattr(convert_mt3.hub, "HfApi", FakeHfApi)
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    return FakeHfApi
+
+
+def test_push_to_hub(fake_api, ckpt, tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    args = [str(ckpt), str(out), "--push-to-hub", "me/mt3-tiny", "--private", "--revision", "v1", "--commit-message", "hello"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == "https://huggingface.co/me/mt3-tiny/tree/v1"
+    (kind0, repo0, kw0), (kind1, _, kw1), (kind2, repo2, kw2) = fake_api.calls
+    assert (kind0, repo0, kw0["private"], kw0["exist_ok"]) == ("create_repo", "me/mt3-tiny", True, True)
+    assert (kind1, kw1["branch"], kw1["exist_ok"]) == ("create_branch", "v1", True)
+    assert (kind2, repo2, kw2["revision"], kw2["commit_message"]) == ("upload_folder", "me/mt3-tiny", "v1", "hello")
+    assert Path(kw2["folder_path"]) == out  # exactly the verified folder, moved into place
+    assert kw2["files"] == sorted(p.name for p in out.iterdir()) and "model.safetensors" in kw2["files"]
+    assert 'from_pretrained("me/mt3-tiny"' in (out / "README.md").read_text()
+    assert FAKE_TOKEN not in captured.out + captured.err + caplog.text
+    # a re-run is idempotent: same calls, same folder
+    fake_api.calls = []
+    assert main(args + ["--overwrite"]) == 0
+    assert [c[0] for c in fake_api.calls] == ["create_repo", "create_branch", "upload_folder"]
+
+
+def test_push_failure_is_one_line_and_keeps_folder(fake_api, ckpt, tmp_path, capsys):
+    fake_api.fail_with = ConnectionError(f"cannot reach huggingface.co (Authorization: Bearer {FAKE_TOKEN})")
+    out = tmp_path / "out"
+    assert main([str(ckpt), str(out), "--quiet", "--push-to-hub", "me/mt3-tiny"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: push to me/mt3-tiny failed: ConnectionError") and len(err.splitlines()) == 1
+    assert FAKE_TOKEN not in err
+    assert (out / "model.safetensors").exists()
+
+
+def test_private_needs_push(ckpt, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main([str(ckpt), str(tmp_path / "out"), "--private"])
+    assert info.value.code == 2

@@ -25,7 +25,7 @@ from .mapping import t5x_to_state_dict
 from .model_card import render_model_card
 from .mt3.configuration_mt3 import MT3Config
 from .mt3.feature_extraction_mt3 import MT3FeatureExtractor
-from .mt3.modeling_mt3 import MT3ForConditionalGeneration
+from .mt3.modeling_mt3 import MT3ForConditionalGeneration, MT3SinusoidalPositions
 from .mt3.processing_mt3 import MT3Processor
 from .mt3.tokenization_mt3 import MT3Tokenizer
 from .parity import measure_golden_parity
@@ -66,6 +66,9 @@ def build_model(checkpoint: T5XCheckpoint, config: MT3Config) -> MT3ForCondition
         model = MT3ForConditionalGeneration(config)
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
     model.load_state_dict(t5x_to_state_dict(checkpoint.arrays, expected), strict=True, assign=True)
+    for module in model.modules():  # the sinusoid tables are buffers, not weights: fill them here
+        if isinstance(module, MT3SinusoidalPositions):
+            module.table.copy_(module.compute_table())
     return model.eval()
 
 
@@ -112,7 +115,9 @@ def write_folder(folder: Path, model: MT3ForConditionalGeneration, dtype: str) -
     model.to(DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
     for auto_class, cls in [("AutoFeatureExtractor", MT3FeatureExtractor), ("AutoTokenizer", MT3Tokenizer), ("AutoProcessor", MT3Processor)]:
         cls.register_for_auto_class(auto_class)
-    MT3Processor(feature_extractor=MT3FeatureExtractor(), tokenizer=MT3Tokenizer()).save_pretrained(folder)
+    feature_extractor = MT3FeatureExtractor(feature_size=model.config.input_depth)
+    MT3Processor(feature_extractor=feature_extractor, tokenizer=MT3Tokenizer()).save_pretrained(folder)
+    feature_extractor.save_pretrained(folder)  # also preprocessor_config.json, which AutoFeatureExtractor reads first
     for file in _hub_code_files():  # verbatim, so the folder runs with transformers alone
         shutil.copyfile(file, folder / file.name)
 

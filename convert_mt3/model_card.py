@@ -80,8 +80,8 @@ model = AutoModel.from_pretrained("$repo_id", trust_remote_code=True)
 audio = np.zeros(3 * 16000, dtype=np.float32)  # your mono audio as float samples at 16 kHz
 inputs = processor(audio=audio, sampling_rate=16000, return_tensors="pt")
 tokens = model.generate(input_features=inputs["input_features"])
-notes, midi = processor.batch_decode(tokens, inputs, return_midi=True)
-midi.write("transcription.mid")'''
+result = processor.batch_decode(tokens, inputs, return_midi=True)  # notes, pretty_midi
+result["pretty_midi"].write("transcription.mid")'''
 
 
 def usage_snippet(repo_id: str) -> str:

@@ -67,7 +67,8 @@ class MT3SinusoidalPositions(nn.Module):
         """Rows `start .. start + length - 1` of the table, shape (1, length, features)."""
         if start + length > self.max_len:
             raise ValueError(
-                f"MT3 has {self.max_len} positions (max_position_embeddings) but position {start + length - 1} was requested"
+                f"MT3 has {self.max_len} positions (max_position_embeddings), "
+                f"but position {start + length - 1} was requested"
             )
         return self.table[start : start + length].unsqueeze(0)
 
@@ -365,7 +366,8 @@ class MT3Decoder(nn.Module):
         if padding_mask is not None:
             if padding_mask.shape[-1] != kv_len:
                 raise ValueError(
-                    f"`decoder_attention_mask` must cover past and new tokens ({kv_len}), found {padding_mask.shape[-1]}"
+                    f"`decoder_attention_mask` must cover past and new tokens ({kv_len}), "
+                    f"found {padding_mask.shape[-1]}"
                 )
             allowed = allowed & padding_mask.bool()[:, None, None, :]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
@@ -388,6 +390,11 @@ class MT3Decoder(nn.Module):
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         elif cache is not None and not isinstance(cache, EncoderDecoderCache):
             cache = EncoderDecoderCache(cache, DynamicCache())
+        if cache is not None and cache.self_attention_cache.is_compileable:
+            # A static cache returns all its (partly empty) slots, which would need a mask on every step.
+            raise ValueError(
+                "MT3 decodes with a DynamicCache; static caches (cache_implementation='static') are not supported"
+            )
         past_len = cache.get_seq_length() if cache is not None else 0
 
         dtype = self.token_embedder.weight.dtype
@@ -434,7 +441,7 @@ class MT3Decoder(nn.Module):
 
 
 class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
-    """MT3: log-mel segments (batch, 256, 512) -> event tokens. `generate(input_features=...)` is MT3's greedy decode."""
+    """MT3: log-mel segments (batch, 256, 512) -> event tokens; `generate(input_features=x)` is MT3's greedy decode."""
 
     def __init__(self, config: MT3Config):
         super().__init__(config)
@@ -487,7 +494,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> Seq2SeqLMOutput | tuple:
         """
-        input_features (batch, frames, input_depth): log-mel frames of audio segments (not needed with `encoder_outputs`).
+        input_features (batch, frames, input_depth): log-mel frames of audio segments (unused with `encoder_outputs`).
         attention_mask (batch, frames): optional frame mask; MT3 itself masks nothing, so leave it None for parity.
         decoder_input_ids (batch, tokens): starts with `decoder_start_token_id` (0); made from `labels` if absent.
         cache: `EncoderDecoderCache` of earlier steps (`past_key_values` is accepted as an alias).

@@ -1,0 +1,163 @@
+"""Golden parity of the PyTorch MT3 model with the original Flax MT3 (../shared/golden, see its README.md).
+
+Per golden case: encoder output and teacher-forced logits within stated tolerances, and `generate()` of all
+segments as one batch reproducing the original greedy tokens exactly. bfloat16 / float16 agreement is printed,
+not asserted. Run with `-s` to see the measured errors.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from convert_mt3.mt3.configuration_mt3 import MT3Config
+from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration
+
+ENCODER_ATOL = 1e-4
+LOGITS_ATOL = 1e-3  # logits reach about +-30
+LOGITS_RTOL = 1e-4  # max |error| / max |golden logit|
+
+
+# --- TEMPORARY: the lead moves this fixture into tests/conftest.py as the session fixture `real_model`; ------------
+# --- delete it here then (a fixture defined in this module would shadow the conftest one). ---------------------------
+@pytest.fixture(scope="session")
+def real_model(shared: Path) -> MT3ForConditionalGeneration:
+    from convert_mt3.checkpoint import read_checkpoint
+    from convert_mt3.mapping import t5x_to_state_dict
+
+    model = MT3ForConditionalGeneration(MT3Config())
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    state = t5x_to_state_dict(read_checkpoint(shared / "checkpoints" / "mt3").arrays, expected)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+# --- end TEMPORARY --------------------------------------------------------------------------------------------------
+
+
+CASES = ["a_brahms_string_orchestra", "b_multi_instrument_drums_synth", "c_ragtime_piano_recording"]
+
+
+@pytest.fixture(scope="module")
+def case_data(shared: Path):
+    cache = {}
+
+    def load(name: str) -> dict:
+        if name not in cache:
+            folder = shared / "golden" / name
+            if not folder.is_dir():
+                pytest.skip(f"golden case {name} missing")
+            cache[name] = {
+                "frames": torch.from_numpy(np.load(folder / "frames.npy")),
+                "encoder_out": np.load(folder / "encoder_out.npy"),
+                "logits": np.load(folder / "logits.npy"),
+                "tokens": json.loads((folder / "tokens.json").read_text())["segments"],
+            }
+        return cache[name]
+
+    return load
+
+
+def test_golden_cases_present(golden_cases):
+    assert sorted(p.name for p in golden_cases) == CASES
+
+
+def padded_targets(tokens: list[int], length: int) -> list[int]:
+    """Golden greedy output incl. EOS (1), then 0 padding, cut to `length`."""
+    return (tokens + [1] + [0] * length)[:length]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_encoder_output(real_model, case_data, case):
+    data = case_data(case)
+    golden = data["encoder_out"]  # (2, 256, 512): segments 0 and 1
+    with torch.no_grad():
+        ours = real_model.get_encoder()(data["frames"][: len(golden)]).last_hidden_state.numpy()
+    err = np.abs(ours - golden).max()
+    print(f"\n[{case}] encoder max abs err {err:.3g} (max |golden| {np.abs(golden).max():.3g})")
+    assert err <= ENCODER_ATOL
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_teacher_forced_logits(real_model, case_data, case):
+    data = case_data(case)
+    golden = data["logits"]  # (2, 64, 1536)
+    segments, length = golden.shape[:2]
+    targets = torch.tensor([padded_targets(data["tokens"][i], length) for i in range(segments)])
+    decoder_input_ids = torch.cat([torch.zeros(segments, 1, dtype=torch.long), targets[:, :-1]], dim=1)
+    with torch.no_grad():
+        ours = real_model(input_features=data["frames"][:segments], decoder_input_ids=decoder_input_ids).logits
+    ours = ours.numpy()
+    err = np.abs(ours - golden).max()
+    rel = err / np.abs(golden).max()
+    print(f"\n[{case}] logits max abs err {err:.3g}, relative to max |logit| {rel:.3g}")
+    assert err <= LOGITS_ATOL and rel <= LOGITS_RTOL
+    assert np.array_equal(ours.argmax(-1), golden.argmax(-1))
+
+
+def strip(sequence: torch.Tensor) -> list[int]:
+    """Generated row -> ids after the start token, cut before the first EOS (as tokens.json stores them)."""
+    ids = sequence[1:].tolist()
+    return ids[: ids.index(1)] if 1 in ids else ids
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_generate_matches_golden_tokens(real_model, case_data, case):
+    data = case_data(case)
+    frames = data["frames"]  # (segments, 256, 512)
+    start = time.perf_counter()
+    with torch.no_grad():
+        sequences = real_model.generate(input_features=frames)
+    seconds = time.perf_counter() - start
+    ours = [strip(row) for row in sequences]
+    print(
+        f"\n[{case}] generate float32+cache: {len(frames)} segments, {sequences.shape[1] - 1} steps, "
+        f"{sum(len(t) + 1 for t in ours)} tokens in {seconds:.2f} s"
+    )
+    assert len(ours) == len(data["tokens"])
+    for i, (got, want) in enumerate(zip(ours, data["tokens"])):
+        first = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        assert got == want, f"segment {i}: {len(got)} vs {len(want)} tokens, first difference at {first}"
+
+
+# Case a in bfloat16 decodes ~800 steps (~20 s on 2 cores): left out to keep this file short; float16 is slow on CPU.
+HALF_RUNS = [(torch.bfloat16, CASES[1]), (torch.bfloat16, CASES[2]), (torch.float16, CASES[2])]
+
+
+@pytest.fixture(scope="module")
+def half_model(real_model):
+    """The real model cast to a half dtype, one copy per dtype (float16 is slow on CPU: one short case only)."""
+    models = {}
+
+    def get(dtype: torch.dtype) -> MT3ForConditionalGeneration:
+        if dtype not in models:
+            model = MT3ForConditionalGeneration(real_model.config)
+            model.load_state_dict(real_model.state_dict())
+            models[dtype] = model.to(dtype).eval()
+        return models[dtype]
+
+    return get
+
+
+@pytest.mark.parametrize(("dtype", "case"), HALF_RUNS, ids=[f"{str(d)[6:]}-{c[0]}" for d, c in HALF_RUNS])
+def test_half_precision_agreement(half_model, case_data, dtype, case):
+    """Reported, not asserted: share of segments / tokens identical to the float32 original."""
+    data = case_data(case)
+    start = time.perf_counter()
+    with torch.no_grad():
+        sequences = half_model(dtype).generate(input_features=data["frames"].to(dtype))
+    seconds = time.perf_counter() - start
+    ours = [strip(row) for row in sequences]
+    assert len(ours) == len(data["tokens"])
+    steps = sequences.shape[1] - 1
+    same_segments = sum(got == want for got, want in zip(ours, data["tokens"]))
+    same_tokens = sum(sum(a == b for a, b in zip(got, want)) for got, want in zip(ours, data["tokens"]))
+    total = sum(len(want) for want in data["tokens"])
+    print(
+        f"\n[{case}] {dtype}: identical segments {same_segments}/{len(ours)}, "
+        f"tokens at the same position {same_tokens}/{total} ({same_tokens / total:.1%}), "
+        f"{steps} steps in {seconds:.1f} s"
+    )

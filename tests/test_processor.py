@@ -1,0 +1,139 @@
+"""MT3Processor: save/load round trips (direct and through AutoProcessor remote code) and audio -> notes."""
+
+import io
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+from convert_mt3.mt3.feature_extraction_mt3 import MT3FeatureExtractor
+from convert_mt3.mt3.processing_mt3 import MT3Processor
+from convert_mt3.mt3.tokenization_mt3 import MT3Note, MT3Tokenizer
+
+from test_decoding import assert_notes_equal, read_notes_csv
+
+
+pretty_midi = pytest.importorskip("pretty_midi")
+
+
+@pytest.fixture(scope="module")
+def processor() -> MT3Processor:
+    return MT3Processor(MT3FeatureExtractor(), MT3Tokenizer())
+
+
+def as_generate_output(segments: list[list[int]], eos_id: int = 1, pad_id: int = 0, start_id: int = 0) -> torch.Tensor:
+    """What `generate()` returns for a batch: decoder start, tokens, EOS, then padding to the longest row."""
+    width = max(len(s) for s in segments) + 2
+    rows = [[start_id] + s + [eos_id] + [pad_id] * (width - len(s) - 2) for s in segments]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def test_save_load_round_trip(processor):
+    with tempfile.TemporaryDirectory() as tmp:
+        processor.save_pretrained(tmp)
+        loaded = MT3Processor.from_pretrained(tmp)
+    assert loaded.feature_extractor.to_dict() == processor.feature_extractor.to_dict()
+    settings = ("steps_per_second", "max_shift_seconds", "num_velocity_bins", "num_extra_ids", "vocab_size_multiple",
+                "use_ties", "default_velocity", "note_duration", "min_note_duration", "midi_ticks_per_quarter",
+                "midi_qpm", "decoder_start_token_id")
+    assert {k: getattr(loaded.tokenizer, k) for k in settings} == {k: getattr(processor.tokenizer, k) for k in settings}
+    assert (loaded.tokenizer.pad_token_id, loaded.tokenizer.eos_token_id, loaded.tokenizer.unk_token_id) == (0, 1, 2)
+    assert loaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    assert loaded.model_input_names == ["input_features"]
+
+
+def test_non_default_settings_survive_round_trip():
+    processor = MT3Processor(MT3FeatureExtractor(frames_per_segment=512), MT3Tokenizer(num_velocity_bins=127, use_ties=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        processor.save_pretrained(tmp)
+        loaded = MT3Processor.from_pretrained(tmp)
+    assert loaded.feature_extractor.frames_per_segment == 512
+    assert loaded.tokenizer.num_velocity_bins == 127 and loaded.tokenizer.use_ties is False
+    assert loaded.tokenizer.vocab_size == 1664
+
+
+def test_auto_classes_with_remote_code(processor):
+    """What the exporter does: register for the auto classes, save, then load with trust_remote_code."""
+    from transformers import AutoFeatureExtractor, AutoProcessor, AutoTokenizer
+
+    saved = {cls: cls.__dict__.get("_auto_class") for cls in (MT3FeatureExtractor, MT3Tokenizer, MT3Processor)}
+    try:
+        MT3FeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
+        MT3Tokenizer.register_for_auto_class("AutoTokenizer")
+        MT3Processor.register_for_auto_class("AutoProcessor")
+        with tempfile.TemporaryDirectory() as tmp:
+            processor.save_pretrained(tmp)
+            files = set(os.listdir(tmp))
+            assert {"processing_mt3.py", "feature_extraction_mt3.py", "tokenization_mt3.py"} <= files
+            auto = AutoProcessor.from_pretrained(tmp, trust_remote_code=True)
+            tokenizer = AutoTokenizer.from_pretrained(tmp, trust_remote_code=True)
+            extractor = AutoFeatureExtractor.from_pretrained(tmp, trust_remote_code=True)
+    finally:
+        for cls, value in saved.items():
+            cls._auto_class = value
+    assert type(auto).__name__ == "MT3Processor"
+    assert type(tokenizer).__name__ == "MT3Tokenizer" and len(tokenizer) == 1536
+    assert type(extractor).__name__ == "MT3FeatureExtractor"
+    samples = np.random.default_rng(0).standard_normal(5000).astype(np.float32) * 0.1
+    assert np.array_equal(auto(audio=samples, sampling_rate=16000)["input_features"],
+                          processor(audio=samples, sampling_rate=16000)["input_features"])
+
+
+def test_golden_audio_to_notes(processor, golden_cases):
+    for case in golden_cases:
+        samples = np.load(case / "samples.npy")
+        tokens = json.loads((case / "tokens.json").read_text())
+        meta = json.loads((case / "meta.json").read_text())
+        inputs = processor(audio=samples, sampling_rate=16000, return_tensors="pt")
+        assert tuple(inputs["input_features"].shape) == (meta["num_segments"], 256, 512)
+        assert inputs["input_features"].dtype == torch.float32
+
+        generated = as_generate_output(tokens["segments"])
+        out = processor.batch_decode(generated, inputs, return_midi=True)
+        assert_notes_equal(out["notes"], read_notes_csv(case / "notes.csv"), f"{case.name} via processor")
+        assert out["invalid_events"] == meta["est_invalid_events"]
+        assert out["dropped_events"] == meta["est_dropped_events"]
+        buffer = io.BytesIO()
+        out["pretty_midi"].write(buffer)
+        assert buffer.getvalue() == (case / "transcription.mid").read_bytes()
+
+
+def test_empty_audio_gives_empty_midi(processor):
+    inputs = processor(audio=np.zeros(0, dtype=np.float32), sampling_rate=16000, return_tensors="pt")
+    assert tuple(inputs["input_features"].shape) == (0, 256, 512)
+    out = processor.batch_decode(torch.zeros((0, 1), dtype=torch.long), inputs)
+    assert out["notes"] == [] and out["invalid_events"] == 0
+    buffer = io.BytesIO()
+    out["pretty_midi"].write(buffer)
+    reread = pretty_midi.PrettyMIDI(io.BytesIO(buffer.getvalue()))
+    assert sum(len(i.notes) for i in reread.instruments) == 0
+
+
+def test_silence_gives_empty_midi(processor):
+    inputs = processor(audio=np.zeros(3 * 16000, dtype=np.float32), sampling_rate=16000, return_tensors="np")
+    num_segments = inputs["input_features"].shape[0]
+    assert num_segments == 2
+    # a model that answers EOS straight away on every segment
+    out = processor.batch_decode(as_generate_output([[]] * num_segments), inputs, return_midi=True)
+    assert out["notes"] == [] and (out["invalid_events"], out["dropped_events"]) == (0, 0)
+    assert sum(len(i.notes) for i in out["pretty_midi"].instruments) == 0
+
+
+def test_processor_input_errors(processor):
+    with pytest.raises(ValueError, match="audio"):
+        processor(sampling_rate=16000)
+    with pytest.raises(ValueError, match="22050"):
+        processor(audio=np.zeros(100, dtype=np.float32), sampling_rate=22050)
+    inputs = processor(audio=np.zeros(100, dtype=np.float32), sampling_rate=16000)
+    with pytest.raises(ValueError, match="per segment"):
+        processor.batch_decode(torch.zeros((3, 4), dtype=torch.long), inputs)
+
+
+def test_decode_alias(processor):
+    inputs = processor(audio=np.zeros(100, dtype=np.float32), sampling_rate=16000)
+    out = processor.decode(as_generate_output([[]]), inputs, return_midi=False)
+    assert out["notes"] == [] and "pretty_midi" not in out
+    assert isinstance(MT3Note(0, False, 60, 127, 0.0, 0.1), tuple)

@@ -27,3 +27,13 @@ def shared() -> Path:
 @pytest.fixture(scope="session")
 def golden_cases(shared: Path) -> list[Path]:
     return sorted(p for p in (shared / "golden").iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="session")
+def real_folder(shared: Path, tmp_path_factory) -> Path:
+    """The real MT3 checkpoint converted once per session (float32)."""
+    from convert_mt3.__main__ import main
+
+    out = tmp_path_factory.mktemp("real") / "mt3"
+    assert main([str(shared / "checkpoints" / "mt3"), str(out), "--quiet"]) == 0
+    return out

@@ -73,10 +73,8 @@ def test_tiny_folder_loads_with_transformers_alone(tiny_folder, tmp_path):
     check_standalone(tiny_folder, tmp_path)
 
 
-def test_real_folder_loads_with_transformers_alone(shared, tmp_path):
-    out = tmp_path / "mt3"
-    assert main([str(shared / "checkpoints" / "mt3"), str(out), "--quiet"]) == 0
-    check_standalone(out, tmp_path)
+def test_real_folder_loads_with_transformers_alone(real_folder, tmp_path):
+    check_standalone(real_folder, tmp_path)
 
 
 def test_model_card_snippet_runs(tiny_folder, tmp_path):

@@ -1,0 +1,100 @@
+"""examples/transcribe.py end to end: golden audio -> MIDI, in a process where convert_mt3 cannot be imported."""
+
+import csv
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pretty_midi
+import pytest
+import soundfile
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "transcribe.py"
+# MIDI stores times in ticks (220 per quarter at 120 qpm = 440 per second): 1/440 s resolution.
+MIDI_TIME_TOLERANCE = 1 / 440 + 1e-9
+
+
+def run_example(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run the example as a script with every import of convert_mt3 failing, offline."""
+    code = (
+        "import sys, runpy\n"
+        "sys.modules['convert_mt3'] = None\n"
+        f"sys.argv = {[str(EXAMPLE)] + args!r}\n"
+        f"runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(cwd / "modules")}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def midi_notes(path: Path) -> list[tuple]:
+    midi = pretty_midi.PrettyMIDI(str(path))
+    return sorted((i.program, i.is_drum, n.pitch, n.velocity, n.start, n.end) for i in midi.instruments for n in i.notes)
+
+
+def golden_notes(case: Path) -> list[tuple]:
+    with open(case / "notes.csv") as f:
+        return [
+            (int(r["program"]), bool(int(r["is_drum"])), int(r["pitch"]), int(r["velocity"]), float(r["start_time"]), float(r["end_time"]))
+            for r in csv.DictReader(f)
+        ]
+
+
+def share_matched(mine: list[tuple], golden: list[tuple], tolerance: float) -> float:
+    """Share of golden notes with an equal note in `mine` (times within `tolerance`), each used once."""
+    pool = list(mine)
+    matched = 0
+    for note in golden:
+        for i, other in enumerate(pool):
+            if other[:4] == note[:4] and abs(other[4] - note[4]) <= tolerance and abs(other[5] - note[5]) <= tolerance:
+                matched += 1
+                del pool[i]
+                break
+    return matched / max(len(golden), 1)
+
+
+@pytest.mark.parametrize("case_name", ["a_brahms_string_orchestra", "b_multi_instrument_drums_synth", "c_ragtime_piano_recording"])
+def test_example_reproduces_golden_notes(shared, real_folder, tmp_path, case_name):
+    case = shared / "golden" / case_name
+    wav = tmp_path / "audio.wav"
+    soundfile.write(wav, np.load(case / "samples.npy"), 16000, subtype="FLOAT")
+    out = tmp_path / "out.mid"
+    result = run_example([str(real_folder), str(wav), str(out), "--quiet", "--batch-size", "8"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    mine, golden = midi_notes(out), golden_notes(case)
+    share = share_matched(mine, golden, MIDI_TIME_TOLERANCE)
+    reference = Counter(midi_notes(case / "transcription.mid"))
+    same_as_original_midi = sum((Counter(mine) & reference).values()) / max(len(golden), 1)
+    print(f"{case_name}: {len(mine)} notes, {share:.1%} of notes.csv matched (times within 1/440 s), "
+          f"{same_as_original_midi:.1%} identical to the original's transcription.mid")
+    assert len(mine) == len(golden) and share == 1.0
+    assert same_as_original_midi == 1.0
+
+
+def test_example_options_and_bad_input(real_folder, tmp_path):
+    """--programs restricts instruments, --plot draws, silence gives an empty MIDI, bad files one error line."""
+    rng = np.random.default_rng(0)
+    t = np.arange(3 * 44100) / 44100
+    tone = 0.3 * np.sin(2 * np.pi * 440 * t) * (t % 0.5 < 0.25)
+    stereo = np.stack([tone, tone + 0.01 * rng.standard_normal(t.size)], axis=1).astype(np.float32)
+    soundfile.write(tmp_path / "tone.flac", stereo, 44100)
+    result = run_example([str(real_folder), "tone.flac", "tone.mid", "--programs", "40-41", "--plot", "roll.png", "--quiet"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {n[0] for n in midi_notes(tmp_path / "tone.mid") if not n[1]} <= {40, 41}
+    assert (tmp_path / "roll.png").stat().st_size > 1000
+
+    soundfile.write(tmp_path / "silence.wav", np.zeros(16000 * 3, np.float32), 16000)
+    soundfile.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    for name in ["silence.wav", "empty.wav"]:
+        result = run_example([str(real_folder), name, "x.mid", "--quiet"], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert midi_notes(tmp_path / "x.mid") == []
+
+    (tmp_path / "broken.ogg").write_bytes(b"OggS not really")
+    result = run_example([str(real_folder), "broken.ogg", "x.mid", "--quiet"], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: broken.ogg: cannot read audio") and len(result.stderr.strip().splitlines()) == 1
+    result = run_example([str(real_folder), "tone.flac", "x.mid", "--programs", "7-x", "--quiet"], tmp_path)
+    assert result.returncode == 1 and "--programs '7-x'" in result.stderr

@@ -109,7 +109,7 @@ def _parity_section(parity: dict) -> str:
     return "\n".join(rows)
 
 
-def render_model_card(result: "ConversionResult", version: str, repo_id: str | None = None) -> str:
+def render_model_card(result: ConversionResult, version: str, repo_id: str | None = None) -> str:
     return CARD.substitute(
         version=version,
         source_name=result.source.name,

@@ -11,6 +11,7 @@ import torch
 from convert_mt3.checkpoint import CheckpointError, read_checkpoint
 from convert_mt3.config import ConfigError, derive_config, find_gin, parse_gin
 from convert_mt3.mapping import MappingError, hf_name, t5x_to_state_dict, to_torch_layout
+
 from t5x_writer import ext_array, tiny_arrays, write_t5x_checkpoint
 
 GIN = """

@@ -12,6 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from convert_mt3.__main__ import main
+
 from t5x_writer import tiny_arrays, write_t5x_checkpoint
 
 # Tiny model, but with MT3's real vocabulary and mel depth so the saved processor fits it.

@@ -25,7 +25,6 @@ from convert_mt3.mt3.tokenization_mt3 import (
     trim_eos,
 )
 
-
 pretty_midi = pytest.importorskip("pretty_midi")
 
 TOL_TIME = 1e-6  # notes.csv times are compared to 1e-6 s (the port reproduces them bit for bit)

@@ -10,7 +10,6 @@ import torch
 
 from convert_mt3.mt3.feature_extraction_mt3 import MT3FeatureExtractor
 
-
 # The original computes everything in float32 (TF STFT, TF's float32 mel matrix, float32 matmul); we compute in
 # float64. Measured on the three golden cases (numpy path; torch path within 1e-6 of it):
 #   mean |log error|                                  1.5e-5 .. 3.4e-5

@@ -1,6 +1,5 @@
 """The converted folder on its own (no convert_mt3, offline), its model card snippet, and --push-to-hub."""
 
-import json
 import os
 import re
 import shutil
@@ -13,6 +12,7 @@ import pytest
 
 import convert_mt3.hub
 from convert_mt3.__main__ import main
+
 from t5x_writer import tiny_arrays, write_t5x_checkpoint
 
 FAKE_TOKEN = "hf_FAKEtokenFAKEtokenFAKEtoken0123"

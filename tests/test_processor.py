@@ -15,7 +15,6 @@ from convert_mt3.mt3.tokenization_mt3 import MT3Note, MT3Tokenizer
 
 from test_decoding import assert_notes_equal, read_notes_csv
 
-
 pretty_midi = pytest.importorskip("pretty_midi")
 
 

@@ -9,12 +9,10 @@ Reproduces the input pipeline of Magenta MT3 (github.com/magenta/mt3):
 import warnings
 
 import numpy as np
-
 from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import TensorType, is_torch_available, logging
-
 
 if is_torch_available():
     import torch

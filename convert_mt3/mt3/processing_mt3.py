@@ -3,7 +3,6 @@
 import os
 
 import numpy as np
-
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_python import BatchEncoding

@@ -18,10 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.tokenization_python import BatchEncoding, PreTrainedTokenizer
-
 
 # MIDI value range (MIDI standard; note_seq MIN/MAX_MIDI_PITCH, MIN/MAX_MIDI_PROGRAM, MAX_MIDI_VELOCITY).
 MIDI_MIN_VALUE = 0

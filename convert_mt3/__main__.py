@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from . import __version__
 
@@ -52,19 +53,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Heavy imports after argument parsing, so --help is instant.
-    from transformers.utils import logging as transformers_logging
-
-    from .export import convert
-    from .hub import push_folder
-
-    if args.quiet:
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
+    from .checkpoint import read_checkpoint  # light: numpy, msgpack, numcodecs
 
     try:
+        # gunzip releases the GIL: read the checkpoint while torch and transformers import.
+        with ThreadPoolExecutor(1) as pool:
+            reading = pool.submit(read_checkpoint, args.checkpoint_dir, quiet=args.quiet)
+            from transformers.utils import logging as transformers_logging
+
+            from .export import convert
+            from .hub import push_folder
+
+            if args.quiet:
+                transformers_logging.set_verbosity_error()
+                transformers_logging.disable_progress_bar()
+            checkpoint = reading.result()
         result = convert(
-            args.checkpoint_dir,
+            checkpoint,
             args.out_dir,
             dtype=args.dtype,
             overwrite=args.overwrite,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import GenerationMixin
 
 from convert_mt3.mt3.configuration_mt3 import MT3Config
 from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration
@@ -104,23 +105,36 @@ def strip(sequence: torch.Tensor) -> list[int]:
     return ids[: ids.index(1)] if 1 in ids else ids
 
 
+GENERATE_PATHS = {
+    "fast-default": {},  # MT3GreedyPool, config.segment_batch_size rows
+    "fast-pool4": {"segment_batch_size": 4},  # more segments than rows: refill and per-row positions
+    "hf": None,  # GenerationMixin's greedy search, all segments as one batch
+}
+
+
+@pytest.mark.parametrize("path", list(GENERATE_PATHS))
 @pytest.mark.parametrize("case", CASES)
-def test_generate_matches_golden_tokens(real_model, case_data, case):
+def test_generate_matches_golden_tokens(real_model, case_data, case, path):
     data = case_data(case)
     frames = data["frames"]  # (segments, 256, 512)
     start = time.perf_counter()
     with torch.no_grad():
-        sequences = real_model.generate(input_features=frames)
+        if GENERATE_PATHS[path] is None:
+            sequences = GenerationMixin.generate(real_model, input_features=frames)
+        else:
+            sequences = real_model.generate(input_features=frames, **GENERATE_PATHS[path])
     seconds = time.perf_counter() - start
     ours = [strip(row) for row in sequences]
     print(
-        f"\n[{case}] generate float32+cache: {len(frames)} segments, {sequences.shape[1] - 1} steps, "
+        f"\n[{case}] generate float32 ({path}): {len(frames)} segments, {sequences.shape[1] - 1} steps, "
         f"{sum(len(t) + 1 for t in ours)} tokens in {seconds:.2f} s"
     )
     assert len(ours) == len(data["tokens"])
     for i, (got, want) in enumerate(zip(ours, data["tokens"])):
         first = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
         assert got == want, f"segment {i}: {len(got)} vs {len(want)} tokens, first difference at {first}"
+    # padding after EOS, width = 1 + longest, as GenerationMixin returns them
+    assert sequences.shape[1] == 1 + max(len(t) + 1 for t in data["tokens"])
 
 
 # Case a in bfloat16 decodes ~800 steps (~20 s on 2 cores): left out to keep this file short; float16 is slow on CPU.

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.generation import GenerationConfig, GenerationMode, LogitsProcessorList
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -26,8 +27,12 @@ from transformers.modeling_outputs import (
     Seq2SeqLMOutput,
 )
 from transformers.models.t5.modeling_t5 import T5DenseGatedActDense, T5LayerNorm
+from transformers.utils import logging
 
 from .configuration_mt3 import MT3Config
+
+
+logger = logging.get_logger(__name__)
 
 
 def mt3_sinusoid_table(
@@ -440,6 +445,282 @@ class MT3Decoder(nn.Module):
         )
 
 
+class MT3GreedyPool:
+    """MT3's greedy decoding of many segments through a pool of at most `pool_size` active rows.
+
+    Why not GenerationMixin's greedy loop: it keeps every row of the batch until the longest segment ends (MT3
+    segments end after tens to ~1000 tokens, so most rows are finished for most steps) and pays per-layer module and
+    cache overhead on every step. Here a row leaves the pool at EOS or the length limit; a waiting segment takes its
+    slot at once (continuous batching: it is encoded then, its cross-attention keys/values are projected once, and it
+    starts at position 0 while the others go on); when nothing waits, the last active row moves into the hole, so the
+    active rows are always slots `[0, active)` and finished ones cost nothing. Each row has its own position (its own
+    sinusoid row and causal mask). Memory: the pool's caches, the encoder activations of the segments being admitted,
+    and the output tokens, whatever the number of segments.
+
+    The weights are fused per call from the parameters (q/k/v, wi_0/wi_1, all cross k/v), so the state dict keeps its
+    names. On CPU they are also packed for oneDNN (`use_onednn`): MKL's float32 GEMM runs 2-3x slower on few rows
+    (decoder steps) and on AMD CPUs; the rounding differs from `nn.Linear` in the last bits only.
+    """
+
+    # A new self-attention chunk starts where a row's length falls below this share of the chunk's longest row:
+    # reading fewer masked cache slots is worth one more attention call from there on.
+    chunk_ratio = 0.5
+
+    def __init__(self, model: "MT3ForConditionalGeneration", pool_size: int, use_onednn: bool | None = None):
+        if pool_size < 1:
+            raise ValueError(f"`segment_batch_size` must be a positive number of rows, found {pool_size}")
+        config = model.config
+        self.model = model
+        self.pool_size = pool_size
+        self.heads, self.head_dim = config.num_heads, config.d_kv
+        self.inner = config.num_heads * config.d_kv
+        self.d_ff = config.d_ff
+        self.eps = config.layer_norm_epsilon
+        encoder, decoder = model.encoder, model.decoder
+        self.dtype = decoder.token_embedder.weight.dtype
+        self.device = decoder.token_embedder.weight.device
+        self.act = decoder.layers[0].mlp.act  # gelu_new for MT3, the module's own formula
+        self.max_positions = decoder.position_embedding.max_len
+        if use_onednn is None:
+            use_onednn = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) and _onednn_linear()
+        self._onednn = _onednn_linear() if use_onednn else None
+
+        with torch.no_grad():
+            pack = self._pack
+            self.encoder_projection = pack(encoder.continuous_inputs_projection.weight)
+            self.encoder_layers = [
+                (
+                    layer.pre_attention_layer_norm.weight,
+                    pack(torch.cat([layer.attention.query.weight, layer.attention.key.weight, layer.attention.value.weight])),
+                    pack(layer.attention.out.weight),
+                    layer.pre_mlp_layer_norm.weight,
+                    pack(torch.cat([layer.mlp.wi_0.weight, layer.mlp.wi_1.weight])),
+                    pack(layer.mlp.wo.weight),
+                )
+                for layer in encoder.layers
+            ]
+            self.encoder_norm = encoder.encoder_norm.weight
+            self.layers = []
+            cross_kv = []
+            for layer in decoder.layers:
+                sa, ca, mlp = layer.self_attention, layer.encoder_decoder_attention, layer.mlp
+                self.layers.append(
+                    (
+                        layer.pre_self_attention_layer_norm.weight,
+                        pack(torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])),  # (3 * inner, d_model)
+                        pack(sa.out.weight),
+                        layer.pre_cross_attention_layer_norm.weight,
+                        pack(ca.query.weight),
+                        pack(ca.out.weight),
+                        layer.pre_mlp_layer_norm.weight,
+                        pack(torch.cat([mlp.wi_0.weight, mlp.wi_1.weight])),  # (2 * d_ff, d_model)
+                        pack(mlp.wo.weight),
+                    )
+                )
+                cross_kv += [ca.key.weight, ca.value.weight]
+            self.cross_kv = pack(torch.cat(cross_kv))  # (layers * 2 * inner, d_model): one projection per segment
+            self.embedding = decoder.token_embedder.weight
+            self.positions = decoder.position_embedding.table.to(self.dtype)
+            self.final_norm = decoder.decoder_norm.weight
+            self.lm_head = pack(decoder.logits_dense.weight)
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """(out, in) weight -> what `_linear` takes: oneDNN's blocked layout, or the plain weight."""
+        if self._onednn is None:
+            return weight.detach()
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.pool_size)
+
+    def _linear(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self._onednn is None:
+            return F.linear(hidden, weight)
+        return self._onednn(hidden, weight, None, "none", [], "")
+
+    def _rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if hidden.dtype == torch.float32:
+            return F.rms_norm(hidden, weight.shape, weight, self.eps)  # bit-identical to T5LayerNorm in float32
+        variance = hidden.to(torch.float32).pow(2).mean(-1, keepdim=True)  # T5LayerNorm's half-precision order
+        return weight * (hidden * torch.rsqrt(variance + self.eps)).to(hidden.dtype)
+
+    def _encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """(frames, input_depth) of one segment -> its cross keys/values (layers, 2, heads, frames, d_kv).
+
+        `MT3Encoder.forward` with the packed weights; no mask, as in MT3.
+        """
+        length = frames.shape[0]
+        heads, head_dim, inner, d_ff = self.heads, self.head_dim, self.inner, self.d_ff
+        hidden = self._linear(frames.to(self.device, self.dtype), self.encoder_projection)  # (frames, d_model)
+        hidden = hidden + self.model.encoder.position_embedding(0, length)[0].to(self.dtype)  # raises past the table
+        for n1, qkv_w, out_w, n2, wi, wo in self.encoder_layers:
+            qkv = self._linear(self._rms_norm(hidden, n1), qkv_w).view(length, 3, heads, head_dim).permute(1, 2, 0, 3)
+            attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=1.0)  # (heads, frames, d_kv)
+            hidden = hidden + self._linear(attn.transpose(0, 1).reshape(length, inner), out_w)
+            gate = self._linear(self._rms_norm(hidden, n2), wi)  # (frames, 2 * d_ff)
+            hidden = hidden + self._linear(self.act(gate[:, :d_ff]) * gate[:, d_ff:], wo)
+        encoded = self._rms_norm(hidden, self.encoder_norm)  # (frames, d_model)
+        kv = self._linear(encoded, self.cross_kv)  # (frames, layers * 2 * inner)
+        return kv.view(length, len(self.layers), 2, heads, head_dim).permute(1, 2, 3, 0, 4)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_features: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        decoder_start_token_id: int,
+        logits_processor: LogitsProcessorList | None = None,
+    ) -> torch.LongTensor:
+        """(segments, frames, input_depth) -> (segments, 1 + longest) ids, as GenerationMixin's greedy search."""
+        segments, frames = input_features.shape[0], input_features.shape[1]
+        pool = min(self.pool_size, segments)
+        heads, head_dim, inner, d_ff = self.heads, self.head_dim, self.inner, self.d_ff
+        num_layers = len(self.layers)
+        device, dtype = self.device, self.dtype
+        linear, rms_norm, act = self._linear, self._rms_norm, self.act
+        eos = set(eos_token_ids)
+        processors = logits_processor if logits_processor else None
+        min_value = torch.finfo(dtype).min
+
+        out = torch.full((segments, max_new_tokens + 1), pad_token_id, dtype=torch.long)
+        tokens = torch.full((pool, max_new_tokens + 1), decoder_start_token_id, dtype=torch.long, device=device)
+        cross = torch.empty(num_layers, 2, pool, heads, frames, head_dim, dtype=dtype, device=device)
+        # Self-attention cache, grown by doubling; zeros, so the masked slots never hold NaN.
+        capacity = min(max_new_tokens, 64)
+        cache = torch.zeros(num_layers, 2, pool, heads, capacity, head_dim, dtype=dtype, device=device)
+        key_positions = torch.arange(max_new_tokens, device=device)
+
+        for slot in range(pool):
+            cross[:, :, slot] = self._encode(input_features[slot])
+        # Rows stay in admission order, so positions never increase along the pool: the self-attention can then
+        # run over chunks of rows, each only as long as its oldest row (no reading of masked cache slots).
+        segment_of = list(range(pool))  # segment decoded in each row
+        position = [0] * pool  # position of each row's current input token = tokens generated so far
+        next_segment, active, generated = pool, pool, 0
+        position_t = torch.zeros(pool, dtype=torch.long, device=device)
+        rows = torch.arange(pool, device=device)
+
+        while active:
+            longest = position[0]
+            if longest >= self.max_positions:
+                raise ValueError(
+                    f"MT3 has {self.max_positions} positions (max_position_embeddings), "
+                    f"but position {longest} was requested"
+                )
+            if longest >= capacity:
+                capacity = min(max_new_tokens, 2 * capacity)
+                grown = cache.new_zeros(num_layers, 2, pool, heads, capacity, head_dim)
+                grown[..., : cache.shape[-2], :] = cache
+                cache = grown
+            row_ids, pos = rows[:active], position_t[:active]
+            chunks = []  # (first row, end row, keys, additive mask or None)
+            first = 0
+            while first < active:
+                length = position[first] + 1
+                end = first + 1
+                while end < active and position[end] + 1 >= self.chunk_ratio * length:
+                    end += 1
+                mask = None
+                if position[end - 1] + 1 != length:  # rows at different positions: each sees its own past only
+                    mask = torch.zeros(end - first, 1, 1, length, dtype=dtype, device=device)
+                    hidden_keys = key_positions[:length] > pos[first:end, None]  # (rows, keys)
+                    mask.masked_fill_(hidden_keys[:, None, None, :], min_value)
+                chunks.append((first, end, length, mask))
+                first = end
+
+            current = tokens[:active].gather(1, pos[:, None])[:, 0]  # (active,)
+            hidden = self.embedding[current] + self.positions[pos]  # (active, d_model)
+            for i, (n1, qkv_w, o1, n2, q2, o2, n3, wi, wo) in enumerate(self.layers):
+                qkv = linear(rms_norm(hidden, n1), qkv_w).view(active, 3, heads, head_dim)
+                layer_cache = cache[i]  # (2, pool, heads, capacity, d_kv)
+                layer_cache[:, row_ids, :, pos] = qkv[:, 1:]  # this step's key and value of every row
+                query = qkv[:, 0, :, None]  # (active, heads, 1, d_kv)
+                parts = [
+                    F.scaled_dot_product_attention(
+                        query[first:end],
+                        layer_cache[0, first:end, :, :length],
+                        layer_cache[1, first:end, :, :length],
+                        attn_mask=mask,
+                        scale=1.0,  # MT3's query kernel already holds 1/sqrt(d_kv)
+                    )
+                    for first, end, length, mask in chunks
+                ]
+                attn = parts[0] if len(parts) == 1 else torch.cat(parts)
+                hidden = hidden + linear(attn.view(active, inner), o1)
+                query = linear(rms_norm(hidden, n2), q2).view(active, heads, 1, head_dim)
+                attn = F.scaled_dot_product_attention(query, cross[i, 0, :active], cross[i, 1, :active], scale=1.0)
+                hidden = hidden + linear(attn.view(active, inner), o2)
+                gate = linear(rms_norm(hidden, n3), wi)  # (active, 2 * d_ff)
+                hidden = hidden + linear(act(gate[:, :d_ff]) * gate[:, d_ff:], wo)
+            logits = linear(rms_norm(hidden, self.final_norm), self.lm_head)  # (active, vocab)
+
+            if processors is not None:
+                logits = self._process(processors, logits.float(), tokens, position[:active])
+            next_tokens = logits.argmax(-1)
+            position_t[:active] += 1
+            tokens[row_ids, position_t[:active]] = next_tokens
+            for row in range(active):
+                position[row] += 1
+
+            finished = [
+                row
+                for row, token in enumerate(next_tokens.tolist())
+                if token in eos or position[row] >= max_new_tokens
+            ]
+            if not finished:
+                continue
+            for row in finished:
+                out[segment_of[row], : position[row] + 1] = tokens[row, : position[row] + 1]
+                generated = max(generated, position[row])
+            # Drop the finished rows, keeping the order of the others: rows after the first finished one move up.
+            done = set(finished)
+            kept = [row for row in range(finished[0], active) if row not in done]
+            if kept:
+                start, keep = finished[0], position[kept[0]] + 1
+                index = torch.tensor(kept, device=device)
+                cache[:, :, start : start + len(kept), :, :keep] = cache[:, :, index, :, :keep]
+                cross[:, :, start : start + len(kept)] = cross[:, :, index]
+                tokens[start : start + len(kept), :keep] = tokens[index, :keep]
+                position_t[start : start + len(kept)] = position_t[index]
+                for offset, row in enumerate(kept):
+                    segment_of[start + offset], position[start + offset] = segment_of[row], position[row]
+            active -= len(finished)
+            while active < pool and next_segment < segments:  # waiting segments join at the end, at position 0
+                cross[:, :, active] = self._encode(input_features[next_segment])
+                tokens[active, 0] = decoder_start_token_id
+                position_t[active] = 0
+                segment_of[active], position[active] = next_segment, 0
+                next_segment += 1
+                active += 1
+        return out[:, : 1 + generated]
+
+    @staticmethod
+    def _process(
+        processors: LogitsProcessorList, scores: torch.Tensor, tokens: torch.Tensor, positions: list[int]
+    ) -> torch.Tensor:
+        """Apply the processors to the active rows: one call per group of rows with the same length, since
+        `input_ids` must be rectangular."""
+        groups: dict[int, list[int]] = {}
+        for slot, pos in enumerate(positions):
+            groups.setdefault(pos, []).append(slot)
+        if len(groups) == 1:
+            return processors(tokens[: len(positions), : positions[0] + 1], scores)
+        for pos, slots in groups.items():
+            index = torch.tensor(slots, device=scores.device)
+            scores[index] = processors(tokens[index, : pos + 1], scores[index])
+        return scores
+
+
+def _onednn_linear():
+    """oneDNN's linear on packed weights (`torch.ops.mkldnn._linear_pointwise`), or None where this build lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        torch.ops.mkldnn._reorder_linear_weight  # noqa: B018 (both ops are needed)
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
 class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
     """MT3: log-mel segments (batch, 256, 512) -> event tokens; `generate(input_features=x)` is MT3's greedy decode."""
 
@@ -568,5 +849,116 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return self._shift_right(labels)
 
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | list | None = None,
+        segment_batch_size: int | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """Greedy decoding of all segments: `generate(input_features=x)`, x (segments, frames, input_depth).
 
-__all__ = ["MT3PreTrainedModel", "MT3ForConditionalGeneration", "mt3_sinusoid_table"]
+        Plain greedy search (MT3's own decoding, with optional `logits_processor`) runs in `MT3GreedyPool`: at most
+        `segment_batch_size` segments (default `config.segment_batch_size`) are decoded at once and a finished one
+        makes room for the next. It returns what `GenerationMixin.generate` returns: (segments, 1 + longest) ids,
+        decoder start first, EOS then padding after each finished row. Everything else (beam search, sampling,
+        scores / dict outputs, streamers, assistants, `use_cache=False`, masks, ...) goes to `GenerationMixin`.
+        """
+        fast = self._fast_greedy_settings(inputs, generation_config, kwargs)
+        if fast is None:
+            return super().generate(
+                inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs
+            )
+        features, max_new_tokens, eos, pad, start = fast
+        if segment_batch_size is None:
+            segment_batch_size = getattr(generation_config, "segment_batch_size", None)
+        if segment_batch_size is None:
+            segment_batch_size = getattr(self.generation_config, "segment_batch_size", None)
+        if segment_batch_size is None:
+            segment_batch_size = self.config.segment_batch_size
+        if logits_processor is not None and not isinstance(logits_processor, LogitsProcessorList):
+            logits_processor = LogitsProcessorList(logits_processor)
+        return MT3GreedyPool(self, segment_batch_size).generate(
+            features, max_new_tokens, eos, pad, start, logits_processor=logits_processor
+        )
+
+    def _fast_greedy_settings(
+        self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, kwargs: dict
+    ) -> tuple[torch.Tensor, int, list[int], int, int] | None:
+        """(features, max_new_tokens, eos ids, pad id, start id) when `MT3GreedyPool` reproduces
+        `GenerationMixin`'s greedy search for these arguments, else None."""
+        rest = dict(kwargs)
+        features = rest.pop(self.main_input_name, None)
+        if (inputs is None) == (features is None) or self.training:
+            return None
+        features = inputs if features is None else features
+        if not isinstance(features, torch.Tensor) or features.dim() != 3 or features.shape[0] == 0:
+            return None
+        # arguments of GenerationMixin.generate that select other machinery
+        for name in ("stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model", "streamer",
+                     "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "trust_remote_code",
+                     "tokenizer", "assistant_tokenizer"):
+            if rest.get(name) is not None:
+                return None
+        has_default_max_length = (
+            rest.get("max_length") is None
+            and (generation_config is None or generation_config.max_length is None)
+            and self.generation_config.max_length is None
+        )
+        config, model_kwargs = self._prepare_generation_config(generation_config, **rest)
+        if model_kwargs or config.get_generation_mode() != GenerationMode.GREEDY_SEARCH:
+            return None  # masks, encoder outputs, decoder prompts, ...; beams, sampling, assistants
+        neutral = {
+            "use_cache": (True, None),
+            "num_return_sequences": (1, None),
+            "return_dict_in_generate": (False, None),
+            "output_scores": (False, None),
+            "output_logits": (False, None),
+            "output_attentions": (False, None),
+            "output_hidden_states": (False, None),
+            "min_length": (0, None),
+            "repetition_penalty": (1.0, None),
+            "encoder_repetition_penalty": (1.0, None),
+            "no_repeat_ngram_size": (0, None),
+            "encoder_no_repeat_ngram_size": (0, None),
+            "guidance_scale": (1.0, None),
+            "renormalize_logits": (False, None),
+            "remove_invalid_values": (False, None),
+            "token_healing": (False, None),
+            "use_mtp": (False, None),
+        }
+        for name, allowed in neutral.items():
+            if getattr(config, name, None) not in allowed:
+                return None
+        for name in ("min_new_tokens", "max_time", "stop_strings", "bad_words_ids", "forced_bos_token_id",
+                     "forced_eos_token_id", "exponential_decay_length_penalty", "suppress_tokens",
+                     "begin_suppress_tokens", "sequence_bias", "watermarking_config", "cache_implementation",
+                     "dola_layers", "prefill_chunk_size"):
+            if getattr(config, name, None) is not None:
+                return None
+
+        eos = config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+        start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
+        if start is None:
+            return None  # GenerationMixin raises the error
+        # GenerationMixin._prepare_generated_length: max_new_tokens wins; a default max_length counts new tokens
+        if config.max_new_tokens is not None:
+            if not has_default_max_length and config.max_length is not None:
+                logger.warning_once(
+                    f"Both `max_new_tokens` (={config.max_new_tokens}) and `max_length` (={config.max_length}) are "
+                    "set; `max_new_tokens` takes precedence."
+                )
+            max_new_tokens = config.max_new_tokens
+        elif has_default_max_length:
+            max_new_tokens = min(config.max_length + 1, self.config.max_position_embeddings) - 1
+        else:
+            max_new_tokens = config.max_length - 1
+        if max_new_tokens < 1:
+            return None
+        return features, max_new_tokens, eos, pad, start
+
+
+__all__ = ["MT3PreTrainedModel", "MT3ForConditionalGeneration", "MT3GreedyPool", "mt3_sinusoid_table"]

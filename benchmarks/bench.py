@@ -1,0 +1,567 @@
+"""`make bench`: whole-process timings of convert-mt3, printed as one table of ratios from one run.
+
+    MT3_SHARED_DIR=../shared python3 benchmarks/bench.py [--quick] [--rows 1,2,3,4] [--reps N]
+
+Every figure comes from a separate process (`python benchmarks/bench.py --worker NAME ...`, which
+prints one JSON line); the parent times each process's wall clock and collects the JSON. The parent
+imports only the standard library, so its own start-up never shows in a figure.
+
+Rows (see benchmarks/README.md):
+  1. conversion wall vs floor (import torch+transformers) + (plain msgpack/gunzip/safetensors read)
+  2. transcription of golden case a (20 s): naive (no cache, one segment at a time) and the
+     default generate() in float32 and bfloat16, seconds of compute per audio second
+  3. a 300 s input: seconds per audio second and peak resident memory
+  4. compute floor: FLOPs of the generated tokens / measured matmul rate, vs the fast path
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_RATE = 16000
+SEGMENT_SAMPLES = 256 * 128  # 256 frames of hop 128 = 2.048 s per encoder segment
+BOS, EOS = 0, 1
+MAIN_CASE = "a_brahms_string_orchestra"
+LONG_CASES = ("a_brahms_string_orchestra", "b_multi_instrument_drums_synth", "c_ragtime_piano_recording")
+# The original (magenta/mt3, XLA CPU, 2 cores): 1.05 s of compute per audio second on case a
+# (shared/golden/README.md, "Speed of the original"; median of 3 warm runs, compile excluded).
+ORIGINAL_S_PER_S = 1.05
+TARGET_CONVERSION_RATIO = 1.25
+TARGET_LONG_S_PER_S = 0.105
+TARGET_LONG_RSS_GB = 2.0
+
+
+# --------------------------------------------------------------------------------------------- workers
+# Each worker runs in its own process and prints exactly one JSON line on stdout.
+
+
+def _emit(result: dict) -> None:
+    import resource
+
+    result["ru_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
+    print(json.dumps(result), flush=True)
+
+
+def worker_import(args: argparse.Namespace) -> None:
+    """The import part of the conversion floor: a process that only imports torch and transformers."""
+    t0 = time.perf_counter()
+    import torch
+    import transformers
+
+    _emit({"import_s": time.perf_counter() - t0, "torch": torch.__version__,
+           "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()})
+
+
+def worker_read(args: argparse.Namespace) -> None:
+    """The I/O part of the conversion floor: msgpack load, gunzip every zarr chunk, np.frombuffer,
+    `safetensors.numpy.save_file` of all arrays. Single-threaded, no validation, no torch."""
+    import zlib
+
+    import msgpack
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    directory = Path(args.checkpoint)
+    t0 = time.perf_counter()
+
+    def ext_hook(code, data):  # flax ExtType 1 = ndarray (shape, dtype name, raw bytes)
+        if code == 1:
+            shape, dtype, buffer = msgpack.unpackb(data)
+            return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)
+        return msgpack.ExtType(code, data)
+
+    tree = msgpack.unpackb((directory / "checkpoint").read_bytes(), ext_hook=ext_hook, raw=False, strict_map_key=False)
+    t_msgpack = time.perf_counter()
+
+    arrays: dict[str, np.ndarray] = {}
+    num_inline = 0
+    stack = [("", tree["optimizer"]["target"])]
+    while stack:
+        prefix, node = stack.pop()
+        if isinstance(node, np.ndarray):
+            arrays[prefix] = node
+            num_inline += 1
+        elif isinstance(node, dict) and "driver" in node:  # tensorstore spec -> zarr v2 folder, one chunk
+            folder = directory / node["kvstore"]["path"]
+            meta = json.loads((folder / ".zarray").read_text())
+            chunk = folder / ("0" if not meta["shape"] else ".".join("0" for _ in meta["shape"]))
+            if not chunk.exists():
+                chunk = folder / "0"
+            data = zlib.decompress(chunk.read_bytes(), 47)  # wbits 32+15: gzip or zlib header
+            arrays[prefix] = np.frombuffer(data, dtype=np.dtype(meta["dtype"])).reshape(meta["shape"])
+        elif isinstance(node, dict):
+            stack.extend((f"{prefix}/{k}" if prefix else str(k), v) for k, v in node.items())
+    t_gunzip = time.perf_counter()
+
+    save_file(arrays, args.out)
+    t_save = time.perf_counter()
+    _emit({"num_arrays": len(arrays), "num_inline": num_inline,
+           "bytes": sum(a.nbytes for a in arrays.values()),
+           "msgpack_s": t_msgpack - t0, "gunzip_s": t_gunzip - t_msgpack, "save_s": t_save - t_gunzip,
+           "total_s": t_save - t0})
+
+
+def _load(model_dir: str, dtype_name: str):
+    """Model + processor from a converted folder with the Auto classes; timed."""
+    t0 = time.perf_counter()
+    import torch
+    from transformers import AutoModel, AutoProcessor
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    t_import = time.perf_counter()
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    t_load = time.perf_counter()
+    return torch, model, processor, dtype, {"import_s": t_import - t0, "load_s": t_load - t_import}
+
+
+def _sequences(out):
+    return out.sequences if hasattr(out, "sequences") else out  # generate() may return a ModelOutput
+
+
+def _cut(row: list[int]) -> tuple[list[int], int]:
+    """Generated row -> (ids after the decoder start, cut before the first EOS), tokens generated incl. EOS."""
+    ids = row[1:] if row and row[0] == BOS else row
+    if EOS in ids:
+        end = ids.index(EOS)
+        return ids[:end], end + 1
+    return ids, len(ids)
+
+
+def _run_once(torch, model, processor, dtype, samples, mode: str, max_segments: int | None) -> dict:
+    """features -> generate -> notes, each stage timed; `mode` naive = no cache, one segment per call."""
+    t0 = time.perf_counter()
+    inputs = processor(audio=samples, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+    features = inputs["input_features"]
+    starts = inputs["segment_start_times"]
+    if max_segments is not None:
+        features, starts = features[:max_segments], starts[:max_segments]
+    features = features.to(dtype)
+    t1 = time.perf_counter()
+    if mode == "naive":
+        rows = [_sequences(model.generate(input_features=seg[None], use_cache=False))[0] for seg in features]
+        width = max(len(r) for r in rows)
+        tokens = torch.zeros(len(rows), width, dtype=rows[0].dtype)  # pad 0 after EOS, as generate() does
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = r
+    else:
+        tokens = _sequences(model.generate(input_features=features))
+    t2 = time.perf_counter()
+    result = processor.batch_decode(tokens, {"segment_start_times": starts}, return_midi=True)
+    t3 = time.perf_counter()
+    return {"features_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2, "compute_s": t3 - t0,
+            "tokens": tokens, "num_notes": len(result["notes"]), "num_segments": len(features)}
+
+
+def _token_stats(tokens, golden: list[list[int]] | None) -> dict:
+    rows = tokens.tolist()
+    cut = [_cut(r) for r in rows]
+    stats = {"generated_per_segment": [n for _, n in cut], "generated_tokens": sum(n for _, n in cut),
+             "generate_width": len(rows[0]) if rows else 0}
+    if golden is not None:
+        same = [ids == golden[i] for i, (ids, _) in enumerate(cut)]
+        stats.update(golden_match=sum(same), golden_compared=len(same))
+    return stats
+
+
+def _warm_up(torch, model, features) -> None:
+    """One short generate() so that first-call costs (allocator, lazy init) stay out of the timed runs."""
+    model.generate(input_features=features[:1], max_new_tokens=4)
+
+
+def worker_transcribe(args: argparse.Namespace) -> None:
+    """Row 2: golden case, model loaded once, `--reps` timed runs of features + generate + decode."""
+    import numpy as np
+
+    torch, model, processor, dtype, load = _load(args.model, args.dtype)
+    case = Path(args.shared) / "golden" / args.case
+    samples = np.load(case / "samples.npy")
+    golden = json.loads((case / "tokens.json").read_text())["segments"]
+    inputs = processor(audio=samples, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+    _warm_up(torch, model, inputs["input_features"].to(dtype))
+    runs = [_run_once(torch, model, processor, dtype, samples, args.mode, args.max_segments) for _ in range(args.reps)]
+    stats = _token_stats(runs[-1]["tokens"], golden)
+    total_segments = int(inputs["input_features"].shape[0])
+    _emit({
+        "case": args.case, "mode": args.mode, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
+        **load, "audio_s": len(samples) / SAMPLE_RATE, "total_segments": total_segments,
+        "golden_generated_per_segment": [len(g) + 1 for g in golden],  # + EOS
+        "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs], **stats,
+    })
+
+
+def worker_long(args: argparse.Namespace) -> None:
+    """Row 3: the three golden cases concatenated and repeated to `--seconds`; one run, peak RSS."""
+    import resource
+
+    import numpy as np
+
+    torch, model, processor, dtype, load = _load(args.model, "float32")
+    parts = [np.load(Path(args.shared) / "golden" / c / "samples.npy") for c in LONG_CASES]
+    one = np.concatenate(parts)
+    n = int(args.seconds * SAMPLE_RATE)
+    samples = np.tile(one, -(-n // len(one)))[:n].astype(np.float32)
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run = _run_once(torch, model, processor, dtype, samples, "fast", None)
+    stats = _token_stats(run.pop("tokens"), None)
+    _emit({"torch_threads": torch.get_num_threads(), **load, "audio_s": len(samples) / SAMPLE_RATE,
+           "ru_maxrss_after_load_kb": rss_loaded, "runs": [run], **stats})
+
+
+def worker_matmul(args: argparse.Namespace) -> None:
+    """Row 4: float32 (256x512) @ (512x1024), GFLOP/s on all threads (the rate of the floor) and on one.
+
+    Many short rounds (~20 matmuls each), best taken: on a shared VM a long round is almost always hit
+    by another process, and two OpenMP threads then wait on each other."""
+    import torch
+
+    a, b = torch.randn(256, 512), torch.randn(512, 1024)
+    out = torch.empty(256, 1024)
+    flop = 2 * 256 * 512 * 1024
+    inner, rounds = 20, 40
+
+    def rates() -> list[float]:
+        for _ in range(20):
+            torch.matmul(a, b, out=out)
+        found = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                torch.matmul(a, b, out=out)
+            found.append(flop * inner / (time.perf_counter() - t0) / 1e9)
+        return found
+
+    threads = torch.get_num_threads()
+    all_threads = rates()
+    torch.set_num_threads(1)
+    one_thread = rates()
+    torch.set_num_threads(threads)
+    _emit({"gflops_best": max(all_threads), "gflops_median": statistics.median(all_threads),
+           "gflops_1thread_best": max(one_thread), "gflops_1thread_median": statistics.median(one_thread),
+           "torch_threads": threads, "rounds": rounds, "matmuls_per_round": inner})
+
+
+WORKERS = {"import": worker_import, "read": worker_read, "transcribe": worker_transcribe,
+           "long": worker_long, "matmul": worker_matmul}
+
+
+# --------------------------------------------------------------------------------------------- parent
+
+
+class WorkerFailed(RuntimeError):
+    pass
+
+
+MODULES_CACHE: Path | None = None  # set in main(): a private HF_MODULES_CACHE inside the temporary folder
+
+
+def run_process(cmd: list[str], label: str, expect_json: bool = True) -> tuple[float, dict | None]:
+    """Run one whole process; (wall seconds, its JSON line or None). Raises WorkerFailed on a non-zero exit
+    or on a worker that printed no JSON line."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
+    if MODULES_CACHE is not None:
+        # transformers copies a local folder's remote code to HF_MODULES_CACHE/transformers_modules/<folder name>;
+        # shared with other processes loading another folder named `mt3`, it could run their copy of the code.
+        env["HF_MODULES_CACHE"] = str(MODULES_CACHE)
+    print(f"  [{time.strftime('%H:%M:%S')}] {label} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise WorkerFailed(f"{label}: exit status {proc.returncode}\n{proc.stderr[-4000:]}{proc.stdout[-2000:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if expect_json and not lines:
+        raise WorkerFailed(f"{label}: printed no JSON line\n{proc.stderr[-4000:]}{proc.stdout[-2000:]}")
+    print(f"  [{time.strftime('%H:%M:%S')}] {label}: {wall:.2f} s", file=sys.stderr, flush=True)
+    return wall, (json.loads(lines[-1]) if lines else None)
+
+
+def worker_cmd(name: str, *extra: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", name, *extra]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def row_conversion(checkpoint: Path, out_dir: Path, reps: int, first_wall: float, tmp: Path) -> dict:
+    convert = [sys.executable, "-m", "convert_mt3", str(checkpoint), str(out_dir), "--quiet", "--overwrite"]
+    conv = [first_wall] + [run_process(convert, f"row 1: convert #{i + 2}", expect_json=False)[0] for i in range(reps - 1)]
+    imports, reads, read_json = [], [], []
+    for i in range(reps):
+        wall, _ = run_process(worker_cmd("import"), f"row 1: import torch, transformers #{i + 1}")
+        imports.append(wall)
+        wall, js = run_process(worker_cmd("read", "--checkpoint", str(checkpoint), "--out", str(tmp / "plain.safetensors")),
+                               f"row 1: plain read #{i + 1}")
+        reads.append(wall)
+        read_json.append(js)
+    floor = _median(imports) + _median(reads)
+    return {"convert_wall_s": conv, "import_wall_s": imports, "read_wall_s": reads, "read_inproc": read_json,
+            "convert_median_s": _median(conv), "floor_s": floor, "ratio": _median(conv) / floor}
+
+
+def summarize_transcription(wall: float, js: dict, config: dict) -> dict:
+    compute = [r["compute_s"] for r in js["runs"]]
+    generate = [r["generate_s"] for r in js["runs"]]
+    seg_run = js["runs"][0]["num_segments"]
+    scale = 1.0
+    if seg_run < js["total_segments"]:
+        # Only the first segments ran (--quick): scale by the naive path's FLOPs of the golden token counts,
+        # all segments over the segments that ran (compute-bound; see naive_flops).
+        g = js["golden_generated_per_segment"]
+        scale = naive_flops(config, g) / naive_flops(config, g[:seg_run])
+    s_per_s = _median(compute) * scale / js["audio_s"]
+    return {**js, "process_wall_s": wall, "compute_min_s": min(compute), "compute_median_s": _median(compute),
+            "generate_median_s": _median(generate), "extrapolation_factor": scale,
+            "extrapolated": scale != 1.0, "s_per_audio_s": s_per_s, "s_per_audio_s_min": min(compute) * scale / js["audio_s"],
+            "speedup_vs_original": ORIGINAL_S_PER_S / s_per_s}
+
+
+def row_transcription(model_dir: Path, shared: Path, reps: int, quick: bool) -> dict:
+    config = json.loads((model_dir / "config.json").read_text())
+    common = ["--model", str(model_dir), "--shared", str(shared), "--case", MAIN_CASE]
+    out = {}
+    naive = common + ["--mode", "naive", "--dtype", "float32", "--reps", "1"] + (["--max-segments", "2"] if quick else [])
+    wall, js = run_process(worker_cmd("transcribe", *naive), "row 2: naive (no cache, one segment per call)" + (" [2 segments]" if quick else ""))
+    out["naive_float32"] = summarize_transcription(wall, js, config)
+    for dtype in ("float32", "bfloat16"):
+        args = common + ["--mode", "fast", "--dtype", dtype, "--reps", str(reps)]
+        wall, js = run_process(worker_cmd("transcribe", *args), f"row 2: generate() {dtype} x{reps}")
+        out[f"fast_{dtype}"] = summarize_transcription(wall, js, config)
+    return out
+
+
+def row_long(model_dir: Path, shared: Path, seconds: float) -> dict:
+    wall, js = run_process(worker_cmd("long", "--model", str(model_dir), "--shared", str(shared), "--seconds", str(seconds)),
+                           f"row 3: {seconds:.0f} s input, generate() float32")
+    run = js["runs"][0]
+    return {**js, "process_wall_s": wall, "compute_s": run["compute_s"], "s_per_audio_s": run["compute_s"] / js["audio_s"],
+            "peak_rss_gb": js["ru_maxrss_kb"] * 1024 / 1e9}  # ru_maxrss is in KiB; GB = 1e9 bytes
+
+
+FLOP_FORMULA = (
+    "per generated token at self-attention length t (1..n, n incl. EOS): "
+    "L_dec*[2*(3*d*inner + inner*d + d*inner + inner*d + 3*d*d_ff) + 4*inner*t + 4*inner*F] + 2*d*V; "
+    "per segment: F*2*depth*d + L_enc*F*[2*(4*d*inner + 3*d*d_ff) + 4*inner*F] (encoder) "
+    "+ L_dec*2*2*F*d*inner (cross-attention keys/values); F = 256 frames, inner = heads*d_kv"
+)
+
+
+def model_flops(config: dict, generated_per_segment: list[int]) -> dict:
+    d, dff, V = config["d_model"], config["d_ff"], config["vocab_size"]
+    inner = config["num_heads"] * config["d_kv"]
+    L_enc, L_dec, depth, F = config["num_layers"], config["num_decoder_layers"], config["input_depth"], 256
+    per_token_fixed = L_dec * (2 * (3 * d * inner + inner * d + d * inner + inner * d + 3 * d * dff) + 4 * inner * F) + 2 * d * V
+    tokens = sum(generated_per_segment)
+    decoder = sum(n * per_token_fixed + L_dec * 4 * inner * n * (n + 1) / 2 for n in generated_per_segment)
+    per_segment = F * 2 * depth * d + L_enc * F * (2 * (4 * d * inner + 3 * d * dff) + 4 * inner * F) + L_dec * 4 * F * d * inner
+    segments = len(generated_per_segment) * per_segment
+    return {"tokens": tokens, "segments": len(generated_per_segment), "per_token_fixed_flop": per_token_fixed,
+            "per_segment_flop": per_segment, "decoder_gflop": decoder / 1e9, "encoder_gflop": segments / 1e9,
+            "total_gflop": (decoder + segments) / 1e9}
+
+
+def naive_flops(config: dict, generated_per_segment: list[int]) -> float:
+    """FLOPs of generate(use_cache=False) one segment per call: step t (1..n) re-runs the decoder and the
+    logits over all t positions, projects cross-attention keys/values of the 256 frames again, and does
+    t x t self-attention; plus the encoder once per segment. Used only to extrapolate --quick's naive row."""
+    d, dff, V = config["d_model"], config["d_ff"], config["vocab_size"]
+    inner = config["num_heads"] * config["d_kv"]
+    L_dec, F = config["num_decoder_layers"], 256
+    per_position = L_dec * (2 * (3 * d * inner + inner * d + d * inner + inner * d + 3 * d * dff) + 4 * inner * F) + 2 * d * V
+    per_step = L_dec * 4 * F * d * inner
+    encoder = model_flops(config, [0])["per_segment_flop"] - per_step
+    total = 0.0
+    for n in generated_per_segment:
+        total += encoder + sum(per_step + t * per_position + L_dec * 4 * inner * t * t for t in range(1, n + 1))
+    return total
+
+
+def row_floor(config: dict, rate: dict, runs: dict[str, dict]) -> dict:
+    gflops = rate["gflops_best"]
+    out = {"matmul": rate, "formula": FLOP_FORMULA, "runs": {}}
+    for name, run in runs.items():
+        fl = model_flops(config, run["generated_per_segment"])
+        floor_s = fl["total_gflop"] / gflops
+        compute = run.get("compute_median_s", run.get("compute_s"))
+        generate = run.get("generate_median_s", run["runs"][0]["generate_s"])
+        out["runs"][name] = {**fl, "floor_s": floor_s, "floor_tokens_only_s": fl["decoder_gflop"] / gflops,
+                             "compute_s": compute, "ratio_compute": compute / floor_s, "ratio_generate": generate / floor_s}
+    return out
+
+
+# --------------------------------------------------------------------------------------------- table
+
+
+def fmt_table(res: dict) -> str:
+    lines = []
+    m = res["machine"]
+    lines.append(f"convert-mt3 benchmark  |  os.cpu_count()={m['cpu_count']}  torch threads={m.get('torch_threads', '?')}  "
+                 f"torch {m.get('torch', '?')}  transformers {m.get('transformers', '?')}  python {m['python']}  "
+                 f"{'QUICK' if res['quick'] else 'full'} run, {res['reps']} rep(s)  modeling_mt3.py sha256 {m.get('modeling_mt3_sha256', '?')}")
+    lines.append(f"load average (1 min) at start / end: {m['loadavg_start']:.2f} / {m.get('loadavg_end', float('nan')):.2f}"
+                 f"  (above {m['cpu_count']} = other processes shared the cores; compare ratios within this table)")
+    head = f"{'row':<4}{'measure':<58}{'value':>19}  {'reference':<22}{'ratio':>9}  {'target':<10}"
+    lines += [head, "-" * len(head)]
+
+    def add(row, what, value, ref="", ratio="", target=""):
+        lines.append(f"{row:<4}{what:<58}{value:>19}  {ref:<22}{ratio:>9}  {target:<10}".rstrip())
+
+    r1 = res["rows"].get("1")
+    if r1:
+        add("1", "convert real checkpoint, process wall (median)", f"{r1['convert_median_s']:.2f} s",
+            f"floor {r1['floor_s']:.2f} s", f"{r1['ratio']:.2f}x", f"<= {TARGET_CONVERSION_RATIO}x")
+        add("", "  floor: import torch+transformers (median)", f"{_median(r1['import_wall_s']):.2f} s")
+        add("", "  floor: plain msgpack+gunzip+safetensors (med.)", f"{_median(r1['read_wall_s']):.2f} s")
+    r2 = res["rows"].get("2")
+    if r2:
+        labels = {"naive_float32": "naive: no cache, 1 segment/call, float32",
+                  "fast_float32": "generate(), all segments, float32",
+                  "fast_bfloat16": "generate(), all segments, bfloat16"}
+        for key, label in labels.items():
+            r = r2[key]
+            est = " (est.)" if r["extrapolated"] else ""
+            add("2", f"case a 20 s: {label}", f"{r['s_per_audio_s']:.3f} s/s{est}",
+                f"original {ORIGINAL_S_PER_S} s/s", f"{r['speedup_vs_original']:.2f}x", "")
+            add("", f"  golden-identical segments (load {r['load_s']:.2f} s, process {r['process_wall_s']:.0f} s)",
+                f"{r['golden_match']}/{r['golden_compared']}")
+            if r["extrapolated"]:
+                add("", f"  ran {r['runs'][0]['num_segments']} of {r['total_segments']} segments; x{r['extrapolation_factor']:.1f} by naive FLOPs",
+                    f"{r['compute_median_s']:.1f} s")
+    r3 = res["rows"].get("3")
+    if r3:
+        add("3", f"{r3['audio_s']:.0f} s input (a+b+c repeated): generate() f32", f"{r3['s_per_audio_s']:.3f} s/s",
+            f"target {TARGET_LONG_S_PER_S} s/s", f"{r3['s_per_audio_s'] / TARGET_LONG_S_PER_S:.2f}x", "<= 1x")
+        add("", "  peak resident memory (ru_maxrss; GB = 1e9 bytes)", f"{r3['peak_rss_gb']:.2f} GB", f"target {TARGET_LONG_RSS_GB} GB",
+            f"{r3['peak_rss_gb'] / TARGET_LONG_RSS_GB:.2f}x", "<= 1x")
+    r4 = res["rows"].get("4")
+    if r4:
+        mm = r4["matmul"]
+        add("4", f"matmul f32 256x512 @ 512x1024, {mm['torch_threads']} threads (best)", f"{mm['gflops_best']:.0f} GFLOP/s",
+            "README: ~210 GFLOP/s", "", "")
+        add("", f"  same, median of {mm['rounds']} rounds / 1 thread best", f"{mm['gflops_median']:.0f} / {mm['gflops_1thread_best']:.0f}")
+        for name, f in r4["runs"].items():
+            add("", f"  {name}: {f['tokens']} tok, {f['total_gflop']:.0f} GFLOP -> floor", f"{f['floor_s']:.2f} s",
+                f"compute {f['compute_s']:.2f} s", f"{f['ratio_compute']:.1f}x", "")
+    lines.append("")
+    lines.append("ratios: row 1 = convert / floor; row 2 = speed-up over the original (1.05 s/s, higher is better); "
+                 "row 3 = measured / target; row 4 = measured compute (features+generate+decode) / FLOP floor.")
+    if r4:
+        lines.append("FLOPs: " + r4["formula"])
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="naive path on 2 segments, extrapolated; 1 repetition")
+    p.add_argument("--rows", default="1,2,3,4", help="comma-separated rows to run (default 1,2,3,4)")
+    p.add_argument("--reps", type=int, help="repetitions of rows 1 and 2 (default 3, 1 with --quick)")
+    p.add_argument("--long-seconds", type=float, default=300.0, help="length of the row-3 input (default 300)")
+    p.add_argument("--shared", default=os.environ.get("MT3_SHARED_DIR", str(REPO.parent / "shared")),
+                   help="shared folder with checkpoints/mt3 and golden/ (default $MT3_SHARED_DIR or ../shared)")
+    # worker mode
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--case", default=MAIN_CASE, help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["naive", "fast"], default="fast", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--max-segments", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--seconds", type=float, default=300.0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.reps is None:
+        args.reps = 1 if args.quick else 3
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        WORKERS[args.worker](args)
+        return 0
+
+    # SIGTERM -> SystemExit: subprocess.run kills the running worker and the temporary folder is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    rows = {r.strip() for r in args.rows.split(",") if r.strip()}
+    if not rows <= {"1", "2", "3", "4"}:
+        print(f"error: --rows takes 1,2,3,4; found {args.rows!r}", file=sys.stderr)
+        return 2
+    shared = Path(args.shared).resolve()
+    checkpoint = shared / "checkpoints" / "mt3"
+    if not checkpoint.is_dir():
+        print(f"error: {checkpoint}: no checkpoint; set MT3_SHARED_DIR or --shared", file=sys.stderr)
+        return 2
+
+    res = {"quick": args.quick, "reps": args.reps, "rows": {},
+           "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                       "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                       "loadavg_start": os.getloadavg()[0]}}
+    try:
+        with tempfile.TemporaryDirectory(prefix="mt3-bench-") as tmp_name:
+            tmp = Path(tmp_name)
+            global MODULES_CACHE
+            MODULES_CACHE = tmp / "hf_modules"
+            model_dir = tmp / "mt3"
+            # Convert once (a few seconds); it is row 1's first sample and gives rows 2-4 their model and config.
+            convert = [sys.executable, "-m", "convert_mt3", str(checkpoint), str(model_dir), "--quiet", "--overwrite"]
+            first_wall, _ = run_process(convert, "convert (row 1 sample #1)", expect_json=False)
+            # Which model code was measured: the converted folder holds a copy of convert_mt3/mt3/ as it was now.
+            res["machine"]["modeling_mt3_sha256"] = hashlib.sha256((model_dir / "modeling_mt3.py").read_bytes()).hexdigest()[:16]
+            _, info = run_process(worker_cmd("import"), "versions / torch threads")
+            res["machine"].update({k: info[k] for k in ("torch", "transformers", "torch_threads")})
+
+            if "1" in rows:
+                res["rows"]["1"] = row_conversion(checkpoint, model_dir, args.reps, first_wall, tmp)
+            if "2" in rows:
+                res["rows"]["2"] = row_transcription(model_dir, shared, args.reps, args.quick)
+            if "3" in rows:
+                res["rows"]["3"] = row_long(model_dir, shared, args.long_seconds)
+            if "4" in rows:
+                _, rate = run_process(worker_cmd("matmul"), "row 4: matmul rate")
+                runs = {}
+                r2, r3 = res["rows"].get("2"), res["rows"].get("3")
+                if r2:
+                    runs["case a, generate() f32"] = r2["fast_float32"]
+                    runs["case a, generate() bf16"] = r2["fast_bfloat16"]
+                if r3:
+                    runs[f"{r3['audio_s']:.0f} s, generate() f32"] = r3
+                if not runs:  # no measured run: the floor of case a's golden tokens alone
+                    golden = json.loads((shared / "golden" / MAIN_CASE / "tokens.json").read_text())["segments"]
+                    runs["case a, golden tokens (no run)"] = {"generated_per_segment": [len(g) + 1 for g in golden],
+                                                              "compute_s": float("nan"), "runs": [{"generate_s": float("nan")}]}
+                config = json.loads((model_dir / "config.json").read_text())
+                res["rows"]["4"] = row_floor(config, rate, runs)
+    except WorkerFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    res["machine"]["loadavg_end"] = os.getloadavg()[0]
+    print(fmt_table(res))
+    print()
+    print(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -395,8 +395,10 @@ def naive_flops(config: dict, generated_per_segment: list[int]) -> float:
 
 
 def row_floor(config: dict, rate: dict, runs: dict[str, dict]) -> dict:
-    gflops = rate["gflops_best"]
-    out = {"matmul": rate, "formula": FLOP_FORMULA, "runs": {}}
+    # The rate on all threads (as the brief asks); on a contended VM two OpenMP threads can fall below one
+    # thread's rate, and then the one-thread rate is the truer floor.
+    gflops = max(rate["gflops_best"], rate["gflops_1thread_best"])
+    out = {"matmul": rate, "floor_gflops": gflops, "formula": FLOP_FORMULA, "runs": {}}
     for name, run in runs.items():
         fl = model_flops(config, run["generated_per_segment"])
         floor_s = fl["total_gflop"] / gflops
@@ -456,7 +458,8 @@ def fmt_table(res: dict) -> str:
         mm = r4["matmul"]
         add("4", f"matmul f32 256x512 @ 512x1024, {mm['torch_threads']} threads (best)", f"{mm['gflops_best']:.0f} GFLOP/s",
             "README: ~210 GFLOP/s", "", "")
-        add("", f"  same, median of {mm['rounds']} rounds / 1 thread best", f"{mm['gflops_median']:.0f} / {mm['gflops_1thread_best']:.0f}")
+        add("", f"  same, median of {mm['rounds']} rounds / 1 thread best", f"{mm['gflops_median']:.0f} / {mm['gflops_1thread_best']:.0f}",
+            f"floor uses {r4['floor_gflops']:.0f}")
         for name, f in r4["runs"].items():
             add("", f"  {name}: {f['tokens']} tok, {f['total_gflop']:.0f} GFLOP -> floor", f"{f['floor_s']:.2f} s",
                 f"compute {f['compute_s']:.2f} s", f"{f['ratio_compute']:.1f}x", "")

@@ -37,3 +37,11 @@ def real_folder(shared: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("real") / "mt3"
     assert main([str(shared / "checkpoints" / "mt3"), str(out), "--quiet"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def real_model(real_folder: Path):
+    """The converted real model as a user loads it (safetensors + from_pretrained), float32, eval mode."""
+    from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration
+
+    return MT3ForConditionalGeneration.from_pretrained(real_folder).eval()

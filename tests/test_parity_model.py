@@ -14,29 +14,11 @@ import pytest
 import torch
 from transformers import GenerationMixin
 
-from convert_mt3.mt3.configuration_mt3 import MT3Config
 from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration
 
 ENCODER_ATOL = 1e-4
 LOGITS_ATOL = 1e-3  # logits reach about +-30
 LOGITS_RTOL = 1e-4  # max |error| / max |golden logit|
-
-
-# --- TEMPORARY: the lead moves this fixture into tests/conftest.py as the session fixture `real_model`; ------------
-# --- delete it here then (a fixture defined in this module would shadow the conftest one). ---------------------------
-@pytest.fixture(scope="session")
-def real_model(shared: Path) -> MT3ForConditionalGeneration:
-    from convert_mt3.checkpoint import read_checkpoint
-    from convert_mt3.mapping import t5x_to_state_dict
-
-    model = MT3ForConditionalGeneration(MT3Config())
-    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    state = t5x_to_state_dict(read_checkpoint(shared / "checkpoints" / "mt3").arrays, expected)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-# --- end TEMPORARY --------------------------------------------------------------------------------------------------
 
 
 CASES = ["a_brahms_string_orchestra", "b_multi_instrument_drums_synth", "c_ragtime_piano_recording"]

@@ -230,3 +230,11 @@ def test_module_has_no_extra_imports():
     source = open(modeling_mt3.__file__).read()
     imports = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
     assert imports <= {"numpy", "torch", "transformers", ""}, imports
+
+
+def test_processor_output_goes_straight_in(model, count_fast):
+    """`model.generate(**processor(audio=...))`: the segment start times it also holds are accepted and unused."""
+    x = frames(3, seed=5)
+    inputs = {"input_features": x, "segment_start_times": torch.tensor([0.0, 2.048, 4.096])}
+    torch.testing.assert_close(model.generate(**inputs), model.generate(input_features=x), atol=0, rtol=0)
+    assert len(count_fast) == 2

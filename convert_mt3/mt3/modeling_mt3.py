@@ -865,6 +865,9 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         decoder start first, EOS then padding after each finished row. Everything else (beam search, sampling,
         scores / dict outputs, streamers, assistants, `use_cache=False`, masks, ...) goes to `GenerationMixin`.
         """
+        # The processor's output also holds each segment's start time, which only decoding to notes needs:
+        # accept it so that `model.generate(**processor(audio=...))` works.
+        kwargs.pop("segment_start_times", None)
         fast = self._fast_greedy_settings(inputs, generation_config, kwargs)
         if fast is None:
             return super().generate(

@@ -31,7 +31,6 @@ from transformers.utils import logging
 
 from .configuration_mt3 import MT3Config
 
-
 logger = logging.get_logger(__name__)
 
 

@@ -24,7 +24,7 @@ from .mapping import t5x_to_state_dict
 from .model_card import render_model_card
 from .mt3.configuration_mt3 import MT3Config
 from .mt3.feature_extraction_mt3 import MT3FeatureExtractor
-from .mt3.modeling_mt3 import MT3ForConditionalGeneration, MT3SinusoidalPositions
+from .mt3.modeling_mt3 import MT3ForConditionalGeneration
 from .mt3.processing_mt3 import MT3Processor
 from .mt3.tokenization_mt3 import MT3Tokenizer
 from .parity import measure_golden_parity
@@ -65,9 +65,6 @@ def build_model(checkpoint: T5XCheckpoint, config: MT3Config) -> MT3ForCondition
         model = MT3ForConditionalGeneration(config)
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
     model.load_state_dict(t5x_to_state_dict(checkpoint.arrays, expected), strict=True, assign=True)
-    for module in model.modules():  # the sinusoid tables are buffers, not weights: fill them here
-        if isinstance(module, MT3SinusoidalPositions):
-            module.table.copy_(module.compute_table())
     return model.eval()
 
 

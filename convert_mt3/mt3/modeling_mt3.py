@@ -60,9 +60,10 @@ class MT3SinusoidalPositions(nn.Module):
         super().__init__()
         self.max_len = config.max_position_embeddings
         self.features = config.d_model
-        # Filled by `MT3PreTrainedModel._init_weights`, which also runs after `from_pretrained` built the module on
-        # the meta device: a non-persistent buffer is not in the checkpoint, so it must be recomputed there.
-        self.register_buffer("table", torch.empty(self.max_len, self.features), persistent=False)
+        # Computed here, so a model built without weight initialisation still has it; a non-persistent buffer is
+        # not in the checkpoint, so `MT3PreTrainedModel._init_weights` recomputes it after `from_pretrained` built
+        # the module on the meta device.
+        self.register_buffer("table", self.compute_table(), persistent=False)
 
     def compute_table(self) -> torch.Tensor:
         return mt3_sinusoid_table(self.max_len, self.features)

@@ -67,13 +67,15 @@ def test_matches_hf_greedy_with_refill(model, count_fast, pool):
 
 
 @pytest.mark.parametrize("use_onednn", [False, True])
-def test_both_linear_backends_match(model, use_onednn):
-    """nn.Linear's GEMM (bit-identical layers) and oneDNN's packed weights (last-bit rounding) give the same ids."""
+@pytest.mark.parametrize("matmul_attention", [False, True])
+def test_all_backends_match(model, use_onednn, matmul_attention):
+    """nn.Linear's GEMM (bit-identical layers) or oneDNN's packed weights (last-bit rounding), with SDPA or
+    matmul attention, give the same ids."""
     x = frames(5, seed=4)
     eos = early_eos(model, x)
     want = reference(model, x, eos_token_id=eos)
-    got = MT3GreedyPool(model, 2, use_onednn=use_onednn).generate(x, 40, [eos], 0, 0)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    pool = MT3GreedyPool(model, 2, use_onednn=use_onednn, matmul_attention=matmul_attention)
+    torch.testing.assert_close(pool.generate(x, 40, [eos], 0, 0), want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ not asserted. Run with `-s` to see the measured errors.
 """
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -88,9 +89,16 @@ def strip(sequence: torch.Tensor) -> list[int]:
 
 
 GENERATE_PATHS = {
-    "fast-default": {},  # MT3GreedyPool, config.segment_batch_size rows
-    "fast-pool4": {"segment_batch_size": 4},  # more segments than rows: refill and per-row positions
-    "hf": None,  # GenerationMixin's greedy search, all segments as one batch
+    # MT3GreedyPool, config.segment_batch_size rows (on CPU float32: matmul attention)
+    "fast-default": lambda model, x: model.generate(input_features=x),
+    # more segments than rows: refill and per-row positions
+    "fast-pool4": lambda model, x: model.generate(input_features=x, segment_batch_size=4),
+    # the pool with SDPA attention, as it runs in half precision and on GPUs
+    "fast-sdpa": lambda model, x: sys.modules[type(model).__module__].MT3GreedyPool(model, 16, matmul_attention=False).generate(
+        x, model.generation_config.max_new_tokens, [1], 0, 0
+    ),
+    # GenerationMixin's greedy search, all segments as one batch
+    "hf": lambda model, x: GenerationMixin.generate(model, input_features=x),
 }
 
 
@@ -101,10 +109,7 @@ def test_generate_matches_golden_tokens(real_model, case_data, case, path):
     frames = data["frames"]  # (segments, 256, 512)
     start = time.perf_counter()
     with torch.no_grad():
-        if GENERATE_PATHS[path] is None:
-            sequences = GenerationMixin.generate(real_model, input_features=frames)
-        else:
-            sequences = real_model.generate(input_features=frames, **GENERATE_PATHS[path])
+        sequences = GENERATE_PATHS[path](real_model, frames)
     seconds = time.perf_counter() - start
     ours = [strip(row) for row in sequences]
     print(

@@ -466,7 +466,13 @@ class MT3GreedyPool:
     # reading fewer masked cache slots is worth one more attention call from there on.
     chunk_ratio = 0.5
 
-    def __init__(self, model: "MT3ForConditionalGeneration", pool_size: int, use_onednn: bool | None = None):
+    def __init__(
+        self,
+        model: "MT3ForConditionalGeneration",
+        pool_size: int,
+        use_onednn: bool | None = None,
+        matmul_attention: bool | None = None,
+    ):
         if pool_size < 1:
             raise ValueError(f"`segment_batch_size` must be a positive number of rows, found {pool_size}")
         config = model.config
@@ -484,6 +490,9 @@ class MT3GreedyPool:
         if use_onednn is None:
             use_onednn = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) and _onednn_linear()
         self._onednn = _onednn_linear() if use_onednn else None
+        if matmul_attention is None:
+            matmul_attention = self.device.type == "cpu" and self.dtype == torch.float32
+        self.matmul_attention = matmul_attention
 
         with torch.no_grad():
             pack = self._pack
@@ -541,15 +550,17 @@ class MT3GreedyPool:
         variance = hidden.to(torch.float32).pow(2).mean(-1, keepdim=True)  # T5LayerNorm's half-precision order
         return weight * (hidden * torch.rsqrt(variance + self.eps)).to(hidden.dtype)
 
-    @staticmethod
     def _attend(
-        query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(..., q_len, d_kv) attention over (..., kv_len, d_kv), unscaled (MT3's query kernel holds 1/sqrt(d_kv)).
 
-        Two batched matmuls: for one query per row they read the keys/values at close to memory speed, where
-        CPU SDPA takes ~1.3x as long; `keys` may be a strided slice of a cache (rows and heads merge in a view).
+        On CPU in float32, two batched matmuls: for one query per row they read the keys/values at close to memory
+        speed, where CPU SDPA takes ~1.3x as long (`keys` may be a strided slice of a cache: rows and heads merge in
+        a view). Elsewhere SDPA, whose kernels are the fast ones for half precision and on GPUs.
         """
+        if not self.matmul_attention:
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=1.0)
         scores = torch.matmul(query, keys.transpose(-1, -2))  # (..., q_len, kv_len)
         if mask is not None:
             scores += mask

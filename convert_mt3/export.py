@@ -162,10 +162,14 @@ def convert(
 
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        staging_root = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     except OSError as err:
         raise ExportError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
+    # Named as OUT_DIR: transformers caches a local folder's remote code under HF_MODULES_CACHE/<folder name>/<code
+    # hash>, so the reload check then shares the entry a later load of OUT_DIR uses instead of adding one per run.
+    staging = staging_root / out_dir.name
     try:
+        staging.mkdir()
         reference = model
         if dtype != "float32":  # keep a float32 copy to compare the half-precision folder with
             reference = build_model(checkpoint, config)
@@ -187,7 +191,7 @@ def convert(
     except OSError as err:
         raise ExportError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging_root, ignore_errors=True)
     return result
 
 

@@ -105,6 +105,18 @@ def test_overwrite(ckpt, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]  # no staging or backup left
 
 
+def test_reload_check_reuses_one_remote_code_entry(ckpt, tmp_path):
+    """The reload check loads the staging folder with trust_remote_code, which copies its code into
+    HF_MODULES_CACHE under the folder's name: staging is named as OUT_DIR, so runs add no entry per run."""
+    from transformers.utils import HF_MODULES_CACHE
+
+    modules = Path(HF_MODULES_CACHE) / "transformers_modules"
+    before = set(p.name for p in modules.iterdir()) if modules.is_dir() else set()
+    for _ in range(2):
+        assert main([str(ckpt), str(tmp_path / "mt3_reload_entry"), "--quiet", "--overwrite"]) == 0
+    assert set(p.name for p in modules.iterdir()) - before <= {"mt3_reload_entry"}
+
+
 def test_progress_and_quiet(ckpt, tmp_path):
     """tqdm progress on stderr by default; --quiet prints nothing at all."""
     cmd = [sys.executable, "-m", "convert_mt3", str(ckpt)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -101,4 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Everything is written, closed and (with --push-to-hub) uploaded: skip the interpreter's teardown of the
+    # ~3000 modules torch and transformers loaded, ~0.9 s of a ~5.5 s conversion on 2 cores.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -2,7 +2,7 @@
 
     read_checkpoint -> derive_config -> t5x_to_state_dict -> MT3ForConditionalGeneration
       -> temporary folder (safetensors, configs, processor, Hub code, card)
-      -> reload with trust_remote_code and compare -> move into OUT_DIR
+      -> reload with trust_remote_code and compare -> manifest -> move into OUT_DIR (locked; see output.py)
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .mt3.feature_extraction_mt3 import MT3FeatureExtractor
 from .mt3.modeling_mt3 import MT3ForConditionalGeneration
 from .mt3.processing_mt3 import MT3Processor
 from .mt3.tokenization_mt3 import MT3Tokenizer
+from .output import check_out_dir, move_into_place, out_dir_lock, write_manifest
 from .parity import measure_golden_parity
 
 HUB_CODE_DIR = Path(__file__).parent / "mt3"
@@ -118,24 +119,6 @@ def write_folder(folder: Path, model: MT3ForConditionalGeneration, dtype: str) -
         shutil.copyfile(file, folder / file.name)
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by `staging`, keeping the old folder until the new one is in place."""
-    backup = None
-    if out_dir.exists():
-        backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(backup)
-    staging.rename(out_dir)
-    if backup is not None:
-        shutil.rmtree(backup)
-
-
 def convert(
     checkpoint: T5XCheckpoint | str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -147,13 +130,31 @@ def convert(
     overrides: dict[str, Any] | None = None,
     repo_id: str | None = None,
 ) -> ConversionResult:
-    """Convert a T5X MT3 checkpoint (a folder, or one already read) into a verified folder at `out_dir`."""
+    """Convert a T5X MT3 checkpoint (a folder, or one already read) into a verified folder at `out_dir`.
+
+    An existing `out_dir` is replaced (with `overwrite`) only if convert-mt3 wrote it; see `output.py`.
+    """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     out_dir = Path(out_dir).absolute()
-    _prepare_out_dir(out_dir, overwrite)
-    if not isinstance(checkpoint, T5XCheckpoint):
-        checkpoint = read_checkpoint(checkpoint, quiet=quiet)
+    source = checkpoint.path if isinstance(checkpoint, T5XCheckpoint) else Path(checkpoint)
+    check_out_dir(out_dir, source, overwrite)
+    with out_dir_lock(out_dir):
+        if not isinstance(checkpoint, T5XCheckpoint):
+            checkpoint = read_checkpoint(checkpoint, quiet=quiet)
+        return _convert_locked(checkpoint, out_dir, dtype, overwrite, quiet, golden_dir, overrides, repo_id)
+
+
+def _convert_locked(
+    checkpoint: T5XCheckpoint,
+    out_dir: Path,
+    dtype: str,
+    overwrite: bool,
+    quiet: bool,
+    golden_dir: str | os.PathLike | None,
+    overrides: dict[str, Any] | None,
+    repo_id: str | None,
+) -> ConversionResult:
     gin = find_gin(checkpoint.path)
     config = derive_config(checkpoint.arrays, gin, overrides)
     model = build_model(checkpoint, config)
@@ -187,7 +188,8 @@ def convert(
             parity=parity,
         )
         (staging / "README.md").write_text(render_model_card(result, __version__, repo_id))
-        _move_into_place(staging, out_dir)
+        write_manifest(staging, __version__)
+        move_into_place(staging, out_dir, checkpoint.path, overwrite)
     except OSError as err:
         raise ExportError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
     finally:

@@ -100,9 +100,14 @@ def test_overwrite(ckpt, tmp_path, capsys):
     (out / "keep.txt").write_text("user data")
     assert main([str(ckpt), str(out), "--quiet"]) == 1
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
-    assert main([str(ckpt), str(out), "--quiet", "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]  # no staging or backup left
+    # --overwrite never deletes what convert-mt3 did not write (tests/test_safety.py has the other cases)
+    assert main([str(ckpt), str(out), "--quiet", "--overwrite"]) == 1
+    assert "no .convert-mt3.json" in capsys.readouterr().err and (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    assert main([str(ckpt), str(out), "--quiet", "--overwrite"]) == 0  # an empty folder is taken
+    assert main([str(ckpt), str(out), "--quiet", "--overwrite"]) == 0  # and so is a folder it wrote
+    assert (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]  # no staging, backup or lock left
 
 
 def test_reload_check_reuses_one_remote_code_entry(ckpt, tmp_path):

@@ -887,6 +887,12 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         # The processor's output also holds each segment's start time, which only decoding to notes needs:
         # accept it so that `model.generate(**processor(audio=...))` works.
         kwargs.pop("segment_start_times", None)
+        features = kwargs.get(self.main_input_name, inputs)
+        if isinstance(features, torch.Tensor) and features.dim() == 3 and features.shape[0] == 0:
+            # silence of length 0: no segment to decode (GenerationMixin cannot take an empty batch)
+            config = generation_config or self.generation_config
+            start = config.decoder_start_token_id if config.decoder_start_token_id is not None else 0
+            return torch.full((0, 1), start, dtype=torch.long, device=features.device)
         fast = self._fast_greedy_settings(inputs, generation_config, kwargs)
         if fast is None:
             return super().generate(

@@ -83,6 +83,10 @@ def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor) 
 
     # gunzip releases the GIL: read the checkpoint while torch and transformers import.
     reading = pool.submit(read_checkpoint, args.checkpoint_dir, quiet=args.quiet)
+    import torch  # noqa: F401  (a third of the imports below; most bad checkpoints are refused by the time it is in)
+
+    if reading.done():
+        reading.result()  # report a bad checkpoint now, not after transformers' imports
     from transformers.utils import logging as transformers_logging
 
     from .export import convert

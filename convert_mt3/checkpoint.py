@@ -205,7 +205,7 @@ def _zarr_leaf(directory: Path, name: str, spec: dict) -> _ZarrLeaf:
     codec_id = compressor.get("id") if isinstance(compressor, dict) else compressor
     if not (codec_id is None or isinstance(codec_id, str)) or codec_id not in SUPPORTED_COMPRESSORS or meta.get("filters") or order != "C":
         raise CheckpointError(f"{meta_file}: unsupported compressor/filters/order ({codec_id!r}, {meta.get('filters')!r}, {order!r}); expected gzip or zlib, no filters, C order")
-    separator = meta.get("dimension_separator", ".")
+    separator = meta.get("dimension_separator") or "."  # absent or null: zarr v2's default
     if separator not in (".", "/"):
         raise CheckpointError(f"{meta_file}: unsupported dimension_separator {separator!r}; expected '.' or '/'")
     return _ZarrLeaf(name, folder, shape, chunks, dtype_name, codec_id, separator)

@@ -19,13 +19,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from t5x_writer import tiny_arrays, write_t5x_checkpoint
+from t5x_writer import TINY_MT3, TINY_MT3_GIN, tiny_arrays, write_t5x_checkpoint
 
 CASES = int(os.environ.get("MT3_FUZZ_CASES", "6"))
 SEED = int(os.environ.get("MT3_FUZZ_SEED", "0"))
 TIME_LIMIT_S = 30
 MEMORY_LIMIT_BYTES = 2e9
-TINY = dict(d_model=32, heads=2, d_kv=8, d_ff=48, layers=1, decoder_layers=1, vocab=1536, input_depth=512)
+TINY = {**TINY_MT3, "layers": 1, "decoder_layers": 1}
 
 ZARRAY_VALUES = {
     "shape": [[200_000, 200_000], [-1, 4], "32", [32], [0, 0], [32, 48, 1], None, [2**62, 2**62]],
@@ -34,7 +34,7 @@ ZARRAY_VALUES = {
     "compressor": [None, {"id": "blosc"}, "gzip", {}, {"id": "zlib"}, [1]],
     "order": ["F", None, 3],
     "filters": [[{"id": "delta", "dtype": "<f4"}], "x"],
-    "dimension_separator": ["/", "..", None],
+    "dimension_separator": ["/", "..", None, "."],
 }
 
 
@@ -142,7 +142,7 @@ def tree_state(root: Path) -> list[tuple[str, int]]:
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pristine")
-    return write_t5x_checkpoint(root / "checkpoint_1000", tiny_arrays(**TINY))
+    return write_t5x_checkpoint(root / "model" / "checkpoint_1000", tiny_arrays(**TINY), gin=TINY_MT3_GIN)
 
 
 def test_corrupted_checkpoints_fail_cleanly(pristine, tmp_path):
@@ -157,7 +157,7 @@ def test_corrupted_checkpoints_fail_cleanly(pristine, tmp_path):
     for case in range(CASES):
         work = tmp_path / f"case{case}"
         ckpt = work / "model" / "checkpoint_1000"
-        shutil.copytree(pristine, ckpt, symlinks=True)
+        shutil.copytree(pristine.parent, ckpt.parent, symlinks=True)  # with the config.gin beside it
         what = corrupt(ckpt, rng, outside)
         kinds[what.split(" ->")[0].split(" ")[0]] += 1
         before = tree_state(ckpt)

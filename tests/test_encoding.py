@@ -4,8 +4,8 @@ import json
 from collections import Counter
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from convert_mt3.mt3.event_codec_mt3 import Event, build_codec
 from convert_mt3.mt3.note_sequences_mt3 import MT3Note, sort_notes

@@ -1,7 +1,7 @@
 """Fine-tune a converted MT3 model on a recording and its MIDI, using transformers' Auto classes only.
 
     python examples/finetune.py MODEL AUDIO MIDI OUT_DIR [--steps N] [--lr X] [--batch-size N]
-        [--device cpu|cuda] [--seed N] [--freeze-encoder] [--eval] [--quiet]
+        [--device cpu|cuda] [--seed N] [--freeze-encoder] [--eval [both|after]] [--quiet]
 
 The audio is cut into the model's segments and the MIDI's notes become each segment's targets exactly as MT3
 built its training targets (`processor(audio=..., midi=...)` -> `labels`). Training is a plain AdamW loop over
@@ -9,8 +9,9 @@ random batches of segments with MT3's loss (cross entropy + z-loss, `model(**bat
 trains the decoder only, on encoder outputs computed once (several times faster on a CPU). OUT_DIR gets the
 fine-tuned weights with the processor files and remote code of MODEL, so it loads like any converted folder; it
 is built beside OUT_DIR and moved in at the end. With `--eval`, the note F1 of the model before and after
-(onsets within 50 ms, same pitch, drums apart from pitched notes, programs ignored) against the MIDI as the
-targets express it is printed; the "after" figure comes from OUT_DIR reloaded with the Auto classes.
+(`--eval after`: after only, saving one transcription of the clip) against the MIDI as the targets express it
+is printed (onsets within 50 ms, same pitch, drums apart from pitched notes, programs ignored); the "after"
+figure comes from OUT_DIR reloaded with the Auto classes.
 Needs: transformers, torch, soundfile, soxr, pretty_midi.
 """
 
@@ -53,9 +54,10 @@ def note_f1(estimated: list, reference: list) -> float:
 
 
 @torch.no_grad()
-def transcribe_notes(model, processor, features: torch.Tensor, start_times, batch_size: int, device: str) -> list:
+def transcribe_notes(model, processor, features: torch.Tensor, start_times, device: str) -> list:
     model.eval()
     rows = []
+    batch_size = model.config.segment_batch_size  # segments generate() decodes at once
     for first in range(0, len(features), batch_size):
         rows += model.generate(input_features=features[first : first + batch_size].to(device)).cpu().tolist()
     return processor.batch_decode(rows, segment_start_times=start_times, return_midi=False)["notes"]
@@ -106,8 +108,8 @@ def finetune(args: argparse.Namespace) -> int:
     log = (lambda text: None) if args.quiet else print
     log(f"{len(features)} segments, {int((labels != -100).sum())} target tokens, {len(reference)} reference notes")
 
-    if args.eval:
-        before = note_f1(transcribe_notes(model, processor, features, start_times, args.batch_size, args.device), reference)
+    if args.eval == "both":
+        before = note_f1(transcribe_notes(model, processor, features, start_times, args.device), reference)
         log(f"note F1 before fine-tuning: {before:.3f}")
 
     encoded = None
@@ -155,8 +157,8 @@ def finetune(args: argparse.Namespace) -> int:
     if args.eval:
         processor = AutoProcessor.from_pretrained(args.out_dir, trust_remote_code=True)
         reloaded = AutoModel.from_pretrained(args.out_dir, trust_remote_code=True).to(args.device)
-        after = note_f1(transcribe_notes(reloaded, processor, features, start_times, args.batch_size, args.device), reference)
-        log(f"note F1 after fine-tuning (OUT_DIR reloaded with the Auto classes): {after:.3f} (before: {before:.3f})")
+        after = note_f1(transcribe_notes(reloaded, processor, features, start_times, args.device), reference)
+        log(f"note F1 after fine-tuning (OUT_DIR reloaded with the Auto classes): {after:.3f}")
     return 0
 
 
@@ -172,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to train on (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batch order and dropout (default 0)")
     parser.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (encoder outputs computed once)")
-    parser.add_argument("--eval", action="store_true", help="print the note F1 against MIDI before and after")
+    parser.add_argument(
+        "--eval", nargs="?", const="both", choices=["both", "after"], help="print the note F1 against the MIDI before and after fine-tuning (or after only)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.lr <= 0:

@@ -70,3 +70,17 @@ def test_finetune_runs_and_saves_a_loadable_folder(tiny_folder, tmp_path):
     # refuses to overwrite a folder that is not empty, in one line
     result = run_example([str(tiny_folder), "clip.wav", "clip.mid", "out", "--steps", "1", "--quiet"], tmp_path)
     assert result.returncode == 1 and result.stderr.strip().startswith("error:") and "not an empty folder" in result.stderr
+
+
+def test_note_f1():
+    sys.path.insert(0, str(EXAMPLES))
+    from finetune import note_f1
+
+    from convert_mt3.mt3.note_sequences_mt3 import MT3Note
+
+    reference = [MT3Note(0, False, 60, 100, 1.0, 2.0), MT3Note(0, False, 64, 100, 1.0, 2.0), MT3Note(0, True, 36, 100, 1.5, 1.51)]
+    assert note_f1(reference, reference) == 1.0
+    # program ignored, onset within 50 ms; wrong pitch and a pitched note on a drum pitch do not match
+    estimated = [MT3Note(33, False, 60, 127, 1.04, 1.5), MT3Note(0, False, 65, 100, 1.0, 2.0), MT3Note(0, False, 36, 100, 1.5, 1.6)]
+    assert note_f1(estimated, reference) == 2 * (1 / 3) * (1 / 3) / (2 / 3)
+    assert note_f1([], reference) == 0.0 and note_f1([MT3Note(0, False, 60, 100, 1.06, 2.0)], reference) == 0.0

@@ -26,6 +26,14 @@ OVERRIDES = {
 }
 
 
+# Layout of the checkpoint's variant (convert_mt3.variant): unset flags keep what the vocabulary size / config.gin say.
+VARIANT_FLAGS = {
+    "frames_per_segment": (int, "encoder input frames per segment (mt3 256, ismir2021 512)"),
+    "num_velocity_bins": (int, "velocity bins of the vocabulary (mt3 1, ismir2021 127)"),
+    "program_granularity": (str, "programs in the targets: full (mt3), midi_class or flat (ismir2021)"),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m convert_mt3",
@@ -46,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     config = parser.add_argument_group("config overrides", "values normally derived from the checkpoint's shapes and config.gin")
     for field, (kind, text) in OVERRIDES.items():
         config.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, metavar="N" if kind is int else "X", help=text)
+    variant = parser.add_argument_group(
+        "variant", "tokenizer / feature extractor layout, normally from config.gin or the vocabulary size (mt3: 1536, ismir2021: 1664)"
+    )
+    for field, (kind, text) in VARIANT_FLAGS.items():
+        variant.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, metavar="N" if kind is int else "X", help=text)
+    variant.add_argument("--use-ties", action=argparse.BooleanOptionalAction, default=None, help="segments start with a tie section (mt3 yes, ismir2021 no)")
     parser.add_argument("--version", action="version", version=f"convert-mt3 {__version__}")
     args = parser.parse_args(argv)
     if (args.private or args.revision) and not args.push_to_hub:
@@ -104,12 +118,13 @@ def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor) 
         quiet=args.quiet,
         golden_dir=args.golden,
         overrides={field: getattr(args, field) for field in OVERRIDES},
+        variant_overrides={field: getattr(args, field) for field in [*VARIANT_FLAGS, "use_ties"]},
         repo_id=args.push_to_hub,
     )
     if not args.quiet:
         print(
             f"wrote {result.out_dir}: {result.num_arrays} arrays ({result.num_zarr} zarr + {result.num_inline} inline), "
-            f"{result.num_parameters:,} parameters, {result.dtype}, step {result.step}; "
+            f"{result.num_parameters:,} parameters, {result.dtype}, step {result.step}, variant {result.variant.name}; "
             f"reload check max abs error {result.reload_max_abs_error:.1e}"
         )
         if result.parity:

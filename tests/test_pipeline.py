@@ -64,7 +64,7 @@ def test_pipeline_reproduces_golden_notes(shared, real_folder, tmp_path):
     for name in GOLDEN_CASES:
         np.save(tmp_path / f"{name}.npy", np.load(shared / "golden" / name / "samples.npy"))
     argv = [str(folder), str(tmp_path / "out.json"), *GOLDEN_CASES]
-    result = run_isolated(f"sys.argv = {['-'] + argv!r}\n" + PIPELINE_SCRIPT, tmp_path)
+    result = run_isolated(f"sys.argv = {['-'] + argv!r}\n" + PIPELINE_SCRIPT, tmp_path, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "out.json").read_text())
     assert results.pop("class") == "MT3TranscriptionPipeline"

@@ -41,6 +41,11 @@ AUTO_MAP = {
     "AutoModel": "modeling_mt3.MT3ForConditionalGeneration",
     "AutoModelForSeq2SeqLM": "modeling_mt3.MT3ForConditionalGeneration",
 }
+# What `Pipeline.save_pretrained` writes for a pipeline registered with `PIPELINE_REGISTRY.register_pipeline`:
+# `pipeline(model=...)` reads it to find the task and its class in the folder's remote code.
+CUSTOM_PIPELINES = {
+    "music-transcription": {"impl": "pipeline_mt3.MT3TranscriptionPipeline", "pt": ["AutoModel"], "type": "audio"},
+}
 
 
 class ExportError(ValueError):
@@ -111,6 +116,7 @@ def _hub_code_files() -> list[Path]:
 def write_folder(folder: Path, model: MT3ForConditionalGeneration, dtype: str, variant: Variant) -> None:
     """save_pretrained of model, processor (set up for the checkpoint's variant) and remote code into `folder`."""
     model.config.auto_map = dict(AUTO_MAP)
+    model.config.custom_pipelines = dict(CUSTOM_PIPELINES)
     model.to(DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
     for auto_class, cls in [("AutoFeatureExtractor", MT3FeatureExtractor), ("AutoTokenizer", MT3Tokenizer), ("AutoProcessor", MT3Processor)]:
         cls.register_for_auto_class(auto_class)

@@ -1,6 +1,8 @@
 """Shared fixtures: the path to ../shared (golden data, real checkpoint) when CI provides it."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,25 @@ def real_model(real_folder: Path):
     from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration
 
     return MT3ForConditionalGeneration.from_pretrained(real_folder).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A converted folder of a tiny random MT3 (real vocabulary and mel depth, 2+2 layers of width 32)."""
+    from convert_mt3.__main__ import main
+
+    from t5x_writer import tiny_arrays, write_t5x_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    arrays = tiny_arrays(d_model=32, heads=2, d_kv=8, d_ff=48, layers=2, decoder_layers=2, vocab=1536, input_depth=512)
+    gin = "network.T5Config.num_heads = 2\nnetwork.T5Config.head_dim = 8\nnetwork.T5Config.dropout_rate = 0.0\n"
+    ckpt = write_t5x_checkpoint(root / "model" / "checkpoint_1000", arrays, gin=gin)
+    assert main([str(ckpt), str(root / "tiny"), "--quiet"]) == 0
+    return root / "tiny"
+
+
+def run_isolated(code: str, cwd: Path, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """Run Python `code` as a Hub user would: every import of convert_mt3 fails, HF_HUB_OFFLINE=1, own module cache."""
+    code = "import sys\nsys.modules['convert_mt3'] = None\n" + code
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(cwd / "modules")}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

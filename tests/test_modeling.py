@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from convert_mt3.mt3.configuration_mt3 import MT3Config
-from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration, mt3_sinusoid_table
+from convert_mt3.mt3.modeling_mt3 import CACHE_FIELD, MT3ForConditionalGeneration, mt3_sinusoid_table
 
 FRAMES = 16
 
@@ -182,16 +182,16 @@ def test_incremental_forward_matches_full():
         encoder_outputs = model.get_encoder()(x)
         out = model(encoder_outputs=encoder_outputs, decoder_input_ids=ids[:, :2], use_cache=True)
         steps = [out.logits]
-        cache = out.cache
+        cache = getattr(out, CACHE_FIELD)
         # two tokens at once on top of a cache (explicit causal mask), then single steps
         out = model(encoder_outputs=encoder_outputs, decoder_input_ids=ids[:, 2:4], cache=cache, use_cache=True)
         steps.append(out.logits)
         for t in range(4, 6):
             # `past_key_values` is accepted as an alias of `cache`
             step = ids[:, t : t + 1]
-            out = model(encoder_outputs=encoder_outputs, decoder_input_ids=step, past_key_values=out.cache)
+            out = model(encoder_outputs=encoder_outputs, decoder_input_ids=step, past_key_values=getattr(out, CACHE_FIELD))
             steps.append(out.logits)
-    assert out.cache.get_seq_length() == 6
+    assert getattr(out, CACHE_FIELD).get_seq_length() == 6
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 

@@ -1,9 +1,7 @@
 """examples/transcribe.py end to end: golden audio -> MIDI, in a process where convert_mt3 cannot be imported."""
 
 import csv
-import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -11,22 +9,18 @@ import numpy as np
 import pretty_midi
 import pytest
 import soundfile
+import torch
+
+from conftest import run_isolated
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "transcribe.py"
 # MIDI stores times in ticks (220 per quarter at 120 qpm = 440 per second): 1/440 s resolution.
 MIDI_TIME_TOLERANCE = 1 / 440 + 1e-9
 
 
-def run_example(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run_example(args: list[str], cwd: Path, prelude: str = "") -> subprocess.CompletedProcess:
     """Run the example as a script with every import of convert_mt3 failing, offline."""
-    code = (
-        "import sys, runpy\n"
-        "sys.modules['convert_mt3'] = None\n"
-        f"sys.argv = {[str(EXAMPLE)] + args!r}\n"
-        f"runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(cwd / "modules")}
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return run_isolated(f"{prelude}import runpy\nsys.argv = {[str(EXAMPLE)] + args!r}\nrunpy.run_path({str(EXAMPLE)!r}, run_name='__main__')\n", cwd)
 
 
 def midi_notes(path: Path) -> list[tuple]:
@@ -97,4 +91,25 @@ def test_example_options_and_bad_input(real_folder, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: broken.ogg: cannot read audio") and len(result.stderr.strip().splitlines()) == 1
     result = run_example([str(real_folder), "tone.flac", "x.mid", "--programs", "7-x", "--quiet"], tmp_path)
-    assert result.returncode == 1 and "--programs '7-x'" in result.stderr
+    assert result.returncode == 1 and "programs '7-x'" in result.stderr
+
+
+def test_example_refuses_bad_arguments_before_reading_audio(tmp_path):
+    """Issue 12's edge cases: each one error line, exit 1, no traceback, before any model or audio is read
+    (MODEL does not exist, so reaching the model would give another message)."""
+    soundfile.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
+    (tmp_path / "outdir.mid").mkdir()
+    cases = [
+        (["a.wav", "missing/x.mid"], "", "OUT.mid missing/x.mid: folder"),
+        (["a.wav", "outdir.mid"], "", "OUT.mid outdir.mid: is a directory"),
+        (["a.wav", "x.mid", "--plot", "nowhere/roll.png"], "", "--plot nowhere/roll.png: folder"),
+        (["a.wav", "x.mid", "--plot", "roll.png"], "sys.modules['matplotlib'] = None\n", "--plot needs matplotlib"),
+        (["missing.wav", "x.mid"], "", "missing.wav: no such file"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["a.wav", "x.mid", "--device", "cuda"], "", "--device cuda: CUDA is not available"))
+    for args, prelude, message in cases:
+        result = run_example([str(tmp_path / "no-model"), *args, "--quiet"], tmp_path, prelude)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and message in lines[0], (args, result.stderr[-2000:])
+        assert not (tmp_path / "x.mid").exists()

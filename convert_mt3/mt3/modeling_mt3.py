@@ -33,6 +33,8 @@ from .configuration_mt3 import MT3Config
 from .loss_mt3 import mt3_loss
 
 logger = logging.get_logger(__name__)
+# Model outputs name the KV cache `cache` in newer transformers 5.x and `past_key_values` before: use this version's.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPastAndCrossAttentions.__dataclass_fields__ else "past_key_values"
 
 
 def mt3_sinusoid_table(
@@ -439,7 +441,7 @@ class MT3Decoder(nn.Module):
 
         return BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden,
-            cache=cache if use_cache else None,
+            **{CACHE_FIELD: cache if use_cache else None},
             hidden_states=all_hidden,
             attentions=all_self,
             cross_attentions=all_cross,
@@ -855,7 +857,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         output = Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            cache=decoder_outputs.cache,
+            **{CACHE_FIELD: getattr(decoder_outputs, CACHE_FIELD)},
             decoder_hidden_states=decoder_outputs.hidden_states,
             decoder_attentions=decoder_outputs.attentions,
             cross_attentions=decoder_outputs.cross_attentions,

@@ -1,0 +1,223 @@
+"""`pipeline("music-transcription", model=..., trust_remote_code=True)`: audio in, notes (+ MIDI) out.
+
+Registered in the folder's `config.json` under `custom_pipelines`, so `pipeline(model=..., trust_remote_code=True)`
+also finds it. Each input is cut into 2.048 s segments (yielded a few at a time, so long audio needs memory for its
+samples and tokens only); with `batch_size=` segments of several inputs share one `generate()` call.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.pipelines.base import ChunkPipeline
+
+from .notes_mt3 import note_record, parse_programs
+
+# Segments whose features are computed at once while an input is cut up (bounds memory: ~0.5 MB per segment).
+SEGMENTS_PER_CHUNK = 16
+
+
+class AllowedProgramsLogitsProcessor(LogitsProcessor):
+    """Only let notes start on allowed instrument programs.
+
+    MT3 writes a program event before the notes of an instrument and repeats it only when the
+    program changes; notes before any program event belong to program 0. So: forbid the other
+    program events, and while a row has not chosen a program (and 0 is not allowed), forbid
+    note-on velocity events until it does. Note-offs, ties and drums are left alone.
+    """
+
+    def __init__(self, program_ids: list[int], allowed_ids: list[int], note_on_ids: list[int], zero_allowed: bool):
+        self.forbidden = torch.tensor(sorted(set(program_ids) - set(allowed_ids)), dtype=torch.long)
+        self.allowed = torch.tensor(allowed_ids, dtype=torch.long)
+        self.note_on = torch.tensor(note_on_ids, dtype=torch.long)
+        self.zero_allowed = zero_allowed
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[:, self.forbidden.to(scores.device)] = -float("inf")
+        if not self.zero_allowed:
+            has_program = torch.isin(input_ids, self.allowed.to(input_ids.device)).any(dim=1)  # (rows,)
+            rows = (~has_program).nonzero().squeeze(1)
+            scores[rows.unsqueeze(1), self.note_on.to(scores.device)] = -float("inf")
+        return scores
+
+
+def resample(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+    """Mono float32 samples at `rate` -> `target_rate` with soxr (HQ), as `librosa.load` does."""
+    if rate == target_rate or not samples.size:
+        return np.ascontiguousarray(samples, dtype=np.float32)
+    try:
+        import soxr
+    except ImportError:
+        raise ImportError(f"Resampling {rate} Hz audio to {target_rate} Hz needs soxr: pip install soxr") from None
+    length = -(-samples.shape[0] * target_rate // rate)  # librosa's ceil(n * target / rate)
+    resampled = soxr.resample(samples, rate, target_rate, quality="HQ")
+    return np.ascontiguousarray(np.pad(resampled, (0, max(0, length - len(resampled))))[:length], dtype=np.float32)
+
+
+def read_audio(source: str | os.PathLike | bytes, sampling_rate: int) -> np.ndarray:
+    """An audio file (path or its bytes; any format libsndfile reads) -> mono float32 at `sampling_rate`.
+
+    Decodes with soundfile, mixes channels by averaging and resamples with soxr: the steps of transformers'
+    `audio_utils.load_audio` soundfile backend and of `librosa.load`.
+    """
+    name = "audio bytes" if isinstance(source, bytes) else os.fspath(source)
+    if not isinstance(source, bytes) and not os.path.isfile(source):
+        raise ValueError(f"{name}: no such file" if not os.path.exists(source) else f"{name}: not a file")
+    try:
+        import soundfile
+    except ImportError:
+        raise ImportError("Reading audio files needs soundfile (and soxr to resample): pip install soundfile soxr") from None
+    try:
+        samples, rate = soundfile.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32", always_2d=True)
+    except (RuntimeError, OSError) as err:  # soundfile.LibsndfileError is a RuntimeError
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{name}: cannot read audio ({reason})") from None
+    return resample(samples.mean(axis=1), rate, sampling_rate)  # (samples, channels) -> mono
+
+
+class MT3TranscriptionPipeline(ChunkPipeline):
+    """Music transcription with MT3: audio -> `{"notes": [...], "midi": PrettyMIDI}` per input.
+
+    Inputs: a file path, a 1-D array with `sampling_rate=`, a dict `{"array", "sampling_rate"}` (the `datasets`
+    Audio format; `{"path"}` or `{"bytes"}` are read as files), or a list of those.
+
+    Options (at construction or per call): `programs` (allowed GM programs, "0-7,32", "piano,bass" or ints; drum
+    notes are never filtered), `return_midi` (True: a `pretty_midi.PrettyMIDI`; "bytes": a Standard MIDI File's
+    bytes; False: notes only), `sampling_rate` (of array inputs), `generate_kwargs`. `batch_size` counts segments
+    (2.048 s each) per `generate()` call, across inputs; default `config.segment_batch_size`.
+
+    Each note is a dict: program, instrument (GM name, "Drums" for drums), is_drum, pitch, velocity, start, end (s).
+    """
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = True
+    _load_tokenizer = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._batch_size is None:
+            self._batch_size = self.model.config.segment_batch_size
+
+    def _sanitize_parameters(self, programs=None, return_midi=None, sampling_rate=None, generate_kwargs=None, **kwargs):
+        if kwargs:
+            raise ValueError(f"Unexpected arguments for the music-transcription pipeline: {', '.join(sorted(kwargs))}")
+        preprocess, forward, postprocess = {}, {}, {}
+        if sampling_rate is not None:
+            preprocess["sampling_rate"] = sampling_rate
+        if programs is not None:
+            forward["logits_processor"] = self._programs_processor(parse_programs(programs))
+        if generate_kwargs is not None:
+            forward["generate_kwargs"] = dict(generate_kwargs)
+        if return_midi is not None:
+            if return_midi not in (True, False, "bytes"):
+                raise ValueError(f"return_midi={return_midi!r}: expected True, False or 'bytes'")
+            postprocess["return_midi"] = return_midi
+        return preprocess, forward, postprocess
+
+    def _programs_processor(self, allowed: set[int]) -> LogitsProcessorList:
+        tokenizer = self.tokenizer
+        return LogitsProcessorList(
+            [
+                AllowedProgramsLogitsProcessor(
+                    program_ids=tokenizer.convert_tokens_to_ids([f"<program_{p}>" for p in range(128)]),
+                    allowed_ids=tokenizer.convert_tokens_to_ids([f"<program_{p}>" for p in sorted(allowed)]),
+                    note_on_ids=tokenizer.convert_tokens_to_ids(
+                        [f"<velocity_{v}>" for v in range(1, tokenizer.num_velocity_bins + 1)]
+                    ),
+                    zero_allowed=0 in allowed,
+                )
+            ]
+        )
+
+    def load_audio(self, inputs, sampling_rate: int | None = None) -> np.ndarray:
+        """Any accepted input -> mono float32 samples at the model's rate."""
+        rate = self.feature_extractor.sampling_rate
+        if isinstance(inputs, (str, os.PathLike, bytes)):
+            return read_audio(inputs, rate)
+        if isinstance(inputs, dict):
+            if inputs.get("array") is None:
+                source = inputs.get("bytes") or inputs.get("path")
+                if source is None:
+                    raise ValueError(f"Expected an audio dict with 'array' and 'sampling_rate' (or 'path' / 'bytes'); found keys {sorted(inputs)}")
+                return read_audio(source, rate)
+            inputs, sampling_rate = inputs["array"], inputs.get("sampling_rate", sampling_rate)
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs.detach().cpu().numpy()
+        samples = np.asarray(inputs, dtype=np.float32)
+        if samples.ndim != 1:
+            raise ValueError(f"Expected mono audio as a 1-D array (num_samples,); found shape {samples.shape}")
+        if sampling_rate is None:
+            raise ValueError(f"Expected `sampling_rate` with an audio array (the model expects {rate} Hz); found None")
+        return resample(samples, int(sampling_rate), rate)
+
+    def preprocess(self, inputs, sampling_rate: int | None = None):
+        """Yield one item per segment: its features (1, frames, mel bins) and its first frame in the input."""
+        audio = self.load_audio(inputs, sampling_rate)
+        extractor = self.feature_extractor
+        frames_per_segment = extractor.frames_per_segment
+        chunk = SEGMENTS_PER_CHUNK * frames_per_segment * extractor.hop_length
+        for offset in range(0, len(audio), chunk):
+            features = extractor(audio[offset : offset + chunk], sampling_rate=extractor.sampling_rate, return_tensors="pt")
+            features = features["input_features"]  # (segments, frames, mel bins)
+            last = offset + chunk >= len(audio)
+            # A chunk that is not the last is a whole number of segments; the extractor's end padding adds one
+            # short segment that belongs to the next chunk.
+            keep = len(features) if last else SEGMENTS_PER_CHUNK
+            for index in range(keep):
+                yield {
+                    "input_features": features[index : index + 1],
+                    "start_frame": torch.tensor([offset // extractor.hop_length + index * frames_per_segment]),
+                    "is_last": last and index == keep - 1,
+                }
+        if not len(audio):  # no segment: one placeholder row so that the input still gets its (empty) result
+            yield {
+                "input_features": torch.zeros(1, frames_per_segment, extractor.feature_size),
+                "start_frame": torch.tensor([-1]),
+                "is_last": True,
+            }
+
+    def _forward(self, model_inputs, logits_processor=None, generate_kwargs=None):
+        start_frame = model_inputs["start_frame"]  # (rows,); -1 = placeholder of an empty input
+        features = model_inputs["input_features"].to(self.model.dtype)  # (rows, frames, mel bins)
+        real = (start_frame >= 0).cpu()
+        tokens = torch.zeros(len(start_frame), 1, dtype=torch.long)  # (rows, 1 + longest); placeholders ignored
+        if real.any():
+            generated = self.model.generate(
+                input_features=features[real.to(features.device)],
+                logits_processor=logits_processor,
+                **(generate_kwargs or {}),
+            ).cpu()
+            tokens = tokens.new_zeros(len(start_frame), generated.shape[1])
+            tokens[real] = generated
+        return {"tokens": tokens, "start_frame": start_frame, "is_last": model_inputs["is_last"]}
+
+    def postprocess(self, model_outputs, return_midi=True):
+        rows, start_times = [], []
+        for output in model_outputs:
+            frame = int(output["start_frame"][0])
+            if frame >= 0:
+                rows.append(output["tokens"][0].tolist())
+                # frame index / frames per second: the colab's segment start times, bit for bit
+                start_times.append(frame / self.feature_extractor.frames_per_second)
+        decoded = self.tokenizer.batch_decode(rows, segment_start_times=start_times, return_midi=bool(return_midi))
+        result = {
+            "notes": [note_record(note) for note in decoded["notes"]],
+            "invalid_events": decoded["invalid_events"],
+            "dropped_events": decoded["dropped_events"],
+        }
+        if return_midi:
+            midi = decoded["pretty_midi"]
+            if return_midi == "bytes":
+                buffer = io.BytesIO()
+                midi.write(buffer)
+                midi = buffer.getvalue()
+            result["midi"] = midi
+        return result
+
+
+__all__ = ["AllowedProgramsLogitsProcessor", "MT3TranscriptionPipeline", "read_audio", "resample"]

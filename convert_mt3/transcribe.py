@@ -1,0 +1,235 @@
+"""mt3-transcribe MODEL INPUT... -o OUT_DIR: many audio files -> MIDI / JSON / CSV notes with a converted MT3.
+
+Runs the model the way a Hub user does: `transformers.pipeline(model=MODEL, trust_remote_code=True)` (the folder's
+own pipeline_mt3.py). Directories and globs are expanded; files whose outputs all exist are skipped, so an
+interrupted run resumes; an unreadable file gets one error line and the others carry on; exit status 1 if any
+input failed. Every output is written to a temporary file beside it and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from .mt3.notes_mt3 import GM_FAMILIES, notes_to_csv, notes_to_json, parse_programs
+
+FORMATS = {"midi": ".mid", "json": ".json", "csv": ".csv"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".caf", ".w64"}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(ValueError):
+    """A bad argument, found before any audio is read."""
+
+
+@dataclass
+class Job:
+    source: Path
+    outputs: dict[str, Path]  # format -> file
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mt3-transcribe",
+        description="Transcribe audio files to MIDI, JSON and/or CSV notes with a converted MT3 model "
+        "(folder or Hub id, loaded with transformers' pipeline and the folder's remote code).",
+    )
+    parser.add_argument("model", metavar="MODEL", help="converted MT3 folder or Hub repo id")
+    parser.add_argument("inputs", metavar="INPUT", nargs="+", help="audio files, folders (searched recursively) or globs")
+    parser.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR", help="folder for the outputs (created if its parent exists)")
+    parser.add_argument("--format", default="midi", help="comma-separated output formats: midi, json, csv (default midi)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--programs", metavar="LIST", help="only allow these GM programs, e.g. 0-7,32 (drums stay allowed)")
+    which.add_argument("--instruments", metavar="NAMES", help=f"only allow these GM families: {', '.join(GM_FAMILIES)}")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, else mps, else cpu")
+    parser.add_argument("--batch-size", type=int, default=32, help="segments (2.048 s each) per generate call, across files (default 32)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default float32, as trained)")
+    parser.add_argument("--overwrite", action="store_true", help="transcribe again even where all outputs exist")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary; error lines only")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    return args
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> the best available device; an unavailable explicit one is a UsageError."""
+    import torch
+
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return next((device for device, ok in available.items() if ok), "cpu")
+    if name != "cpu" and not available[name]:
+        raise UsageError(f"--device {name}: not available on this machine (torch {torch.__version__}); use --device cpu")
+    return name
+
+
+def parse_formats(text: str) -> list[str]:
+    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise UsageError(f"--format {text!r}: expected a comma-separated list of {', '.join(FORMATS)}")
+    return list(dict.fromkeys(formats))
+
+
+def check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"-o {out_dir}: exists and is not a directory")
+    if not out_dir.exists() and not out_dir.parent.is_dir():
+        raise UsageError(f"-o {out_dir}: parent folder {out_dir.parent} does not exist")
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """INPUT arguments -> (file, name of its outputs without suffix) pairs, and error lines for empty patterns.
+
+    A folder contributes its audio files (recursively, named by their path inside it); a glob its matches; anything
+    else is taken as a file (a missing one then fails on its own, with the others carrying on).
+    """
+    files, errors = [], []
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            files += [(p, p.relative_to(path).with_suffix("")) for p in found]
+            if not found:
+                errors.append(f"{text}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in this folder")
+        elif not path.exists() and glob.has_magic(text):
+            matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            files += [(p, Path(p.stem)) for p in matches]
+            if not matches:
+                errors.append(f"{text}: no file matches this pattern")
+        else:
+            files.append((path, Path(path.stem)))
+    return files, errors
+
+
+def plan_jobs(files: list[tuple[Path, Path]], out_dir: Path, formats: list[str]) -> tuple[list[Job], list[str]]:
+    """One job per distinct input; an input whose outputs another input already claims is an error line."""
+    jobs, errors, claimed = [], [], {}
+    for source, name in files:
+        key = name.as_posix()
+        if key in claimed:
+            if claimed[key] != source.resolve():
+                errors.append(f"{source}: its outputs {out_dir / name}.* are already those of {claimed[key]}")
+            continue
+        claimed[key] = source.resolve()
+        jobs.append(Job(source, {f: out_dir / (key + FORMATS[f]) for f in formats}))
+    return jobs, errors
+
+
+def write_atomic(path: Path, write) -> None:
+    """`write(temporary_path)`, then rename into `path`: never a half-written output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_outputs(job: Job, result: dict) -> None:
+    for fmt, path in job.outputs.items():
+        if fmt == "midi":
+            write_atomic(path, result["midi"].write)
+        else:
+            text = notes_to_json(result["notes"]) if fmt == "json" else notes_to_csv(result["notes"])
+            write_atomic(path, lambda temporary, text=text: Path(temporary).write_text(text))
+
+
+def load_pipeline(args: argparse.Namespace, device: str, programs: set[int] | None):
+    import torch
+    from transformers import pipeline
+    from transformers.utils import logging as transformers_logging
+
+    if args.quiet:
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+    try:
+        return pipeline(
+            "music-transcription",
+            model=args.model,
+            trust_remote_code=True,
+            device=device,
+            dtype=getattr(torch, args.dtype),
+            batch_size=args.batch_size,
+            programs=sorted(programs) if programs is not None else None,
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UsageError(f"{args.model}: cannot load the MT3 pipeline ({str(err).strip().splitlines()[0]})") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    # Every argument is checked before a model or any audio is read.
+    formats = parse_formats(args.format)
+    spec, option = (args.programs, "--programs") if args.programs is not None else (args.instruments, "--instruments")
+    try:
+        programs = parse_programs(spec) if spec is not None else None
+    except ValueError as err:
+        raise UsageError(f"{option}: {err}") from None
+    out_dir = Path(args.out_dir)
+    check_out_dir(out_dir)
+    device = resolve_device(args.device)
+    files, errors = expand_inputs(args.inputs)
+    jobs, duplicate_errors = plan_jobs(files, out_dir, formats)
+    errors += duplicate_errors
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    pending = [j for j in jobs if args.overwrite or not all(p.exists() for p in j.outputs.values())]
+    skipped = len(jobs) - len(pending)
+    failed = len(errors)
+    done = 0
+
+    from tqdm.auto import tqdm
+
+    if pending:
+        out_dir.mkdir(exist_ok=True)
+        pipe = load_pipeline(args, device, programs)
+        with tqdm(total=len(pending), unit="file", disable=args.quiet) as bar:
+            queued: deque[Job] = deque()
+
+            def audio_stream():
+                """Read each file (the pipeline's own reader); a file that cannot be read is reported and skipped."""
+                nonlocal failed
+                for job in pending:
+                    try:
+                        samples = pipe.load_audio(str(job.source))
+                    except ValueError as err:
+                        bar.write(f"error: {err}", file=sys.stderr)
+                        failed += 1
+                        bar.update(1)
+                        continue
+                    queued.append(job)
+                    yield {"array": samples, "sampling_rate": pipe.feature_extractor.sampling_rate}
+
+            for result in pipe(audio_stream(), return_midi="midi" in formats):
+                write_outputs(queued.popleft(), result)
+                done += 1
+                bar.update(1)
+    if not args.quiet or failed:
+        print(
+            f"mt3-transcribe: {done} transcribed, {skipped} skipped (outputs exist), {failed} failed; outputs in {out_dir}",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, ImportError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

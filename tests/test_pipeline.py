@@ -1,0 +1,187 @@
+"""The folder's custom pipeline (pipeline_mt3.py): golden notes through `transformers.pipeline` as a Hub user runs
+it, and every input form, option and bad input on a tiny random model."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from conftest import run_isolated
+
+GOLDEN_CASES = ["a_brahms_string_orchestra", "b_multi_instrument_drums_synth", "c_ragtime_piano_recording"]
+NOTE_KEY = ("program", "is_drum", "pitch", "velocity", "start", "end")
+
+
+def golden_notes(case) -> list[tuple]:
+    """notes.csv of the original MT3, exactly (times are Python float reprs)."""
+    with open(case / "notes.csv") as f:
+        return [
+            (int(r["program"]), bool(int(r["is_drum"])), int(r["pitch"]), int(r["velocity"]), float(r["start_time"]), float(r["end_time"]))
+            for r in csv.DictReader(f)
+        ]
+
+
+def as_tuples(notes: list[dict]) -> list[tuple]:
+    return [tuple(note[key] for key in NOTE_KEY) for note in notes]
+
+
+def write_golden_audio(shared, directory) -> dict:
+    """Each case's audio exactly as fed to the original (samples.npy: already trimmed), as 16 kHz float WAV."""
+    paths = {}
+    for name in GOLDEN_CASES:
+        paths[name] = directory / f"{name}.wav"
+        soundfile.write(paths[name], np.load(shared / "golden" / name / "samples.npy"), 16000, subtype="FLOAT")
+    return paths
+
+
+PIPELINE_SCRIPT = """
+import json, numpy as np
+from transformers import pipeline
+folder, out, cases = sys.argv[1], sys.argv[2], sys.argv[3:]
+pipe = pipeline("music-transcription", model=folder, trust_remote_code=True)
+results = {"class": type(pipe).__name__}
+for case in cases:  # one file path per call
+    results["path:" + case] = pipe(case + ".wav", return_midi=False)["notes"]
+arrays = [np.load(case + ".npy") for case in cases]
+inputs = [{"array": arrays[0], "sampling_rate": 16000}] + arrays[1:]  # the datasets dict form, then raw arrays
+batched = pipe(inputs, sampling_rate=16000, batch_size=12, return_midi=False)
+for case, result in zip(cases, batched):
+    results["batch:" + case] = result["notes"]
+json.dump(results, open(out, "w"))
+"""
+
+
+def test_pipeline_reproduces_golden_notes(shared, real_folder, tmp_path):
+    """Offline, convert_mt3 unimportable, copied folder: each case as a file path, then all three as arrays in one
+    list with batch_size=12 (segments of different inputs share generate calls): notes.csv exactly."""
+    folder = tmp_path / "copied"
+    shutil.copytree(real_folder, folder)
+    write_golden_audio(shared, tmp_path)
+    for name in GOLDEN_CASES:
+        np.save(tmp_path / f"{name}.npy", np.load(shared / "golden" / name / "samples.npy"))
+    argv = [str(folder), str(tmp_path / "out.json"), *GOLDEN_CASES]
+    result = run_isolated(f"sys.argv = {['-'] + argv!r}\n" + PIPELINE_SCRIPT, tmp_path, timeout=3600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert results.pop("class") == "MT3TranscriptionPipeline"
+    for name in GOLDEN_CASES:
+        golden = golden_notes(shared / "golden" / name)
+        for how in ("path", "batch"):
+            mine = as_tuples(results[f"{how}:{name}"])
+            print(f"{name} ({how}): {len(mine)} notes, {len(golden)} in notes.csv, identical: {mine == golden}")
+            assert mine == golden
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_folder, tmp_path_factory, monkeypatch_module):
+    from transformers import pipeline
+
+    # A random model rarely writes EOS: 64 tokens per segment keep these tests fast.
+    return pipeline(model=str(tiny_folder), trust_remote_code=True, device="cpu", generate_kwargs={"max_new_tokens": 64})
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_MODULES_CACHE", str(tmp_path_factory.mktemp("modules")))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    yield mp
+    mp.undo()
+
+
+def tone(seconds: float, rate: int) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 440 * t) * (t % 0.5 < 0.25)).astype(np.float32)
+
+
+def test_task_inferred_and_input_forms(tiny_pipe, tmp_path):
+    """File (stereo, 44.1 kHz), dict, raw array, empty audio: batched across inputs = one by one."""
+    assert tiny_pipe.task == "music-transcription"
+    stereo = np.stack([tone(2.5, 44100), 0.5 * tone(2.5, 44100)], axis=1)
+    soundfile.write(tmp_path / "stereo.flac", stereo, 44100)
+    mono16k = tone(2.5, 16000)
+    inputs = [str(tmp_path / "stereo.flac"), {"array": mono16k, "sampling_rate": 16000}, np.zeros(0, np.float32), mono16k]
+    one_by_one = [tiny_pipe(x, sampling_rate=16000, batch_size=1, return_midi=False) for x in inputs]
+    batched = tiny_pipe(inputs, sampling_rate=16000, batch_size=3, return_midi=False)
+    assert batched == one_by_one
+    assert batched[2]["notes"] == [] and batched[1] == batched[3]
+    assert len(batched[1]["notes"]) > 0  # the random model writes notes: a real comparison
+    note = batched[0]["notes"][0]
+    assert set(note) == {"program", "instrument", "is_drum", "pitch", "velocity", "start", "end"}
+
+
+def test_options(tiny_pipe):
+    audio = {"array": tone(2.5, 16000), "sampling_rate": 16000}
+    free = tiny_pipe(audio)
+    assert free["midi"].__class__.__name__ == "PrettyMIDI"
+    assert sorted(n.pitch for i in free["midi"].instruments for n in i.notes) == sorted(n["pitch"] for n in free["notes"])
+    restricted = tiny_pipe(audio, programs="strings", return_midi=False)
+    assert {n["program"] for n in restricted["notes"] if not n["is_drum"]} <= set(range(40, 48))
+    assert restricted == tiny_pipe(audio, programs="40-47", return_midi=False)
+    midi_bytes = tiny_pipe(audio, return_midi="bytes")["midi"]
+    assert isinstance(midi_bytes, bytes) and midi_bytes.startswith(b"MThd")
+    assert "midi" not in tiny_pipe(audio, return_midi=False)
+
+
+def test_dtype_argument(tiny_folder, monkeypatch_module):
+    """torch_dtype= reaches the model. Run through GenerationMixin (use_cache=False leaves the fast path, whose
+    bfloat16 linear needs AVX-512 / AVX-NE-CONVERT on CPU, which CI machines may lack)."""
+    from transformers import pipeline
+
+    pipe = pipeline("music-transcription", model=str(tiny_folder), trust_remote_code=True, device="cpu", torch_dtype=torch.bfloat16)
+    assert pipe.model.dtype == torch.bfloat16
+    result = pipe({"array": tone(1.0, 16000), "sampling_rate": 16000}, generate_kwargs={"use_cache": False, "max_new_tokens": 8})
+    assert isinstance(result["notes"], list)
+
+
+def test_long_audio_is_cut_lazily_and_exactly(tiny_pipe):
+    """preprocess yields segments a chunk at a time; features and start frames equal the whole-clip extractor's."""
+    from transformers.pipelines.base import ChunkPipeline
+
+    assert isinstance(tiny_pipe, ChunkPipeline)
+    extractor = tiny_pipe.feature_extractor
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal(41 * 32768 + 5000)).astype(np.float32)  # 41 segments + a partial one
+    whole = extractor(audio, sampling_rate=16000, return_tensors="pt")
+    items = list(tiny_pipe.preprocess({"array": audio, "sampling_rate": 16000}))
+    assert len(items) == len(whole["input_features"]) == 42
+    assert [i["is_last"] for i in items] == [False] * 41 + [True]
+    assert torch.equal(torch.cat([i["input_features"] for i in items]), whole["input_features"])
+    starts = [int(i["start_frame"][0]) / extractor.frames_per_second for i in items]
+    assert starts == whole["segment_start_times"].tolist()
+
+
+def test_allowed_programs_processor(tiny_pipe):
+    """Other program events always forbidden; note-ons forbidden until a row has chosen an allowed program."""
+    tokenizer = tiny_pipe.tokenizer
+    processor = tiny_pipe._programs_processor({40, 41})[0]
+    ids = tokenizer.convert_tokens_to_ids
+    before = torch.tensor([[0, ids("<pitch_60>")], [0, ids("<program_40>")]])
+    scores = processor(before, torch.zeros(2, tokenizer.vocab_size))
+    assert torch.isinf(scores[:, ids("<program_0>")]).all() and not torch.isinf(scores[:, ids("<program_41>")]).any()
+    assert torch.isinf(scores[0, ids("<velocity_1>")]) and not torch.isinf(scores[1, ids("<velocity_1>")])
+    assert not torch.isinf(scores[:, ids("<velocity_0>")]).any()  # note-offs stay allowed
+
+
+@pytest.mark.parametrize(
+    "inputs, kwargs, message",
+    [
+        ("missing.wav", {}, "missing.wav: no such file"),
+        ("broken.ogg", {}, "broken.ogg: cannot read audio"),
+        (np.zeros((100, 2), np.float32), {"sampling_rate": 16000}, "1-D array"),
+        (np.zeros(100, np.float32), {}, "sampling_rate"),
+        ({"foo": 1}, {}, "found keys ['foo']"),
+        (np.zeros(100, np.float32), {"sampling_rate": 16000, "programs": "7-x"}, "programs '7-x'"),
+        (np.zeros(100, np.float32), {"sampling_rate": 16000, "return_midi": "yes"}, "return_midi='yes'"),
+    ],
+)
+def test_bad_inputs(tiny_pipe, tmp_path, monkeypatch, inputs, kwargs, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken.ogg").write_bytes(b"OggS not really")
+    with pytest.raises(ValueError) as error:
+        tiny_pipe(inputs, **kwargs)
+    assert message in str(error.value)

@@ -1,0 +1,130 @@
+"""mt3-transcribe: many files -> MIDI / JSON / CSV, resume, one error line per bad file, arguments refused early."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pretty_midi
+import pytest
+import soundfile
+import torch
+
+from convert_mt3.transcribe import main
+
+from test_pipeline import GOLDEN_CASES, golden_notes, write_golden_audio
+
+ROOT = Path(__file__).parents[1]
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`mt3-transcribe ARGS` as its own process (this checkout's package), offline."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(cwd / "modules"), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", "import sys; from convert_mt3.transcribe import main; sys.exit(main())", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+
+
+def read_csv_notes(path: Path) -> list[tuple]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [] or list(rows[0]) == ["program", "instrument", "is_drum", "pitch", "velocity", "start", "end"]
+    return [
+        (int(r["program"]), bool(int(r["is_drum"])), int(r["pitch"]), int(r["velocity"]), float(r["start"]), float(r["end"]))
+        for r in rows
+    ]
+
+
+def read_json_notes(path: Path) -> list[tuple]:
+    notes = json.loads(path.read_text())["notes"]
+    for note in notes:
+        expected = "Drums" if note["is_drum"] else pretty_midi.program_to_instrument_name(note["program"])
+        assert note["instrument"] == expected
+    return [(n["program"], n["is_drum"], n["pitch"], n["velocity"], n["start"], n["end"]) for n in notes]
+
+
+def test_console_script_declared():
+    assert 'mt3-transcribe = "convert_mt3.transcribe:main"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_folder_of_golden_audio_with_a_broken_file(shared, real_folder, tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    write_golden_audio(shared, audio)
+    (audio / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really")
+    out = tmp_path / "out"
+    args = [str(real_folder), str(audio), "-o", str(out), "--format", "midi,json,csv", "--batch-size", "16"]
+    first = run_cli(args, tmp_path)
+    errors = [line for line in first.stderr.splitlines() if line.startswith("error:")]
+    print(first.stderr.strip().splitlines()[-1])
+    assert first.returncode == 1 and "Traceback" not in first.stderr
+    assert len(errors) == 1 and "broken.wav: cannot read audio" in errors[0]
+    assert "3 transcribed, 0 skipped (outputs exist), 1 failed" in first.stderr
+    for name in GOLDEN_CASES:
+        golden = golden_notes(shared / "golden" / name)
+        assert read_json_notes(out / f"{name}.json") == golden
+        assert read_csv_notes(out / f"{name}.csv") == golden
+        midi = pretty_midi.PrettyMIDI(str(out / f"{name}.mid"))
+        assert sum(len(i.notes) for i in midi.instruments) == len(golden)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.{s}" for n in GOLDEN_CASES for s in ("mid", "json", "csv"))
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    second = run_cli(args, tmp_path)
+    assert second.returncode == 1 and "0 transcribed, 3 skipped (outputs exist), 1 failed" in second.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+
+def test_many_files_on_tiny_model(tiny_folder, tmp_path, monkeypatch, capsys):
+    """Folders (recursive, sub-folders kept) and globs expanded; a missing file and an empty glob one line each;
+    --instruments reaches the model; a file is skipped only when all its outputs exist."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    t = np.arange(40000) / 16000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    (tmp_path / "set" / "sub").mkdir(parents=True)
+    soundfile.write(tmp_path / "set" / "one.wav", tone, 16000)
+    soundfile.write(tmp_path / "set" / "sub" / "two.flac", tone[::-1].copy(), 16000)
+    soundfile.write(tmp_path / "three.wav", tone, 16000)
+    (tmp_path / "set" / "notes.txt").write_text("not audio, ignored")
+    code = main([str(tiny_folder), "set", "thr*.wav", "none*.wav", "missing.wav", "-o", "out", "--format", "json,csv",
+                 "--instruments", "strings", "--batch-size", "3", "--quiet"])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 1
+    assert lines[0] == "error: none*.wav: no file matches this pattern"
+    assert [line for line in lines if "missing.wav" in line] == ["error: missing.wav: no such file"]
+    assert "3 transcribed, 0 skipped (outputs exist), 2 failed" in lines[-1]
+    written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert written == ["one.csv", "one.json", "sub/two.csv", "sub/two.json", "three.csv", "three.json"]
+    for path in (tmp_path / "out").rglob("*.json"):
+        assert {n[0] for n in read_json_notes(path) if not n[1]} <= set(range(40, 48))
+    (tmp_path / "out" / "three.csv").unlink()  # half done: transcribed again
+    assert main([str(tiny_folder), "set", "three.wav", "-o", "out", "--format", "json,csv", "--quiet"]) == 0
+    assert (tmp_path / "out" / "three.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-o", "afile"], "-o afile: exists and is not a directory"),
+        (["-o", "nowhere/out"], "-o nowhere/out: parent folder nowhere does not exist"),
+        (["-o", "out", "--format", "midi,wav"], "--format 'midi,wav': expected"),
+        (["-o", "out", "--programs", "7-x"], "--programs: programs '7-x'"),
+        (["-o", "out", "--instruments", "kazoo"], "--instruments: programs 'kazoo'"),
+    ]
+    + ([] if torch.cuda.is_available() else [(["-o", "out", "--device", "cuda"], "--device cuda: not available")]),
+)
+def test_bad_arguments_refused_before_model_and_audio(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    assert main(["no-such-model", "a.wav", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    result = run_cli(["no-such-model", "a.wav", "-o", str(tmp_path / "x" / "y")], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -43,9 +43,16 @@ converted from its T5X/JAX format to PyTorch with convert-mt3 $version. It runs 
 $usage
 ```
 
-`generate()` decodes all segments of the audio as one batch with greedy search
-(`generation_config.json`: start id 0, EOS 1, up to 1024 tokens), as the original does.
-For long audio, pass the segments in batches (see `examples/transcribe.py` of convert-mt3).
+`generate()` decodes all segments of the audio with greedy search (`generation_config.json`: start
+id 0, EOS 1, up to 1024 tokens), as the original does, at most `segment_batch_size` segments at a
+time (16 on CPU, 256 on CUDA): a finished segment makes room for the next, so memory does not
+grow with the length of the audio. Other settings (beam search, scores, ...) use transformers'
+own `generate()`.
+
+Precision: float32 reproduces the original's tokens. Half precision changes some tokens: for a
+GPU, prefer the mixed mode, float32 weights with `torch.autocast("cuda", dtype=torch.bfloat16)`
+around `generate()` (half-precision matmuls; residual stream, norms, softmax and logits in
+float32), over a model cast with `.to(torch.bfloat16)`. On CPU use float32.
 
 ## Parity with the original
 

@@ -15,10 +15,9 @@ class MT3Config(T5Config):
     max_target_length (`int`, defaults to 1024):
         Most tokens MT3 decodes per segment (the targets length of its feature converter); the model's default
         `generation_config.max_new_tokens`.
-    segment_batch_size (`int`, defaults to 16):
-        Most segments `generate()` decodes at once in its greedy path (`MT3GreedyPool`); a finished segment makes
-        room for the next. Larger pools use the matrix units better, but memory grows with it (~6 MB of
-        cross-attention and up to ~25 MB of self-attention cache per row in float32).
+
+    How many segments `generate()` decodes at once is a decoding setting: `segment_batch_size` in
+    `generation_config.json` (see `generation_mt3.SEGMENT_BATCH_SIZE`).
     """
 
     model_type = "mt3"
@@ -36,7 +35,6 @@ class MT3Config(T5Config):
     input_depth: int = 512
     max_position_embeddings: int = 2048
     max_target_length: int = 1024
-    segment_batch_size: int = 16
     pad_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
     decoder_start_token_id: int | None = 0

@@ -11,9 +11,10 @@ import pytest
 import torch
 from test_modeling import frames, tiny_model
 from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import Cache
 
 from convert_mt3.mt3 import modeling_mt3
-from convert_mt3.mt3.generation_mt3 import SEGMENT_BATCH_SIZE
+from convert_mt3.mt3.generation_mt3 import SEGMENT_BATCH_SIZE, MT3SlotCache
 from convert_mt3.mt3.modeling_mt3 import MT3GreedyPool
 
 
@@ -260,3 +261,24 @@ def test_processor_output_goes_straight_in(model, count_fast):
     inputs = {"input_features": x, "segment_start_times": torch.tensor([0.0, 2.048, 4.096])}
     torch.testing.assert_close(model.generate(**inputs), model.generate(input_features=x), atol=0, rtol=0)
     assert len(count_fast) == 2
+
+
+def test_slot_cache_is_a_transformers_cache_bounded_by_the_pool(model, monkeypatch):
+    """The scheduler's cache is a transformers `Cache` whose rows never exceed the pool: memory does not grow
+    with the number of segments; rows drop once nothing waits and at most half of them are busy."""
+    caches = []
+    original = MT3SlotCache.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        caches.append(self)
+
+    monkeypatch.setattr(MT3SlotCache, "__init__", record)
+    x = frames(9, seed=16)
+    eos = early_eos(model, x)
+    got = model.generate(input_features=x, eos_token_id=eos, segment_batch_size=3)
+    torch.testing.assert_close(got, reference(model, x, eos_token_id=eos), atol=0, rtol=0)
+    (cache,) = caches
+    assert isinstance(cache, Cache)
+    assert all(layer.keys.shape[0] <= 3 for layer in cache.cross_attention_cache.layers)
+    assert cache.capacity <= 2 * max(MT3SlotCache.bucket, got.shape[1])

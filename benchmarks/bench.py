@@ -295,16 +295,18 @@ def worker_frames(args: argparse.Namespace) -> None:
     _emit({"audio_s": len(samples) / SAMPLE_RATE, "segments": int(features.shape[0])})
 
 
-def _generate_mode(torch, model, features, mode: str, device: str):
+def _generate_mode(torch, model, features, mode: str, device: str, pool: int | None = None):
     """generate() of all segments in a precision mode: float32, bfloat16 / float16 (a cast copy of the model),
-    or autocast-bfloat16 / autocast-float16 (float32 weights, `torch.autocast` around generate: the mixed mode)."""
+    or autocast-bfloat16 / autocast-float16 (float32 weights, `torch.autocast` around generate: the mixed mode);
+    `pool`: segment_batch_size (default: generation_config's for the device)."""
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(mode.split("-")[-1], torch.float32)
+    kwargs = {} if pool is None else {"segment_batch_size": pool}
     if mode.startswith("autocast"):
         with torch.autocast(device, dtype=dtype):
-            return _sequences(model.generate(input_features=features))
+            return _sequences(model.generate(input_features=features, **kwargs))
     if dtype != torch.float32:
         model = copy.deepcopy(model).to(dtype)  # a cast copy: the float32 model stays exact for the next mode
-    return _sequences(model.generate(input_features=features.to(dtype)))
+    return _sequences(model.generate(input_features=features.to(dtype), **kwargs))
 
 
 def worker_port(args: argparse.Namespace) -> None:
@@ -321,7 +323,7 @@ def worker_port(args: argparse.Namespace) -> None:
     for _ in range(args.reps):
         sync()
         t0 = time.perf_counter()
-        tokens = _generate_mode(torch, model, features, args.mode, args.device)
+        tokens = _generate_mode(torch, model, features, args.mode, args.device, args.pool)
         sync()
         best = min(best, time.perf_counter() - t0)
     rows = [_cut(row)[0] for row in tokens.tolist()]
@@ -329,7 +331,7 @@ def worker_port(args: argparse.Namespace) -> None:
     extra = {}
     if args.device == "cuda":
         extra = {"cuda_device": torch.cuda.get_device_name(), "cuda_peak_gb": torch.cuda.max_memory_allocated() / 1e9}
-    _emit({**load, "mode": args.mode, "device": args.device, "segments": len(rows), "generate_s": best,
+    _emit({**load, "mode": args.mode, "device": args.device, "pool": args.pool, "segments": len(rows), "generate_s": best,
            "tokens": sum(_cut(row)[1] for row in tokens.tolist()), "torch_threads": torch.get_num_threads(), **extra})
 
 
@@ -381,6 +383,7 @@ class WorkerFailed(RuntimeError):
     pass
 
 
+THREAD_ENV: dict[str, str] = {}  # --threads N: the same thread count for torch (OpenMP) and the original (XLA)
 LOADAVG: list[dict] = []  # the 1-minute load average at the start and end of every process: other agents share the cores
 MODULES_CACHE: Path | None = None  # set in main(): a private HF_MODULES_CACHE inside the temporary folder
 
@@ -388,7 +391,7 @@ MODULES_CACHE: Path | None = None  # set in main(): a private HF_MODULES_CACHE i
 def run_process(cmd: list[str], label: str, expect_json: bool = True) -> tuple[float, dict | None]:
     """Run one whole process; (wall seconds, its JSON line or None). Raises WorkerFailed on a non-zero exit
     or on a worker that printed no JSON line."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1", **THREAD_ENV)
     if MODULES_CACHE is not None:
         # transformers copies a local folder's remote code to HF_MODULES_CACHE/transformers_modules/<folder name>;
         # shared with other processes loading another folder named `mt3`, it could run their copy of the code.
@@ -481,7 +484,8 @@ ORIGINAL_TOOL = "tools/original_mt3.py"  # in the shared folder: magenta/mt3's F
 TARGET_DENSE_RATIO = 6.0
 
 
-def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps: int, device: str = "cpu") -> dict:
+def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps: int, device: str = "cpu",
+                 pools: tuple[int, ...] = ()) -> dict:
     """Rows 5 / 7: the port's generate() and the original network on the same frames, in this run; the original is
     given the port's tokens as its `--golden`, so `segments_identical` counts segments where both agree."""
     frames = tmp / f"dense_{seconds:.0f}s.npy"
@@ -496,6 +500,14 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
                                           "--mode", mode, "--reps", str(reps), "--out", str(tokens)),
                                f"port generate() {device} {mode}, {seconds:.0f} s clip, best of {reps}")
         out[f"port_{mode}"] = {**js, "process_wall_s": wall, "tokens_file": tokens.name}
+    for pool in pools:
+        label = f"port generate() {device} float32 segment_batch_size={pool}, {seconds:.0f} s clip, best of {reps}"
+        wall, js = run_process(worker_cmd("port", "--model", str(model_dir), "--frames", str(frames), "--device", device,
+                                          "--mode", "float32", "--pool", str(pool), "--reps", str(reps),
+                                          "--out", str(tmp / f"port_{device}_pool{pool}.json")), label)
+        same = [a == b for a, b in zip(*(json.loads((tmp / f"port_{device}_{name}.json").read_text())["segments"]
+                                          for name in ("float32", f"pool{pool}")))]
+        out[f"port_float32_pool{pool}"] = {**js, "process_wall_s": wall, "segments_identical_to_default": sum(same)}
     wall, js = run_process([sys.executable, str(shared / ORIGINAL_TOOL), str(model_dir), str(frames), "--batch", "8",
                             "--repeat", str(reps), "--golden", str(tmp / f"port_{device}_float32.json")],
                            f"original MT3 (flax) {device}, {seconds:.0f} s clip, best of {reps}")
@@ -571,6 +583,8 @@ def fmt_table(res: dict) -> str:
                  f"{'QUICK' if res['quick'] else 'full'} run, {res['reps']} rep(s)  modeling_mt3.py sha256 {m.get('modeling_mt3_sha256', '?')}")
     lines.append(f"load average (1 min) at start / end: {m['loadavg_start']:.2f} / {m.get('loadavg_end', float('nan')):.2f}"
                  f"  (above {m['cpu_count']} = other processes shared the cores; compare ratios within this table)")
+    if res.get("threads_env"):
+        lines.append(f"--threads: every process ran with {res['threads_env']}")
     head = f"{'row':<4}{'measure':<58}{'value':>19}  {'reference':<22}{'ratio':>9}  {'target':<10}"
     lines += [head, "-" * len(head)]
 
@@ -634,6 +648,11 @@ def fmt_table(res: dict) -> str:
         for mode in ("autocast-bfloat16", "autocast-float16"):
             if f"port_{mode}" in r:
                 add("", f"  port {mode} generate()", f"{r[f'port_{mode}']['generate_s']:.2f} s")
+        for key, v in r.items():
+            if key.startswith("port_float32_pool"):
+                add("", f"  port f32, segment_batch_size={v['pool']} (segments = default's: "
+                    f"{v['segments_identical_to_default']}/{v['segments']})", f"{v['generate_s']:.2f} s", "",
+                    f"{o['decode_s'] / v['generate_s']:.2f}x")
     r6 = res["rows"].get("6")
     if r6:
         for case, modes in r6["cases"].items():
@@ -662,6 +681,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="repetitions of rows 1 and 2 (default 3, 1 with --quick)")
     p.add_argument("--long-seconds", type=float, default=300.0, help="length of the row-3 input (default 300)")
     p.add_argument("--dense-seconds", type=float, default=60.0, help="length of the row-5/7 clip (default 60)")
+    p.add_argument("--pools", default="32",
+                   help="row 5: segment_batch_size values timed besides the default (comma-separated, default 32)")
+    p.add_argument("--threads", type=int,
+                   help="run every process (port and original) on N threads (OMP_NUM_THREADS; XLA's Eigen pool): "
+                        "on a VM shared with other jobs, 1 avoids OpenMP threads waiting on each other")
     p.add_argument("--json", default=str(REPO / "benchmarks" / "results.json"),
                    help="where to write every row as JSON (default benchmarks/results.json)")
     p.add_argument("--shared", default=os.environ.get("MT3_SHARED_DIR", str(REPO.parent / "shared")),
@@ -677,6 +701,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-segments", type=int, help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, default=300.0, help=argparse.SUPPRESS)
     p.add_argument("--frames", help=argparse.SUPPRESS)
+    p.add_argument("--pool", type=int, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     p.add_argument("--modes", default=",".join(PRECISION_MODES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -705,7 +730,11 @@ def main(argv=None) -> int:
         print(f"error: {checkpoint}: no checkpoint; set MT3_SHARED_DIR or --shared", file=sys.stderr)
         return 2
 
-    res = {"quick": args.quick, "reps": args.reps, "rows": {},
+    if args.threads:
+        THREAD_ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+                          XLA_FLAGS=f"--xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'} "
+                                    f"intra_op_parallelism_threads={args.threads}")
+    res = {"quick": args.quick, "reps": args.reps, "rows": {}, "threads_env": dict(THREAD_ENV),
            "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                        "loadavg_start": os.getloadavg()[0]}}
@@ -745,7 +774,8 @@ def main(argv=None) -> int:
                 config = json.loads((model_dir / "config.json").read_text())
                 res["rows"]["4"] = row_floor(config, rate, runs)
             if "5" in rows:
-                res["rows"]["5"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps)
+                pools = tuple(int(p) for p in args.pools.split(",") if p.strip())
+                res["rows"]["5"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, pools=pools)
             if "6" in rows:
                 _, res["rows"]["6"] = run_process(worker_cmd("precision", "--model", str(model_dir), "--shared", str(shared)),
                                                   "row 6: precision modes on the golden cases")

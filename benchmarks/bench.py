@@ -12,6 +12,11 @@ Rows (see benchmarks/README.md):
      default generate() in float32 and bfloat16, seconds of compute per audio second
   3. a 300 s input: seconds per audio second and peak resident memory
   4. compute floor: FLOPs of the generated tokens / measured matmul rate, vs the fast path
+  5. a 60 s dense clip (case b repeated): the port's generate() vs the ORIGINAL network
+     (shared/tools/original_mt3.py, jax[cpu] + flax: the `bench` extra) on the same frames
+  6. precision modes (autocast bfloat16, .to(bfloat16)) vs float32: segments and notes per golden case
+  7. row 5 on CUDA, only when a GPU is present
+Every row also goes to benchmarks/results.json (--json), with the load average of every process.
 """
 
 from __future__ import annotations

@@ -686,8 +686,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="repetitions of rows 1 and 2 (default 3, 1 with --quick)")
     p.add_argument("--long-seconds", type=float, default=300.0, help="length of the row-3 input (default 300)")
     p.add_argument("--dense-seconds", type=float, default=60.0, help="length of the row-5/7 clip (default 60)")
-    p.add_argument("--pools", default="32",
-                   help="row 5: segment_batch_size values timed besides the default (comma-separated, default 32)")
+    p.add_argument("--pools", default="16",
+                   help="row 5: segment_batch_size values timed besides the default (comma-separated, default 16)")
     p.add_argument("--threads", type=int,
                    help="run every process (port and original) on N threads (OMP_NUM_THREADS; XLA's Eigen pool): "
                         "on a VM shared with other jobs, 1 avoids OpenMP threads waiting on each other")

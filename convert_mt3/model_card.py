@@ -45,7 +45,7 @@ $usage
 
 `generate()` decodes all segments of the audio with greedy search (`generation_config.json`: start
 id 0, EOS 1, up to 1024 tokens), as the original does, at most `segment_batch_size` segments at a
-time (16 on CPU, 256 on CUDA): a finished segment makes room for the next, so memory does not
+time (32 on CPU, 256 on CUDA): a finished segment makes room for the next, so memory does not
 grow with the length of the audio. Other settings (beam search, scores, ...) use transformers'
 own `generate()`.
 

@@ -12,11 +12,17 @@ Rows (see benchmarks/README.md):
      default generate() in float32 and bfloat16, seconds of compute per audio second
   3. a 300 s input: seconds per audio second and peak resident memory
   4. compute floor: FLOPs of the generated tokens / measured matmul rate, vs the fast path
+  5. a 60 s dense clip (case b repeated): the port's generate() vs the ORIGINAL network
+     (shared/tools/original_mt3.py, jax[cpu] + flax: the `bench` extra) on the same frames
+  6. precision modes (autocast bfloat16, .to(bfloat16)) vs float32: segments and notes per golden case
+  7. row 5 on CUDA, only when a GPU is present
+Every row also goes to benchmarks/results.json (--json), with the load average of every process.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -276,8 +282,103 @@ def worker_matmul(args: argparse.Namespace) -> None:
            "torch_threads": threads, "rounds": rounds, "matmuls_per_round": inner})
 
 
+DENSE_CASE = "b_multi_instrument_drums_synth"  # drums, bass, synths: the densest golden case
+PRECISION_MODES = ("float32", "autocast-bfloat16", "bfloat16")
+
+
+def worker_frames(args: argparse.Namespace) -> None:
+    """Row 5's input: golden case b repeated to `--seconds`, through the processor, saved as (segments, 256, 512)."""
+    import numpy as np
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    one = np.load(Path(args.shared) / "golden" / DENSE_CASE / "samples.npy")
+    n = int(args.seconds * SAMPLE_RATE)
+    samples = np.tile(one, -(-n // len(one)))[:n].astype(np.float32)
+    features = processor(audio=samples, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"]
+    np.save(args.out, features.astype(np.float32))
+    _emit({"audio_s": len(samples) / SAMPLE_RATE, "segments": int(features.shape[0])})
+
+
+def _generate_mode(torch, model, features, mode: str, device: str, pool: int | None = None):
+    """generate() of all segments in a precision mode: float32, bfloat16 / float16 (a cast copy of the model),
+    or autocast-bfloat16 / autocast-float16 (float32 weights, `torch.autocast` around generate: the mixed mode);
+    `pool`: segment_batch_size (default: generation_config's for the device)."""
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(mode.split("-")[-1], torch.float32)
+    kwargs = {} if pool is None else {"segment_batch_size": pool}
+    if mode.startswith("autocast"):
+        with torch.autocast(device, dtype=dtype):
+            return _sequences(model.generate(input_features=features, **kwargs))
+    if dtype != torch.float32:
+        model = copy.deepcopy(model).to(dtype)  # a cast copy: the float32 model stays exact for the next mode
+    return _sequences(model.generate(input_features=features.to(dtype), **kwargs))
+
+
+def worker_port(args: argparse.Namespace) -> None:
+    """Row 5 / 7: the port's generate() on saved frames, best of `--reps` after a warm-up; writes its tokens in
+    tokens.json's format (`--out`), so the original can be compared with them."""
+    import numpy as np
+
+    torch, model, _, _, load = _load(args.model, "float32")
+    model = model.to(args.device)
+    features = torch.from_numpy(np.load(args.frames)).to(args.device)
+    _generate_mode(torch, model, features[:1], args.mode, args.device)  # warm-up
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(args.reps):
+        sync()
+        t0 = time.perf_counter()
+        tokens = _generate_mode(torch, model, features, args.mode, args.device, args.pool)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    rows = [_cut(row)[0] for row in tokens.tolist()]
+    Path(args.out).write_text(json.dumps({"segments": rows}))
+    extra = {}
+    if args.device == "cuda":
+        extra = {"cuda_device": torch.cuda.get_device_name(), "cuda_peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+    _emit({**load, "mode": args.mode, "device": args.device, "pool": args.pool, "segments": len(rows), "generate_s": best,
+           "tokens": sum(_cut(row)[1] for row in tokens.tolist()), "torch_threads": torch.get_num_threads(), **extra})
+
+
+def worker_precision(args: argparse.Namespace) -> None:
+    """Row 6: per golden case and precision mode, segments with ids identical to float32 and notes equal (%)."""
+    from collections import Counter
+
+    import numpy as np
+
+    torch, model, processor, _, load = _load(args.model, "float32")
+    out = {}
+    for case in LONG_CASES:
+        samples = np.load(Path(args.shared) / "golden" / case / "samples.npy")
+        inputs = processor(audio=samples, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        reference = None
+        for mode in args.modes.split(","):
+            t0 = time.perf_counter()
+            tokens = _generate_mode(torch, model, inputs["input_features"], mode, "cpu")
+            seconds = time.perf_counter() - t0
+            rows = [_cut(row)[0] for row in tokens.tolist()]
+            notes = Counter(processor.batch_decode(tokens, inputs, return_midi=False)["notes"])
+            if reference is None:
+                reference = rows, notes
+            same = sum(a == b for a, b in zip(rows, reference[0]))
+            equal_notes = sum((notes & reference[1]).values())
+            out.setdefault(case, {})[mode] = {
+                "segments": len(rows), "segments_identical": same, "notes": sum(notes.values()),
+                "notes_float32": sum(reference[1].values()), "notes_equal": equal_notes,
+                "notes_equal_pct": 100.0 * equal_notes / max(1, sum(reference[1].values())), "generate_s": seconds}
+    _emit({**load, "cases": out})
+
+
+def worker_cuda(args: argparse.Namespace) -> None:
+    """Whether the GPU section (row 7) can run here."""
+    import torch
+
+    _emit({"cuda": torch.cuda.is_available()})
+
+
 WORKERS = {"import": worker_import, "import_reload": worker_import_reload, "read": worker_read, "transcribe": worker_transcribe,
-           "long": worker_long, "matmul": worker_matmul}
+           "long": worker_long, "matmul": worker_matmul, "frames": worker_frames, "port": worker_port,
+           "precision": worker_precision, "cuda": worker_cuda}
 
 
 # --------------------------------------------------------------------------------------------- parent
@@ -287,21 +388,26 @@ class WorkerFailed(RuntimeError):
     pass
 
 
+THREAD_ENV: dict[str, str] = {}  # --threads N: the same thread count for torch (OpenMP) and the original (XLA)
+LOADAVG: list[dict] = []  # the 1-minute load average at the start and end of every process: other agents share the cores
 MODULES_CACHE: Path | None = None  # set in main(): a private HF_MODULES_CACHE inside the temporary folder
 
 
 def run_process(cmd: list[str], label: str, expect_json: bool = True) -> tuple[float, dict | None]:
     """Run one whole process; (wall seconds, its JSON line or None). Raises WorkerFailed on a non-zero exit
     or on a worker that printed no JSON line."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1", **THREAD_ENV)
     if MODULES_CACHE is not None:
         # transformers copies a local folder's remote code to HF_MODULES_CACHE/transformers_modules/<folder name>;
         # shared with other processes loading another folder named `mt3`, it could run their copy of the code.
         env["HF_MODULES_CACHE"] = str(MODULES_CACHE)
     print(f"  [{time.strftime('%H:%M:%S')}] {label} ...", file=sys.stderr, flush=True)
+    load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    LOADAVG.append({"process": label, "loadavg_1min_start": load_start, "loadavg_1min_end": os.getloadavg()[0],
+                    "wall_s": wall})
     if proc.returncode != 0:
         raise WorkerFailed(f"{label}: exit status {proc.returncode}\n{proc.stderr[-4000:]}{proc.stdout[-2000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -379,6 +485,44 @@ def row_long(model_dir: Path, shared: Path, seconds: float) -> dict:
             "peak_rss_gb": js["ru_maxrss_kb"] * 1024 / 1e9}  # ru_maxrss is in KiB; GB = 1e9 bytes
 
 
+ORIGINAL_TOOL = "tools/original_mt3.py"  # in the shared folder: magenta/mt3's Flax network, jitted greedy loop
+TARGET_DENSE_RATIO = 6.0
+
+
+def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps: int, device: str = "cpu",
+                 pools: tuple[int, ...] = ()) -> dict:
+    """Rows 5 / 7: the port's generate() and the original network on the same frames, in this run; the original is
+    given the port's tokens as its `--golden`, so `segments_identical` counts segments where both agree."""
+    frames = tmp / f"dense_{seconds:.0f}s.npy"
+    if not frames.exists():
+        run_process(worker_cmd("frames", "--model", str(model_dir), "--shared", str(shared), "--seconds", str(seconds),
+                               "--out", str(frames)), f"dense {seconds:.0f} s clip: features")
+    out = {}
+    modes = ("float32",) if device == "cpu" else ("float32", "autocast-bfloat16", "autocast-float16")
+    for mode in modes:
+        tokens = tmp / f"port_{device}_{mode}.json"
+        wall, js = run_process(worker_cmd("port", "--model", str(model_dir), "--frames", str(frames), "--device", device,
+                                          "--mode", mode, "--reps", str(reps), "--out", str(tokens)),
+                               f"port generate() {device} {mode}, {seconds:.0f} s clip, best of {reps}")
+        out[f"port_{mode}"] = {**js, "process_wall_s": wall, "tokens_file": tokens.name}
+    for pool in pools:
+        label = f"port generate() {device} float32 segment_batch_size={pool}, {seconds:.0f} s clip, best of {reps}"
+        wall, js = run_process(worker_cmd("port", "--model", str(model_dir), "--frames", str(frames), "--device", device,
+                                          "--mode", "float32", "--pool", str(pool), "--reps", str(reps),
+                                          "--out", str(tmp / f"port_{device}_pool{pool}.json")), label)
+        same = [a == b for a, b in zip(*(json.loads((tmp / f"port_{device}_{name}.json").read_text())["segments"]
+                                          for name in ("float32", f"pool{pool}")))]
+        out[f"port_float32_pool{pool}"] = {**js, "process_wall_s": wall, "segments_identical_to_default": sum(same)}
+    wall, js = run_process([sys.executable, str(shared / ORIGINAL_TOOL), str(model_dir), str(frames), "--batch", "8",
+                            "--repeat", str(reps), "--golden", str(tmp / f"port_{device}_float32.json")],
+                           f"original MT3 (flax) {device}, {seconds:.0f} s clip, best of {reps}")
+    port = out["port_float32"]
+    out["original"] = {**js, "process_wall_s": wall}
+    out.update(audio_s=seconds, ratio=js["decode_s"] / port["generate_s"],
+               port_s_per_s=port["generate_s"] / seconds, original_s_per_s=js["decode_s"] / seconds)
+    return out
+
+
 FLOP_FORMULA = (
     "per generated token at self-attention length t (1..n, n incl. EOS): "
     "L_dec*[2*(3*d*inner + inner*d + d*inner + inner*d + 3*d*d_ff) + 4*inner*t + 4*inner*F] + 2*d*V; "
@@ -444,6 +588,8 @@ def fmt_table(res: dict) -> str:
                  f"{'QUICK' if res['quick'] else 'full'} run, {res['reps']} rep(s)  modeling_mt3.py sha256 {m.get('modeling_mt3_sha256', '?')}")
     lines.append(f"load average (1 min) at start / end: {m['loadavg_start']:.2f} / {m.get('loadavg_end', float('nan')):.2f}"
                  f"  (above {m['cpu_count']} = other processes shared the cores; compare ratios within this table)")
+    if res.get("threads_env"):
+        lines.append(f"--threads: every process ran with {res['threads_env']}")
     head = f"{'row':<4}{'measure':<58}{'value':>19}  {'reference':<22}{'ratio':>9}  {'target':<10}"
     lines += [head, "-" * len(head)]
 
@@ -492,7 +638,37 @@ def fmt_table(res: dict) -> str:
         for name, f in r4["runs"].items():
             add("", f"  {name}: {f['tokens']} tok, {f['total_gflop']:.0f} GFLOP -> floor", f"{f['floor_s']:.2f} s",
                 f"compute {f['compute_s']:.2f} s", f"{f['ratio_compute']:.1f}x", "")
+    for row, label in (("5", "cpu"), ("7", "cuda")):
+        r = res["rows"].get(row)
+        if not r:
+            continue
+        o, p = r["original"], r["port_float32"]
+        add(row, f"{r['audio_s']:.0f} s dense clip (case b repeated), {label}: port f32 generate()",
+            f"{p['generate_s']:.2f} s", f"original {o['decode_s']:.2f} s", f"{r['ratio']:.2f}x",
+            f">= {TARGET_DENSE_RATIO:.0f}x" if row == "5" else ">= 3x")
+        add("", f"  s per audio s: port / original ({o['device']}, jax {o['jax']}, batch {o['batch']})",
+            f"{r['port_s_per_s']:.4f} / {r['original_s_per_s']:.4f}")
+        add("", "  segments with identical tokens, port vs original", f"{o['segments_identical']}/{o['segments_golden']}")
+        add("", "  port peak resident memory (ru_maxrss)", f"{p['ru_maxrss_kb'] * 1024 / 1e9:.2f} GB")
+        for mode in ("autocast-bfloat16", "autocast-float16"):
+            if f"port_{mode}" in r:
+                add("", f"  port {mode} generate()", f"{r[f'port_{mode}']['generate_s']:.2f} s")
+        for key, v in r.items():
+            if key.startswith("port_float32_pool"):
+                add("", f"  port f32, segment_batch_size={v['pool']} (segments = default's: "
+                    f"{v['segments_identical_to_default']}/{v['segments']})", f"{v['generate_s']:.2f} s", "",
+                    f"{o['decode_s'] / v['generate_s']:.2f}x")
+    r6 = res["rows"].get("6")
+    if r6:
+        for case, modes in r6["cases"].items():
+            for mode, m in modes.items():
+                if mode != "float32":
+                    add("6", f"{case[:30]} {mode}: segments identical / notes equal",
+                        f"{m['segments_identical']}/{m['segments']}  {m['notes_equal_pct']:.1f}%",
+                        f"f32 {modes['float32']['generate_s']:.1f} s", f"{m['generate_s']:.1f} s")
     lines.append("")
+    lines.append("row 5/7 ratio = original decode s / port generate s (higher is better); row 6: vs float32 of the port, "
+                 "last two columns = generate() seconds in float32 / in that mode.")
     lines.append("ratios: row 1 = convert / floor; row 2 = speed-up over the original (1.05 s/s, higher is better); "
                  "row 3 = measured / target; row 4 = measured compute (features+generate+decode) / FLOP floor.")
     if r4:
@@ -506,9 +682,17 @@ def fmt_table(res: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="naive path on 2 segments, extrapolated; 1 repetition")
-    p.add_argument("--rows", default="1,2,3,4", help="comma-separated rows to run (default 1,2,3,4)")
+    p.add_argument("--rows", default="1,2,3,4,5,6,7", help="comma-separated rows to run (default all; 7 runs only with CUDA)")
     p.add_argument("--reps", type=int, help="repetitions of rows 1 and 2 (default 3, 1 with --quick)")
     p.add_argument("--long-seconds", type=float, default=300.0, help="length of the row-3 input (default 300)")
+    p.add_argument("--dense-seconds", type=float, default=60.0, help="length of the row-5/7 clip (default 60)")
+    p.add_argument("--pools", default="16",
+                   help="row 5: segment_batch_size values timed besides the default (comma-separated, default 16)")
+    p.add_argument("--threads", type=int,
+                   help="run every process (port and original) on N threads (OMP_NUM_THREADS; XLA's Eigen pool): "
+                        "on a VM shared with other jobs, 1 avoids OpenMP threads waiting on each other")
+    p.add_argument("--json", default=str(REPO / "benchmarks" / "results.json"),
+                   help="where to write every row as JSON (default benchmarks/results.json)")
     p.add_argument("--shared", default=os.environ.get("MT3_SHARED_DIR", str(REPO.parent / "shared")),
                    help="shared folder with checkpoints/mt3 and golden/ (default $MT3_SHARED_DIR or ../shared)")
     # worker mode
@@ -517,10 +701,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--case", default=MAIN_CASE, help=argparse.SUPPRESS)
-    p.add_argument("--mode", choices=["naive", "fast"], default="fast", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="fast", help=argparse.SUPPRESS)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help=argparse.SUPPRESS)
     p.add_argument("--max-segments", type=int, help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, default=300.0, help=argparse.SUPPRESS)
+    p.add_argument("--frames", help=argparse.SUPPRESS)
+    p.add_argument("--pool", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    p.add_argument("--modes", default=",".join(PRECISION_MODES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.reps is None:
         args.reps = 1 if args.quick else 3
@@ -538,8 +726,8 @@ def main(argv=None) -> int:
     # SIGTERM -> SystemExit: subprocess.run kills the running worker and the temporary folder is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = {r.strip() for r in args.rows.split(",") if r.strip()}
-    if not rows <= {"1", "2", "3", "4"}:
-        print(f"error: --rows takes 1,2,3,4; found {args.rows!r}", file=sys.stderr)
+    if not rows <= {"1", "2", "3", "4", "5", "6", "7"}:
+        print(f"error: --rows takes 1 to 7; found {args.rows!r}", file=sys.stderr)
         return 2
     shared = Path(args.shared).resolve()
     checkpoint = shared / "checkpoints" / "mt3"
@@ -547,7 +735,11 @@ def main(argv=None) -> int:
         print(f"error: {checkpoint}: no checkpoint; set MT3_SHARED_DIR or --shared", file=sys.stderr)
         return 2
 
-    res = {"quick": args.quick, "reps": args.reps, "rows": {},
+    if args.threads:
+        THREAD_ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+                          XLA_FLAGS=f"--xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'} "
+                                    f"intra_op_parallelism_threads={args.threads}")
+    res = {"quick": args.quick, "reps": args.reps, "rows": {}, "threads_env": dict(THREAD_ENV),
            "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                        "loadavg_start": os.getloadavg()[0]}}
@@ -586,14 +778,26 @@ def main(argv=None) -> int:
                                                               "compute_s": float("nan"), "runs": [{"generate_s": float("nan")}]}
                 config = json.loads((model_dir / "config.json").read_text())
                 res["rows"]["4"] = row_floor(config, rate, runs)
+            if "5" in rows:
+                pools = tuple(int(p) for p in args.pools.split(",") if p.strip())
+                res["rows"]["5"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, pools=pools)
+            if "6" in rows:
+                _, res["rows"]["6"] = run_process(worker_cmd("precision", "--model", str(model_dir), "--shared", str(shared)),
+                                                  "row 6: precision modes on the golden cases")
+            if "7" in rows and run_process(worker_cmd("cuda"), "CUDA present?")[1]["cuda"]:
+                res["rows"]["7"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, device="cuda")
     except WorkerFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
     res["machine"]["loadavg_end"] = os.getloadavg()[0]
-    print(fmt_table(res))
+    res["loadavg_per_process"] = LOADAVG
+    table = fmt_table(res)
+    print(table)
     print()
     print(json.dumps(res, indent=1, default=str))
+    Path(args.json).write_text(json.dumps({**res, "table": table}, indent=1, default=str))
+    print(f"rows written to {args.json}", file=sys.stderr)
     return 0
 
 

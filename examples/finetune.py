@@ -57,7 +57,7 @@ def note_f1(estimated: list, reference: list) -> float:
 def transcribe_notes(model, processor, features: torch.Tensor, start_times, device: str) -> list:
     model.eval()
     rows = []
-    batch_size = model.config.segment_batch_size  # segments generate() decodes at once
+    batch_size = model.default_segment_batch_size  # segments generate() decodes at once
     for first in range(0, len(features), batch_size):
         rows += model.generate(input_features=features[first : first + batch_size].to(device)).cpu().tolist()
     return processor.batch_decode(rows, segment_start_times=start_times, return_midi=False)["notes"]

@@ -5,12 +5,16 @@ falls back to for everything else). Tokens must be identical, including the pad 
 Golden tokens of the real model through the fast path are checked in tests/test_parity_model.py.
 """
 
+import json
+
 import pytest
 import torch
 from test_modeling import frames, tiny_model
 from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import Cache
 
 from convert_mt3.mt3 import modeling_mt3
+from convert_mt3.mt3.generation_mt3 import SEGMENT_BATCH_SIZE, MT3SlotCache
 from convert_mt3.mt3.modeling_mt3 import MT3GreedyPool
 
 
@@ -184,10 +188,14 @@ def test_streamer_falls_back(model, monkeypatch):
     assert len(streamer.values) == 5  # start token, then 4 steps
 
 
-def test_pool_size_settings(model, count_fast):
+def test_pool_size_settings(model, count_fast, tmp_path):
     x = frames(3, seed=9)
+    default = model.generation_config.segment_batch_size
+    assert default == SEGMENT_BATCH_SIZE  # per device type; saved in generation_config.json
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["segment_batch_size"] == SEGMENT_BATCH_SIZE
     model.generate(input_features=x, max_new_tokens=3)
-    assert count_fast[-1] == model.config.segment_batch_size
+    assert count_fast[-1] == SEGMENT_BATCH_SIZE["cpu"]
     model.generation_config.segment_batch_size = 2
     try:
         model.generate(input_features=x, max_new_tokens=3)
@@ -195,9 +203,22 @@ def test_pool_size_settings(model, count_fast):
         model.generate(input_features=x, max_new_tokens=3, segment_batch_size=1)
         assert count_fast[-1] == 1
     finally:
-        del model.generation_config.segment_batch_size
+        model.generation_config.segment_batch_size = default
     with pytest.raises(ValueError, match="segment_batch_size"):
         model.generate(input_features=x, max_new_tokens=3, segment_batch_size=0)
+
+
+def test_settings_outside_the_allow_list_fall_back(model, monkeypatch):
+    """The fast path is entered by an allow-list: a setting it has never heard of (as a future transformers field
+    would be) sends generate() to GenerationMixin, and the result is still greedy search's."""
+    monkeypatch.setattr(MT3GreedyPool, "generate", None)  # calling it would raise TypeError
+    x = frames(2, seed=12)
+    model.generation_config.some_future_setting = True
+    try:
+        got = model.generate(input_features=x, max_new_tokens=5)
+    finally:
+        del model.generation_config.some_future_setting
+    torch.testing.assert_close(got, reference(model, x, max_new_tokens=5), atol=0, rtol=0)
 
 
 def test_position_limit_raises_like_the_model():
@@ -240,3 +261,24 @@ def test_processor_output_goes_straight_in(model, count_fast):
     inputs = {"input_features": x, "segment_start_times": torch.tensor([0.0, 2.048, 4.096])}
     torch.testing.assert_close(model.generate(**inputs), model.generate(input_features=x), atol=0, rtol=0)
     assert len(count_fast) == 2
+
+
+def test_slot_cache_is_a_transformers_cache_bounded_by_the_pool(model, monkeypatch):
+    """The scheduler's cache is a transformers `Cache` whose rows never exceed the pool: memory does not grow
+    with the number of segments; rows drop once nothing waits and at most half of them are busy."""
+    caches = []
+    original = MT3SlotCache.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        caches.append(self)
+
+    monkeypatch.setattr(MT3SlotCache, "__init__", record)
+    x = frames(9, seed=16)
+    eos = early_eos(model, x)
+    got = model.generate(input_features=x, eos_token_id=eos, segment_batch_size=3)
+    torch.testing.assert_close(got, reference(model, x, eos_token_id=eos), atol=0, rtol=0)
+    (cache,) = caches
+    assert isinstance(cache, Cache)
+    assert all(layer.keys.shape[0] <= 3 for layer in cache.cross_attention_cache.layers)
+    assert cache.capacity <= 2 * max(MT3SlotCache.bucket, got.shape[1])

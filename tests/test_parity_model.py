@@ -89,11 +89,11 @@ def strip(sequence: torch.Tensor) -> list[int]:
 
 
 GENERATE_PATHS = {
-    # MT3GreedyPool, config.segment_batch_size rows (on CPU float32: matmul attention)
+    # MT3GreedyPool over the model's layers, generation_config.segment_batch_size rows (CPU float32: matmul attention)
     "fast-default": lambda model, x: model.generate(input_features=x),
     # more segments than rows: refill and per-row positions
     "fast-pool4": lambda model, x: model.generate(input_features=x, segment_batch_size=4),
-    # the pool with SDPA attention, as it runs in half precision and on GPUs
+    # the same scheduler with SDPA attention, as it runs in half precision and on GPUs
     "fast-sdpa": lambda model, x: sys.modules[type(model).__module__].MT3GreedyPool(model, 16, matmul_attention=False).generate(
         x, model.generation_config.max_new_tokens, [1], 0, 0
     ),

@@ -17,10 +17,9 @@ class MT3Config(T5Config):
         `generation_config.max_new_tokens`.
     z_loss (`float`, defaults to 1e-4):
         Weight of T5X's z-loss added to the cross entropy when `labels` are given (MT3 gin `Z_LOSS`).
-    segment_batch_size (`int`, defaults to 16):
-        Most segments `generate()` decodes at once in its greedy path (`MT3GreedyPool`); a finished segment makes
-        room for the next. Larger pools use the matrix units better, but memory grows with it (~6 MB of
-        cross-attention and up to ~25 MB of self-attention cache per row in float32).
+
+    How many segments `generate()` decodes at once is a decoding setting: `segment_batch_size` in
+    `generation_config.json` (see `generation_mt3.SEGMENT_BATCH_SIZE`).
     """
 
     model_type = "mt3"
@@ -38,7 +37,6 @@ class MT3Config(T5Config):
     input_depth: int = 512
     max_position_embeddings: int = 2048
     max_target_length: int = 1024
-    segment_batch_size: int = 16
     z_loss: float = 1e-4
     pad_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
-from transformers.generation import GenerationConfig, GenerationMode, LogitsProcessorList
+from transformers.generation import GenerationConfig, LogitsProcessorList
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -30,11 +30,10 @@ from transformers.models.t5.modeling_t5 import T5DenseGatedActDense, T5LayerNorm
 from transformers.utils import logging
 
 from .configuration_mt3 import MT3Config
+from .generation_mt3 import FAST_GREEDY_SETTINGS, SEGMENT_BATCH_SIZE, MT3GreedyPool, MT3SlotCache
 from .loss_mt3 import mt3_loss
 
 logger = logging.get_logger(__name__)
-# Model outputs name the KV cache `cache` in newer transformers 5.x and `past_key_values` before: use this version's.
-CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPastAndCrossAttentions.__dataclass_fields__ else "past_key_values"
 
 
 def mt3_sinusoid_table(
@@ -81,16 +80,79 @@ class MT3SinusoidalPositions(nn.Module):
         return self.table[start : start + length].unsqueeze(0)
 
 
-class MT3Attention(nn.Module):
-    """Multi-head attention of MT3: bias-free projections, no logit scaling, no position bias.
+def _onednn_linear():
+    """oneDNN's linear on packed weights (`torch.ops.mkldnn._linear_pointwise`), or None where this build lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        torch.ops.mkldnn._reorder_linear_weight  # noqa: B018 (both ops are needed)
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
 
-    `num_heads * d_kv` (384 in MT3) need not equal `d_model` (512).
+
+class _PackedLinear:
+    """Bias-free linears that read the same input, as one product: their weights concatenated along the outputs,
+    in oneDNN's blocked layout on CPU (MKL's float32 GEMM runs 2-3x slower on few rows; the rounding differs from
+    `nn.Linear` in the last bits only). Built from the parameters for one `generate()`, never saved."""
+
+    def __init__(self, linears: tuple[nn.Linear, ...], onednn: bool, rows: int):
+        weight = torch.cat([linear.weight.detach() for linear in linears])  # (sum of outputs, in)
+        self.splits = [linear.out_features for linear in linears]
+        self.onednn = _onednn_linear() if onednn else None
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if self.onednn else weight
+
+    def __call__(self, states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.onednn is None:
+            out = F.linear(states, self.weight)
+        else:
+            out = self.onednn(states, self.weight, None, "none", [], "")
+        return out.split(self.splits, dim=-1) if len(self.splits) > 1 else out
+
+
+class _Packable:
+    """A module whose linears may run packed (`_PackedLinear`), between `MT3ForConditionalGeneration.pack` and
+    `unpack`: the speed-ups of batched decoding are choices of the modules, not a second copy of their math.
+
+    `fusable` names groups of linears that read the same input; `_linear(group, x)` runs a group, packed or not.
     """
 
-    def __init__(self, config: MT3Config, layer_idx: int | None = None):
+    fusable: dict[str, tuple[str, ...]] = {}
+    packed: dict[str, _PackedLinear] | None = None
+
+    def pack(self, onednn: bool, rows: int) -> None:
+        self.packed = {
+            group: _PackedLinear(tuple(getattr(self, name) for name in names), onednn, rows)
+            for group, names in self.fusable.items()
+        }
+
+    def unpack(self) -> None:
+        self.packed = None
+
+    def _linear(self, group: str, states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.packed is not None:
+            return self.packed[group](states)
+        names = self.fusable[group]
+        if len(names) == 1:
+            return getattr(self, names[0])(states)
+        return tuple(getattr(self, name)(states) for name in names)
+
+
+class MT3Attention(_Packable, nn.Module):
+    """Multi-head attention of MT3: bias-free projections, no logit scaling, no position bias.
+
+    `num_heads * d_kv` (384 in MT3) need not equal `d_model` (512). Masks are boolean, True = attend.
+    `matmul` (set by `MT3ForConditionalGeneration.pack`, on CPU) computes attention as two batched matmuls: for one
+    query per row they read the keys/values at close to memory speed, where CPU SDPA takes ~1.3x as long.
+    """
+
+    matmul = False
+
+    def __init__(self, config: MT3Config, layer_idx: int | None = None, is_cross_attention: bool = False):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        self.is_cross_attention = is_cross_attention
         self.num_heads = config.num_heads
         self.head_dim = config.d_kv
         self.dropout = config.dropout_rate
@@ -99,11 +161,19 @@ class MT3Attention(nn.Module):
         self.key = nn.Linear(config.d_model, inner_dim, bias=False)
         self.value = nn.Linear(config.d_model, inner_dim, bias=False)
         self.out = nn.Linear(inner_dim, config.d_model, bias=False)
+        # cross-attention: keys/values of the encoder output once per segment, the query on every step
+        qkv = {"q": ("query",), "kv": ("key", "value")} if is_cross_attention else {"qkv": ("query", "key", "value")}
+        self.fusable = {**qkv, "out": ("out",)}
 
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
         # (batch, length, heads * d_kv) -> (batch, heads, length, d_kv)
         batch, length, _ = states.shape
         return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, encoder_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values of (batch, frames, d_model) -> each (batch, heads, frames, d_kv)."""
+        key, value = self._linear("kv", encoder_states)
+        return self._split_heads(key), self._split_heads(value)
 
     def forward(
         self,
@@ -116,31 +186,29 @@ class MT3Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Self-attention, or cross-attention over `key_value_states` (the encoder output).
 
-        `attention_mask` is additive, broadcastable to (batch, heads, q_len, kv_len); `is_causal` asks for a plain
+        `attention_mask` is boolean, broadcastable to (batch, heads, q_len, kv_len); `is_causal` asks for a plain
         causal mask (only used when `attention_mask` is None). With a `cache`, self-attention appends this step's
         keys/values, and cross-attention projects the encoder output once and reuses it on every later step.
         """
         batch, q_len, _ = hidden_states.shape
-        query = self._split_heads(self.query(hidden_states))  # (batch, heads, q_len, d_kv)
-
-        if key_value_states is None:
-            key = self._split_heads(self.key(hidden_states))
-            value = self._split_heads(self.value(hidden_states))
+        if not self.is_cross_attention:
+            query, key, value = (self._split_heads(s) for s in self._linear("qkv", hidden_states))
             if cache is not None:
                 key, value = cache.self_attention_cache.update(key, value, self.layer_idx)
-        elif cache is not None and cache.is_updated.get(self.layer_idx, False):
-            layer = cache.cross_attention_cache.layers[self.layer_idx]
-            key, value = layer.keys, layer.values  # (batch, heads, frames, d_kv), projected at the first step
         else:
-            key = self._split_heads(self.key(key_value_states))
-            value = self._split_heads(self.value(key_value_states))
-            if cache is not None:
-                key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
-                cache.is_updated[self.layer_idx] = True
+            query = self._split_heads(self._linear("q", hidden_states))  # (batch, heads, q_len, d_kv)
+            if cache is not None and cache.is_updated.get(self.layer_idx, False):
+                layer = cache.cross_attention_cache.layers[self.layer_idx]
+                key, value = layer.keys, layer.values  # (batch, heads, frames, d_kv), projected once
+            else:
+                key, value = self.project_kv(key_value_states)
+                if cache is not None:
+                    key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+                    cache.is_updated[self.layer_idx] = True
 
         dropout = self.dropout if self.training else 0.0
         weights = None
-        if self.config._attn_implementation == "sdpa" and not output_attentions:
+        if self.config._attn_implementation == "sdpa" and not output_attentions and not self.matmul:
             # scale=1.0: MT3's query kernel already holds the 1/sqrt(d_kv) factor.
             attn = F.scaled_dot_product_attention(
                 query,
@@ -153,17 +221,26 @@ class MT3Attention(nn.Module):
             )
         else:
             scores = torch.matmul(query, key.transpose(-1, -2))  # (batch, heads, q_len, kv_len)
-            if attention_mask is not None:
-                scores = scores + attention_mask
-            elif is_causal and q_len > 1:
+            if attention_mask is None and is_causal and q_len > 1:
                 kv_len = key.shape[-2]
-                causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
-                scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-            weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+                attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
+            if attention_mask is not None:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)
             attn = torch.matmul(F.dropout(weights, p=dropout, training=self.training), value)
 
         attn = attn.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
-        return self.out(attn), weights  # (batch, q_len, d_model)
+        return self._linear("out", attn), weights  # (batch, q_len, d_model)
+
+
+class MT3GatedMLP(_Packable, T5DenseGatedActDense):
+    """T5's gated-GELU MLP, wo(gelu_new(wi_0 x) * wi_1 x) (gelu_new = flax's tanh gelu), with wi_0/wi_1 packable."""
+
+    fusable = {"wi": ("wi_0", "wi_1"), "wo": ("wo",)}
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, linear = self._linear("wi", hidden_states)  # each (..., d_ff)
+        return self._linear("wo", self.dropout(self.act(gate) * linear))
 
 
 class MT3EncoderLayer(GradientCheckpointingLayer):
@@ -174,7 +251,7 @@ class MT3EncoderLayer(GradientCheckpointingLayer):
         self.pre_attention_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.attention = MT3Attention(config, layer_idx=layer_idx)
         self.pre_mlp_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
-        self.mlp = T5DenseGatedActDense(config)  # wo(gelu_new(wi_0 x) * wi_1 x), gelu_new = flax's tanh gelu
+        self.mlp = MT3GatedMLP(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(
@@ -201,9 +278,9 @@ class MT3DecoderLayer(GradientCheckpointingLayer):
         self.pre_self_attention_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.self_attention = MT3Attention(config, layer_idx=layer_idx)
         self.pre_cross_attention_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
-        self.encoder_decoder_attention = MT3Attention(config, layer_idx=layer_idx)
+        self.encoder_decoder_attention = MT3Attention(config, layer_idx=layer_idx, is_cross_attention=True)
         self.pre_mlp_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
-        self.mlp = T5DenseGatedActDense(config)
+        self.mlp = MT3GatedMLP(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(
@@ -236,11 +313,9 @@ class MT3DecoderLayer(GradientCheckpointingLayer):
         return hidden_states, self_weights, cross_weights  # (batch, tokens, d_model)
 
 
-def _padding_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(batch, kv_len) 1 = attend / 0 = padding -> additive (batch, 1, 1, kv_len)."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-        ~mask.bool(), torch.finfo(dtype).min
-    )[:, None, None, :]
+def _padding_to_bool(mask: torch.Tensor) -> torch.Tensor:
+    """(batch, kv_len) 1 = attend / 0 = padding -> boolean (batch, 1, 1, kv_len), True = attend."""
+    return mask.bool()[:, None, None, :]
 
 
 class MT3PreTrainedModel(PreTrainedModel):
@@ -325,7 +400,7 @@ class MT3Encoder(nn.Module):
         dtype = self.continuous_inputs_projection.weight.dtype
         hidden = self.continuous_inputs_projection(input_features.to(dtype))  # (batch, frames, d_model)
         hidden = self.dropout(hidden + self.position_embedding(0, hidden.shape[1]).to(dtype))
-        mask = None if attention_mask is None else _padding_to_additive(attention_mask, dtype)
+        mask = None if attention_mask is None else _padding_to_bool(attention_mask)
 
         all_hidden = (hidden,) if output_hidden_states else None
         all_attn = () if output_attentions else None
@@ -341,10 +416,11 @@ class MT3Encoder(nn.Module):
         return out if return_dict is not False else out.to_tuple()
 
 
-class MT3Decoder(nn.Module):
+class MT3Decoder(_Packable, nn.Module):
     """Token decoder (MT3 `Decoder`); also holds the LM head `logits_dense`, as in the T5X parameter tree."""
 
     main_input_name = "input_ids"
+    fusable = {"logits": ("logits_dense",)}
 
     def __init__(self, config: MT3Config):
         super().__init__()
@@ -358,10 +434,18 @@ class MT3Decoder(nn.Module):
         self.decoder_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.logits_dense = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head. Under autocast in float32: the mixed mode keeps the logits (and so the argmax) in float32."""
+        if torch.is_autocast_enabled(hidden.device.type):
+            with torch.autocast(hidden.device.type, enabled=False):
+                return F.linear(hidden.float(), self.logits_dense.weight.float())
+        return self._linear("logits", hidden)
+
+    @staticmethod
     def _self_attention_mask(
-        self, padding_mask: torch.Tensor | None, q_len: int, past_len: int, dtype: torch.dtype, device: torch.device
+        padding_mask: torch.Tensor | None, q_len: int, past_len: int, device: torch.device
     ) -> tuple[torch.Tensor | None, bool]:
-        """(additive mask or None, is_causal). The common cases need no mask tensor at all."""
+        """(boolean mask or None, is_causal). The common cases need no mask tensor at all."""
         if padding_mask is None:
             if q_len == 1:
                 return None, False  # one new token sees every cached one
@@ -369,55 +453,47 @@ class MT3Decoder(nn.Module):
                 return None, True  # plain causal: SDPA's fused path
         kv_len = past_len + q_len
         positions = torch.arange(kv_len, device=device)
-        allowed = positions[None, :] <= positions[past_len:, None]  # (q_len, kv_len)
-        allowed = allowed[None, None]  # (1, 1, q_len, kv_len)
+        allowed = (positions[None, :] <= positions[past_len:, None])[None, None]  # (1, 1, q_len, kv_len)
         if padding_mask is not None:
             if padding_mask.shape[-1] != kv_len:
                 raise ValueError(
                     f"`decoder_attention_mask` must cover past and new tokens ({kv_len}), "
                     f"found {padding_mask.shape[-1]}"
                 )
-            allowed = allowed & padding_mask.bool()[:, None, None, :]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        return mask.masked_fill(~allowed, torch.finfo(dtype).min), False
+            allowed = allowed & _padding_to_bool(padding_mask)
+        return allowed, False
 
     def forward(
         self,
         input_ids: torch.LongTensor,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        use_cache: bool = False,
+        cache: EncoderDecoderCache | None = None,
         position_ids: torch.LongTensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
-        """`input_ids` (batch, tokens) -> hidden states after `decoder_norm` (batch, tokens, d_model)."""
-        if use_cache and cache is None:
-            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        elif cache is not None and not isinstance(cache, EncoderDecoderCache):
-            cache = EncoderDecoderCache(cache, DynamicCache())
-        if cache is not None and cache.self_attention_cache.is_compileable:
-            # A static cache returns all its (partly empty) slots, which would need a mask on every step.
-            raise ValueError(
-                "MT3 decodes with a DynamicCache; static caches (cache_implementation='static') are not supported"
-            )
-        past_len = cache.get_seq_length() if cache is not None else 0
+        """`input_ids` (batch, tokens) -> hidden states after `decoder_norm` (batch, tokens, d_model).
 
-        dtype = self.token_embedder.weight.dtype
+        `encoder_hidden_states` may be None when `cache` already holds the cross-attention keys/values. With an
+        `MT3SlotCache`, every row is at its own position and sees only its own past (the cache gives both).
+        """
         q_len = input_ids.shape[1]
-        hidden = self.token_embedder(input_ids)  # (batch, tokens, d_model), no sqrt(d_model) scaling in MT3
-        if position_ids is None:
-            positions = self.position_embedding(past_len, q_len)  # (1, tokens, d_model)
+        dtype = self.token_embedder.weight.dtype
+        if isinstance(cache, MT3SlotCache):  # the scheduler keeps positions within the table
+            positions = self.position_embedding.table[cache.positions[:, None]]  # (rows, 1, d_model)
+            self_mask, is_causal = cache.self_attention_mask(), False
         else:
-            positions = self.position_embedding.table[position_ids]
+            past_len = cache.get_seq_length() if cache is not None else 0
+            if position_ids is None:
+                positions = self.position_embedding(past_len, q_len)  # (1, tokens, d_model); raises past the table
+            else:
+                positions = self.position_embedding.table[position_ids]
+            self_mask, is_causal = self._self_attention_mask(attention_mask, q_len, past_len, input_ids.device)
+        hidden = self.token_embedder(input_ids)  # (batch, tokens, d_model), no sqrt(d_model) scaling in MT3
         hidden = self.dropout(hidden + positions.to(dtype))
-
-        self_mask, is_causal = self._self_attention_mask(attention_mask, q_len, past_len, dtype, hidden.device)
-        cross_mask = None
-        if encoder_attention_mask is not None:
-            cross_mask = _padding_to_additive(encoder_attention_mask, dtype)
+        cross_mask = None if encoder_attention_mask is None else _padding_to_bool(encoder_attention_mask)
 
         all_hidden = (hidden,) if output_hidden_states else None
         all_self = () if output_attentions else None
@@ -438,309 +514,8 @@ class MT3Decoder(nn.Module):
                 all_self += (self_weights,)
                 all_cross += (cross_weights,)
         hidden = self.dropout(self.decoder_norm(hidden))
-
-        return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden,
-            **{CACHE_FIELD: cache if use_cache else None},
-            hidden_states=all_hidden,
-            attentions=all_self,
-            cross_attentions=all_cross,
-        )
-
-
-class MT3GreedyPool:
-    """MT3's greedy decoding of many segments through a pool of at most `pool_size` active rows.
-
-    Why not GenerationMixin's greedy loop: it keeps every row of the batch until the longest segment ends (MT3
-    segments end after tens to ~1000 tokens, so most rows are finished for most steps) and pays per-layer module and
-    cache overhead on every step. Here a row leaves the pool at EOS or the length limit; a waiting segment takes its
-    slot at once (continuous batching: it is encoded then, its cross-attention keys/values are projected once, and it
-    starts at position 0 while the others go on); when nothing waits, the last active row moves into the hole, so the
-    active rows are always slots `[0, active)` and finished ones cost nothing. Each row has its own position (its own
-    sinusoid row and causal mask). Memory: the pool's caches, the encoder activations of the segments being admitted,
-    and the output tokens, whatever the number of segments.
-
-    The weights are fused per call from the parameters (q/k/v, wi_0/wi_1, all cross k/v), so the state dict keeps its
-    names. On CPU they are also packed for oneDNN (`use_onednn`): MKL's float32 GEMM runs 2-3x slower on few rows
-    (decoder steps) and on AMD CPUs; the rounding differs from `nn.Linear` in the last bits only.
-    """
-
-    # A new self-attention chunk starts where a row's length falls below this share of the chunk's longest row:
-    # reading fewer masked cache slots is worth one more attention call from there on.
-    chunk_ratio = 0.5
-
-    def __init__(
-        self,
-        model: "MT3ForConditionalGeneration",
-        pool_size: int,
-        use_onednn: bool | None = None,
-        matmul_attention: bool | None = None,
-    ):
-        if pool_size < 1:
-            raise ValueError(f"`segment_batch_size` must be a positive number of rows, found {pool_size}")
-        config = model.config
-        self.model = model
-        self.pool_size = pool_size
-        self.heads, self.head_dim = config.num_heads, config.d_kv
-        self.inner = config.num_heads * config.d_kv
-        self.d_ff = config.d_ff
-        self.eps = config.layer_norm_epsilon
-        encoder, decoder = model.encoder, model.decoder
-        self.dtype = decoder.token_embedder.weight.dtype
-        self.device = decoder.token_embedder.weight.device
-        self.act = decoder.layers[0].mlp.act  # gelu_new for MT3, the module's own formula
-        self.max_positions = decoder.position_embedding.max_len
-        if use_onednn is None:
-            use_onednn = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) and _onednn_linear()
-        self._onednn = _onednn_linear() if use_onednn else None
-        if matmul_attention is None:
-            matmul_attention = self.device.type == "cpu" and self.dtype == torch.float32
-        self.matmul_attention = matmul_attention
-
-        with torch.no_grad():
-            pack = self._pack
-            self.encoder_projection = pack(encoder.continuous_inputs_projection.weight)
-            self.encoder_layers = [
-                (
-                    layer.pre_attention_layer_norm.weight,
-                    pack(torch.cat([layer.attention.query.weight, layer.attention.key.weight, layer.attention.value.weight])),
-                    pack(layer.attention.out.weight),
-                    layer.pre_mlp_layer_norm.weight,
-                    pack(torch.cat([layer.mlp.wi_0.weight, layer.mlp.wi_1.weight])),
-                    pack(layer.mlp.wo.weight),
-                )
-                for layer in encoder.layers
-            ]
-            self.encoder_norm = encoder.encoder_norm.weight
-            self.layers = []
-            cross_kv = []
-            for layer in decoder.layers:
-                sa, ca, mlp = layer.self_attention, layer.encoder_decoder_attention, layer.mlp
-                self.layers.append(
-                    (
-                        layer.pre_self_attention_layer_norm.weight,
-                        pack(torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])),  # (3 * inner, d_model)
-                        pack(sa.out.weight),
-                        layer.pre_cross_attention_layer_norm.weight,
-                        pack(ca.query.weight),
-                        pack(ca.out.weight),
-                        layer.pre_mlp_layer_norm.weight,
-                        pack(torch.cat([mlp.wi_0.weight, mlp.wi_1.weight])),  # (2 * d_ff, d_model)
-                        pack(mlp.wo.weight),
-                    )
-                )
-                cross_kv += [ca.key.weight, ca.value.weight]
-            self.cross_kv = pack(torch.cat(cross_kv))  # (layers * 2 * inner, d_model): one projection per segment
-            self.embedding = decoder.token_embedder.weight
-            self.positions = decoder.position_embedding.table.to(self.dtype)
-            self.final_norm = decoder.decoder_norm.weight
-            self.lm_head = pack(decoder.logits_dense.weight)
-
-    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """(out, in) weight -> what `_linear` takes: oneDNN's blocked layout, or the plain weight."""
-        if self._onednn is None:
-            return weight.detach()
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.pool_size)
-
-    def _linear(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self._onednn is None:
-            return F.linear(hidden, weight)
-        return self._onednn(hidden, weight, None, "none", [], "")
-
-    def _rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if hidden.dtype == torch.float32:
-            return F.rms_norm(hidden, weight.shape, weight, self.eps)  # bit-identical to T5LayerNorm in float32
-        variance = hidden.to(torch.float32).pow(2).mean(-1, keepdim=True)  # T5LayerNorm's half-precision order
-        return weight * (hidden * torch.rsqrt(variance + self.eps)).to(hidden.dtype)
-
-    def _attend(
-        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(..., q_len, d_kv) attention over (..., kv_len, d_kv), unscaled (MT3's query kernel holds 1/sqrt(d_kv)).
-
-        On CPU in float32, two batched matmuls: for one query per row they read the keys/values at close to memory
-        speed, where CPU SDPA takes ~1.3x as long (`keys` may be a strided slice of a cache: rows and heads merge in
-        a view). Elsewhere SDPA, whose kernels are the fast ones for half precision and on GPUs.
-        """
-        if not self.matmul_attention:
-            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=1.0)
-        scores = torch.matmul(query, keys.transpose(-1, -2))  # (..., q_len, kv_len)
-        if mask is not None:
-            scores += mask
-        return torch.matmul(scores.softmax(-1), values)
-
-    def _encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """(frames, input_depth) of one segment -> its cross keys/values (layers, 2, heads, frames, d_kv).
-
-        `MT3Encoder.forward` with the packed weights; no mask, as in MT3.
-        """
-        length = frames.shape[0]
-        heads, head_dim, inner, d_ff = self.heads, self.head_dim, self.inner, self.d_ff
-        hidden = self._linear(frames.to(self.device, self.dtype), self.encoder_projection)  # (frames, d_model)
-        hidden = hidden + self.model.encoder.position_embedding(0, length)[0].to(self.dtype)  # raises past the table
-        for n1, qkv_w, out_w, n2, wi, wo in self.encoder_layers:
-            qkv = self._linear(self._rms_norm(hidden, n1), qkv_w).view(length, 3, heads, head_dim).permute(1, 2, 0, 3)
-            attn = self._attend(qkv[0], qkv[1], qkv[2])  # (heads, frames, d_kv)
-            hidden = hidden + self._linear(attn.transpose(0, 1).reshape(length, inner), out_w)
-            gate = self._linear(self._rms_norm(hidden, n2), wi)  # (frames, 2 * d_ff)
-            hidden = hidden + self._linear(self.act(gate[:, :d_ff]) * gate[:, d_ff:], wo)
-        encoded = self._rms_norm(hidden, self.encoder_norm)  # (frames, d_model)
-        kv = self._linear(encoded, self.cross_kv)  # (frames, layers * 2 * inner)
-        return kv.view(length, len(self.layers), 2, heads, head_dim).permute(1, 2, 3, 0, 4)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_features: torch.Tensor,
-        max_new_tokens: int,
-        eos_token_ids: list[int],
-        pad_token_id: int,
-        decoder_start_token_id: int,
-        logits_processor: LogitsProcessorList | None = None,
-    ) -> torch.LongTensor:
-        """(segments, frames, input_depth) -> (segments, 1 + longest) ids, as GenerationMixin's greedy search."""
-        segments, frames = input_features.shape[0], input_features.shape[1]
-        pool = min(self.pool_size, segments)
-        heads, head_dim, inner, d_ff = self.heads, self.head_dim, self.inner, self.d_ff
-        num_layers = len(self.layers)
-        device, dtype = self.device, self.dtype
-        linear, rms_norm, act, attend = self._linear, self._rms_norm, self.act, self._attend
-        eos = set(eos_token_ids)
-        processors = logits_processor if logits_processor else None
-        min_value = torch.finfo(dtype).min
-
-        out = torch.full((segments, max_new_tokens + 1), pad_token_id, dtype=torch.long)
-        tokens = torch.full((pool, max_new_tokens + 1), decoder_start_token_id, dtype=torch.long, device=device)
-        cross = torch.empty(num_layers, 2, pool, heads, frames, head_dim, dtype=dtype, device=device)
-        # Self-attention cache, grown by doubling; zeros, so the masked slots never hold NaN.
-        capacity = min(max_new_tokens, 64)
-        cache = torch.zeros(num_layers, 2, pool, heads, capacity, head_dim, dtype=dtype, device=device)
-        key_positions = torch.arange(max_new_tokens, device=device)
-
-        for slot in range(pool):
-            cross[:, :, slot] = self._encode(input_features[slot])
-        # Rows stay in admission order, so positions never increase along the pool: the self-attention can then
-        # run over chunks of rows, each only as long as its oldest row (no reading of masked cache slots).
-        segment_of = list(range(pool))  # segment decoded in each row
-        position = [0] * pool  # position of each row's current input token = tokens generated so far
-        next_segment, active, generated = pool, pool, 0
-        position_t = torch.zeros(pool, dtype=torch.long, device=device)
-        rows = torch.arange(pool, device=device)
-
-        while active:
-            longest = position[0]
-            if longest >= self.max_positions:
-                raise ValueError(
-                    f"MT3 has {self.max_positions} positions (max_position_embeddings), "
-                    f"but position {longest} was requested"
-                )
-            if longest >= capacity:
-                capacity = min(max_new_tokens, 2 * capacity)
-                grown = cache.new_zeros(num_layers, 2, pool, heads, capacity, head_dim)
-                grown[..., : cache.shape[-2], :] = cache
-                cache = grown
-            row_ids, pos = rows[:active], position_t[:active]
-            chunks = []  # (first row, end row, keys, additive mask or None)
-            first = 0
-            while first < active:
-                length = position[first] + 1
-                end = first + 1
-                while end < active and position[end] + 1 >= self.chunk_ratio * length:
-                    end += 1
-                mask = None
-                if position[end - 1] + 1 != length:  # rows at different positions: each sees its own past only
-                    mask = torch.zeros(end - first, 1, 1, length, dtype=dtype, device=device)
-                    hidden_keys = key_positions[:length] > pos[first:end, None]  # (rows, keys)
-                    mask.masked_fill_(hidden_keys[:, None, None, :], min_value)
-                chunks.append((first, end, length, mask))
-                first = end
-
-            current = tokens[:active].gather(1, pos[:, None])[:, 0]  # (active,)
-            hidden = self.embedding[current] + self.positions[pos]  # (active, d_model)
-            for i, (n1, qkv_w, o1, n2, q2, o2, n3, wi, wo) in enumerate(self.layers):
-                qkv = linear(rms_norm(hidden, n1), qkv_w).view(active, 3, heads, head_dim)
-                layer_cache = cache[i]  # (2, pool, heads, capacity, d_kv)
-                layer_cache[:, row_ids, :, pos] = qkv[:, 1:]  # this step's key and value of every row
-                query = qkv[:, 0, :, None]  # (active, heads, 1, d_kv)
-                parts = [
-                    attend(query[first:end], layer_cache[0, first:end, :, :length], layer_cache[1, first:end, :, :length], mask)
-                    for first, end, length, mask in chunks
-                ]
-                attn = parts[0] if len(parts) == 1 else torch.cat(parts)
-                hidden = hidden + linear(attn.view(active, inner), o1)
-                query = linear(rms_norm(hidden, n2), q2).view(active, heads, 1, head_dim)
-                attn = attend(query, cross[i, 0, :active], cross[i, 1, :active])
-                hidden = hidden + linear(attn.view(active, inner), o2)
-                gate = linear(rms_norm(hidden, n3), wi)  # (active, 2 * d_ff)
-                hidden = hidden + linear(act(gate[:, :d_ff]) * gate[:, d_ff:], wo)
-            logits = linear(rms_norm(hidden, self.final_norm), self.lm_head)  # (active, vocab)
-
-            if processors is not None:
-                logits = self._process(processors, logits.float(), tokens, position[:active])
-            next_tokens = logits.argmax(-1)
-            position_t[:active] += 1
-            tokens[row_ids, position_t[:active]] = next_tokens
-            for row in range(active):
-                position[row] += 1
-
-            finished = [
-                row
-                for row, token in enumerate(next_tokens.tolist())
-                if token in eos or position[row] >= max_new_tokens
-            ]
-            if not finished:
-                continue
-            for row in finished:
-                out[segment_of[row], : position[row] + 1] = tokens[row, : position[row] + 1]
-                generated = max(generated, position[row])
-            # Drop the finished rows, keeping the order of the others: rows after the first finished one move up,
-            # each copying only its own filled cache slots (rows move to lower slots, so no source is overwritten
-            # before it is read).
-            done = set(finished)
-            kept = [row for row in range(finished[0], active) if row not in done]
-            for slot, row in enumerate(kept, start=finished[0]):
-                filled = position[row] + 1
-                cache[:, :, slot, :, :filled] = cache[:, :, row, :, :filled]
-                cross[:, :, slot] = cross[:, :, row]
-                tokens[slot, :filled] = tokens[row, :filled]
-                segment_of[slot], position[slot] = segment_of[row], position[row]
-            active -= len(finished)
-            position_t[:active] = torch.tensor(position[:active], device=device)
-            while active < pool and next_segment < segments:  # waiting segments join at the end, at position 0
-                cross[:, :, active] = self._encode(input_features[next_segment])
-                tokens[active, 0] = decoder_start_token_id
-                position_t[active] = 0
-                segment_of[active], position[active] = next_segment, 0
-                next_segment += 1
-                active += 1
-        return out[:, : 1 + generated]
-
-    @staticmethod
-    def _process(
-        processors: LogitsProcessorList, scores: torch.Tensor, tokens: torch.Tensor, positions: list[int]
-    ) -> torch.Tensor:
-        """Apply the processors to the active rows: one call per group of rows with the same length, since
-        `input_ids` must be rectangular."""
-        groups: dict[int, list[int]] = {}
-        for slot, pos in enumerate(positions):
-            groups.setdefault(pos, []).append(slot)
-        if len(groups) == 1:
-            return processors(tokens[: len(positions), : positions[0] + 1], scores)
-        for pos, slots in groups.items():
-            index = torch.tensor(slots, device=scores.device)
-            scores[index] = processors(tokens[index, : pos + 1], scores[index])
-        return scores
-
-
-def _onednn_linear():
-    """oneDNN's linear on packed weights (`torch.ops.mkldnn._linear_pointwise`), or None where this build lacks it."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        torch.ops.mkldnn._reorder_linear_weight  # noqa: B018 (both ops are needed)
-        return torch.ops.mkldnn._linear_pointwise.default
-    except (AttributeError, RuntimeError):
-        return None
+        # positional: the cache field is named differently across transformers 5.x releases
+        return BaseModelOutputWithPastAndCrossAttentions(hidden, cache, all_hidden, all_self, all_cross)
 
 
 class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
@@ -760,6 +535,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             num_beams=1,
             do_sample=False,
         )
+        self.generation_config.segment_batch_size = dict(SEGMENT_BATCH_SIZE)
 
     def get_encoder(self, modality: str | None = None) -> MT3Encoder:
         return self.encoder
@@ -801,8 +577,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         attention_mask (batch, frames): optional frame mask; MT3 itself masks nothing, so leave it None for parity.
         decoder_input_ids (batch, tokens): starts with `decoder_start_token_id` (0); made from `labels` if absent.
         cache: `EncoderDecoderCache` of earlier steps (`past_key_values` is accepted as an alias).
-        labels (batch, tokens): targets of the loss (cross entropy + `config.z_loss` z-loss, see `loss_mt3.py`),
-            -100 = ignored.
+        labels (batch, tokens): targets for the cross-entropy loss, -100 = ignored.
         """
         if cache is None:
             cache = past_key_values
@@ -837,38 +612,70 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
                 raise ValueError("Pass `decoder_input_ids` or `labels`")
             decoder_input_ids = self._shift_right(labels)
 
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        elif cache is not None and not isinstance(cache, EncoderDecoderCache):
+            cache = EncoderDecoderCache(cache, DynamicCache())
+        if cache is not None and cache.self_attention_cache.is_compileable:
+            # A static cache returns all its (partly empty) slots, which would need a mask on every step.
+            raise ValueError(
+                "MT3 decodes with a DynamicCache; static caches (cache_implementation='static') are not supported"
+            )
         decoder_outputs = self.decoder(
             decoder_input_ids,
             encoder_outputs.last_hidden_state,
             attention_mask=decoder_attention_mask,
             encoder_attention_mask=attention_mask,
-            cache=cache,
-            use_cache=use_cache,
+            cache=cache if use_cache else None,
             position_ids=decoder_position_ids,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
-        logits = self.decoder.logits_dense(decoder_outputs.last_hidden_state)  # (batch, tokens, vocab)
+        logits = self.decoder.logits(decoder_outputs.last_hidden_state)  # (batch, tokens, vocab)
 
         loss = None
         if labels is not None:
             loss, _, _ = mt3_loss(logits, labels.to(logits.device), self.config.z_loss)
 
+        # positional: the cache field is named differently across transformers 5.x releases
         output = Seq2SeqLMOutput(
-            loss=loss,
-            logits=logits,
-            **{CACHE_FIELD: getattr(decoder_outputs, CACHE_FIELD)},
-            decoder_hidden_states=decoder_outputs.hidden_states,
-            decoder_attentions=decoder_outputs.attentions,
-            cross_attentions=decoder_outputs.cross_attentions,
-            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
-            encoder_hidden_states=encoder_outputs.hidden_states,
-            encoder_attentions=encoder_outputs.attentions,
+            loss,
+            logits,
+            cache if use_cache else None,
+            decoder_outputs.hidden_states,
+            decoder_outputs.attentions,
+            decoder_outputs.cross_attentions,
+            encoder_outputs.last_hidden_state,
+            encoder_outputs.hidden_states,
+            encoder_outputs.attentions,
         )
         return output if return_dict is not False else output.to_tuple()
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return self._shift_right(labels)
+
+    def pack(self, rows: int, onednn: bool, matmul_attention: bool, fuse: bool = True) -> None:
+        """Until `unpack()`, attention runs as matmuls if `matmul_attention`, and if `fuse` the linears that read
+        the same input run as one product (q/k/v, wi_0/wi_1, cross k/v), in oneDNN's layout if `onednn`. The
+        parameters are unchanged: the packs are built from them here (`rows`: the expected rows per product)."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, _Packable) and fuse:
+                    module.pack(onednn, rows)
+                if isinstance(module, MT3Attention):
+                    module.matmul = matmul_attention
+
+    def unpack(self) -> None:
+        for module in self.modules():
+            if isinstance(module, _Packable):
+                module.unpack()
+            if isinstance(module, MT3Attention):
+                module.matmul = False
+
+    @property
+    def default_segment_batch_size(self) -> int:
+        """Segments `generate()` decodes at once on this model's device (generation_config.json, per device type)."""
+        return _pool_size(getattr(self.generation_config, "segment_batch_size", None), self.device.type)
 
     def generate(
         self,
@@ -880,18 +687,18 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
     ) -> torch.LongTensor:
         """Greedy decoding of all segments: `generate(input_features=x)`, x (segments, frames, input_depth).
 
-        Plain greedy search (MT3's own decoding, with optional `logits_processor`) runs in `MT3GreedyPool`: at most
-        `segment_batch_size` segments (default `config.segment_batch_size`) are decoded at once and a finished one
-        makes room for the next. It returns what `GenerationMixin.generate` returns: (segments, 1 + longest) ids,
-        decoder start first, EOS then padding after each finished row. Everything else (beam search, sampling,
-        scores / dict outputs, streamers, assistants, `use_cache=False`, masks, ...) goes to `GenerationMixin`.
+        When the generation settings differ from greedy search only in `FAST_GREEDY_SETTINGS`, decoding runs in
+        `MT3GreedyPool` (the model's own layers, at most `segment_batch_size` segments at once, a finished one
+        making room for the next) and returns what `GenerationMixin.generate` returns: (segments, 1 + longest)
+        ids, decoder start first, EOS then padding after each finished row. Anything else goes to
+        `GenerationMixin.generate` (beam search, sampling, dict outputs, streamers, masks, ...).
         """
         # The processor's output also holds each segment's start time, which only decoding to notes needs:
         # accept it so that `model.generate(**processor(audio=...))` works.
         kwargs.pop("segment_start_times", None)
         features = kwargs.get(self.main_input_name, inputs)
         if isinstance(features, torch.Tensor) and features.dim() == 3 and features.shape[0] == 0:
-            # silence of length 0: no segment to decode (GenerationMixin cannot take an empty batch)
+            # audio of length 0: no segment to decode (GenerationMixin cannot take an empty batch)
             config = generation_config or self.generation_config
             start = config.decoder_start_token_id if config.decoder_start_token_id is not None else 0
             return torch.full((0, 1), start, dtype=torch.long, device=features.device)
@@ -900,24 +707,19 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             return super().generate(
                 inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs
             )
-        features, max_new_tokens, eos, pad, start = fast
-        if segment_batch_size is None:
-            segment_batch_size = getattr(generation_config, "segment_batch_size", None)
-        if segment_batch_size is None:
-            segment_batch_size = getattr(self.generation_config, "segment_batch_size", None)
-        if segment_batch_size is None:
-            segment_batch_size = self.config.segment_batch_size
+        features, max_new_tokens, eos, pad, start, configured_pool = fast
+        pool = _pool_size(segment_batch_size if segment_batch_size is not None else configured_pool, self.device.type)
         if logits_processor is not None and not isinstance(logits_processor, LogitsProcessorList):
             logits_processor = LogitsProcessorList(logits_processor)
-        return MT3GreedyPool(self, segment_batch_size).generate(
+        return MT3GreedyPool(self, pool).generate(
             features, max_new_tokens, eos, pad, start, logits_processor=logits_processor
         )
 
     def _fast_greedy_settings(
         self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, kwargs: dict
-    ) -> tuple[torch.Tensor, int, list[int], int, int] | None:
-        """(features, max_new_tokens, eos ids, pad id, start id) when `MT3GreedyPool` reproduces
-        `GenerationMixin`'s greedy search for these arguments, else None."""
+    ) -> tuple[torch.Tensor, int, list[int], int, int, int | dict | None] | None:
+        """(features, max_new_tokens, eos ids, pad id, start id, segment batch size) when the settings are greedy
+        search changed only in `FAST_GREEDY_SETTINGS` (what `MT3GreedyPool` reproduces), else None."""
         rest = dict(kwargs)
         features = rest.pop(self.main_input_name, None)
         if (inputs is None) == (features is None) or self.training:
@@ -925,47 +727,22 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         features = inputs if features is None else features
         if not isinstance(features, torch.Tensor) or features.dim() != 3 or features.shape[0] == 0:
             return None
-        # arguments of GenerationMixin.generate that select other machinery
-        for name in ("stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model", "streamer",
-                     "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "trust_remote_code",
-                     "tokenizer", "assistant_tokenizer"):
-            if rest.get(name) is not None:
-                return None
         has_default_max_length = (
             rest.get("max_length") is None
             and (generation_config is None or generation_config.max_length is None)
             and self.generation_config.max_length is None
         )
         config, model_kwargs = self._prepare_generation_config(generation_config, **rest)
-        if model_kwargs or config.get_generation_mode() != GenerationMode.GREEDY_SEARCH:
-            return None  # masks, encoder outputs, decoder prompts, ...; beams, sampling, assistants
-        neutral = {
-            "use_cache": (True, None),
-            "num_return_sequences": (1, None),
-            "return_dict_in_generate": (False, None),
-            "output_scores": (False, None),
-            "output_logits": (False, None),
-            "output_attentions": (False, None),
-            "output_hidden_states": (False, None),
-            "min_length": (0, None),
-            "repetition_penalty": (1.0, None),
-            "encoder_repetition_penalty": (1.0, None),
-            "no_repeat_ngram_size": (0, None),
-            "encoder_no_repeat_ngram_size": (0, None),
-            "guidance_scale": (1.0, None),
-            "renormalize_logits": (False, None),
-            "remove_invalid_values": (False, None),
-            "token_healing": (False, None),
-            "use_mtp": (False, None),
-        }
-        for name, allowed in neutral.items():
-            if getattr(config, name, None) not in allowed:
-                return None
-        for name in ("min_new_tokens", "max_time", "stop_strings", "bad_words_ids", "forced_bos_token_id",
-                     "forced_eos_token_id", "exponential_decay_length_penalty", "suppress_tokens",
-                     "begin_suppress_tokens", "sequence_bias", "watermarking_config", "cache_implementation",
-                     "dola_layers", "prefill_chunk_size"):
-            if getattr(config, name, None) is not None:
+        if any(value is not None for value in model_kwargs.values()):
+            return None  # masks, encoder outputs, decoder prompts, streamers, stopping criteria, assistants, ...
+        greedy = GenerationConfig()
+        greedy.update(**greedy._get_default_generation_params(), defaults_only=True)
+        defaults = greedy.to_dict()
+        for name, value in config.to_dict().items():
+            if name in FAST_GREEDY_SETTINGS or name.startswith("_") or name == "transformers_version":
+                continue
+            default = defaults.get(name)
+            if value != default and not (default is None and value is False):  # an unset flag is off
                 return None
 
         eos = config.eos_token_id
@@ -988,7 +765,14 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             max_new_tokens = config.max_length - 1
         if max_new_tokens < 1:
             return None
-        return features, max_new_tokens, eos, pad, start
+        return features, max_new_tokens, eos, pad, start, getattr(config, "segment_batch_size", None)
 
 
-__all__ = ["MT3PreTrainedModel", "MT3ForConditionalGeneration", "MT3GreedyPool", "mt3_sinusoid_table"]
+def _pool_size(setting: int | dict | None, device_type: str) -> int | None:
+    """A `segment_batch_size` setting (a number, or per device type as generation_config.json holds it) -> rows."""
+    if setting is None:
+        setting = SEGMENT_BATCH_SIZE
+    return setting.get(device_type, SEGMENT_BATCH_SIZE["cpu"]) if isinstance(setting, dict) else setting
+
+
+__all__ = ["MT3PreTrainedModel", "MT3ForConditionalGeneration", "mt3_sinusoid_table"]

@@ -88,7 +88,7 @@ class MT3TranscriptionPipeline(ChunkPipeline):
     Options (at construction or per call): `programs` (allowed GM programs, "0-7,32", "piano,bass" or ints; drum
     notes are never filtered), `return_midi` (True: a `pretty_midi.PrettyMIDI`; "bytes": a Standard MIDI File's
     bytes; False: notes only), `sampling_rate` (of array inputs), `generate_kwargs`. `batch_size` counts segments
-    (2.048 s each) per `generate()` call, across inputs; default `config.segment_batch_size`.
+    (2.048 s each) per `generate()` call, across inputs; default the model's `segment_batch_size` for its device (generation_config.json).
 
     Each note is a dict: program, instrument (GM name, "Drums" for drums), is_drum, pitch, velocity, start, end (s).
     """
@@ -101,7 +101,7 @@ class MT3TranscriptionPipeline(ChunkPipeline):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self._batch_size is None:
-            self._batch_size = self.model.config.segment_batch_size
+            self._batch_size = self.model.default_segment_batch_size
 
     def _sanitize_parameters(self, programs=None, return_midi=None, sampling_rate=None, generate_kwargs=None, **kwargs):
         if kwargs:

@@ -3,11 +3,16 @@
 import numpy as np
 import pytest
 import torch
+from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from convert_mt3.mt3.configuration_mt3 import MT3Config
-from convert_mt3.mt3.modeling_mt3 import CACHE_FIELD, MT3ForConditionalGeneration, mt3_sinusoid_table
+from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration, mt3_sinusoid_table
 
 FRAMES = 16
+
+# Model outputs name the KV cache `cache` in newer transformers 5.x and `past_key_values` before (the model builds
+# them positionally, so it works with both).
+CACHE_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
 
 
 def tiny_config(**overrides) -> MT3Config:

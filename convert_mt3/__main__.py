@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from . import __version__
 
@@ -25,6 +26,14 @@ OVERRIDES = {
 }
 
 
+# Layout of the checkpoint's variant (convert_mt3.variant): unset flags keep what the vocabulary size / config.gin say.
+VARIANT_FLAGS = {
+    "frames_per_segment": (int, "encoder input frames per segment (mt3 256, ismir2021 512)"),
+    "num_velocity_bins": (int, "velocity bins of the vocabulary (mt3 1, ismir2021 127)"),
+    "program_granularity": (str, "programs in the targets: full (mt3), midi_class or flat (ismir2021)"),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m convert_mt3",
@@ -34,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR", help="T5X checkpoint folder (msgpack `checkpoint` + target.* zarr folders)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write; built beside it and moved in when verified")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights (default float32)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is a folder convert-mt3 wrote (every entry listed in its .convert-mt3.json); never anything else")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary, errors only")
     parser.add_argument("--golden", metavar="DIR", help="folder of outputs of the original MT3 (case folders with frames.npy, encoder_out.npy, logits.npy, tokens.json): measure parity and put it in the model card")
     hub = parser.add_argument_group("Hugging Face Hub")
@@ -45,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     config = parser.add_argument_group("config overrides", "values normally derived from the checkpoint's shapes and config.gin")
     for field, (kind, text) in OVERRIDES.items():
         config.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, metavar="N" if kind is int else "X", help=text)
+    variant = parser.add_argument_group(
+        "variant", "tokenizer / feature extractor layout, normally from config.gin or the vocabulary size (mt3: 1536, ismir2021: 1664)"
+    )
+    for field, (kind, text) in VARIANT_FLAGS.items():
+        variant.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, metavar="N" if kind is int else "X", help=text)
+    variant.add_argument("--use-ties", action=argparse.BooleanOptionalAction, default=None, help="segments start with a tie section (mt3 yes, ismir2021 no)")
     parser.add_argument("--version", action="version", version=f"convert-mt3 {__version__}")
     args = parser.parse_args(argv)
     if (args.private or args.revision) and not args.push_to_hub:
@@ -54,50 +69,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .checkpoint import read_checkpoint  # light: numpy, msgpack, numcodecs
+    from .output import check_out_dir, out_dir_lock  # standard library only
 
+    out_dir = Path(args.out_dir).absolute()
+    pool = ThreadPoolExecutor(1)
     try:
-        # gunzip releases the GIL: read the checkpoint while torch and transformers import.
-        with ThreadPoolExecutor(1) as pool:
-            reading = pool.submit(read_checkpoint, args.checkpoint_dir, quiet=args.quiet)
-            from transformers.utils import logging as transformers_logging
-
-            from .export import convert
-            from .hub import push_folder
-
-            if args.quiet:
-                transformers_logging.set_verbosity_error()
-                transformers_logging.disable_progress_bar()
-            checkpoint = reading.result()
-        result = convert(
-            checkpoint,
-            args.out_dir,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            quiet=args.quiet,
-            golden_dir=args.golden,
-            overrides={field: getattr(args, field) for field in OVERRIDES},
-            repo_id=args.push_to_hub,
-        )
-        if not args.quiet:
-            print(
-                f"wrote {result.out_dir}: {result.num_arrays} arrays ({result.num_zarr} zarr + {result.num_inline} inline), "
-                f"{result.num_parameters:,} parameters, {result.dtype}, step {result.step}; "
-                f"reload check max abs error {result.reload_max_abs_error:.1e}"
-            )
-            if result.parity:
-                p = result.parity
-                print(
-                    f"golden parity: encoder {p['encoder_max_abs_error']:.2e}, logits {p['logits_max_abs_error']:.2e}, "
-                    f"greedy segments identical {p['greedy_segments_identical']}/{p['greedy_segments']}"
-                )
-        if args.push_to_hub:
-            url = push_folder(result.out_dir, args.push_to_hub, private=args.private, revision=args.revision, commit_message=args.commit_message)
-            print(url)
-    except (ValueError, OSError, RuntimeError) as err:
+        # Refuse a bad or busy OUT_DIR before any work; the lock is held until the folder is in place.
+        check_out_dir(out_dir, Path(args.checkpoint_dir), args.overwrite)
+        with out_dir_lock(out_dir):
+            return _convert(args, out_dir, pool)
+    except (ValueError, OSError, RuntimeError, MemoryError) as err:
         # User-facing failures are one line, no traceback (the error classes name file/array).
-        print(f"error: {err}", file=sys.stderr)
+        message = "out of memory" if isinstance(err, MemoryError) else str(err)
+        print(f"error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Staging folder and lock are already gone (finally clauses); a reading thread may still run.
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor) -> int:
+    """Read, convert, report and push; called with OUT_DIR checked and locked."""
+    from .checkpoint import read_checkpoint  # light: numpy, msgpack, zlib
+
+    # gunzip releases the GIL: read the checkpoint while torch and transformers import.
+    reading = pool.submit(read_checkpoint, args.checkpoint_dir, quiet=args.quiet)
+    import torch  # noqa: F401  (a third of the imports below; most bad checkpoints are refused by the time it is in)
+
+    if reading.done():
+        reading.result()  # report a bad checkpoint now, not after transformers' imports
+    from transformers.utils import logging as transformers_logging
+
+    from .export import convert
+    from .hub import push_folder
+
+    if args.quiet:
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    checkpoint = reading.result()
+    result = convert(
+        checkpoint,
+        out_dir,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        golden_dir=args.golden,
+        overrides={field: getattr(args, field) for field in OVERRIDES},
+        variant_overrides={field: getattr(args, field) for field in [*VARIANT_FLAGS, "use_ties"]},
+        repo_id=args.push_to_hub,
+    )
+    if not args.quiet:
+        print(
+            f"wrote {result.out_dir}: {result.num_arrays} arrays ({result.num_zarr} zarr + {result.num_inline} inline), "
+            f"{result.num_parameters:,} parameters, {result.dtype}, step {result.step}, variant {result.variant.name}; "
+            f"reload check max abs error {result.reload_max_abs_error:.1e}"
+        )
+        if result.parity:
+            p = result.parity
+            print(
+                f"golden parity: encoder {p['encoder_max_abs_error']:.2e}, logits {p['logits_max_abs_error']:.2e}, "
+                f"greedy segments identical {p['greedy_segments_identical']}/{p['greedy_segments']}"
+            )
+    if args.push_to_hub:
+        url = push_folder(result.out_dir, args.push_to_hub, private=args.private, revision=args.revision, commit_message=args.commit_message)
+        print(url)
     return 0
 
 

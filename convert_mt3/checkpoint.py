@@ -10,13 +10,16 @@ zarr v2 folder per large array. In the msgpack tree each parameter leaf is eithe
   pointing at a zarr v2 folder (`.zarray` + gzip chunks).
 
 Only `optimizer/target` is read; the optimizer state is ignored. Nothing here imports
-t5x, JAX, flax or TensorFlow: msgpack + numcodecs + numpy are enough.
+t5x, JAX, flax or TensorFlow: msgpack + zlib + numpy are enough. Every file is read as a
+regular file inside the checkpoint folder and never past the size its metadata announces.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import numcodecs
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -35,7 +37,12 @@ _EXT_NDARRAY = 1
 _EXT_NPSCALAR = 3
 # zarr v2 dtypes and compressors this reader accepts (what T5X writes).
 SUPPORTED_DTYPES = {"<f4": np.dtype("<f4"), "<f2": np.dtype("<f2"), "bfloat16": "bfloat16"}
-SUPPORTED_COMPRESSORS = ("gzip", "zlib", None)
+# zlib window bits per compressor: 16 + 15 = gzip header, 15 = zlib header.
+SUPPORTED_COMPRESSORS = {"gzip": 31, "zlib": 15, None: None}
+# Bounds on what is read before anything is allocated (the real MT3: an 0.9 MB msgpack file, 46 M parameters).
+MAX_MSGPACK_BYTES = 1 << 31
+MAX_METADATA_BYTES = 1 << 16
+MAX_ELEMENTS = 1 << 30  # all arrays together: 4 GB of float32
 
 
 class CheckpointError(ValueError):
@@ -57,7 +64,60 @@ class T5XCheckpoint:
 class _ZarrLeaf:
     name: str  # tree path of the parameter
     folder: Path
-    shape: tuple[int, ...]  # shape announced by the parameter tree
+    shape: tuple[int, ...]  # shape announced by the parameter tree and by `.zarray`
+    chunks: tuple[int, ...] = ()
+    dtype_name: str = ""
+    codec_id: str | None = None
+    separator: str = "."
+
+
+def _read_regular(path: Path, root: Path, limit: int) -> bytes:
+    """The bytes of `path`, a regular file inside `root`, refusing more than `limit` of them.
+
+    Symlinks are followed only while they stay inside the checkpoint folder; devices, FIFOs and sockets are
+    refused before a byte is read, so a crafted checkpoint can neither leak nor exhaust anything.
+    """
+    try:
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError):  # symlink loops
+        raise CheckpointError(f"{path}: cannot be resolved (symlink loop or unreadable)") from None
+    if not real.is_relative_to(root):
+        raise CheckpointError(f"{path}: resolves outside the checkpoint folder {root}")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # NONBLOCK: opening a FIFO must not hang
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be opened ({err.strerror or type(err).__name__})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path}: not a regular file")
+        if info.st_size > limit:
+            raise CheckpointError(f"{path}: {info.st_size} bytes, more than the {limit} its metadata allows")
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise CheckpointError(f"{path}: grew past the {limit} bytes its metadata allows while being read")
+    return data
+
+
+def _inflate(data: bytes, codec_id: str, size: int, file: Path, name: str) -> bytes:
+    """Decompress one chunk, stopping as soon as it would exceed the `size` bytes its `.zarray` announces."""
+    inflater = zlib.decompressobj(SUPPORTED_COMPRESSORS[codec_id])
+    try:
+        out = inflater.decompress(data, size + 1)
+    except zlib.error:
+        raise CheckpointError(f"{file}: corrupt {codec_id} chunk of {name}") from None
+    if len(out) > size or inflater.unconsumed_tail:
+        raise CheckpointError(f"{file}: chunk of {name} inflates past the {size} bytes its .zarray announces")
+    if not inflater.eof:
+        raise CheckpointError(f"{file}: truncated compressed chunk of {name}")
+    if inflater.unused_data:
+        raise CheckpointError(f"{file}: chunk of {name} has trailing bytes after its compressed stream")
+    return out
 
 
 def _decode_ext(code: int, data: bytes) -> Any:
@@ -73,12 +133,14 @@ def _decode_ext(code: int, data: bytes) -> Any:
 
 def _load_tree(directory: Path) -> dict:
     file = directory / MSGPACK_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing; expected the T5X msgpack `{MSGPACK_FILE}` file in {directory}")
     try:
-        tree = msgpack.unpackb(file.read_bytes(), ext_hook=_decode_ext, raw=False, strict_map_key=False)
-    except (ValueError, TypeError, msgpack.UnpackException) as err:
-        raise CheckpointError(f"{file}: truncated or corrupt msgpack ({type(err).__name__}: {err})") from None
+        data = _read_regular(file, directory, MAX_MSGPACK_BYTES)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing; expected the T5X msgpack `{MSGPACK_FILE}` file in {directory}") from None
+    try:
+        tree = msgpack.unpackb(data, ext_hook=_decode_ext, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, IndexError, RecursionError, msgpack.UnpackException) as err:
+        raise CheckpointError(f"{file}: truncated or corrupt msgpack ({type(err).__name__})") from None
     if not isinstance(tree, dict) or not isinstance(tree.get("optimizer"), dict) or "target" not in tree["optimizer"]:
         raise CheckpointError(f"{file}: no `optimizer/target` parameter tree (is this a T5X checkpoint?)")
     return tree
@@ -97,67 +159,94 @@ def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix, node
 
 
+def _shape(value: Any) -> tuple[int, ...] | None:
+    """A list of non-negative ints as a shape, else None."""
+    if not isinstance(value, (list, tuple)) or not all(type(n) is int and n >= 0 for n in value):
+        return None
+    return tuple(value)
+
+
 def _zarr_leaf(directory: Path, name: str, spec: dict) -> _ZarrLeaf:
+    """The zarr folder a tensorstore spec names, with its `.zarray` read and validated (no chunk read yet)."""
     if spec.get("driver") != "zarr":
         raise CheckpointError(f"{name}: unsupported tensorstore driver {spec.get('driver')!r}; expected 'zarr'")
-    rel = str(spec["kvstore"].get("path", ""))
+    kvstore, metadata = spec.get("kvstore"), spec.get("metadata", {})
+    rel = kvstore.get("path") if isinstance(kvstore, dict) else None
+    tree_shape = _shape(metadata.get("shape", [])) if isinstance(metadata, dict) else None
+    if not isinstance(rel, str) or tree_shape is None:
+        raise CheckpointError(f"{name}: malformed tensorstore spec (expected kvstore.path and metadata.shape)")
     folder = (directory / rel).resolve()
     if folder == directory or not folder.is_relative_to(directory):
         raise CheckpointError(f"{name}: spec path {rel!r} leaves the checkpoint folder {directory}")
     if not folder.is_dir():
         raise CheckpointError(f"{name}: zarr folder {folder} is missing")
-    shape = tuple(spec.get("metadata", {}).get("shape", ()))
-    return _ZarrLeaf(name, folder, shape)
 
-
-def _read_zarr(leaf: _ZarrLeaf) -> np.ndarray:
-    """Read one zarr v2 array chunk by chunk, checking every chunk is present and whole."""
-    meta_file = leaf.folder / ".zarray"
+    meta_file = folder / ".zarray"
     try:
-        meta = json.loads(meta_file.read_text())
-        shape, chunks = tuple(meta["shape"]), tuple(meta["chunks"])
-        dtype_name, compressor, order = meta["dtype"], meta["compressor"], meta.get("order", "C")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{meta_file}: unreadable zarr metadata ({type(err).__name__}: {err})") from None
-    if leaf.shape and shape != leaf.shape:
-        raise CheckpointError(f"{meta_file}: shape {list(shape)} disagrees with the parameter tree's {list(leaf.shape)} for {leaf.name}")
-    if dtype_name not in SUPPORTED_DTYPES:
+        text = _read_regular(meta_file, directory, MAX_METADATA_BYTES)
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_file}: missing zarr metadata of {name}") from None
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{meta_file}: unreadable zarr metadata ({type(err).__name__})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file}: unreadable zarr metadata (expected a JSON object)")
+    shape, chunks = _shape(meta.get("shape")), _shape(meta.get("chunks"))
+    if shape is None or chunks is None or len(chunks) != len(shape) or 0 in chunks:
+        raise CheckpointError(f"{meta_file}: shape {meta.get('shape')!r} / chunks {meta.get('chunks')!r} are not equal-length lists of sizes (chunks > 0)")
+    if np.prod(chunks, dtype=np.float64) > MAX_ELEMENTS:
+        raise CheckpointError(f"{meta_file}: chunks {list(chunks)} exceed the {MAX_ELEMENTS:,} elements a checkpoint may hold")
+    if tree_shape and shape != tree_shape:
+        raise CheckpointError(f"{meta_file}: shape {list(shape)} disagrees with the parameter tree's {list(tree_shape)} for {name}")
+    dtype_name, compressor, order = meta.get("dtype"), meta.get("compressor"), meta.get("order", "C")
+    if not isinstance(dtype_name, str) or dtype_name not in SUPPORTED_DTYPES:
         raise CheckpointError(f"{meta_file}: unsupported dtype {dtype_name!r}; expected one of {sorted(SUPPORTED_DTYPES)}")
     codec_id = compressor.get("id") if isinstance(compressor, dict) else compressor
-    if codec_id not in SUPPORTED_COMPRESSORS or meta.get("filters") or order != "C":
+    if not (codec_id is None or isinstance(codec_id, str)) or codec_id not in SUPPORTED_COMPRESSORS or meta.get("filters") or order != "C":
         raise CheckpointError(f"{meta_file}: unsupported compressor/filters/order ({codec_id!r}, {meta.get('filters')!r}, {order!r}); expected gzip or zlib, no filters, C order")
-    codec = numcodecs.get_codec(compressor) if compressor else None
+    separator = meta.get("dimension_separator") or "."  # absent or null: zarr v2's default
+    if separator not in (".", "/"):
+        raise CheckpointError(f"{meta_file}: unsupported dimension_separator {separator!r}; expected '.' or '/'")
+    return _ZarrLeaf(name, folder, shape, chunks, dtype_name, codec_id, separator)
+
+
+def _read_zarr(leaf: _ZarrLeaf, root: Path) -> np.ndarray:
+    """Read one validated zarr v2 array chunk by chunk, checking every chunk is present and whole."""
+    shape, chunks = leaf.shape, leaf.chunks
     # bfloat16 has no numpy dtype: read its raw 16 bits and widen to float32 below.
-    raw_dtype = np.dtype("<u2") if dtype_name == "bfloat16" else SUPPORTED_DTYPES[dtype_name]
-    separator = meta.get("dimension_separator", ".")
+    raw_dtype = np.dtype("<u2") if leaf.dtype_name == "bfloat16" else SUPPORTED_DTYPES[leaf.dtype_name]
+    chunk_bytes = int(np.prod(chunks, dtype=np.int64)) * raw_dtype.itemsize
+    # deflate never grows data by more than ~0.1% plus headers: anything larger is not a chunk of this array
+    stored_limit = chunk_bytes if leaf.codec_id is None else chunk_bytes + chunk_bytes // 64 + 4096
 
     out = np.empty(shape, dtype=raw_dtype)
     grid = [range(-(-n // c)) for n, c in zip(shape, chunks)]  # chunks per axis (ceil)
     for index in product(*grid):
-        key = separator.join(map(str, index)) if shape else "0"
+        key = leaf.separator.join(map(str, index)) if shape else "0"
         chunk_file = leaf.folder / key
         try:
-            data = chunk_file.read_bytes()
-            if codec is not None:
-                data = codec.decode(data)
+            data = _read_regular(chunk_file, root, stored_limit)
         except FileNotFoundError:
             raise CheckpointError(f"{chunk_file}: chunk missing from zarr array {leaf.name}") from None
-        except Exception as err:  # numcodecs raises zlib.error, EOFError, RuntimeError, ...
-            raise CheckpointError(f"{chunk_file}: corrupt {codec_id} chunk of {leaf.name} ({type(err).__name__}: {err})") from None
-        expected = int(np.prod(chunks)) * raw_dtype.itemsize
-        if len(data) != expected:
-            raise CheckpointError(f"{chunk_file}: chunk of {leaf.name} holds {len(data)} bytes, expected {expected} for chunk shape {list(chunks)}")
+        if leaf.codec_id is not None:
+            data = _inflate(data, leaf.codec_id, chunk_bytes, chunk_file, leaf.name)
+        if len(data) != chunk_bytes:
+            raise CheckpointError(f"{chunk_file}: chunk of {leaf.name} holds {len(data)} bytes, expected {chunk_bytes} for chunk shape {list(chunks)}")
         block = np.frombuffer(data, dtype=raw_dtype).reshape(chunks)
         region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, chunks, shape))
         out[region] = block[tuple(slice(0, s.stop - s.start) for s in region)]
-    if dtype_name == "bfloat16":
+    if leaf.dtype_name == "bfloat16":
         out = (out.astype(np.uint32) << 16).view(np.float32)
     return out
 
 
 def _step(tree: dict) -> int | None:
-    step = tree["optimizer"].get("state", {}).get("step")
-    return None if step is None else int(np.asarray(step).reshape(-1)[0])
+    state = tree["optimizer"].get("state")
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, np.ndarray) and step.size == 1 and np.issubdtype(step.dtype, np.integer):
+        return int(step.reshape(-1)[0])
+    return step if type(step) is int else None
 
 
 def read_checkpoint(directory: str | os.PathLike, *, quiet: bool = True, workers: int | None = None) -> T5XCheckpoint:
@@ -172,21 +261,29 @@ def read_checkpoint(directory: str | os.PathLike, *, quiet: bool = True, workers
 
     arrays: dict[str, np.ndarray] = {}
     zarr_leaves: list[_ZarrLeaf] = []
+    msgpack_file = directory / MSGPACK_FILE
     for name, node in _leaves(tree["optimizer"]["target"]):
         if isinstance(node, np.ndarray):
+            if node.dtype not in (np.float32, np.float16):
+                raise CheckpointError(f"{msgpack_file}: inline parameter {name} has dtype {node.dtype}; expected float32 or float16")
             arrays[name] = node
         elif _is_spec(node):
             zarr_leaves.append(_zarr_leaf(directory, name, node))
         else:
-            raise CheckpointError(f"{directory / MSGPACK_FILE}: parameter {name} is neither an inline array nor a tensorstore spec ({type(node).__name__})")
+            raise CheckpointError(f"{msgpack_file}: parameter {name} is neither an inline array nor a tensorstore spec ({type(node).__name__})")
     num_inline = len(arrays)
     if not arrays and not zarr_leaves:
-        raise CheckpointError(f"{directory / MSGPACK_FILE}: `optimizer/target` holds no parameters")
+        raise CheckpointError(f"{msgpack_file}: `optimizer/target` holds no parameters")
+    # Every shape is known now: refuse an absurd total before allocating anything.
+    total = sum(int(np.prod(leaf.shape, dtype=np.float64)) for leaf in zarr_leaves)
+    if total > MAX_ELEMENTS:
+        biggest = max(zarr_leaves, key=lambda leaf: np.prod(leaf.shape, dtype=np.float64))
+        raise CheckpointError(f"{biggest.folder / '.zarray'}: the arrays announce {total:,} elements in all, more than the {MAX_ELEMENTS:,} a checkpoint may hold (largest: {biggest.name} {list(biggest.shape)})")
 
     # gunzip releases the GIL: decode folders on all cores.
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(_read_zarr, zarr_leaves)
+        results = pool.map(_read_zarr, zarr_leaves, [directory] * len(zarr_leaves))
         for leaf, array in tqdm(zip(zarr_leaves, results), total=len(zarr_leaves), desc="reading arrays", unit="array", disable=quiet):
             arrays[leaf.name] = array
     return T5XCheckpoint(directory, dict(sorted(arrays.items())), _step(tree), num_inline, len(zarr_leaves))

@@ -2,7 +2,7 @@
 
     read_checkpoint -> derive_config -> t5x_to_state_dict -> MT3ForConditionalGeneration
       -> temporary folder (safetensors, configs, processor, Hub code, card)
-      -> reload with trust_remote_code and compare -> move into OUT_DIR
+      -> reload with trust_remote_code and compare -> manifest -> move into OUT_DIR (locked; see output.py)
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from .mt3.feature_extraction_mt3 import MT3FeatureExtractor
 from .mt3.modeling_mt3 import MT3ForConditionalGeneration
 from .mt3.processing_mt3 import MT3Processor
 from .mt3.tokenization_mt3 import MT3Tokenizer
+from .output import check_out_dir, move_into_place, out_dir_lock, write_manifest
 from .parity import measure_golden_parity
+from .variant import Variant, derive_variant
 
 HUB_CODE_DIR = Path(__file__).parent / "mt3"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,6 +63,7 @@ class ConversionResult:
     num_parameters: int
     dtype: str
     reload_max_abs_error: float
+    variant: Variant
     parity: dict[str, Any] = field(default_factory=dict)
 
 
@@ -110,36 +113,21 @@ def _hub_code_files() -> list[Path]:
     return sorted(p for p in HUB_CODE_DIR.glob("*.py") if p.name != "__init__.py")
 
 
-def write_folder(folder: Path, model: MT3ForConditionalGeneration, dtype: str) -> None:
-    """save_pretrained of model, processor and remote code into `folder`."""
+def write_folder(folder: Path, model: MT3ForConditionalGeneration, dtype: str, variant: Variant) -> None:
+    """save_pretrained of model, processor (set up for the checkpoint's variant) and remote code into `folder`."""
     model.config.auto_map = dict(AUTO_MAP)
     model.config.custom_pipelines = dict(CUSTOM_PIPELINES)
     model.to(DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
     for auto_class, cls in [("AutoFeatureExtractor", MT3FeatureExtractor), ("AutoTokenizer", MT3Tokenizer), ("AutoProcessor", MT3Processor)]:
         cls.register_for_auto_class(auto_class)
-    feature_extractor = MT3FeatureExtractor(feature_size=model.config.input_depth)
-    MT3Processor(feature_extractor=feature_extractor, tokenizer=MT3Tokenizer()).save_pretrained(folder)
+    feature_extractor = MT3FeatureExtractor(
+        feature_size=model.config.input_depth, frames_per_segment=variant.frames_per_segment
+    )
+    tokenizer = MT3Tokenizer(**variant.tokenizer_kwargs())
+    MT3Processor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(folder)
     feature_extractor.save_pretrained(folder)  # also preprocessor_config.json, which AutoFeatureExtractor reads first
     for file in _hub_code_files():  # verbatim, so the folder runs with transformers alone
         shutil.copyfile(file, folder / file.name)
-
-
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by `staging`, keeping the old folder until the new one is in place."""
-    backup = None
-    if out_dir.exists():
-        backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(backup)
-    staging.rename(out_dir)
-    if backup is not None:
-        shutil.rmtree(backup)
 
 
 def convert(
@@ -151,17 +139,40 @@ def convert(
     quiet: bool = False,
     golden_dir: str | os.PathLike | None = None,
     overrides: dict[str, Any] | None = None,
+    variant_overrides: dict[str, Any] | None = None,
     repo_id: str | None = None,
 ) -> ConversionResult:
-    """Convert a T5X MT3 checkpoint (a folder, or one already read) into a verified folder at `out_dir`."""
+    """Convert a T5X MT3 checkpoint (a folder, or one already read) into a verified folder at `out_dir`.
+
+    An existing `out_dir` is replaced (with `overwrite`) only if convert-mt3 wrote it; see `output.py`.
+    """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     out_dir = Path(out_dir).absolute()
-    _prepare_out_dir(out_dir, overwrite)
-    if not isinstance(checkpoint, T5XCheckpoint):
-        checkpoint = read_checkpoint(checkpoint, quiet=quiet)
+    source = checkpoint.path if isinstance(checkpoint, T5XCheckpoint) else Path(checkpoint)
+    check_out_dir(out_dir, source, overwrite)
+    with out_dir_lock(out_dir):
+        if not isinstance(checkpoint, T5XCheckpoint):
+            checkpoint = read_checkpoint(checkpoint, quiet=quiet)
+        return _convert_locked(
+            checkpoint, out_dir, dtype, overwrite, quiet, golden_dir, overrides, variant_overrides, repo_id
+        )
+
+
+def _convert_locked(
+    checkpoint: T5XCheckpoint,
+    out_dir: Path,
+    dtype: str,
+    overwrite: bool,
+    quiet: bool,
+    golden_dir: str | os.PathLike | None,
+    overrides: dict[str, Any] | None,
+    variant_overrides: dict[str, Any] | None,
+    repo_id: str | None,
+) -> ConversionResult:
     gin = find_gin(checkpoint.path)
     config = derive_config(checkpoint.arrays, gin, overrides)
+    variant = derive_variant(config.vocab_size, gin, variant_overrides)
     model = build_model(checkpoint, config)
     num_parameters = sum(p.numel() for p in model.parameters())
     parity = measure_golden_parity(model, Path(golden_dir), quiet=quiet) if golden_dir else {}
@@ -179,7 +190,7 @@ def convert(
         reference = model
         if dtype != "float32":  # keep a float32 copy to compare the half-precision folder with
             reference = build_model(checkpoint, config)
-        write_folder(staging, model, dtype)
+        write_folder(staging, model, dtype, variant)
         result = ConversionResult(
             out_dir=out_dir,
             source=checkpoint.path,
@@ -190,10 +201,12 @@ def convert(
             num_parameters=num_parameters,
             dtype=dtype,
             reload_max_abs_error=verify_folder(staging, reference, dtype),
+            variant=variant,
             parity=parity,
         )
         (staging / "README.md").write_text(render_model_card(result, __version__, repo_id))
-        _move_into_place(staging, out_dir)
+        write_manifest(staging, __version__)
+        move_into_place(staging, out_dir, checkpoint.path, overwrite)
     except OSError as err:
         raise ExportError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
     finally:

@@ -28,14 +28,14 @@ $pipeline_usage
 
 MT3 (Gardner et al., ICLR 2022) turns audio into MIDI for many instruments at once: a
 T5.1.1-style encoder-decoder reads 2.048 s segments of log-mel frames and writes MIDI-like
-events (time shifts, programs, pitches, note on/off, ties). This folder is the original
-multi-instrument `mt3` checkpoint of [magenta/mt3](https://github.com/magenta/mt3),
+events (time shifts, programs, pitches, note on/off, ties). This folder is $variant_text of [magenta/mt3](https://github.com/magenta/mt3),
 converted from its T5X/JAX format to PyTorch with convert-mt3 $version. It runs with `transformers` alone
 (`trust_remote_code=True`); `pretty_midi` is needed only to write MIDI.
 
 | | |
 |---|---|
 | source checkpoint | `$source_name`, T5X step $step |
+| variant | $variant_row |
 | arrays converted | $num_arrays ($num_zarr zarr arrays + $num_inline inline RMS-norm scales), all used, every parameter filled |
 | parameters | $num_parameters |
 | weights dtype | $dtype (safetensors) |
@@ -76,12 +76,13 @@ $speed
 
 - Each 2.048 s segment is decoded on its own (as in the original): a note held across a boundary is tied by the
   model's tie events, but the model never sees more than one segment of context, so notes near segment
-  boundaries are less reliable, and the start times are rounded down to 10 ms.
+  boundaries are less reliable; note times are on a 10 ms grid.
 - Instrument leakage: the model picks a program for each note from the timbre it hears; on unusual timbres it
   often splits one instrument over several programs or puts it on a neighbouring one (e.g. strings on programs
   40-50, a synthesized bass an octave off). Filtering with `programs=` forbids other programs; it does not make the
   model hear better.
-- Trained on multi-instrument recordings and synthesized MIDI at 16 kHz; singing voice is not transcribed.
+- Trained on instrumental music only (MAESTRO, Slakh2100, Cerberus4, GuitarSet, MusicNet, URMP): singing is
+  outside its training data.
 
 ### Without the pipeline (AutoModel + AutoProcessor)
 
@@ -181,10 +182,27 @@ def _parity_section(parity: dict) -> str:
     return "\n".join(rows)
 
 
+VARIANT_TEXT = {
+    "mt3": "the multi-instrument `mt3` checkpoint",
+    "ismir2021": "the piano `ismir2021` checkpoint (Hawthorne et al., ISMIR 2021: piano notes with velocities)",
+    "custom": "an MT3 checkpoint with a custom layout",
+}
+
+
+def _variant_row(result: ConversionResult) -> str:
+    v = result.variant
+    return (
+        f"`{v.name}`: {v.frames_per_segment}-frame segments, {v.num_velocity_bins} velocity bin(s), "
+        f"ties {'on' if v.use_ties else 'off'}, program granularity `{v.program_granularity}`"
+    )
+
+
 def render_model_card(result: ConversionResult, version: str, repo_id: str | None = None) -> str:
     return CARD.substitute(
         version=version,
         source_name=result.source.name,
+        variant_text=VARIANT_TEXT[result.variant.name],
+        variant_row=_variant_row(result),
         step=result.step if result.step is not None else "unknown",
         num_arrays=result.num_arrays,
         num_zarr=result.num_zarr,

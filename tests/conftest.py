@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from t5x_writer import TINY_MT3, TINY_MT3_GIN, tiny_arrays, write_t5x_checkpoint
+
 SHARED_ENV = "MT3_SHARED_DIR"
 
 
@@ -16,6 +18,12 @@ def shared_dir() -> Path | None:
     if value and Path(value).is_dir():
         return Path(value)
     return None
+
+
+@pytest.fixture
+def mt3_ckpt(tmp_path) -> Path:
+    """A tiny checkpoint with MT3's vocabulary and mel depth in `tmp_path/model/checkpoint_1000`, config.gin above it."""
+    return write_t5x_checkpoint(tmp_path / "model" / "checkpoint_1000", tiny_arrays(**TINY_MT3), gin=TINY_MT3_GIN)
 
 
 @pytest.fixture(scope="session")

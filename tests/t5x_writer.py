@@ -15,6 +15,10 @@ import numcodecs
 import numpy as np
 import zarr
 
+# A tiny model with MT3's real vocabulary and mel depth, so the processor saved beside it fits it.
+TINY_MT3 = dict(d_model=32, heads=2, d_kv=8, d_ff=48, layers=2, decoder_layers=2, vocab=1536, input_depth=512)
+TINY_MT3_GIN = "network.T5Config.num_heads = 2\nnetwork.T5Config.head_dim = 8\nnetwork.T5Config.dropout_rate = 0.0\n"
+
 
 def ext_array(array: np.ndarray) -> msgpack.ExtType:
     """flax.serialization's encoding of an ndarray (ExtType 1)."""

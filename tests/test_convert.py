@@ -13,11 +13,9 @@ from safetensors.numpy import load_file
 
 from convert_mt3.__main__ import main
 
+from t5x_writer import TINY_MT3 as TINY
+from t5x_writer import TINY_MT3_GIN as GIN
 from t5x_writer import tiny_arrays, write_t5x_checkpoint
-
-# Tiny model, but with MT3's real vocabulary and mel depth so the saved processor fits it.
-TINY = dict(d_model=32, heads=2, d_kv=8, d_ff=48, layers=2, decoder_layers=2, vocab=1536, input_depth=512)
-GIN = "network.T5Config.num_heads = 2\nnetwork.T5Config.head_dim = 8\nnetwork.T5Config.dropout_rate = 0.0\n"
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +23,12 @@ def arrays():
     return tiny_arrays(**TINY)
 
 
-@pytest.fixture
-def ckpt(tmp_path, arrays):
-    return write_t5x_checkpoint(tmp_path / "model" / "checkpoint_1000", arrays, gin=GIN)
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, arrays):
     """One successful conversion shared by the read-only tests below."""
     root = tmp_path_factory.mktemp("converted")
-    ckpt = write_t5x_checkpoint(root / "model" / "checkpoint_1000", arrays, gin=GIN)
-    assert main([str(ckpt), str(root / "out"), "--quiet"]) == 0
+    mt3_ckpt = write_t5x_checkpoint(root / "model" / "checkpoint_1000", arrays, gin=GIN)
+    assert main([str(mt3_ckpt), str(root / "out"), "--quiet"]) == 0
     return root / "out"
 
 
@@ -83,9 +76,9 @@ def test_model_card(converted):
         assert text in card, text
 
 
-def test_overrides_win_over_gin(ckpt, tmp_path):
+def test_overrides_win_over_gin(mt3_ckpt, tmp_path):
     out = tmp_path / "out"
-    assert main([str(ckpt), str(out), "--quiet", "--num-heads", "4", "--d-kv", "4", "--dtype", "bfloat16"]) == 0
+    assert main([str(mt3_ckpt), str(out), "--quiet", "--num-heads", "4", "--d-kv", "4", "--dtype", "bfloat16"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["num_heads"], config["d_kv"]) == (4, 4)
     from safetensors import safe_open
@@ -94,18 +87,23 @@ def test_overrides_win_over_gin(ckpt, tmp_path):
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
 
 
-def test_overwrite(ckpt, tmp_path, capsys):
+def test_overwrite(mt3_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    assert main([str(ckpt), str(out), "--quiet"]) == 1
+    assert main([str(mt3_ckpt), str(out), "--quiet"]) == 1
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
-    assert main([str(ckpt), str(out), "--quiet", "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]  # no staging or backup left
+    # --overwrite never deletes what convert-mt3 did not write (tests/test_safety.py has the other cases)
+    assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 1
+    assert "no .convert-mt3.json" in capsys.readouterr().err and (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 0  # an empty folder is taken
+    assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 0  # and so is a folder it wrote
+    assert (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]  # no staging, backup or lock left
 
 
-def test_reload_check_reuses_one_remote_code_entry(ckpt, tmp_path):
+def test_reload_check_reuses_one_remote_code_entry(mt3_ckpt, tmp_path):
     """The reload check loads the staging folder with trust_remote_code, which copies its code into
     HF_MODULES_CACHE under the folder's name: staging is named as OUT_DIR, so runs add no entry per run."""
     from transformers.utils import HF_MODULES_CACHE
@@ -113,13 +111,13 @@ def test_reload_check_reuses_one_remote_code_entry(ckpt, tmp_path):
     modules = Path(HF_MODULES_CACHE) / "transformers_modules"
     before = set(p.name for p in modules.iterdir()) if modules.is_dir() else set()
     for _ in range(2):
-        assert main([str(ckpt), str(tmp_path / "mt3_reload_entry"), "--quiet", "--overwrite"]) == 0
+        assert main([str(mt3_ckpt), str(tmp_path / "mt3_reload_entry"), "--quiet", "--overwrite"]) == 0
     assert set(p.name for p in modules.iterdir()) - before <= {"mt3_reload_entry"}
 
 
-def test_progress_and_quiet(ckpt, tmp_path):
+def test_progress_and_quiet(mt3_ckpt, tmp_path):
     """tqdm progress on stderr by default; --quiet prints nothing at all."""
-    cmd = [sys.executable, "-m", "convert_mt3", str(ckpt)]
+    cmd = [sys.executable, "-m", "convert_mt3", str(mt3_ckpt)]
     loud = subprocess.run(cmd + [str(tmp_path / "a")], capture_output=True, text=True)
     assert loud.returncode == 0, loud.stderr
     assert "reading arrays" in loud.stderr and "wrote" in loud.stdout
@@ -130,74 +128,74 @@ def test_progress_and_quiet(ckpt, tmp_path):
 # --- bad input: exit 1, one line naming the culprit, nothing written -----------------------------
 
 
-def break_missing_folder(ckpt):
-    shutil.rmtree(ckpt / "target.decoder.layers_0.mlp.wo.kernel")
+def break_missing_folder(mt3_ckpt):
+    shutil.rmtree(mt3_ckpt / "target.decoder.layers_0.mlp.wo.kernel")
     return "decoder/layers_0/mlp/wo/kernel"
 
 
-def break_gzip(ckpt):
-    chunk = ckpt / "target.encoder.layers_1.attention.value.kernel" / "0.0"
+def break_gzip(mt3_ckpt):
+    chunk = mt3_ckpt / "target.encoder.layers_1.attention.value.kernel" / "0.0"
     chunk.write_bytes(chunk.read_bytes()[:50])
     return "target.encoder.layers_1.attention.value.kernel/0.0"
 
 
-def break_zarray_shape(ckpt):
-    meta_file = ckpt / "target.decoder.logits_dense.kernel" / ".zarray"
+def break_zarray_shape(mt3_ckpt):
+    meta_file = mt3_ckpt / "target.decoder.logits_dense.kernel" / ".zarray"
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps({**meta, "shape": [32, 1535]}))
     return "target.decoder.logits_dense.kernel/.zarray"
 
 
-def break_truncated_msgpack(ckpt):
-    data = (ckpt / "checkpoint").read_bytes()
-    (ckpt / "checkpoint").write_bytes(data[: len(data) // 2])
+def break_truncated_msgpack(mt3_ckpt):
+    data = (mt3_ckpt / "checkpoint").read_bytes()
+    (mt3_ckpt / "checkpoint").write_bytes(data[: len(data) // 2])
     return "checkpoint: truncated or corrupt msgpack"
 
 
-def break_missing_msgpack(ckpt):
-    (ckpt / "checkpoint").unlink()
+def break_missing_msgpack(mt3_ckpt):
+    (mt3_ckpt / "checkpoint").unlink()
     return "checkpoint: missing"
 
 
-def break_escaping_spec(ckpt):
+def break_escaping_spec(mt3_ckpt):
     import msgpack
 
-    tree = msgpack.unpackb((ckpt / "checkpoint").read_bytes(), strict_map_key=False)
+    tree = msgpack.unpackb((mt3_ckpt / "checkpoint").read_bytes(), strict_map_key=False)
     tree["optimizer"]["target"]["encoder"]["continuous_inputs_projection"]["kernel"]["kvstore"]["path"] = "/etc/"
-    (ckpt / "checkpoint").write_bytes(msgpack.packb(tree))
+    (mt3_ckpt / "checkpoint").write_bytes(msgpack.packb(tree))
     return "encoder/continuous_inputs_projection/kernel: spec path '/etc/' leaves the checkpoint folder"
 
 
-def break_missing_norm(ckpt):
+def break_missing_norm(mt3_ckpt):
     import msgpack
 
-    tree = msgpack.unpackb((ckpt / "checkpoint").read_bytes(), strict_map_key=False)
+    tree = msgpack.unpackb((mt3_ckpt / "checkpoint").read_bytes(), strict_map_key=False)
     del tree["optimizer"]["target"]["decoder"]["layers_1"]["pre_cross_attention_layer_norm"]
-    (ckpt / "checkpoint").write_bytes(msgpack.packb(tree))
+    (mt3_ckpt / "checkpoint").write_bytes(msgpack.packb(tree))
     return "decoder.layers.1.pre_cross_attention_layer_norm.weight"
 
 
-def break_dtype(ckpt):
-    meta_file = ckpt / "target.decoder.token_embedder.embedding" / ".zarray"
+def break_dtype(mt3_ckpt):
+    meta_file = mt3_ckpt / "target.decoder.token_embedder.embedding" / ".zarray"
     meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "dtype": "|u1"}))
     return "unsupported dtype '|u1'"
 
 
-def break_compressor(ckpt):
-    meta_file = ckpt / "target.decoder.token_embedder.embedding" / ".zarray"
+def break_compressor(mt3_ckpt):
+    meta_file = mt3_ckpt / "target.decoder.token_embedder.embedding" / ".zarray"
     meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "compressor": {"id": "zstd", "level": 3}}))
     return "unsupported compressor"
 
 
-def break_empty_dir(ckpt):
-    shutil.rmtree(ckpt)
-    ckpt.mkdir()
+def break_empty_dir(mt3_ckpt):
+    shutil.rmtree(mt3_ckpt)
+    mt3_ckpt.mkdir()
     return "checkpoint: missing"
 
 
-def break_not_a_dir(ckpt):
-    shutil.rmtree(ckpt)
-    ckpt.write_text("not a folder")
+def break_not_a_dir(mt3_ckpt):
+    shutil.rmtree(mt3_ckpt)
+    mt3_ckpt.write_text("not a folder")
     return "not a directory"
 
 
@@ -208,11 +206,11 @@ BREAKERS = [
 
 
 @pytest.mark.parametrize("breaker", BREAKERS, ids=[b.__name__[6:] for b in BREAKERS])
-def test_bad_checkpoint_is_refused_cleanly(breaker, ckpt, tmp_path, capsys):
-    expected = breaker(ckpt)
+def test_bad_checkpoint_is_refused_cleanly(breaker, mt3_ckpt, tmp_path, capsys):
+    expected = breaker(mt3_ckpt)
     out = tmp_path / "out"
     before = sorted(p.name for p in tmp_path.iterdir())
-    assert main([str(ckpt), str(out)]) == 1
+    assert main([str(mt3_ckpt), str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     err = [line for line in err if "reading arrays" not in line]  # the progress bar, if it started
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -221,10 +219,10 @@ def test_bad_checkpoint_is_refused_cleanly(breaker, ckpt, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no OUT_DIR, no staging folder
 
 
-def test_unwritable_out_dir(ckpt, tmp_path, capsys):
+def test_unwritable_out_dir(mt3_ckpt, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert main([str(ckpt), str(blocker / "out"), "--quiet"]) == 1
+    assert main([str(mt3_ckpt), str(blocker / "out"), "--quiet"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "cannot be written" in err and len(err.splitlines()) == 1
 

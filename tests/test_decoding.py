@@ -8,22 +8,21 @@ import sys
 import numpy as np
 import pytest
 
-from convert_mt3.mt3.tokenization_mt3 import (
+from convert_mt3.mt3.event_codec_mt3 import (
     DECODED_EOS_ID,
     DECODED_INVALID_ID,
     Codec,
     Event,
     EventRange,
-    MT3Note,
-    MT3Tokenizer,
     build_codec,
     decode_model_ids,
-    event_predictions_to_notes,
-    notes_to_pretty_midi,
     round_down_start_time,
-    sort_notes,
     trim_eos,
 )
+from convert_mt3.mt3.midi_mt3 import notes_to_pretty_midi
+from convert_mt3.mt3.note_sequences_mt3 import MT3Note, sort_notes
+from convert_mt3.mt3.run_length_encoding_mt3 import event_predictions_to_notes
+from convert_mt3.mt3.tokenization_mt3 import MT3Tokenizer
 
 pretty_midi = pytest.importorskip("pretty_midi")
 

@@ -15,16 +15,15 @@ import soundfile
 import convert_mt3.hub
 from convert_mt3.__main__ import main
 
-from t5x_writer import tiny_arrays, write_t5x_checkpoint
+from t5x_writer import TINY_MT3, TINY_MT3_GIN, tiny_arrays, write_t5x_checkpoint
 
 FAKE_TOKEN = "hf_FAKEtokenFAKEtokenFAKEtoken0123"
-TINY = dict(d_model=32, heads=2, d_kv=8, d_ff=48, layers=2, decoder_layers=2, vocab=1536, input_depth=512)
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
-    return write_t5x_checkpoint(root / "model" / "checkpoint_1000", tiny_arrays(**TINY), gin="network.T5Config.num_heads = 2\nnetwork.T5Config.head_dim = 8\n")
+    return write_t5x_checkpoint(root / "model" / "checkpoint_1000", tiny_arrays(**TINY_MT3), gin=TINY_MT3_GIN)
 
 
 @pytest.fixture(scope="module")

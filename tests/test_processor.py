@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from convert_mt3.mt3.feature_extraction_mt3 import MT3FeatureExtractor
+from convert_mt3.mt3.note_sequences_mt3 import MT3Note
 from convert_mt3.mt3.processing_mt3 import MT3Processor
-from convert_mt3.mt3.tokenization_mt3 import MT3Note, MT3Tokenizer
+from convert_mt3.mt3.tokenization_mt3 import MT3Tokenizer
 
 from test_decoding import assert_notes_equal, read_notes_csv
 

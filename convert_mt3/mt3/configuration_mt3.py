@@ -15,6 +15,8 @@ class MT3Config(T5Config):
     max_target_length (`int`, defaults to 1024):
         Most tokens MT3 decodes per segment (the targets length of its feature converter); the model's default
         `generation_config.max_new_tokens`.
+    z_loss (`float`, defaults to 1e-4):
+        Weight of T5X's z-loss added to the cross entropy when `labels` are given (MT3 gin `Z_LOSS`).
     segment_batch_size (`int`, defaults to 16):
         Most segments `generate()` decodes at once in its greedy path (`MT3GreedyPool`); a finished segment makes
         room for the next. Larger pools use the matrix units better, but memory grows with it (~6 MB of
@@ -37,6 +39,7 @@ class MT3Config(T5Config):
     max_position_embeddings: int = 2048
     max_target_length: int = 1024
     segment_batch_size: int = 16
+    z_loss: float = 1e-4
     pad_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
     decoder_start_token_id: int | None = 0

@@ -62,6 +62,8 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
             Log-domain value of padded frames in the last segment.
         torch_segments_per_chunk (`int`, *optional*, defaults to 16):
             Segments transformed at once by the torch path (bounds its memory on long audio).
+        max_expected_peak (`float`, *optional*, defaults to 4.0):
+            A clip whose absolute peak exceeds this gets a warning: most likely integer samples passed unscaled.
     """
 
     model_input_names = ["input_features"]
@@ -78,6 +80,7 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         log_floor: float = DEFAULT_LOG_FLOOR,
         padding_value: float = 0.0,
         torch_segments_per_chunk: int = DEFAULT_TORCH_SEGMENTS_PER_CHUNK,
+        max_expected_peak: float = 4.0,
         return_attention_mask: bool = False,
         **kwargs,
     ):
@@ -101,6 +104,7 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         self.frames_per_segment = frames_per_segment
         self.log_floor = log_floor
         self.torch_segments_per_chunk = torch_segments_per_chunk
+        self.max_expected_peak = max_expected_peak
         # Periodic Hann = tf.signal.hann_window(periodic=True).
         self.window = window_function(n_fft, "hann", periodic=True)  # (n_fft,) float64
         # TF's linear_to_mel_weight_matrix: HTK mel scale, triangles in mel space, DC bin zeroed (its mel weight is
@@ -142,6 +146,13 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         audio = audio.astype(np.float32, copy=False)  # TF computes the original on float32 samples
         if not np.all(np.isfinite(audio)):
             raise ValueError("Expected finite audio samples; found NaN or infinite values.")
+        peak = float(np.abs(audio).max()) if audio.size else 0.0
+        if peak > self.max_expected_peak:
+            # Unscaled integer samples transcribe as hundreds of spurious notes, with no error.
+            logger.warning(
+                f"The audio peaks at {peak:.4g}, far outside the [-1, 1] MT3 was trained on: integer samples must be "
+                "scaled first (int16 samples / 32768, int32 / 2147483648), as audio libraries do when reading floats."
+            )
         return audio
 
     def _segment_bounds(self, num_samples: int) -> list[tuple[int, int]]:

@@ -30,6 +30,7 @@ from transformers.models.t5.modeling_t5 import T5DenseGatedActDense, T5LayerNorm
 from transformers.utils import logging
 
 from .configuration_mt3 import MT3Config
+from .loss_mt3 import mt3_loss
 
 logger = logging.get_logger(__name__)
 # Model outputs name the KV cache `cache` in newer transformers 5.x and `past_key_values` before: use this version's.
@@ -800,7 +801,8 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         attention_mask (batch, frames): optional frame mask; MT3 itself masks nothing, so leave it None for parity.
         decoder_input_ids (batch, tokens): starts with `decoder_start_token_id` (0); made from `labels` if absent.
         cache: `EncoderDecoderCache` of earlier steps (`past_key_values` is accepted as an alias).
-        labels (batch, tokens): targets for the cross-entropy loss, -100 = ignored.
+        labels (batch, tokens): targets of the loss (cross entropy + `config.z_loss` z-loss, see `loss_mt3.py`),
+            -100 = ignored.
         """
         if cache is None:
             cache = past_key_values
@@ -850,9 +852,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), labels.to(logits.device).view(-1), ignore_index=-100
-            )
+            loss, _, _ = mt3_loss(logits, labels.to(logits.device), self.config.z_loss)
 
         output = Seq2SeqLMOutput(
             loss=loss,
@@ -889,6 +889,12 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         # The processor's output also holds each segment's start time, which only decoding to notes needs:
         # accept it so that `model.generate(**processor(audio=...))` works.
         kwargs.pop("segment_start_times", None)
+        features = kwargs.get(self.main_input_name, inputs)
+        if isinstance(features, torch.Tensor) and features.dim() == 3 and features.shape[0] == 0:
+            # silence of length 0: no segment to decode (GenerationMixin cannot take an empty batch)
+            config = generation_config or self.generation_config
+            start = config.decoder_start_token_id if config.decoder_start_token_id is not None else 0
+            return torch.full((0, 1), start, dtype=torch.long, device=features.device)
         fast = self._fast_greedy_settings(inputs, generation_config, kwargs)
         if fast is None:
             return super().generate(

@@ -8,7 +8,7 @@ import io
 import json
 from collections.abc import Iterable
 
-from .tokenization_mt3 import MT3Note
+from .note_sequences_mt3 import MT3Note
 
 # General MIDI level 1 program names, program 0-127 (the names pretty_midi.program_to_instrument_name gives).
 GM_PROGRAM_NAMES = (

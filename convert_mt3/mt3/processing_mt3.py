@@ -1,15 +1,29 @@
 """Processor for MT3: pairs the log-mel feature extractor with the event tokenizer (audio in, notes / MIDI out)."""
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
+import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_python import BatchEncoding
 from transformers.utils import TensorType
 
 from .feature_extraction_mt3 import MT3FeatureExtractor
+from .midi_mt3 import midi_to_notes
+from .note_sequences_mt3 import MT3Note
 from .tokenization_mt3 import MT3Tokenizer
+
+IGNORE_INDEX = -100  # label positions the loss skips (transformers' convention)
+
+
+def pad_labels(rows: Sequence[Sequence[int]]) -> np.ndarray:
+    """Target rows of different lengths -> (num_rows, longest) int64, padded with IGNORE_INDEX."""
+    labels = np.full((len(rows), max((len(row) for row in rows), default=0)), IGNORE_INDEX, dtype=np.int64)
+    for index, row in enumerate(rows):
+        labels[index, : len(row)] = row
+    return labels
 
 
 class MT3Processor(ProcessorMixin):
@@ -19,7 +33,9 @@ class MT3Processor(ProcessorMixin):
     `processor(audio=..., sampling_rate=16000, return_tensors="pt")` gives the encoder inputs of every segment
     (`input_features`, ready for `model.generate(input_features=...)`) and their `segment_start_times`;
     `processor.batch_decode(generated_ids, inputs, return_midi=True)` turns the generated rows back into notes and
-    a `pretty_midi.PrettyMIDI`, exactly as MT3's colab does.
+    a `pretty_midi.PrettyMIDI`, exactly as MT3's colab does. For training, `processor(audio=..., midi="x.mid")` (or
+    `notes=[MT3Note, ...]`) also returns each segment's targets as `labels`, and `processor.collate` batches
+    segments for a DataLoader or `Trainer`.
 
     Args:
         feature_extractor ([`MT3FeatureExtractor`]): turns audio into per-segment log-mel spectrograms.
@@ -34,15 +50,39 @@ class MT3Processor(ProcessorMixin):
         audio: np.ndarray | list[float] | None = None,
         sampling_rate: int | None = None,
         return_tensors: str | TensorType | None = None,
+        notes: Sequence[MT3Note] | None = None,
+        midi: str | os.PathLike | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Audio of one clip -> `input_features` (num_segments, frames, mel bins) and `segment_start_times`.
 
-        See [`MT3FeatureExtractor.__call__`]; extra kwargs (e.g. `device`) go to the feature extractor.
+        With `notes` (the clip's notes, times in seconds) or `midi` (a MIDI file of them, read with pretty_midi),
+        also `labels` (num_segments, longest): each segment's targets as model ids ending with EOS, padded with
+        -100 ([`MT3Tokenizer.encode_notes`]). See [`MT3FeatureExtractor.__call__`]; extra kwargs (e.g. `device`)
+        go to the feature extractor.
         """
         if audio is None:
             raise ValueError("Expected `audio` (one mono clip as a 1-D array); found None.")
-        return self.feature_extractor(audio, sampling_rate=sampling_rate, return_tensors=return_tensors, **kwargs)
+        if notes is not None and midi is not None:
+            raise ValueError("Expected `notes` or `midi`, not both.")
+        if notes is None and midi is None:
+            return self.feature_extractor(audio, sampling_rate=sampling_rate, return_tensors=return_tensors, **kwargs)
+        inputs = self.feature_extractor(audio, sampling_rate=sampling_rate, **kwargs)
+        if midi is not None:
+            notes = midi_to_notes(midi)
+        targets = self.tokenizer.encode_notes(notes, inputs["segment_start_times"])
+        return BatchFeature({**inputs, "labels": pad_labels(targets)}, tensor_type=return_tensors)
+
+    def collate(self, examples: Sequence[dict]) -> BatchFeature:
+        """Data collator: segments {"input_features": (frames, mel bins), "labels": ids} -> a batch of torch
+        tensors, labels padded with -100 (ready for `model(**batch)`)."""
+        features = np.stack([np.asarray(example["input_features"], dtype=np.float32) for example in examples])
+        labels = [
+            [int(i) for i in np.asarray(example["labels"]).reshape(-1) if i != IGNORE_INDEX] for example in examples
+        ]
+        return BatchFeature(
+            {"input_features": torch.from_numpy(features), "labels": torch.from_numpy(pad_labels(labels))}
+        )
 
     def batch_decode(
         self,

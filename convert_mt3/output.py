@@ -1,0 +1,158 @@
+"""OUT_DIR safety: what may be replaced, one writer at a time, and the atomic move into place.
+
+The converter only ever deletes what it wrote itself. Every folder it writes carries a manifest
+(`MANIFEST`) listing its files; `--overwrite` replaces an existing OUT_DIR only when it is empty or when
+every entry in it is listed in its manifest. A lock file beside OUT_DIR keeps a second conversion to the
+same folder out, and the checks are repeated under that lock just before the move. Standard library only:
+`__main__` runs these checks before torch and transformers import.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MANIFEST = ".convert-mt3.json"
+
+
+class OutputError(ValueError):
+    """OUT_DIR cannot be used; the message says what was found there."""
+
+
+def check_out_dir(out_dir: Path, checkpoint_dir: Path, overwrite: bool) -> None:
+    """Refuse an OUT_DIR that would destroy or mix with data the converter does not own."""
+    if out_dir.is_symlink():
+        raise OutputError(f"{out_dir}: is a symbolic link; give the folder's real path")
+    target, source = out_dir.resolve(), checkpoint_dir.resolve()
+    if target == source or target.is_relative_to(source):
+        raise OutputError(f"{out_dir}: lies inside the checkpoint folder {source}; choose a folder outside it")
+    if source.is_relative_to(target):
+        raise OutputError(f"{out_dir}: contains the checkpoint folder {source}; choose a folder outside it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a directory")
+    if not out_dir.is_dir():
+        return
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise OutputError(f"{out_dir}: exists and is not empty; pass --overwrite to replace a folder convert-mt3 wrote")
+    written = manifest_files(out_dir)
+    if written is None:
+        raise OutputError(
+            f"{out_dir}: --overwrite replaces only a folder convert-mt3 wrote, and this one has no {MANIFEST} "
+            f"(found {_some(entries)}); remove it yourself or choose another OUT_DIR"
+        )
+    foreign = [name for name in entries if name not in written and name != MANIFEST]
+    if foreign:
+        raise OutputError(
+            f"{out_dir}: holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} convert-mt3 did not write "
+            f"({_some(foreign)}); --overwrite would lose them, so nothing was replaced"
+        )
+
+
+def _some(names: list[str], most: int = 3) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def manifest_files(folder: Path) -> set[str] | None:
+    """Names listed by `folder`'s manifest, or None when it has no readable manifest of ours."""
+    file = folder / MANIFEST
+    if file.is_symlink() or not file.is_file() or file.stat().st_size > 1 << 20:
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if manifest.get("written_by") != "convert-mt3" or not isinstance(files, dict):
+        return None
+    # Plain names only: a manifest must never point the removal outside its folder.
+    return {name for name in files if isinstance(name, str) and name not in ("", ".", "..") and "/" not in name}
+
+
+def write_manifest(folder: Path, version: str) -> None:
+    """List every file of the finished folder (names and sizes), so a later --overwrite can recognise it."""
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+    manifest = {"written_by": "convert-mt3", "version": version, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+@contextmanager
+def out_dir_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an advisory lock (`.NAME.lock` beside OUT_DIR) for the whole conversion; fail at once if held.
+
+    Re-entrant within a process (the CLI takes it before reading, `convert()` again). The lock file is removed
+    while still held; a run that locked a file another run has since unlinked sees a different inode and
+    gives up, so removing it is safe.
+    """
+    key = str(out_dir)
+    if key in _HELD:
+        yield
+        return
+    lock_file = out_dir.with_name(f".{out_dir.name}.lock")
+    created = [p for p in out_dir.parents if not p.exists()]  # made here, removed again if OUT_DIR is not written
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        raise OutputError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            same = os.stat(lock_file, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except OSError:
+            same = False
+        if not same:
+            raise OutputError(f"{out_dir}: another convert-mt3 is writing this folder ({lock_file} is locked); wait for it to finish")
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+            lock_file.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+        if not out_dir.exists():
+            for folder in created:  # innermost first
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+
+_HELD: set[str] = set()  # OUT_DIRs this process holds the lock of
+
+
+def move_into_place(staging: Path, out_dir: Path, checkpoint_dir: Path, overwrite: bool) -> None:
+    """Replace `out_dir` by `staging`: checks again (under the lock), renames, then removes the old folder's files."""
+    check_out_dir(out_dir, checkpoint_dir, overwrite)
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    written = manifest_files(out_dir) or set()  # empty folder: nothing to remove but the folder
+    out_dir.rename(old)
+    staging.rename(out_dir)
+    _remove_written(old, written)
+
+
+def _remove_written(folder: Path, written: set[str]) -> None:
+    """Delete the files a previous conversion listed, then the folder; anything else stays where it is."""
+    for name in written | {MANIFEST}:
+        path = folder / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+    try:
+        folder.rmdir()
+    except OSError:
+        print(f"warning: kept the previous folder at {folder}: it holds files convert-mt3 did not write", file=sys.stderr)
+
+
+__all__ = ["MANIFEST", "OutputError", "check_out_dir", "manifest_files", "move_into_place", "out_dir_lock", "write_manifest"]

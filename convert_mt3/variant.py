@@ -1,0 +1,123 @@
+"""Which published MT3 layout a checkpoint is: frames per segment, velocity bins, ties, program granularity.
+
+The network is the same for both of magenta/mt3's checkpoints (`gin/model.gin`); what differs lives in
+`gin/mt3.gin` and `gin/ismir2021.gin`, and it decides how the tokenizer and feature extractor must work. Values
+come from, in rising priority: the layout whose vocabulary size (computed from its codec) equals the rows of the
+checkpoint's token embedder; the `config.gin` T5X writes beside or above the checkpoint; the CLI flags.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .mt3.event_codec_mt3 import (
+    DEFAULT_MAX_SHIFT_SECONDS,
+    DEFAULT_NUM_EXTRA_IDS,
+    DEFAULT_STEPS_PER_SECOND,
+    DEFAULT_VOCAB_SIZE_MULTIPLE,
+    PROGRAM_GRANULARITIES,
+    build_codec,
+    num_embeddings,
+)
+
+# magenta/mt3 gin/mt3.gin and gin/ismir2021.gin (TASK_FEATURE_LENGTHS['inputs'], NUM_VELOCITY_BINS, USE_TIES,
+# PROGRAM_GRANULARITY).
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "mt3": {"frames_per_segment": 256, "num_velocity_bins": 1, "use_ties": True, "program_granularity": "full"},
+    "ismir2021": {"frames_per_segment": 512, "num_velocity_bins": 127, "use_ties": False, "program_granularity": "flat"},
+}
+FIELDS = ("frames_per_segment", "num_velocity_bins", "use_ties", "program_granularity")
+# gin macro -> field (TASK_FEATURE_LENGTHS is a dict: its 'inputs' entry)
+GIN_MACROS = {
+    "TASK_FEATURE_LENGTHS": "frames_per_segment",
+    "NUM_VELOCITY_BINS": "num_velocity_bins",
+    "USE_TIES": "use_ties",
+    "PROGRAM_GRANULARITY": "program_granularity",
+}
+_GIN_MACRO = re.compile(r"^\s*([A-Z_][A-Z0-9_]*)\s*=\s*(.+?)\s*$")
+
+
+class VariantError(ValueError):
+    """The checkpoint's layout cannot be determined, or its parts disagree."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # "mt3", "ismir2021" or "custom"
+    frames_per_segment: int
+    num_velocity_bins: int
+    use_ties: bool
+    program_granularity: str
+
+    def tokenizer_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_velocity_bins": self.num_velocity_bins,
+            "use_ties": self.use_ties,
+            "program_granularity": self.program_granularity,
+        }
+
+
+def vocab_size_of(num_velocity_bins: int) -> int:
+    """Embedding rows MT3 gives a codec with this many velocity bins (vocabularies.num_embeddings)."""
+    codec = build_codec(DEFAULT_STEPS_PER_SECOND, DEFAULT_MAX_SHIFT_SECONDS, num_velocity_bins)
+    return num_embeddings(codec, DEFAULT_NUM_EXTRA_IDS, DEFAULT_VOCAB_SIZE_MULTIPLE)
+
+
+def parse_variant_gin(path: Path) -> dict[str, Any]:
+    """The layout macros of a gin file (e.g. `NUM_VELOCITY_BINS = 127`), as Variant fields."""
+    values: dict[str, Any] = {}
+    for line in path.read_text().splitlines():
+        match = _GIN_MACRO.match(line.split("#", 1)[0])
+        if not match or match.group(1) not in GIN_MACROS:
+            continue
+        try:
+            value = ast.literal_eval(match.group(2))
+        except (ValueError, SyntaxError):
+            raise VariantError(f"{path}: cannot read {match.group(1)} = {match.group(2)}") from None
+        if match.group(1) == "TASK_FEATURE_LENGTHS":
+            if not isinstance(value, dict) or "inputs" not in value:
+                raise VariantError(f"{path}: expected TASK_FEATURE_LENGTHS = {{'inputs': N, ...}}; found {match.group(2)}")
+            value = value["inputs"]
+        values[GIN_MACROS[match.group(1)]] = value
+    return values
+
+
+def derive_variant(vocab_size: int, gin: Path | None = None, overrides: dict[str, Any] | None = None) -> Variant:
+    """The layout of a checkpoint whose token embedder has `vocab_size` rows (see module docstring)."""
+    known = {name: vocab_size_of(layout["num_velocity_bins"]) for name, layout in LAYOUTS.items()}
+    matched = next((name for name, size in known.items() if size == vocab_size), None)
+    values = {
+        **(LAYOUTS[matched] if matched else {}),
+        **(parse_variant_gin(gin) if gin else {}),
+        **{k: v for k, v in (overrides or {}).items() if k in FIELDS and v is not None},
+    }
+    sizes = ", ".join(f"{size} ({name})" for name, size in known.items())
+    missing = [field for field in FIELDS if field not in values]
+    if missing:
+        raise VariantError(
+            f"decoder/token_embedder/embedding has {vocab_size} rows, not a known MT3 vocabulary ({sizes}); "
+            f""
+            "for another layout pass --frames-per-segment, --num-velocity-bins, --use-ties or --no-use-ties and "
+            "--program-granularity"
+        )
+    if values["program_granularity"] not in PROGRAM_GRANULARITIES:
+        raise VariantError(f"program granularity {values['program_granularity']!r}: expected one of {PROGRAM_GRANULARITIES}")
+    if not isinstance(values["num_velocity_bins"], int) or values["num_velocity_bins"] < 1:
+        raise VariantError(f"num_velocity_bins {values['num_velocity_bins']!r}: expected an integer >= 1")
+    if not isinstance(values["frames_per_segment"], int) or values["frames_per_segment"] < 1:
+        raise VariantError(f"frames_per_segment {values['frames_per_segment']!r}: expected an integer >= 1")
+    expected = vocab_size_of(values["num_velocity_bins"])
+    if expected != vocab_size:
+        raise VariantError(
+            f"{values['num_velocity_bins']} velocity bins give a vocabulary of {expected}, but "
+            f"decoder/token_embedder/embedding has {vocab_size} rows"
+        )
+    name = next((n for n, layout in LAYOUTS.items() if all(values[f] == layout[f] for f in FIELDS)), "custom")
+    return Variant(name=name, **{field: values[field] for field in FIELDS})
+
+
+__all__ = ["LAYOUTS", "Variant", "VariantError", "derive_variant", "parse_variant_gin", "vocab_size_of"]

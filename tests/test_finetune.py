@@ -1,0 +1,86 @@
+"""examples/finetune.py end to end on a tiny converted model, in a process where convert_mt3 cannot be imported."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pretty_midi
+import pytest
+import soundfile
+from safetensors.numpy import load_file
+
+from convert_mt3.__main__ import main
+
+from t5x_writer import tiny_arrays, write_t5x_checkpoint
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+TINY = dict(d_model=32, heads=2, d_kv=8, d_ff=48, layers=2, decoder_layers=2, vocab=1536, input_depth=512)
+GIN = "network.T5Config.num_heads = 2\nnetwork.T5Config.head_dim = 8\n"
+
+
+def run_example(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    script = EXAMPLES / "finetune.py"
+    code = (
+        "import sys, runpy\n"
+        "sys.modules['convert_mt3'] = None\n"
+        f"sys.argv = {[str(script)] + args!r}\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(cwd / "modules")}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    ckpt = write_t5x_checkpoint(root / "model" / "checkpoint_1000", tiny_arrays(**TINY), gin=GIN)
+    assert main([str(ckpt), str(root / "mt3"), "--quiet"]) == 0
+    return root / "mt3"
+
+
+def test_finetune_runs_and_saves_a_loadable_folder(tiny_folder, tmp_path):
+    rng = np.random.default_rng(0)
+    soundfile.write(tmp_path / "clip.wav", (0.1 * rng.standard_normal(3 * 16000)).astype(np.float32), 16000)
+    midi = pretty_midi.PrettyMIDI()
+    piano = pretty_midi.Instrument(0)
+    piano.notes = [pretty_midi.Note(90, 60 + i, 0.4 * i, 0.4 * i + 1.5) for i in range(6)]
+    drums = pretty_midi.Instrument(0, is_drum=True)
+    drums.notes = [pretty_midi.Note(100, 36, 0.5 * i, 0.5 * i + 0.1) for i in range(5)]
+    midi.instruments = [piano, drums]
+    midi.write(str(tmp_path / "clip.mid"))
+
+    result = run_example([str(tiny_folder), "clip.wav", "clip.mid", "out", "--steps", "3", "--lr", "1e-2", "--quiet"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert {"config.json", "model.safetensors", "tokenizer_config.json", "preprocessor_config.json",
+            "modeling_mt3.py", "run_length_encoding_mt3.py", "README.md"} <= {p.name for p in out.iterdir()}
+    before, after = load_file(tiny_folder / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and any(not np.array_equal(before[k], after[k]) for k in before)
+
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(out, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    inputs = processor(audio=np.zeros(16000, np.float32), sampling_rate=16000, return_tensors="pt")
+    tokens = model.generate(input_features=inputs["input_features"], max_new_tokens=8)
+    assert "notes" in processor.batch_decode(tokens, inputs)
+
+    # refuses to overwrite a folder that is not empty, in one line
+    result = run_example([str(tiny_folder), "clip.wav", "clip.mid", "out", "--steps", "1", "--quiet"], tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().startswith("error:") and "not an empty folder" in result.stderr
+
+
+def test_note_f1():
+    sys.path.insert(0, str(EXAMPLES))
+    from finetune import note_f1
+
+    from convert_mt3.mt3.note_sequences_mt3 import MT3Note
+
+    reference = [MT3Note(0, False, 60, 100, 1.0, 2.0), MT3Note(0, False, 64, 100, 1.0, 2.0), MT3Note(0, True, 36, 100, 1.5, 1.51)]
+    assert note_f1(reference, reference) == 1.0
+    # program ignored, onset within 50 ms; wrong pitch and a pitched note on a drum pitch do not match
+    estimated = [MT3Note(33, False, 60, 127, 1.04, 1.5), MT3Note(0, False, 65, 100, 1.0, 2.0), MT3Note(0, False, 36, 100, 1.5, 1.6)]
+    assert note_f1(estimated, reference) == 2 * (1 / 3) * (1 / 3) / (2 / 3)
+    assert note_f1([], reference) == 0.0 and note_f1([MT3Note(0, False, 60, 100, 1.06, 2.0)], reference) == 0.0

@@ -1,0 +1,53 @@
+"""Training loss: cross entropy + T5X z-loss, checked against the original's teacher-forced logits."""
+
+import json
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from convert_mt3.mt3.loss_mt3 import mt3_loss
+
+TOL_CE = 1e-4  # port's teacher-forced cross entropy vs the one computed from the original's logits.npy
+
+
+def log_softmax64(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def test_loss_parts_and_ignore_index():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=generator) * 3
+    labels = torch.tensor([[1, 2, 3, -100, -100], [4, 5, 6, 7, 8]])
+    loss, cross_entropy, z_term = mt3_loss(logits, labels, z_loss=1e-4)
+    expected = F.cross_entropy(logits.view(-1, 11), labels.view(-1), ignore_index=-100)
+    torch.testing.assert_close(cross_entropy, expected)
+    log_z = torch.logsumexp(logits, -1)[labels != -100]
+    torch.testing.assert_close(z_term, 1e-4 * log_z.square().mean())
+    torch.testing.assert_close(loss, cross_entropy + z_term)
+
+
+def test_teacher_forced_loss_matches_original(real_model, shared):
+    """Case a, segments 0 and 1, 64 positions: the original's logits.npy were computed with decoder input
+    [0] + tokens[:63], tokens = greedy output + EOS + 0 padding; the same tokens as labels give that input."""
+    case = shared / "golden" / "a_brahms_string_orchestra"
+    reference_logits = np.load(case / "logits.npy").astype(np.float64)  # (2, 64, 1536)
+    positions = reference_logits.shape[1]
+    segments = json.loads((case / "tokens.json").read_text())["segments"][:2]
+    labels = np.array([(row + [1] + [0] * positions)[:positions] for row in segments], dtype=np.int64)
+    log_probs = log_softmax64(reference_logits)
+    reference_ce = -np.take_along_axis(log_probs, labels[..., None], -1).mean()
+    log_z = np.log(np.exp(reference_logits - reference_logits.max(-1, keepdims=True)).sum(-1)) + reference_logits.max(-1)
+    reference_z = 1e-4 * np.mean(log_z**2)
+
+    frames = torch.from_numpy(np.load(case / "frames.npy")[:2])
+    with torch.no_grad():
+        out = real_model(input_features=frames, labels=torch.from_numpy(labels))
+    loss, cross_entropy, z_term = mt3_loss(out.logits, torch.from_numpy(labels), real_model.config.z_loss)
+    print(f"\n[loss] port cross entropy {cross_entropy.item():.6f} vs original's logits {reference_ce:.6f} "
+          f"(|diff| {abs(cross_entropy.item() - reference_ce):.2e}); z-loss port {z_term.item():.6f}, "
+          f"from original's logits {reference_z:.6f}; total loss {out.loss.item():.6f}")
+    assert abs(cross_entropy.item() - reference_ce) <= TOL_CE
+    assert abs(z_term.item() - reference_z) <= TOL_CE
+    torch.testing.assert_close(out.loss, loss)

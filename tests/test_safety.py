@@ -1,0 +1,299 @@
+"""Nothing lost, nothing let in: OUT_DIR handling, bounded reads inside the checkpoint, clean edges.
+
+Each test is one row of issue 12's table, named for the behaviour it now has.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from convert_mt3 import checkpoint as checkpoint_module
+from convert_mt3 import export
+from convert_mt3.__main__ import main
+from convert_mt3.checkpoint import CheckpointError, read_checkpoint
+from convert_mt3.output import MANIFEST
+
+CHUNK = "target.encoder.layers_0.mlp.wi_0.kernel"  # (32, 48) float32, one chunk "0.0"
+SECRET = "root:x:0:0:SECRET-CONTENT-THAT-MUST-NOT-LEAK"
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every entry below `root` (itself included): file bytes, symlink targets, folders: what 'untouched' means."""
+    digest = {}
+    for path in sorted([root, *root.rglob("*")]):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            digest[key] = "link:" + os.readlink(path)
+        elif path.is_dir():
+            digest[key] = "dir"
+        else:
+            digest[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest
+
+
+def one_error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if "reading arrays" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+# --- --overwrite replaces only what this tool wrote --------------------------------------------
+
+
+def test_overwrite_refuses_the_checkpoint_itself(mt3_ckpt, capsys):
+    before = tree_digest(mt3_ckpt.parent)
+    assert main([str(mt3_ckpt), str(mt3_ckpt), "--quiet", "--overwrite"]) == 1
+    assert "inside the checkpoint folder" in one_error_line(capsys)
+    assert tree_digest(mt3_ckpt.parent) == before
+
+
+def test_out_dir_inside_the_checkpoint_is_refused(mt3_ckpt, capsys):
+    before = tree_digest(mt3_ckpt)
+    assert main([str(mt3_ckpt), str(mt3_ckpt / "converted"), "--quiet"]) == 1
+    assert "inside the checkpoint folder" in one_error_line(capsys)
+    assert tree_digest(mt3_ckpt) == before
+
+
+@pytest.mark.parametrize("where", ["parent", "user_folder", "cwd"])
+def test_overwrite_leaves_user_folders_untouched(where, mt3_ckpt, tmp_path, monkeypatch, capsys):
+    user = tmp_path / "user"
+    (user / "photos").mkdir(parents=True)
+    (user / "notes.txt").write_text("my notes")
+    (user / "photos" / "a.jpg").write_bytes(b"\xff\xd8 jpeg")
+    out = {"parent": str(mt3_ckpt.parent), "user_folder": str(user), "cwd": "."}[where]
+    if where == "cwd":
+        monkeypatch.chdir(user)
+    before = tree_digest(tmp_path)
+    assert main([str(mt3_ckpt), out, "--quiet", "--overwrite"]) == 1
+    error = one_error_line(capsys)
+    assert ("contains the checkpoint folder" if where == "parent" else f"no {MANIFEST}") in error, error
+    assert tree_digest(tmp_path) == before
+
+
+def test_overwrite_replaces_a_converted_folder(mt3_ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert main([str(mt3_ckpt), str(out), "--quiet"]) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["written_by"] == "convert-mt3"
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {MANIFEST}
+    (out / "README.md").write_text("edited card")  # a file the tool wrote: may be replaced
+    assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 0
+    assert (out / "README.md").read_text() != "edited card"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]  # no staging, backup or lock left
+
+
+def test_overwrite_refuses_a_converted_folder_holding_user_files(mt3_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([str(mt3_ckpt), str(out), "--quiet"]) == 0
+    (out / "my_results.csv").write_text("precious")
+    before = tree_digest(tmp_path)
+    assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 1
+    assert "1 entry convert-mt3 did not write (my_results.csv)" in one_error_line(capsys)
+    assert tree_digest(tmp_path) == before
+
+
+def test_files_created_in_out_dir_during_conversion_survive(mt3_ckpt, tmp_path, monkeypatch, capsys):
+    """The replaceability check is repeated under the lock just before the move."""
+    out = tmp_path / "out"
+    verify = export.verify_folder
+
+    def verify_then_user_writes(*args, **kwargs):
+        out.mkdir(exist_ok=True)
+        (out / "new_user_file.txt").write_text("written while converting")
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(export, "verify_folder", verify_then_user_writes)
+    assert main([str(mt3_ckpt), str(out), "--quiet"]) == 1
+    assert "not empty" in one_error_line(capsys)
+    assert [p.name for p in out.iterdir()] == ["new_user_file.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
+
+
+def test_second_conversion_to_the_same_out_dir_fails_at_once(mt3_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    lock_file = tmp_path / ".out.lock"
+    with open(lock_file, "w") as held:  # what a running conversion holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        start = time.perf_counter()
+        assert main([str(mt3_ckpt), str(out), "--quiet"]) == 1
+        seconds = time.perf_counter() - start
+    assert "another convert-mt3 is writing this folder" in one_error_line(capsys)
+    assert seconds < 1.0 and not out.exists()
+    lock_file.unlink()
+
+
+def test_out_dir_symlink_is_refused_before_writing(mt3_ckpt, tmp_path, capsys):
+    target = tmp_path / "real_out"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    before = tree_digest(tmp_path)
+    assert main([str(mt3_ckpt), str(link), "--quiet", "--overwrite"]) == 1
+    assert "is a symbolic link" in one_error_line(capsys)
+    assert tree_digest(tmp_path) == before
+
+
+# --- reads that stay inside and stay bounded ---------------------------------------------------
+
+
+def replace_chunk_by_link(mt3_ckpt: Path, target: Path) -> Path:
+    chunk = mt3_ckpt / CHUNK / "0.0"
+    chunk.unlink()
+    chunk.symlink_to(target)
+    return chunk
+
+
+def test_chunk_symlink_to_dev_zero_is_refused_at_once(mt3_ckpt, capsys):
+    replace_chunk_by_link(mt3_ckpt, Path("/dev/zero"))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="resolves outside the checkpoint folder"):
+        read_checkpoint(mt3_ckpt)
+    assert time.perf_counter() - start < 5
+
+
+def test_chunk_symlink_to_an_outside_file_is_refused(mt3_ckpt, tmp_path):
+    """Right size and no compressor: without the check, the outside bytes would become a weight."""
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(np.full((32, 48), 7.0, np.float32).tobytes())
+    meta_file = mt3_ckpt / CHUNK / ".zarray"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "compressor": None}))
+    replace_chunk_by_link(mt3_ckpt, outside)
+    with pytest.raises(CheckpointError, match="resolves outside the checkpoint folder"):
+        read_checkpoint(mt3_ckpt)
+
+
+def test_error_never_prints_file_content(mt3_ckpt, tmp_path, capsys):
+    secret = tmp_path / "passwd"
+    secret.write_text(SECRET * 20)
+    replace_chunk_by_link(mt3_ckpt, secret)
+    assert main([str(mt3_ckpt), str(tmp_path / "out"), "--quiet"]) == 1
+    assert "SECRET" not in one_error_line(capsys)
+    # the same bytes inside the folder, as a (corrupt) chunk: named, not shown
+    chunk = mt3_ckpt / CHUNK / "0.0"
+    chunk.unlink()
+    chunk.write_text(SECRET * 20)
+    assert main([str(mt3_ckpt), str(tmp_path / "out"), "--quiet"]) == 1
+    error = one_error_line(capsys)
+    assert "SECRET" not in error and "0.0" in error
+
+
+def test_fifo_and_directory_chunks_are_refused(mt3_ckpt):
+    chunk = mt3_ckpt / CHUNK / "0.0"
+    chunk.unlink()
+    os.mkfifo(chunk)  # opening it for reading would block forever without O_NONBLOCK
+    with pytest.raises(CheckpointError, match="0.0: not a regular file"):
+        read_checkpoint(mt3_ckpt)
+    chunk.unlink()
+    chunk.mkdir()
+    with pytest.raises(CheckpointError, match="0.0: not a regular file"):
+        read_checkpoint(mt3_ckpt)
+
+
+def test_symlink_inside_the_checkpoint_is_followed(mt3_ckpt):
+    """Links that stay inside the folder are fine (some checkpoint copies deduplicate files that way)."""
+    chunk = mt3_ckpt / CHUNK / "0.0"
+    blob = mt3_ckpt / "blob"
+    chunk.rename(blob)
+    chunk.symlink_to(Path("..") / "blob")
+    assert read_checkpoint(mt3_ckpt).arrays["encoder/layers_0/mlp/wi_0/kernel"].shape == (32, 48)
+
+
+def test_chunk_that_inflates_past_its_size_is_refused(mt3_ckpt):
+    """A small gzip bomb: 2 MB of zeros where the .zarray announces 32 x 48 floats (6 KB)."""
+    bomb = zlib.compressobj(1, zlib.DEFLATED, 31)
+    (mt3_ckpt / CHUNK / "0.0").write_bytes(bomb.compress(bytes(2_000_000)) + bomb.flush())
+    with pytest.raises(CheckpointError, match="inflates past the 6144 bytes its .zarray announces"):
+        read_checkpoint(mt3_ckpt)
+
+
+def test_chunk_file_larger_than_announced_is_not_read(mt3_ckpt):
+    (mt3_ckpt / CHUNK / "0.0").write_bytes(bytes(1_000_000))
+    with pytest.raises(CheckpointError, match="1000000 bytes, more than the 10336 its metadata allows"):
+        read_checkpoint(mt3_ckpt)
+
+
+def test_huge_zarray_shape_is_refused_before_allocating(mt3_ckpt, capsys):
+    shape = [200_000, 200_000]
+    meta_file = mt3_ckpt / CHUNK / ".zarray"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "shape": shape}))
+    tree = msgpack.unpackb((mt3_ckpt / "checkpoint").read_bytes(), strict_map_key=False)
+    tree["optimizer"]["target"]["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]["metadata"]["shape"] = shape
+    (mt3_ckpt / "checkpoint").write_bytes(msgpack.packb(tree))
+    assert main([str(mt3_ckpt), str(mt3_ckpt.parent / "out"), "--quiet"]) == 1
+    error = one_error_line(capsys)
+    assert "more than the 1,073,741,824 a checkpoint may hold" in error and "[200000, 200000]" in error
+
+
+def test_msgpack_larger_than_the_bound_is_not_read(mt3_ckpt, monkeypatch):
+    monkeypatch.setattr(checkpoint_module, "MAX_MSGPACK_BYTES", 1000)
+    with pytest.raises(CheckpointError, match="checkpoint: .* bytes, more than the 1000"):
+        read_checkpoint(mt3_ckpt)
+
+
+def test_msgpack_symlinked_outside_is_refused(mt3_ckpt, tmp_path):
+    moved = tmp_path / "elsewhere"
+    (mt3_ckpt / "checkpoint").rename(moved)
+    (mt3_ckpt / "checkpoint").symlink_to(moved)
+    with pytest.raises(CheckpointError, match="checkpoint: resolves outside the checkpoint folder"):
+        read_checkpoint(mt3_ckpt)
+
+
+# --- clean edges -------------------------------------------------------------------------------
+
+
+def test_ctrl_c_prints_one_line_and_leaves_nothing(mt3_ckpt, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "convert_mt3", str(mt3_ckpt), str(out), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(1.5)  # inside the imports / conversion
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.strip() == "interrupted; nothing written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_generate_on_empty_audio_returns_an_empty_result(tmp_path):
+    import torch
+
+    from convert_mt3.mt3.configuration_mt3 import MT3Config
+    from convert_mt3.mt3.feature_extraction_mt3 import MT3FeatureExtractor
+    from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration
+    from convert_mt3.mt3.processing_mt3 import MT3Processor
+    from convert_mt3.mt3.tokenization_mt3 import MT3Tokenizer
+
+    config = MT3Config(d_model=32, d_ff=48, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=16)
+    model = MT3ForConditionalGeneration(config).eval()
+    processor = MT3Processor(MT3FeatureExtractor(), MT3Tokenizer())
+    inputs = processor(audio=np.zeros(0, np.float32), sampling_rate=16000, return_tensors="pt")
+    tokens = model.generate(**inputs)
+    assert tokens.shape == (0, 1) and tokens.dtype == torch.long
+    assert processor.batch_decode(tokens, inputs)["notes"] == []
+
+
+@pytest.mark.parametrize("peak, warned", [(0.9, False), (3.9, False), (100.0, True), (32767.0, True)])
+def test_unscaled_audio_gets_one_warning(peak, warned, caplog):
+    from convert_mt3.mt3.feature_extraction_mt3 import MT3FeatureExtractor
+
+    samples = np.sin(np.linspace(0, 100, 16000)).astype(np.float32) * peak
+    with caplog.at_level("WARNING"):
+        MT3FeatureExtractor()(samples, sampling_rate=16000)
+    messages = [r.getMessage() for r in caplog.records if "peaks at" in r.getMessage()]
+    assert len(messages) == int(warned), messages
+    if warned:
+        assert "int16 samples / 32768" in messages[0]
+

@@ -8,7 +8,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile
 
 import convert_mt3.hub
 from convert_mt3.__main__ import main
@@ -76,14 +78,21 @@ def test_real_folder_loads_with_transformers_alone(real_folder, tmp_path):
     check_standalone(real_folder, tmp_path)
 
 
-def test_model_card_snippet_runs(tiny_folder, tmp_path):
-    """The usage block of the card, executed as written (repo id -> the local folder)."""
+def test_model_card_snippets_run(tiny_folder, tmp_path):
+    """Both usage blocks of the card, executed as written (repo id -> the local folder): the 3-line pipeline block
+    that opens the card, then the AutoModel + AutoProcessor one."""
     card = (tiny_folder / "README.md").read_text()
-    snippet = re.search(r"## Usage\n\n```python\n(.*?)```", card, re.S).group(1)
-    assert 'from_pretrained("mt3-tiny"' in snippet
-    result = run_standalone(tiny_folder, snippet.replace('"mt3-tiny"', 'os.environ["MODEL"]').replace("import numpy", "import os\nimport numpy"), tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "transcription.mid").exists()
+    blocks = re.findall(r"```python\n(.*?)```", card, re.S)
+    pipeline_block, auto_block = blocks[0], re.search(r"### Without the pipeline.*?```python\n(.*?)```", card, re.S).group(1)
+    assert card.index(pipeline_block) < card.index("## Usage") and len(pipeline_block.strip().splitlines()) == 3
+    assert 'pipeline("music-transcription", model="mt3-tiny"' in pipeline_block and 'from_pretrained("mt3-tiny"' in auto_block
+    for name, block, written in [("pipeline", pipeline_block, "song.mid"), ("auto", auto_block, "transcription.mid")]:
+        (tmp_path / name).mkdir()
+        soundfile.write(tmp_path / name / "song.wav", np.zeros(8000, np.float32), 16000)
+        code = "import os\n" + block.replace('"mt3-tiny"', 'os.environ["MODEL"]')
+        result = run_standalone(tiny_folder, code, tmp_path / name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (tmp_path / name / written).exists()
 
 
 class FakeHfApi:

@@ -64,10 +64,10 @@ Options: `programs="0-7,32"` or `programs="piano,bass"` (GM families) only lets 
   is decoded whole first: ~1.3 GB for an hour of 44.1 kHz stereo).
 - `batch_size=N` is the number of segments per `generate()` call, taken across inputs when you pass a list or a
   `datasets` column (`dataset.map(lambda b: {"notes": [r["notes"] for r in transcriber(b["audio"], return_midi=False)]}, batched=True)`);
-  the default is `config.segment_batch_size` (16). Inside one call at most 16 segments decode together and a
-  finished one makes room for the next; 32-64 per call keeps a CPU or GPU busy.
+  the default is `segment_batch_size` of `generation_config.json` (32 on CPU, 256 on CUDA). Inside one call at most
+  that many segments decode together and a finished one makes room for the next.
 - `device=0` / `"cuda"` / `"mps"` (default: the first GPU when there is one, else CPU). float32 is the trained
-  precision and the only exact one; `dtype=torch.bfloat16` is faster but not exact (below). For many GPUs, give
+  precision and the only exact one; `dtype=torch.bfloat16` runs but is not exact (below). For many GPUs, give
   each process its share of the files (`accelerate`'s `PartialState().split_between_processes`).
 
 $speed

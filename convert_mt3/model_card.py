@@ -144,23 +144,21 @@ PIPELINE_USAGE = '''from transformers import pipeline
 transcriber = pipeline("music-transcription", model="$repo_id", trust_remote_code=True)
 transcriber("song.wav")["midi"].write("song.mid")'''
 
-# `make bench` on the project's CI machine kind (2-core CPU VM, torch 2.13.0+cpu, transformers 5.24.0; see
-# convert-mt3's README): case a = 20 s of orchestra, 300 s = cases a+b+c repeated. GPU: not measured.
+# `make bench` rows 5 and 6 on the project's CI machine kind (2-core CPU VM, torch 2.13.0+cpu, transformers 5.24.0;
+# see convert-mt3's README, 2026-11-26): the 60 s clip is golden case b repeated. GPU: not measured.
 SPEED = """### Speed and precision (CPU, measured with convert-mt3's `make bench`)
 
-Seconds of compute per second of audio on a 2-core CPU VM (torch 2.13, transformers 5.24), against the original
-JAX/Flax MT3 (1.05 s/s) on the same machine and the same frames; "identical" = greedy tokens equal the original's.
-GPUs were not measured.
+A 60 s dense multi-instrument clip on a 2-core CPU VM (torch 2.13, transformers 5.24, float32), against the
+original JAX/Flax MT3 network (jax 0.10.2, its jitted greedy loop, batch 8) decoding the same frames in the same run:
 
-| input | dtype | s per audio s | vs original | identical segments | peak memory |
+| input | port | original | ratio | identical segments | peak memory |
 |---|---|---|---|---|---|
-| case a, 20 s orchestra | float32 | 0.214 | 4.9x faster | 10/10 | |
-| case a, 20 s orchestra | bfloat16 | 0.179 | 5.9x faster | 4/10 | |
-| 300 s (three recordings repeated) | float32 | 0.095 | 11x faster | | 1.65 GB |
+| 60 s clip, 30 segments | 20.0 s (0.33 s per audio s) | 66.1 s (1.10 s per audio s) | 3.3x faster | 30/30 | 1.35 GB |
 
-In float32 all three reference recordings give the original's notes exactly (479, 468 and 97 notes). bfloat16
-reproduces 5/10, 3/10 and 7/8 segments of them (57%, 76% and 96% of tokens); bfloat16 on CPU needs AVX-512 or
-AVX-NE-CONVERT."""
+float32 is the trained precision and reproduces the original's notes exactly on the three reference recordings
+(479, 468 and 97 notes). Half precision runs but changes notes (CPU, vs the port's float32): mixed mode (float32
+weights, `torch.autocast(device, dtype=torch.bfloat16)` around `generate()`) keeps 70%, 88% and 88% of the notes,
+`.to(torch.bfloat16)` 57%, 73% and 79%; on a CPU both are also slower than float32. GPUs were not measured."""
 
 
 def usage_snippet(repo_id: str) -> str:

@@ -6,6 +6,7 @@ Golden tokens of the real model through the fast path are checked in tests/test_
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,8 +250,9 @@ def test_cache_grows_past_first_capacity():
     torch.testing.assert_close(model.generate(input_features=x, segment_batch_size=2), reference(model, x))
 
 
-def test_module_has_no_extra_imports():
-    source = open(modeling_mt3.__file__).read()
+@pytest.mark.parametrize("module", ["modeling_mt3.py", "layers_mt3.py", "generation_mt3.py"])
+def test_module_has_no_extra_imports(module):
+    source = (Path(modeling_mt3.__file__).parent / module).read_text()
     imports = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
     assert imports <= {"numpy", "torch", "transformers", ""}, imports
 

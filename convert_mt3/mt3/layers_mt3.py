@@ -1,0 +1,301 @@
+"""MT3's building blocks: the fixed sinusoid, attention, gated MLP and the encoder/decoder layers.
+
+The stacks and the model that use them are in `modeling_mt3.py` (see its docstring for how MT3 differs from T5).
+Each module may run its linears packed (`_Packable`): the batched decoder's speed-ups are choices of these modules,
+not a second copy of their math.
+"""
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.t5.modeling_t5 import T5DenseGatedActDense, T5LayerNorm
+
+from .configuration_mt3 import MT3Config
+
+
+def mt3_sinusoid_table(
+    max_len: int, features: int, min_scale: float = 1.0, max_scale: float = 10000.0
+) -> torch.Tensor:
+    """MT3 `layers.sinusoidal()`: sines in the first half of the features, cosines in the second.
+
+    Computed in float64 numpy and rounded once to float32, like the original. The frequency step divides by
+    `features // 2 - 1` (not `features // 2` as in most transformer code), which is why this is not shared
+    with any transformers helper.
+    """
+    half = features // 2
+    position = np.arange(max_len, dtype=np.float64)[:, None]  # (max_len, 1)
+    scale_factor = -np.log(max_scale / min_scale) / (half - 1)
+    div_term = min_scale * np.exp(np.arange(half, dtype=np.float64) * scale_factor)  # (half,)
+    table = np.zeros((max_len, features), dtype=np.float32)
+    table[:, :half] = np.sin(position * div_term)
+    table[:, half : 2 * half] = np.cos(position * div_term)
+    return torch.from_numpy(table)
+
+
+class MT3SinusoidalPositions(nn.Module):
+    """Fixed position table (MT3 `FixedEmbed`), a non-persistent buffer: rebuilt, never loaded or saved."""
+
+    def __init__(self, config: MT3Config):
+        super().__init__()
+        self.max_len = config.max_position_embeddings
+        self.features = config.d_model
+        # Computed here, so a model built without weight initialisation still has it; a non-persistent buffer is
+        # not in the checkpoint, so `MT3PreTrainedModel._init_weights` recomputes it after `from_pretrained` built
+        # the module on the meta device.
+        self.register_buffer("table", self.compute_table(), persistent=False)
+
+    def compute_table(self) -> torch.Tensor:
+        return mt3_sinusoid_table(self.max_len, self.features)
+
+    def forward(self, start: int, length: int) -> torch.Tensor:
+        """Rows `start .. start + length - 1` of the table, shape (1, length, features)."""
+        if start + length > self.max_len:
+            raise ValueError(
+                f"MT3 has {self.max_len} positions (max_position_embeddings), "
+                f"but position {start + length - 1} was requested"
+            )
+        return self.table[start : start + length].unsqueeze(0)
+
+
+def _onednn_linear():
+    """oneDNN's linear on packed weights (`torch.ops.mkldnn._linear_pointwise`), or None where this build lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        torch.ops.mkldnn._reorder_linear_weight  # noqa: B018 (both ops are needed)
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class _PackedLinear:
+    """Bias-free linears that read the same input, as one product: their weights concatenated along the outputs,
+    in oneDNN's blocked layout on CPU (MKL's float32 GEMM runs 2-3x slower on few rows; the rounding differs from
+    `nn.Linear` in the last bits only). Built from the parameters for one `generate()`, never saved."""
+
+    def __init__(self, linears: tuple[nn.Linear, ...], onednn: bool, rows: int):
+        weight = torch.cat([linear.weight.detach() for linear in linears])  # (sum of outputs, in)
+        self.splits = [linear.out_features for linear in linears]
+        self.onednn = _onednn_linear() if onednn else None
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if self.onednn else weight
+
+    def __call__(self, states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.onednn is None:
+            out = F.linear(states, self.weight)
+        else:
+            out = self.onednn(states, self.weight, None, "none", [], "")
+        return out.split(self.splits, dim=-1) if len(self.splits) > 1 else out
+
+
+class _Packable:
+    """A module whose linears may run packed (`_PackedLinear`), between `MT3ForConditionalGeneration.pack` and
+    `unpack`: the speed-ups of batched decoding are choices of the modules, not a second copy of their math.
+
+    `fusable` names groups of linears that read the same input; `_linear(group, x)` runs a group, packed or not.
+    """
+
+    fusable: dict[str, tuple[str, ...]] = {}
+    packed: dict[str, _PackedLinear] | None = None
+
+    def pack(self, onednn: bool, rows: int) -> None:
+        self.packed = {
+            group: _PackedLinear(tuple(getattr(self, name) for name in names), onednn, rows)
+            for group, names in self.fusable.items()
+        }
+
+    def unpack(self) -> None:
+        self.packed = None
+
+    def _linear(self, group: str, states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.packed is not None:
+            return self.packed[group](states)
+        names = self.fusable[group]
+        if len(names) == 1:
+            return getattr(self, names[0])(states)
+        return tuple(getattr(self, name)(states) for name in names)
+
+
+class MT3Attention(_Packable, nn.Module):
+    """Multi-head attention of MT3: bias-free projections, no logit scaling, no position bias.
+
+    `num_heads * d_kv` (384 in MT3) need not equal `d_model` (512). Masks are boolean, True = attend.
+    `matmul` (set by `MT3ForConditionalGeneration.pack`, on CPU) computes attention as two batched matmuls: for one
+    query per row they read the keys/values at close to memory speed, where CPU SDPA takes ~1.3x as long.
+    """
+
+    matmul = False
+
+    def __init__(self, config: MT3Config, layer_idx: int | None = None, is_cross_attention: bool = False):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_cross_attention = is_cross_attention
+        self.num_heads = config.num_heads
+        self.head_dim = config.d_kv
+        self.dropout = config.dropout_rate
+        inner_dim = config.num_heads * config.d_kv
+        self.query = nn.Linear(config.d_model, inner_dim, bias=False)
+        self.key = nn.Linear(config.d_model, inner_dim, bias=False)
+        self.value = nn.Linear(config.d_model, inner_dim, bias=False)
+        self.out = nn.Linear(inner_dim, config.d_model, bias=False)
+        # cross-attention: keys/values of the encoder output once per segment, the query on every step
+        qkv = {"q": ("query",), "kv": ("key", "value")} if is_cross_attention else {"qkv": ("query", "key", "value")}
+        self.fusable = {**qkv, "out": ("out",)}
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        # (batch, length, heads * d_kv) -> (batch, heads, length, d_kv)
+        batch, length, _ = states.shape
+        return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, encoder_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values of (batch, frames, d_model) -> each (batch, heads, frames, d_kv)."""
+        key, value = self._linear("kv", encoder_states)
+        return self._split_heads(key), self._split_heads(value)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        cache: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Self-attention, or cross-attention over `key_value_states` (the encoder output).
+
+        `attention_mask` is boolean, broadcastable to (batch, heads, q_len, kv_len); `is_causal` asks for a plain
+        causal mask (only used when `attention_mask` is None). With a `cache`, self-attention appends this step's
+        keys/values, and cross-attention projects the encoder output once and reuses it on every later step.
+        """
+        batch, q_len, _ = hidden_states.shape
+        if not self.is_cross_attention:
+            query, key, value = (self._split_heads(s) for s in self._linear("qkv", hidden_states))
+            if cache is not None:
+                key, value = cache.self_attention_cache.update(key, value, self.layer_idx)
+        else:
+            query = self._split_heads(self._linear("q", hidden_states))  # (batch, heads, q_len, d_kv)
+            if cache is not None and cache.is_updated.get(self.layer_idx, False):
+                layer = cache.cross_attention_cache.layers[self.layer_idx]
+                key, value = layer.keys, layer.values  # (batch, heads, frames, d_kv), projected once
+            else:
+                key, value = self.project_kv(key_value_states)
+                if cache is not None:
+                    key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+                    cache.is_updated[self.layer_idx] = True
+
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if self.config._attn_implementation == "sdpa" and not output_attentions and not self.matmul:
+            # scale=1.0: MT3's query kernel already holds the 1/sqrt(d_kv) factor.
+            attn = F.scaled_dot_product_attention(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                dropout_p=dropout,
+                is_causal=is_causal and attention_mask is None and q_len > 1,
+                scale=1.0,
+            )
+        else:
+            scores = torch.matmul(query, key.transpose(-1, -2))  # (batch, heads, q_len, kv_len)
+            if attention_mask is None and is_causal and q_len > 1:
+                kv_len = key.shape[-2]
+                attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
+            if attention_mask is not None:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+            attn = torch.matmul(F.dropout(weights, p=dropout, training=self.training), value)
+
+        attn = attn.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
+        return self._linear("out", attn), weights  # (batch, q_len, d_model)
+
+
+class MT3GatedMLP(_Packable, T5DenseGatedActDense):
+    """T5's gated-GELU MLP, wo(gelu_new(wi_0 x) * wi_1 x) (gelu_new = flax's tanh gelu), with wi_0/wi_1 packable."""
+
+    fusable = {"wi": ("wi_0", "wi_1"), "wo": ("wo",)}
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, linear = self._linear("wi", hidden_states)  # each (..., d_ff)
+        return self._linear("wo", self.dropout(self.act(gate) * linear))
+
+
+class MT3EncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm self-attention + gated-GELU MLP (MT3 `EncoderLayer`)."""
+
+    def __init__(self, config: MT3Config, layer_idx: int | None = None):
+        super().__init__()
+        self.pre_attention_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.attention = MT3Attention(config, layer_idx=layer_idx)
+        self.pre_mlp_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.mlp = MT3GatedMLP(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn, weights = self.attention(
+            self.pre_attention_layer_norm(hidden_states),
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+        )
+        hidden_states = hidden_states + self.dropout(attn)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.pre_mlp_layer_norm(hidden_states)))
+        return hidden_states, weights  # (batch, frames, d_model)
+
+
+class MT3DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm causal self-attention, encoder-decoder attention and MLP (MT3 `DecoderLayer`)."""
+
+    def __init__(self, config: MT3Config, layer_idx: int | None = None):
+        super().__init__()
+        self.pre_self_attention_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.self_attention = MT3Attention(config, layer_idx=layer_idx)
+        self.pre_cross_attention_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.encoder_decoder_attention = MT3Attention(config, layer_idx=layer_idx, is_cross_attention=True)
+        self.pre_mlp_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.mlp = MT3GatedMLP(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        attn, self_weights = self.self_attention(
+            self.pre_self_attention_layer_norm(hidden_states),
+            attention_mask=attention_mask,
+            is_causal=is_causal,
+            cache=cache,
+            output_attentions=output_attentions,
+        )
+        hidden_states = hidden_states + self.dropout(attn)
+        attn, cross_weights = self.encoder_decoder_attention(
+            self.pre_cross_attention_layer_norm(hidden_states),
+            key_value_states=encoder_hidden_states,
+            attention_mask=encoder_attention_mask,
+            cache=cache,
+            output_attentions=output_attentions,
+        )
+        hidden_states = hidden_states + self.dropout(attn)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.pre_mlp_layer_norm(hidden_states)))
+        return hidden_states, self_weights, cross_weights  # (batch, tokens, d_model)
+
+
+def _padding_to_bool(mask: torch.Tensor) -> torch.Tensor:
+    """(batch, kv_len) 1 = attend / 0 = padding -> boolean (batch, 1, 1, kv_len), True = attend."""
+    return mask.bool()[:, None, None, :]
+
+
+__all__ = ["MT3Attention", "MT3DecoderLayer", "MT3EncoderLayer", "MT3GatedMLP", "MT3SinusoidalPositions", "mt3_sinusoid_table"]

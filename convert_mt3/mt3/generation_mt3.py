@@ -85,6 +85,8 @@ class MT3SlotLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.owner.capacity
 
+    get_max_cache_shape = get_max_length  # the same, under its abstract name before transformers 5.24
+
 
 class MT3SlotCache(EncoderDecoderCache):
     """Preallocated cache of `rows` rows, each at its own position; rows are admitted and evicted, not appended.

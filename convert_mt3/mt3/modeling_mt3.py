@@ -380,18 +380,20 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         return self._shift_right(labels)
 
     def pack(self, rows: int, onednn: bool, matmul_attention: bool, fuse: bool = True) -> None:
-        """Until `unpack()`, attention runs as matmuls if `matmul_attention`, and if `fuse` the linears that read
-        the same input run as one product (q/k/v, wi_0/wi_1, cross k/v), in oneDNN's layout if `onednn`. The
-        parameters are unchanged: the packs are built from them here (`rows`: the expected rows per product)."""
+        """Until `unpack()`, the decoder's attention runs as matmuls if `matmul_attention`, and if `fuse` its
+        linears that read the same input run as one product (q/k/v, wi_0/wi_1, cross k/v), in oneDNN's layout if
+        `onednn`. The parameters are unchanged: the packs are built from them here (`rows`: the expected rows per
+        product). The encoder is left as it is: its products have hundreds of rows, where the defaults are faster
+        (CPU: 30 segments encoded in 2.5 s as they are, 3.5 s packed with matmul attention)."""
         with torch.no_grad():
-            for module in self.modules():
+            for module in self.decoder.modules():
                 if isinstance(module, _Packable) and fuse:
                     module.pack(onednn, rows)
                 if isinstance(module, MT3Attention):
                     module.matmul = matmul_attention
 
     def unpack(self) -> None:
-        for module in self.modules():
+        for module in self.decoder.modules():
             if isinstance(module, _Packable):
                 module.unpack()
             if isinstance(module, MT3Attention):

@@ -33,6 +33,7 @@ from .layers_mt3 import (
     MT3Attention,
     MT3DecoderLayer,
     MT3EncoderLayer,
+    MT3LayerNorm,
     MT3SinusoidalPositions,
     _Packable,
     _padding_to_bool,
@@ -103,7 +104,7 @@ class MT3Encoder(nn.Module):
         self.position_embedding = MT3SinusoidalPositions(config)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.layers = nn.ModuleList([MT3EncoderLayer(config, layer_idx=i) for i in range(config.num_layers)])
-        self.encoder_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.encoder_norm = MT3LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
 
     def forward(
         self,
@@ -156,7 +157,7 @@ class MT3Decoder(_Packable, nn.Module):
         self.layers = nn.ModuleList(
             [MT3DecoderLayer(config, layer_idx=i) for i in range(config.num_decoder_layers)]
         )
-        self.decoder_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.decoder_norm = MT3LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.logits_dense = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

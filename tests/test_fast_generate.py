@@ -267,20 +267,28 @@ def test_processor_output_goes_straight_in(model, count_fast):
 
 def test_slot_cache_is_a_transformers_cache_bounded_by_the_pool(model, monkeypatch):
     """The scheduler's cache is a transformers `Cache` whose rows never exceed the pool: memory does not grow
-    with the number of segments; rows drop once nothing waits and at most half of them are busy."""
-    caches = []
-    original = MT3SlotCache.__init__
+    with the number of segments; finished rows leave once nothing waits; the storage is freed at the end."""
+    caches, steps = [], []
+    original_init, original_reserve = MT3SlotCache.__init__, MT3SlotCache.reserve
 
     def record(self, *args, **kwargs):
-        original(self, *args, **kwargs)
+        original_init(self, *args, **kwargs)
         caches.append(self)
 
+    def reserve(self, longest):
+        original_reserve(self, longest)
+        storage = [layer.storage[0].shape[0] for layer in self.slot_layers if layer.is_initialized]
+        steps.append((self.rows, max(storage, default=0)))
+
     monkeypatch.setattr(MT3SlotCache, "__init__", record)
+    monkeypatch.setattr(MT3SlotCache, "reserve", reserve)
     x = frames(9, seed=16)
     eos = early_eos(model, x)
     got = model.generate(input_features=x, eos_token_id=eos, segment_batch_size=3)
     torch.testing.assert_close(got, reference(model, x, eos_token_id=eos), atol=0, rtol=0)
     (cache,) = caches
     assert isinstance(cache, Cache)
-    assert all(layer.keys.shape[0] <= 3 for layer in cache.cross_attention_cache.layers)
+    assert max(stored for _, stored in steps) == 3
+    assert [rows for rows, _ in steps][-1] < 3  # the last segments decode without idle rows
+    assert all(layer.storage is None for layer in cache.slot_layers)
     assert cache.capacity <= 2 * max(MT3SlotCache.bucket, got.shape[1])

@@ -153,7 +153,9 @@ original JAX/Flax MT3 network (jax 0.10.2, its jitted greedy loop, batch 8) deco
 
 | input | port | original | ratio | identical segments | peak memory |
 |---|---|---|---|---|---|
-| 60 s clip, 30 segments | 20.0 s (0.33 s per audio s) | 66.1 s (1.10 s per audio s) | 3.3x faster | 30/30 | 1.35 GB |
+| 60 s clip, 30 segments | 13.7 s (0.23 s per audio s) | 72.7 s (1.21 s per audio s) | 5.3x faster | 30/30 | 1.25 GB |
+
+A second run on the same VM while its memory bandwidth was shared (other jobs): 18.0 s against 79.5 s, 4.4x.
 
 float32 is the trained precision and reproduces the original's notes exactly on the three reference recordings
 (479, 468 and 97 notes). Half precision runs but changes notes (CPU, vs the port's float32): mixed mode (float32

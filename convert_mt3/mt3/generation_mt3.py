@@ -20,8 +20,8 @@ FAST_GREEDY_SETTINGS = frozenset(
      "segment_batch_size"}
 )
 # Rows decoded at once by default, per device type (generation_config.json `segment_batch_size`). CPU: 32 decoded a
-# 60 s clip 12-28% faster than 16 in two `make bench` runs on 2 cores (row 5), for ~1.4 GB peak; CUDA: a large pool
-# keeps the GPU busy, but 256 is NOT measured by this project yet.
+# 60 s clip 12-28% faster than 16 in three `make bench` runs on 2 cores (row 5), for 1.1-1.3 GB peak; CUDA: a large
+# pool keeps the GPU busy, but 256 is NOT measured by this project yet.
 SEGMENT_BATCH_SIZE = {"cpu": 32, "cuda": 256}
 
 
@@ -279,7 +279,7 @@ class MT3GreedyPool:
                 cache.remove(row)
                 tokens[row] = tokens[cache.rows]
                 segment_of[row], admitted_at[row] = segment_of[cache.rows], admitted_at[cache.rows]
-                tokens, segment_of, admitted_at = tokens[: cache.rows], segment_of[: cache.rows], admitted_at[: cache.rows]
+            tokens, segment_of, admitted_at = tokens[: cache.rows], segment_of[: cache.rows], admitted_at[: cache.rows]
         return out[:, : 1 + generated]
 
     def _admit(self, cache: MT3SlotCache, rows: list[int], features: torch.Tensor) -> None:

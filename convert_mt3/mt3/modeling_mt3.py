@@ -104,7 +104,7 @@ class MT3Encoder(nn.Module):
         self.position_embedding = MT3SinusoidalPositions(config)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.layers = nn.ModuleList([MT3EncoderLayer(config, layer_idx=i) for i in range(config.num_layers)])
-        self.encoder_norm = MT3LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.encoder_norm = MT3LayerNorm(config)
 
     def forward(
         self,
@@ -157,7 +157,7 @@ class MT3Decoder(_Packable, nn.Module):
         self.layers = nn.ModuleList(
             [MT3DecoderLayer(config, layer_idx=i) for i in range(config.num_decoder_layers)]
         )
-        self.decoder_norm = MT3LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.decoder_norm = MT3LayerNorm(config)
         self.logits_dense = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -134,7 +134,11 @@ def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor) 
                 f"greedy segments identical {p['greedy_segments_identical']}/{p['greedy_segments']}"
             )
     if args.push_to_hub:
-        url = push_folder(result.out_dir, args.push_to_hub, private=args.private, revision=args.revision, commit_message=args.commit_message)
+        try:
+            url = push_folder(result.out_dir, args.push_to_hub, private=args.private, revision=args.revision, commit_message=args.commit_message)
+        except KeyboardInterrupt:
+            print(f"interrupted during the push to {args.push_to_hub}; {result.out_dir} is complete, the repo may not have it", file=sys.stderr)
+            return 130
         print(url)
     return 0
 

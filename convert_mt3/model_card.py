@@ -20,7 +20,7 @@ tags:
 - t5
 ---
 
-# MT3: multi-instrument music transcription (PyTorch / transformers port)
+# $title (PyTorch / transformers port)
 
 ```python
 $pipeline_usage
@@ -193,6 +193,12 @@ def _parity_section(parity: dict) -> str:
     return "\n".join(rows)
 
 
+TITLE = {
+    "mt3": "MT3: multi-instrument music transcription",
+    "ismir2021": "MT3 ismir2021: piano transcription",
+    "custom": "MT3: music transcription",
+}
+
 VARIANT_TEXT = {
     "mt3": "the multi-instrument `mt3` checkpoint",
     "ismir2021": "the piano `ismir2021` checkpoint (Hawthorne et al., ISMIR 2021: piano notes with velocities)",
@@ -210,6 +216,7 @@ def _variant_row(result: ConversionResult) -> str:
 
 def render_model_card(result: ConversionResult, version: str, repo_id: str | None = None) -> str:
     return CARD.substitute(
+        title=TITLE[result.variant.name],
         version=version,
         source_name=result.source.name,
         variant_text=VARIANT_TEXT[result.variant.name],

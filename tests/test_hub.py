@@ -100,6 +100,7 @@ class FakeHfApi:
 
     calls: list = []
     fail_with: Exception | None = None
+    interrupt = False
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", repo_id, kwargs))
@@ -113,12 +114,15 @@ class FakeHfApi:
     def upload_folder(self, **kwargs):
         files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
         self.calls.append(("upload_folder", kwargs["repo_id"], {**kwargs, "files": files}))
+        if self.interrupt:
+            raise KeyboardInterrupt
 
 
 @pytest.fixture
 def fake_api(monkeypatch):
     FakeHfApi.calls = []
     FakeHfApi.fail_with = None
+    FakeHfApi.interrupt = False
     monkeypatch.setattr(convert_mt3.hub, "HfApi", FakeHfApi)
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     return FakeHfApi
@@ -152,6 +156,16 @@ def test_push_failure_is_one_line_and_keeps_folder(fake_api, ckpt, tmp_path, cap
     assert err.startswith("error: push to me/mt3-tiny failed: ConnectionError") and len(err.splitlines()) == 1
     assert FAKE_TOKEN not in err
     assert (out / "model.safetensors").exists()
+
+
+def test_ctrl_c_during_the_push_says_the_folder_is_written(fake_api, ckpt, tmp_path, capsys):
+    fake_api.interrupt = True
+    out = tmp_path / "out"
+    assert main([str(ckpt), str(out), "--quiet", "--push-to-hub", "me/mt3-tiny"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"interrupted during the push to me/mt3-tiny; {out} is complete, the repo may not have it"
+    assert (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder, no lock file left
 
 
 def test_private_needs_push(ckpt, tmp_path):

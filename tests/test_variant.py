@@ -48,7 +48,9 @@ def test_ismir2021_checkpoint_converts_to_a_piano_folder(tmp_path, gin):
     assert status == 0
     assert layout_of(out) == LAYOUTS["ismir2021"] == {
         "frames_per_segment": 512, "num_velocity_bins": 127, "use_ties": False, "program_granularity": "flat"}
-    assert "`ismir2021`" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "`ismir2021`" in card
+    assert "# MT3 ismir2021: piano transcription" in card and "multi-instrument" not in card.split("\n## ")[0]
 
     from transformers import AutoProcessor
 

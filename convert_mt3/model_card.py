@@ -100,8 +100,8 @@ Precision: use float32, which reproduces the original's tokens. Half precision r
 cast with `.to(torch.bfloat16)`, or the mixed mode: float32 weights with
 `torch.autocast(device, dtype=torch.bfloat16)` around `generate()`, half-precision matmuls with
 the residual stream, norms and logits in float32) but changes notes: measured on CPU over the
-three golden clips of convert-mt3, the mixed mode kept 70-88% of the float32 notes exactly,
-the cast model 57-79%. GPU speed and agreement are not measured yet.
+three golden clips of convert-mt3, the mixed mode kept 77-96% of the float32 notes exactly,
+the cast model 57-77%. GPU speed and agreement are not measured yet.
 
 ## Parity with the original
 
@@ -160,8 +160,8 @@ Two later runs on the same VM, with its memory shared with other jobs: 18.0 s ag
 
 float32 is the trained precision and reproduces the original's notes exactly on the three reference recordings
 (479, 468 and 97 notes). Half precision runs but changes notes (CPU, vs the port's float32): mixed mode (float32
-weights, `torch.autocast(device, dtype=torch.bfloat16)` around `generate()`) keeps 70%, 88% and 88% of the notes,
-`.to(torch.bfloat16)` 57%, 73% and 79%; on a CPU both are also slower than float32. GPUs were not measured."""
+weights, `torch.autocast(device, dtype=torch.bfloat16)` around `generate()`) keeps 77%, 96% and 89% of the notes,
+`.to(torch.bfloat16)` 57%, 77% and 77%; on a CPU both are also slower than float32. GPUs were not measured."""
 
 
 def usage_snippet(repo_id: str) -> str:

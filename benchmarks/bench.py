@@ -16,7 +16,12 @@ Rows (see benchmarks/README.md):
      (shared/tools/original_mt3.py, jax[cpu] + flax: the `bench` extra) on the same frames
   6. precision modes (autocast bfloat16, .to(bfloat16)) vs float32: segments and notes per golden case
   7. row 5 on CUDA, only when a GPU is present
+  8. a long input (default 1 hour, the row-3 audio) end to end (features, generate, decode) on
+     --e2e-device (default CUDA, when present) in each precision mode: seconds, segments identical to
+     float32 on that device and to --e2e-reference (the tokens of a CPU float32 run), notes equal
 Every row also goes to benchmarks/results.json (--json), with the load average of every process.
+--model-dir DIR measures an already converted folder instead of converting (row 1 needs the checkpoint):
+for a machine the checkpoint cannot travel to.
 """
 
 from __future__ import annotations
@@ -224,6 +229,13 @@ def worker_transcribe(args: argparse.Namespace) -> None:
     })
 
 
+def _long_audio(np, shared: str, seconds: float):
+    """Rows 3 and 8: the three golden cases concatenated and tiled to `seconds` of 16 kHz samples."""
+    one = np.concatenate([np.load(Path(shared) / "golden" / c / "samples.npy") for c in LONG_CASES])
+    n = int(seconds * SAMPLE_RATE)
+    return np.tile(one, -(-n // len(one)))[:n].astype(np.float32)
+
+
 def worker_long(args: argparse.Namespace) -> None:
     """Row 3: the three golden cases concatenated and repeated to `--seconds`; one run, peak RSS."""
     import resource
@@ -231,10 +243,7 @@ def worker_long(args: argparse.Namespace) -> None:
     import numpy as np
 
     torch, model, processor, dtype, load = _load(args.model, "float32")
-    parts = [np.load(Path(args.shared) / "golden" / c / "samples.npy") for c in LONG_CASES]
-    one = np.concatenate(parts)
-    n = int(args.seconds * SAMPLE_RATE)
-    samples = np.tile(one, -(-n // len(one)))[:n].astype(np.float32)
+    samples = _long_audio(np, args.shared, args.seconds)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run = _run_once(torch, model, processor, dtype, samples, "fast", None)
     stats = _token_stats(run.pop("tokens"), None)
@@ -369,6 +378,37 @@ def worker_precision(args: argparse.Namespace) -> None:
     _emit({**load, "cases": out})
 
 
+def worker_end_to_end(args: argparse.Namespace) -> None:
+    """Row 8: `--seconds` of the row-3 audio on `--device` in precision `--mode`, after a warm-up: features
+    (processor, CPU) -> generate() -> notes, timed as one; writes the ids (cut at EOS) and notes to `--out`."""
+    import numpy as np
+
+    torch, model, processor, _, load = _load(args.model, "float32")
+    model = model.to(args.device)
+    samples = _long_audio(np, args.shared, args.seconds)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    warm = processor(audio=samples[: 4 * SEGMENT_SAMPLES], sampling_rate=SAMPLE_RATE, return_tensors="pt")
+    _generate_mode(torch, model, warm["input_features"].to(args.device), args.mode, args.device)
+    sync()
+    t0 = time.perf_counter()
+    inputs = processor(audio=samples, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+    t1 = time.perf_counter()
+    tokens = _generate_mode(torch, model, inputs["input_features"].to(args.device), args.mode, args.device).cpu()
+    sync()
+    t2 = time.perf_counter()
+    notes = processor.batch_decode(tokens, inputs, return_midi=False)["notes"]
+    t3 = time.perf_counter()
+    rows = [_cut(row)[0] for row in tokens.tolist()]
+    Path(args.out).write_text(json.dumps({"segments": rows, "notes": [list(n) for n in notes]}))
+    extra = {}
+    if args.device.startswith("cuda"):
+        extra = {"cuda_device": torch.cuda.get_device_name(), "cuda_peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+    _emit({**load, "mode": args.mode, "device": args.device, "audio_s": len(samples) / SAMPLE_RATE,
+           "segments": len(rows), "tokens": sum(_cut(row)[1] for row in tokens.tolist()), "notes": len(notes),
+           "features_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2, "end_to_end_s": t3 - t0,
+           "torch_threads": torch.get_num_threads(), **extra})
+
+
 def worker_cuda(args: argparse.Namespace) -> None:
     """Whether the GPU section (row 7) can run here."""
     import torch
@@ -378,7 +418,7 @@ def worker_cuda(args: argparse.Namespace) -> None:
 
 WORKERS = {"import": worker_import, "import_reload": worker_import_reload, "read": worker_read, "transcribe": worker_transcribe,
            "long": worker_long, "matmul": worker_matmul, "frames": worker_frames, "port": worker_port,
-           "precision": worker_precision, "cuda": worker_cuda}
+           "precision": worker_precision, "cuda": worker_cuda, "end_to_end": worker_end_to_end}
 
 
 # --------------------------------------------------------------------------------------------- parent
@@ -520,6 +560,41 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
     out["original"] = {**js, "process_wall_s": wall}
     out.update(audio_s=seconds, ratio=js["decode_s"] / port["generate_s"],
                port_s_per_s=port["generate_s"] / seconds, original_s_per_s=js["decode_s"] / seconds)
+    return out
+
+
+DEFAULT_ROWS = "1,2,3,4,5,6,7,8"
+E2E_MODES = ("float32", "autocast-bfloat16", "autocast-float16", "bfloat16", "float16")
+
+
+def row_end_to_end(model_dir: Path, shared: Path, tmp: Path, seconds: float, device: str, modes: tuple[str, ...],
+                   reference: Path | None, save_dir: Path) -> dict:
+    """Row 8: one process per precision mode; ids and notes compared with float32 on `device` (the first mode)
+    and, with `reference` (ids of a CPU float32 run of the same input, as this row saves them), with it."""
+    from collections import Counter
+
+    out: dict = {"audio_s": seconds, "device": device, "modes": {}}
+    base = None
+    ref_rows = json.loads(reference.read_text())["segments"] if reference else None
+    if reference:
+        out["reference"] = str(reference)
+    for mode in modes:
+        tokens = save_dir / f"e2e_tokens_{device.replace(':', '')}_{mode}.json"
+        wall, js = run_process(worker_cmd("end_to_end", "--model", str(model_dir), "--shared", str(shared),
+                                          "--seconds", str(seconds), "--device", device, "--mode", mode,
+                                          "--out", str(tokens)),
+                               f"row 8: {seconds:.0f} s end to end, {device} {mode}")
+        got = json.loads(tokens.read_text())
+        rows, notes = got["segments"], Counter(tuple(n) for n in got["notes"])
+        if base is None:
+            base = rows, notes
+        entry = {**js, "process_wall_s": wall, "tokens_file": str(tokens),
+                 "segments_identical_to_first": sum(a == b for a, b in zip(rows, base[0])),
+                 "notes_equal_pct_to_first": 100.0 * sum((notes & base[1]).values()) / max(1, sum(base[1].values()))}
+        if ref_rows is not None:
+            entry["segments_identical_to_reference"] = sum(a == b for a, b in zip(rows, ref_rows))
+            entry["reference_segments"] = len(ref_rows)
+        out["modes"][mode] = entry
     return out
 
 
@@ -666,6 +741,17 @@ def fmt_table(res: dict) -> str:
                     add("6", f"{case[:30]} {mode}: segments identical / notes equal",
                         f"{m['segments_identical']}/{m['segments']}  {m['notes_equal_pct']:.1f}%",
                         f"f32 {modes['float32']['generate_s']:.1f} s", f"{m['generate_s']:.1f} s")
+    r8 = res["rows"].get("8")
+    if r8:
+        first = next(iter(r8["modes"]))
+        for mode, m in r8["modes"].items():
+            ref = (f"ref {m['segments_identical_to_reference']}/{m['reference_segments']}"
+                   if "segments_identical_to_reference" in m else "")
+            target = ("<= 8 s" if mode == "float32" else "<= 4 s") if r8["device"].startswith("cuda") else ""
+            add("8", f"{r8['audio_s']:.0f} s end to end, {r8['device']} {mode}", f"{m['end_to_end_s']:.2f} s",
+                f"generate {m['generate_s']:.2f} s", "", target)
+            add("", f"  vs {first}: segments identical / notes equal; {ref}",
+                f"{m['segments_identical_to_first']}/{m['segments']}  {m['notes_equal_pct_to_first']:.1f}%")
     lines.append("")
     lines.append("row 5/7 ratio = original decode s / port generate s (higher is better); row 6: vs float32 of the port, "
                  "last two columns = generate() seconds in float32 / in that mode.")
@@ -682,7 +768,8 @@ def fmt_table(res: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="naive path on 2 segments, extrapolated; 1 repetition")
-    p.add_argument("--rows", default="1,2,3,4,5,6,7", help="comma-separated rows to run (default all; 7 runs only with CUDA)")
+    p.add_argument("--rows", default=DEFAULT_ROWS,
+                   help="comma-separated rows to run (default all; 7 runs only with CUDA, 8 with CUDA or --e2e-device)")
     p.add_argument("--reps", type=int, help="repetitions of rows 1 and 2 (default 3, 1 with --quick)")
     p.add_argument("--long-seconds", type=float, default=300.0, help="length of the row-3 input (default 300)")
     p.add_argument("--dense-seconds", type=float, default=60.0, help="length of the row-5/7 clip (default 60)")
@@ -691,6 +778,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int,
                    help="run every process (port and original) on N threads (OMP_NUM_THREADS; XLA's Eigen pool): "
                         "on a VM shared with other jobs, 1 avoids OpenMP threads waiting on each other")
+    p.add_argument("--e2e-device", help="device of row 8 (default cuda, and row 8 is skipped without CUDA; cpu to run it here)")
+    p.add_argument("--e2e-seconds", type=float, default=3600.0, help="length of the row-8 input (default 3600)")
+    p.add_argument("--e2e-modes", default=",".join(E2E_MODES),
+                   help="row 8's precision modes, float32 first (default: all of %(default)s)")
+    p.add_argument("--e2e-reference", help="row 8: ids of a CPU float32 run of the same input (an e2e_tokens_cpu_float32.json)")
+    p.add_argument("--model-dir", help="measure this converted folder instead of converting the checkpoint (no row 1)")
     p.add_argument("--json", default=str(REPO / "benchmarks" / "results.json"),
                    help="where to write every row as JSON (default benchmarks/results.json)")
     p.add_argument("--shared", default=os.environ.get("MT3_SHARED_DIR", str(REPO.parent / "shared")),
@@ -726,13 +819,27 @@ def main(argv=None) -> int:
     # SIGTERM -> SystemExit: subprocess.run kills the running worker and the temporary folder is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = {r.strip() for r in args.rows.split(",") if r.strip()}
-    if not rows <= {"1", "2", "3", "4", "5", "6", "7"}:
-        print(f"error: --rows takes 1 to 7; found {args.rows!r}", file=sys.stderr)
+    if not rows <= {"1", "2", "3", "4", "5", "6", "7", "8"}:
+        print(f"error: --rows takes 1 to 8; found {args.rows!r}", file=sys.stderr)
         return 2
     shared = Path(args.shared).resolve()
     checkpoint = shared / "checkpoints" / "mt3"
-    if not checkpoint.is_dir():
-        print(f"error: {checkpoint}: no checkpoint; set MT3_SHARED_DIR or --shared", file=sys.stderr)
+    given = Path(args.model_dir).resolve() if args.model_dir else None
+    if given is not None:
+        if not (given / "config.json").is_file():
+            print(f"error: --model-dir {given}: no config.json; expected a folder convert-mt3 wrote", file=sys.stderr)
+            return 2
+        if args.rows == DEFAULT_ROWS:
+            rows.discard("1")  # the default rows: all that a converted folder can measure
+        elif "1" in rows:
+            print("error: row 1 times the conversion, which needs the checkpoint: leave out --model-dir", file=sys.stderr)
+            return 2
+    elif not checkpoint.is_dir():
+        print(f"error: {checkpoint}: no checkpoint; set MT3_SHARED_DIR or --shared, or give --model-dir", file=sys.stderr)
+        return 2
+    reference = Path(args.e2e_reference).resolve() if args.e2e_reference else None
+    if reference is not None and not reference.is_file():
+        print(f"error: --e2e-reference {reference}: no such file", file=sys.stderr)
         return 2
 
     if args.threads:
@@ -748,10 +855,12 @@ def main(argv=None) -> int:
             tmp = Path(tmp_name)
             global MODULES_CACHE
             MODULES_CACHE = tmp / "hf_modules"
-            model_dir = tmp / "mt3"
-            # Convert once (a few seconds); it is row 1's first sample and gives rows 2-4 their model and config.
-            convert = [sys.executable, "-m", "convert_mt3", str(checkpoint), str(model_dir), "--quiet", "--overwrite"]
-            first_wall, _ = run_process(convert, "convert (row 1 sample #1)", expect_json=False)
+            model_dir = given or tmp / "mt3"
+            if given is None:
+                # Convert once (a few seconds); it is row 1's first sample and gives rows 2-4 their model and config.
+                convert = [sys.executable, "-m", "convert_mt3", str(checkpoint), str(model_dir), "--quiet", "--overwrite"]
+                first_wall, _ = run_process(convert, "convert (row 1 sample #1)", expect_json=False)
+            res["machine"]["model_dir"] = str(model_dir)
             # Which model code was measured: the converted folder holds a copy of convert_mt3/mt3/ as it was now.
             res["machine"]["modeling_mt3_sha256"] = hashlib.sha256((model_dir / "modeling_mt3.py").read_bytes()).hexdigest()[:16]
             _, info = run_process(worker_cmd("import"), "versions / torch threads")
@@ -786,6 +895,12 @@ def main(argv=None) -> int:
                                                   "row 6: precision modes on the golden cases")
             if "7" in rows and run_process(worker_cmd("cuda"), "CUDA present?")[1]["cuda"]:
                 res["rows"]["7"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, device="cuda")
+            if "8" in rows:
+                device = args.e2e_device or ("cuda" if run_process(worker_cmd("cuda"), "CUDA present?")[1]["cuda"] else None)
+                if device:
+                    modes = tuple(m.strip() for m in args.e2e_modes.split(",") if m.strip())
+                    res["rows"]["8"] = row_end_to_end(model_dir, shared, tmp, args.e2e_seconds, device, modes, reference,
+                                                      Path(args.json).resolve().parent)
     except WorkerFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

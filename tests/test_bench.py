@@ -1,0 +1,45 @@
+"""`make bench` plumbing that runs without the real checkpoint: `--model-dir` and row 8 (a long input end to end
+per precision mode, compared with the first mode and with a reference run), on the tiny converted folder."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=900)
+
+
+def test_row_8_end_to_end_on_cpu_against_a_reference(tiny_folder, shared, tmp_path):
+    first = tmp_path / "first" / "results.json"
+    first.parent.mkdir()
+    common = ["--model-dir", str(tiny_folder), "--shared", str(shared), "--rows", "8", "--e2e-device", "cpu",
+              "--e2e-seconds", "4"]
+    done = bench(*common, "--e2e-modes", "float32,bfloat16", "--json", str(first))
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(first.read_text())["rows"]["8"]
+    f32, bf16 = row["modes"]["float32"], row["modes"]["bfloat16"]
+    assert f32["segments"] == bf16["segments"] == 2  # 4 s = two 2.048 s segments
+    assert f32["segments_identical_to_first"] == 2 and f32["notes_equal_pct_to_first"] == 100.0
+    assert 0 <= bf16["segments_identical_to_first"] <= 2 and "segments_identical_to_reference" not in f32
+    reference = first.parent / "e2e_tokens_cpu_float32.json"
+    assert json.loads(reference.read_text())["segments"] and (first.parent / "e2e_tokens_cpu_bfloat16.json").exists()
+
+    second = tmp_path / "second" / "results.json"
+    second.parent.mkdir()
+    done = bench(*common, "--e2e-modes", "float32", "--e2e-reference", str(reference), "--json", str(second))
+    assert done.returncode == 0, done.stderr[-3000:]
+    f32 = json.loads(second.read_text())["rows"]["8"]["modes"]["float32"]
+    assert f32["segments_identical_to_reference"] == f32["reference_segments"] == 2
+    assert "8   4 s end to end, cpu float32" in json.loads(second.read_text())["table"]
+
+
+def test_model_dir_cannot_time_the_conversion(tiny_folder, tmp_path):
+    done = bench("--model-dir", str(tiny_folder), "--rows", "1", "--json", str(tmp_path / "r.json"))
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: row 1 times the conversion, which needs the checkpoint: leave out --model-dir"
+    done = bench("--model-dir", str(tmp_path), "--rows", "3", "--json", str(tmp_path / "r.json"))
+    assert done.returncode == 2 and "no config.json" in done.stderr and not (tmp_path / "r.json").exists()

@@ -323,6 +323,15 @@ def _generate_mode(torch, model, features, mode: str, device: str, pool: int | N
     return _sequences(model.generate(input_features=features.to(dtype), **kwargs))
 
 
+def _device_timing(torch, device: str):
+    """(sync, info): `sync()` waits for the device's queued work before a clock is read; `info()` names the GPU and
+    its peak memory for the JSON line (empty on CPU)."""
+    if not device.startswith("cuda"):
+        return (lambda: None), dict
+    return torch.cuda.synchronize, lambda: {"cuda_device": torch.cuda.get_device_name(),
+                                            "cuda_peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+
 def worker_port(args: argparse.Namespace) -> None:
     """Row 5 / 7: the port's generate() on saved frames, best of `--reps` after a warm-up; writes its tokens in
     tokens.json's format (`--out`), so the original can be compared with them."""
@@ -332,7 +341,7 @@ def worker_port(args: argparse.Namespace) -> None:
     model = model.to(args.device)
     features = torch.from_numpy(np.load(args.frames)).to(args.device)
     _generate_mode(torch, model, features[:1], args.mode, args.device)  # warm-up
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    sync, device_info = _device_timing(torch, args.device)
     best = float("inf")
     for _ in range(args.reps):
         sync()
@@ -342,11 +351,9 @@ def worker_port(args: argparse.Namespace) -> None:
         best = min(best, time.perf_counter() - t0)
     rows = [_cut(row)[0] for row in tokens.tolist()]
     Path(args.out).write_text(json.dumps({"segments": rows}))
-    extra = {}
-    if args.device == "cuda":
-        extra = {"cuda_device": torch.cuda.get_device_name(), "cuda_peak_gb": torch.cuda.max_memory_allocated() / 1e9}
     _emit({**load, "mode": args.mode, "device": args.device, "pool": args.pool, "segments": len(rows), "generate_s": best,
-           "tokens": sum(_cut(row)[1] for row in tokens.tolist()), "torch_threads": torch.get_num_threads(), **extra})
+           "tokens": sum(_cut(row)[1] for row in tokens.tolist()), "torch_threads": torch.get_num_threads(),
+           **device_info()})
 
 
 def worker_precision(args: argparse.Namespace) -> None:
@@ -393,7 +400,7 @@ def worker_end_to_end(args: argparse.Namespace) -> None:
         return _generate_mode(torch, model, features.to(args.device), args.mode, args.device)
 
     samples = _long_audio(np, args.shared, args.seconds)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync, device_info = _device_timing(torch, args.device)
     generate(processor(audio=samples[: 4 * SEGMENT_SAMPLES], sampling_rate=SAMPLE_RATE, return_tensors="pt")["input_features"])
     sync()
     t0 = time.perf_counter()
@@ -404,15 +411,12 @@ def worker_end_to_end(args: argparse.Namespace) -> None:
     t2 = time.perf_counter()
     notes = processor.batch_decode(tokens, inputs, return_midi=False)["notes"]
     t3 = time.perf_counter()
-    rows = [_cut(row)[0] for row in tokens.tolist()]
-    Path(args.out).write_text(json.dumps({"segments": rows, "notes": [list(n) for n in notes]}))
-    extra = {}
-    if args.device.startswith("cuda"):
-        extra = {"cuda_device": torch.cuda.get_device_name(), "cuda_peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+    cut = [_cut(row) for row in tokens.tolist()]
+    Path(args.out).write_text(json.dumps({"segments": [ids for ids, _ in cut], "notes": [list(n) for n in notes]}))
     _emit({**load, "mode": args.mode, "device": args.device, "audio_s": len(samples) / SAMPLE_RATE,
-           "segments": len(rows), "tokens": sum(_cut(row)[1] for row in tokens.tolist()), "notes": len(notes),
+           "segments": len(cut), "tokens": sum(n for _, n in cut), "notes": len(notes),
            "features_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2, "end_to_end_s": t3 - t0,
-           "torch_threads": torch.get_num_threads(), **extra})
+           "torch_threads": torch.get_num_threads(), **device_info()})
 
 
 def worker_cuda(args: argparse.Namespace) -> None:
@@ -899,10 +903,12 @@ def main(argv=None) -> int:
             if "6" in rows:
                 _, res["rows"]["6"] = run_process(worker_cmd("precision", "--model", str(model_dir), "--shared", str(shared)),
                                                   "row 6: precision modes on the golden cases")
-            if "7" in rows and run_process(worker_cmd("cuda"), "CUDA present?")[1]["cuda"]:
+            needs_cuda = "7" in rows or ("8" in rows and not args.e2e_device)
+            cuda = needs_cuda and run_process(worker_cmd("cuda"), "CUDA present?")[1]["cuda"]
+            if "7" in rows and cuda:
                 res["rows"]["7"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, device="cuda")
             if "8" in rows:
-                device = args.e2e_device or ("cuda" if run_process(worker_cmd("cuda"), "CUDA present?")[1]["cuda"] else None)
+                device = args.e2e_device or ("cuda" if cuda else None)
                 if device:
                     modes = tuple(m.strip() for m in args.e2e_modes.split(",") if m.strip())
                     res["rows"]["8"] = row_end_to_end(model_dir, shared, args.e2e_seconds, device, modes, reference,

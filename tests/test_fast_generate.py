@@ -292,3 +292,62 @@ def test_slot_cache_is_a_transformers_cache_bounded_by_the_pool(model, monkeypat
     assert [rows for rows, _ in steps][-1] < 3  # the last segments decode without idle rows
     assert all(layer.storage is None for layer in cache.slot_layers)
     assert cache.capacity <= 2 * max(MT3SlotCache.bucket, got.shape[1])
+
+
+class FakeGraph:
+    """Stands in for a CUDA graph on CPU: replays the step it was captured from, with the tensors of that moment
+    (a real graph replays its recorded kernels on their recorded addresses and shapes), after checking that the
+    cache still has the captured rows, key length and storage."""
+
+    def __init__(self, step, cache: MT3SlotCache):
+        self.step, self.cache = step, cache
+        self.shape = self.current_shape()
+
+    def current_shape(self):
+        storage = [layer.storage[0].data_ptr() for layer in self.cache.slot_layers if layer.is_initialized]
+        return self.cache.rows, self.cache.length, self.cache.positions.data_ptr(), storage
+
+    def replay(self):
+        assert self.current_shape() == self.shape, "replayed a graph of another shape or storage"
+        self.step()
+
+
+@pytest.mark.parametrize("pool", [3, 7])
+def test_cuda_graph_schedule_matches_hf_greedy(model, monkeypatch, pool):
+    """The schedule used with CUDA graphs (idle rows kept until the busy ones fit in a power of two, each step
+    replayed from a graph per shape, graphs dropped when the cache grows) gives HF greedy's ids. The graphs are
+    faked on CPU (`FakeGraph`); real capture is only exercised on a GPU."""
+    from convert_mt3.mt3.generation_mt3 import _StepGraphs
+
+    caches, captured, rows_seen = [], [], []
+    original_init, original_reserve = MT3SlotCache.__init__, MT3SlotCache.reserve
+
+    def record(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        caches.append(self)
+
+    def reserve(self, longest):
+        original_reserve(self, longest)
+        rows_seen.append(self.rows)
+
+    def capture(self, step):
+        captured.append(FakeGraph(step, caches[-1]))
+        return captured[-1]
+
+    monkeypatch.setattr(MT3SlotCache, "__init__", record)
+    monkeypatch.setattr(MT3SlotCache, "reserve", reserve)
+    monkeypatch.setattr(_StepGraphs, "_capture", capture)
+    long_model = tiny_model(max_target_length=150)  # > 64 steps: the storage grows while graphs exist
+    for m, limit in ((model, 40), (long_model, 150)):
+        x = frames(9, seed=16)
+        eos = early_eos(m, x)
+        want = reference(m, x, eos_token_id=eos)
+        got = MT3GreedyPool(m, pool, cuda_graphs=True).generate(x, limit, [eos], 0, 0)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert captured and len(captured) < len(rows_seen)  # most steps are replays
+    assert {rows for rows in rows_seen} <= {pool, 4, 2, 1}  # idle rows leave in powers of two
+    # on CPU, generate() ignores the setting, and it does not leave the fast path
+    count = len(captured)
+    x = frames(4, seed=2)
+    torch.testing.assert_close(model.generate(input_features=x, cuda_graphs=True), reference(model, x))
+    assert len(captured) == count

@@ -17,7 +17,7 @@ from transformers.generation import LogitsProcessorList
 # `generate()` to `GenerationMixin` (a contract, not a list of what is refused).
 FAST_GREEDY_SETTINGS = frozenset(
     {"max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id",
-     "segment_batch_size"}
+     "segment_batch_size", "cuda_graphs"}
 )
 # Rows decoded at once by default, per device type (generation_config.json `segment_batch_size`). CPU: 32 decoded a
 # 60 s clip 12-28% faster than 16 in three `make bench` runs on 2 cores (row 5), for 1.1-1.3 GB peak; CUDA: a large
@@ -130,15 +130,16 @@ class MT3SlotCache(EncoderDecoderCache):
             layer.admit(rows, keys, values)
         self.positions[rows] = 0
 
-    def remove(self, row: int) -> None:
-        """`row` leaves: the last row moves into its place (its keys, values and position), one row less."""
-        last = self.rows - 1
-        if row != last:
-            for layer in self.slot_layers:
-                layer.move(last, row)
-            self.positions[row] = self.positions[last]
-        self.rows = last
-        self.row_index, self.positions = self.row_index[:last], self.positions[:last]
+    def move(self, source: int, target: int) -> None:
+        """Row `source`'s segment (keys, values, position) moves to row `target`."""
+        for layer in self.slot_layers:
+            layer.move(source, target)
+        self.positions[target] = self.positions[source]
+
+    def shrink(self, rows: int) -> None:
+        """Keep the first `rows` rows: the storage stays, `keys`/`values`/`positions` become views of fewer rows."""
+        self.rows = rows
+        self.row_index, self.positions = self.row_index[:rows], self.positions[:rows]
         for layer in self.slot_layers:
             if layer.is_initialized:
                 layer.view()
@@ -171,16 +172,26 @@ class MT3GreedyPool:
 
     A row leaves at EOS or the length limit; waiting segments take the free rows at once (their encoder runs
     batched, `encoder_batch` segments at a time, and their cross-attention keys/values are projected once into the
-    cache) and start at position 0 while the others go on. Once nothing waits, a free row leaves the cache, so
-    every step computes busy rows only. Memory: the pool's caches, the encoder activations of `encoder_batch`
-    segments, and the output tokens, whatever the number of segments.
+    cache) and start at position 0 while the others go on. Once nothing waits, free rows leave the cache: at once
+    without graphs, so every step computes busy rows only; with `cuda_graphs`, when the busy rows fit in half the
+    rows (row counts are powers of two, so few shapes are captured). Memory: the pool's caches, the encoder
+    activations of `encoder_batch` segments, and the output tokens, whatever the number of segments.
 
     During decoding the model's linears run packed (`MT3ForConditionalGeneration.pack`): on CPU in oneDNN's layout
     (`use_onednn`: float32, and bfloat16 where the CPU has the instructions) and attention as matmuls
-    (`matmul_attention`: CPU float32, or CPU under autocast).
+    (`matmul_attention`: CPU float32, or CPU under autocast). `cuda_graphs` (CUDA, no autocast, no logits
+    processors) replays each decode step as a CUDA graph (`_StepGraphs`): EXPERIMENTAL, not yet run on a GPU by
+    this project, so off by default.
     """
 
-    def __init__(self, model, pool_size: int, use_onednn: bool | None = None, matmul_attention: bool | None = None):
+    def __init__(
+        self,
+        model,
+        pool_size: int,
+        use_onednn: bool | None = None,
+        matmul_attention: bool | None = None,
+        cuda_graphs: bool = False,
+    ):
         if not isinstance(pool_size, int) or pool_size < 1:
             raise ValueError(f"`segment_batch_size` must be a positive number of rows, found {pool_size!r}")
         self.model = model
@@ -196,6 +207,7 @@ class MT3GreedyPool:
             matmul_attention = cpu and weight.dtype == torch.float32
         self.use_onednn = use_onednn and torch.backends.mkldnn.is_available()
         self.matmul_attention = matmul_attention
+        self.cuda_graphs = cuda_graphs
         # CPU: 2 segments (512 frames) per encoder call keep its activations in cache: 30 segments encoded in
         # 2.4 s, against 3.2 s as one batch (60 s clip, 2 cores). A GPU takes them all at once.
         self.encoder_batch = 2 if cpu else pool_size
@@ -219,46 +231,49 @@ class MT3GreedyPool:
         # copy would be cast again on every step. On CPU, attention then runs as matmuls with a float32 softmax.
         autocast = torch.is_autocast_enabled(device.type)
         matmul = self.matmul_attention or (autocast and device.type == "cpu")
+        # a graph replays fixed kernels: autocast's weight cache and the processors' Python stay eager
+        graphs = self.cuda_graphs and not autocast and not logits_processor
         model.pack(rows, self.use_onednn and not autocast, matmul, fuse=not autocast)
         cache = MT3SlotCache(len(model.decoder.layers), rows, device)
         try:
             return self._decode(cache, input_features, max_new_tokens, eos_token_ids, pad_token_id,
-                                decoder_start_token_id, logits_processor or None)
+                                decoder_start_token_id, logits_processor or None, graphs)
         finally:
             model.unpack()
             cache.release()
 
-    def _decode(self, cache, features, max_new_tokens, eos_token_ids, pad_token_id, start, processors):
-        decoder = self.model.decoder
+    def _decode(self, cache, features, max_new_tokens, eos_token_ids, pad_token_id, start, processors, graphs):
         rows, device = cache.rows, cache.positions.device
         segments = features.shape[0]
-        max_positions = decoder.position_embedding.max_len
+        max_positions = self.model.decoder.position_embedding.max_len
         eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
         out = torch.full((segments, max_new_tokens + 1), pad_token_id, dtype=torch.long)
         tokens = torch.full((rows, max_new_tokens + 1), start, dtype=torch.long, device=device)
-        segment_of = list(range(rows))  # segment decoded in each row
+        active = torch.ones(rows, dtype=torch.long, device=device)  # 1: the row decodes a segment, 0: idle
+        done = torch.zeros(rows, dtype=torch.bool, device=device)  # set by a step: the row's segment ended
+        segment_of: list[int | None] = list(range(rows))  # segment decoded in each row, None: idle
         admitted_at = [0] * rows  # step at which each row's segment started: position = step - admitted_at
         self._admit(cache, list(range(rows)), features[:rows])
-        next_segment, step, generated = rows, 0, 0
+        runner = _StepGraphs() if graphs else None
+        next_segment, step, generated, busy = rows, 0, 0, rows
 
-        while cache.rows:
-            longest = step - min(admitted_at)  # position of the oldest row's input token
+        while busy:
+            longest = step - min(at for at, segment in zip(admitted_at, segment_of) if segment is not None)
             if longest >= max_positions:
                 raise ValueError(
                     f"MT3 has {max_positions} positions (max_position_embeddings), but position {longest} was requested"
                 )
             cache.reserve(longest)
-            current = tokens.gather(1, cache.positions[:, None])  # (rows, 1)
-            hidden = decoder(current, None, cache=cache).last_hidden_state
-            logits = decoder.logits(hidden[:, -1])  # (rows, vocab)
+            process = None
             if processors is not None:
-                positions = {row: step - at for row, at in enumerate(admitted_at)}
-                logits = self._process(processors, logits.float(), tokens, positions)
-            next_tokens = logits.argmax(-1)
-            cache.positions += 1
-            tokens.scatter_(1, cache.positions[:, None], next_tokens[:, None])
+                positions = {row: step - admitted_at[row] for row in range(cache.rows) if segment_of[row] is not None}
+                process = lambda logits: self._process(processors, logits.float(), tokens, positions)  # noqa: E731
+            args = (cache, tokens, active, done, eos, max_new_tokens, process)
+            if runner is None:
+                self._step(*args)
+            else:
+                runner.run(lambda: self._step(*args), cache)
             step += 1
-            done = torch.isin(next_tokens, eos) | (cache.positions >= max_new_tokens)
             finished = done.nonzero()[:, 0].tolist()  # the step's one host sync
             if not finished:
                 continue
@@ -266,8 +281,7 @@ class MT3GreedyPool:
                 length = step - admitted_at[row] + 1
                 out[segment_of[row], :length] = tokens[row, :length].cpu()
                 generated = max(generated, length - 1)
-            # waiting segments take the first free rows; the other free rows leave the cache (the last row moves
-            # into each, so the rows in use stay a prefix)
+            # waiting segments take the first free rows; the other free rows go idle
             admit = finished[: segments - next_segment]
             if admit:
                 self._admit(cache, admit, features[next_segment : next_segment + len(admit)])
@@ -275,12 +289,44 @@ class MT3GreedyPool:
                 for row in admit:
                     segment_of[row], admitted_at[row] = next_segment, step
                     next_segment += 1
-            for row in sorted(finished[len(admit) :], reverse=True):
-                cache.remove(row)
-                tokens[row] = tokens[cache.rows]
-                segment_of[row], admitted_at[row] = segment_of[cache.rows], admitted_at[cache.rows]
-            tokens, segment_of, admitted_at = tokens[: cache.rows], segment_of[: cache.rows], admitted_at[: cache.rows]
+            idle = finished[len(admit) :]
+            if not idle:
+                continue
+            busy -= len(idle)
+            for row in idle:
+                segment_of[row] = None
+            index = torch.tensor(idle, device=device)
+            active[index], cache.positions[index] = 0, 0  # an idle row repeats position 0, within its cache
+            # busy rows beyond the new row count move into the idle rows below it, last first
+            keep = _next_power_of_two(busy) if graphs else busy
+            if keep >= cache.rows:
+                continue
+            holes = [row for row in range(keep - 1, -1, -1) if segment_of[row] is None]
+            movers = [row for row in range(cache.rows - 1, keep - 1, -1) if segment_of[row] is not None]
+            for hole, mover in zip(holes, movers):
+                cache.move(mover, hole)
+                tokens[hole], active[hole] = tokens[mover], active[mover]
+                segment_of[hole], admitted_at[hole] = segment_of[mover], admitted_at[mover]
+            cache.shrink(keep)
+            tokens, active, done = tokens[:keep], active[:keep], done[:keep]
+            segment_of, admitted_at = segment_of[:keep], admitted_at[:keep]
         return out[:, : 1 + generated]
+
+    def _step(self, cache, tokens, active, done, eos, max_new_tokens, process) -> None:
+        """One decode step of every row, in place: each busy row's next token goes to its next position in
+        `tokens`, and `done` marks the busy rows that ended (EOS or the length limit). Tensors only, no host sync,
+        fixed shapes for a given (rows, key length): what a CUDA graph can capture (when `process` is None)."""
+        decoder = self.model.decoder
+        current = tokens.gather(1, cache.positions[:, None])  # (rows, 1)
+        hidden = decoder(current, None, cache=cache).last_hidden_state
+        logits = decoder.logits(hidden[:, -1])  # (rows, vocab)
+        if process is not None:
+            logits = process(logits)
+        next_tokens = logits.argmax(-1)  # (rows,)
+        cache.positions += active
+        tokens.scatter_(1, cache.positions[:, None], next_tokens[:, None])
+        ended = (next_tokens[:, None] == eos).any(-1) | (cache.positions >= max_new_tokens)
+        torch.logical_and(ended, active.bool(), out=done)
 
     def _admit(self, cache: MT3SlotCache, rows: list[int], features: torch.Tensor) -> None:
         """Encode the admitted segments, `encoder_batch` at a time, and fill their rows' cross-attention
@@ -305,3 +351,46 @@ class MT3GreedyPool:
             index = torch.tensor(rows, device=scores.device)
             scores[index] = processors(tokens[index, : position + 1], scores[index])
         return scores
+
+
+def _next_power_of_two(count: int) -> int:
+    return 1 << (count - 1).bit_length()
+
+
+class _StepGraphs:
+    """The decode step as CUDA graphs, one per (rows, key length) of the slot cache: a shape's first step runs
+    eagerly (which also initialises what CUDA sets up lazily), its graph is captured right after, and later steps
+    of that shape replay it, a few launches instead of ~190 kernels per step. Graphs share one memory pool; they are
+    dropped when the self-attention storage grows, since they hold the addresses of the old one."""
+
+    def __init__(self):
+        self.graphs: dict[tuple[int, int], object] = {}
+        self.capacity = None
+        self.pool = self.stream = None
+
+    def run(self, step, cache: MT3SlotCache) -> None:
+        if cache.capacity != self.capacity:
+            self.graphs.clear()
+            self.capacity = cache.capacity
+        key = (cache.rows, cache.length)
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        step()
+        self.graphs[key] = self._capture(step)
+
+    def _capture(self, step) -> "torch.cuda.CUDAGraph":
+        """Record `step` without running it (capture runs no kernel), on a side stream as CUDA requires."""
+        if self.stream is None:
+            self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool)
+            try:
+                step()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return graph

@@ -264,15 +264,14 @@ class MT3GreedyPool:
                     f"MT3 has {max_positions} positions (max_position_embeddings), but position {longest} was requested"
                 )
             cache.reserve(longest)
-            process = None
+            positions = None
             if processors is not None:
                 positions = {row: step - admitted_at[row] for row in range(cache.rows) if segment_of[row] is not None}
-                process = lambda logits: self._process(processors, logits.float(), tokens, positions)  # noqa: E731
-            args = (cache, tokens, active, done, eos, max_new_tokens, process)
+            args = (cache, tokens, active, done, eos, max_new_tokens, processors, positions)
             if runner is None:
                 self._step(*args)
             else:
-                runner.run(lambda: self._step(*args), cache)
+                runner.run(lambda args=args: self._step(*args), cache)  # a graph keeps these tensors
             step += 1
             finished = done.nonzero()[:, 0].tolist()  # the step's one host sync
             if not finished:
@@ -312,16 +311,17 @@ class MT3GreedyPool:
             segment_of, admitted_at = segment_of[:keep], admitted_at[:keep]
         return out[:, : 1 + generated]
 
-    def _step(self, cache, tokens, active, done, eos, max_new_tokens, process) -> None:
+    def _step(self, cache, tokens, active, done, eos, max_new_tokens, processors, positions) -> None:
         """One decode step of every row, in place: each busy row's next token goes to its next position in
         `tokens`, and `done` marks the busy rows that ended (EOS or the length limit). Tensors only, no host sync,
-        fixed shapes for a given (rows, key length): what a CUDA graph can capture (when `process` is None)."""
+        fixed shapes for a given (rows, key length): what a CUDA graph can capture (without `processors`, which get
+        each busy row's position, {row: position})."""
         decoder = self.model.decoder
         current = tokens.gather(1, cache.positions[:, None])  # (rows, 1)
         hidden = decoder(current, None, cache=cache).last_hidden_state
         logits = decoder.logits(hidden[:, -1])  # (rows, vocab)
-        if process is not None:
-            logits = process(logits)
+        if processors is not None:
+            logits = self._process(processors, logits.float(), tokens, positions)
         next_tokens = logits.argmax(-1)  # (rows,)
         cache.positions += active
         tokens.scatter_(1, cache.positions[:, None], next_tokens[:, None])

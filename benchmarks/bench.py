@@ -312,15 +312,26 @@ def worker_frames(args: argparse.Namespace) -> None:
 def _generate_mode(torch, model, features, mode: str, device: str, pool: int | None = None):
     """generate() of all segments in a precision mode: float32, bfloat16 / float16 (a cast copy of the model),
     or autocast-bfloat16 / autocast-float16 (float32 weights, `torch.autocast` around generate: the mixed mode);
-    `pool`: segment_batch_size (default: generation_config's for the device)."""
+    a "+graphs" suffix passes `cuda_graphs=True`; `pool`: segment_batch_size (default: generation_config's)."""
+    mode, graphs = _mode_graphs(mode)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(mode.split("-")[-1], torch.float32)
     kwargs = {} if pool is None else {"segment_batch_size": pool}
+    if graphs:
+        kwargs["cuda_graphs"] = True
     if mode.startswith("autocast"):
         with torch.autocast(device, dtype=dtype):
             return _sequences(model.generate(input_features=features, **kwargs))
     if dtype != torch.float32:
         model = copy.deepcopy(model).to(dtype)  # a cast copy: the float32 model stays exact for the next mode
     return _sequences(model.generate(input_features=features.to(dtype), **kwargs))
+
+
+def _mode_graphs(mode: str) -> tuple[str, bool]:
+    """"autocast-bfloat16+graphs" -> ("autocast-bfloat16", True): the precision and whether CUDA graphs are asked."""
+    precision, _, extra = mode.partition("+")
+    if extra not in ("", "graphs"):
+        raise ValueError(f"mode {mode!r}: the only suffix is '+graphs'")
+    return precision, extra == "graphs"
 
 
 def _device_timing(torch, device: str):
@@ -391,12 +402,13 @@ def worker_end_to_end(args: argparse.Namespace) -> None:
     import numpy as np
 
     torch, model, processor, _, load = _load(args.model, "float32")
-    cast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.mode)
+    precision, graphs = _mode_graphs(args.mode)
+    cast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
     model = model.to(args.device, cast)  # a cast mode's cast happens here, outside the timed run
 
     def generate(features):
         if cast is not None:
-            return _sequences(model.generate(input_features=features.to(args.device, cast)))
+            return _sequences(model.generate(input_features=features.to(args.device, cast), cuda_graphs=graphs))
         return _generate_mode(torch, model, features.to(args.device), args.mode, args.device)
 
     samples = _long_audio(np, args.shared, args.seconds)
@@ -539,6 +551,20 @@ ORIGINAL_TOOL = "tools/original_mt3.py"  # in the shared folder: magenta/mt3's F
 TARGET_DENSE_RATIO = 6.0
 
 
+def _experimental_failed(mode: str, error: WorkerFailed) -> dict:
+    """A "+graphs" mode (experimental) that failed is recorded, and the other modes still run; any other failure
+    stops the bench."""
+    if _mode_graphs(mode)[1]:
+        print(f"  {mode} failed (recorded in the JSON)", file=sys.stderr, flush=True)
+        return {"failed": str(error)[-3000:]}
+    raise error
+
+
+def _same_segments(a: Path, b: Path) -> int:
+    """Segments with identical ids in two token files (tokens.json's format)."""
+    return sum(x == y for x, y in zip(*(json.loads(f.read_text())["segments"] for f in (a, b))))
+
+
 def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps: int, device: str = "cpu",
                  pools: tuple[int, ...] = ()) -> dict:
     """Rows 5 / 7: the port's generate() and the original network on the same frames, in this run; the original is
@@ -548,21 +574,27 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
         run_process(worker_cmd("frames", "--model", str(model_dir), "--shared", str(shared), "--seconds", str(seconds),
                                "--out", str(frames)), f"dense {seconds:.0f} s clip: features")
     out = {}
-    modes = ("float32",) if device == "cpu" else ("float32", "autocast-bfloat16", "autocast-float16")
+    modes = ("float32",) if device == "cpu" else ("float32", *GPU_MODES)
     for mode in modes:
         tokens = tmp / f"port_{device}_{mode}.json"
-        wall, js = run_process(worker_cmd("port", "--model", str(model_dir), "--frames", str(frames), "--device", device,
-                                          "--mode", mode, "--reps", str(reps), "--out", str(tokens)),
-                               f"port generate() {device} {mode}, {seconds:.0f} s clip, best of {reps}")
+        try:
+            wall, js = run_process(worker_cmd("port", "--model", str(model_dir), "--frames", str(frames), "--device",
+                                              device, "--mode", mode, "--reps", str(reps), "--out", str(tokens)),
+                                   f"port generate() {device} {mode}, {seconds:.0f} s clip, best of {reps}")
+        except WorkerFailed as error:
+            out[f"port_{mode}"] = _experimental_failed(mode, error)
+            continue
         out[f"port_{mode}"] = {**js, "process_wall_s": wall, "tokens_file": tokens.name}
+        if mode != "float32":
+            out[f"port_{mode}"]["segments_identical_to_float32"] = _same_segments(tmp / f"port_{device}_float32.json",
+                                                                                  tokens)
     for pool in pools:
         label = f"port generate() {device} float32 segment_batch_size={pool}, {seconds:.0f} s clip, best of {reps}"
         wall, js = run_process(worker_cmd("port", "--model", str(model_dir), "--frames", str(frames), "--device", device,
                                           "--mode", "float32", "--pool", str(pool), "--reps", str(reps),
                                           "--out", str(tmp / f"port_{device}_pool{pool}.json")), label)
-        same = [a == b for a, b in zip(*(json.loads((tmp / f"port_{device}_{name}.json").read_text())["segments"]
-                                          for name in ("float32", f"pool{pool}")))]
-        out[f"port_float32_pool{pool}"] = {**js, "process_wall_s": wall, "segments_identical_to_default": sum(same)}
+        same = _same_segments(tmp / f"port_{device}_float32.json", tmp / f"port_{device}_pool{pool}.json")
+        out[f"port_float32_pool{pool}"] = {**js, "process_wall_s": wall, "segments_identical_to_default": same}
     wall, js = run_process([sys.executable, str(shared / ORIGINAL_TOOL), str(model_dir), str(frames), "--batch", "8",
                             "--repeat", str(reps), "--golden", str(tmp / f"port_{device}_float32.json")],
                            f"original MT3 (flax) {device}, {seconds:.0f} s clip, best of {reps}")
@@ -574,7 +606,11 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
 
 
 DEFAULT_ROWS = "1,2,3,4,5,6,7,8"
-E2E_MODES = ("float32", "autocast-bfloat16", "autocast-float16", "bfloat16", "float16")
+# row 7's modes besides float32 (cuda_graphs is experimental: measured beside the eager modes)
+GPU_MODES = ("float32+graphs", "autocast-bfloat16", "autocast-float16", "autocast-bfloat16+graphs",
+             "autocast-float16+graphs")
+E2E_MODES = ("float32", "autocast-bfloat16", "autocast-float16", "bfloat16", "float16", "float32+graphs",
+             "autocast-bfloat16+graphs", "autocast-float16+graphs", "bfloat16+graphs")
 
 
 def row_end_to_end(model_dir: Path, shared: Path, seconds: float, device: str, modes: tuple[str, ...],
@@ -590,10 +626,14 @@ def row_end_to_end(model_dir: Path, shared: Path, seconds: float, device: str, m
         out["reference"] = str(reference)
     for mode in modes:
         tokens = save_dir / f"e2e_tokens_{device.replace(':', '')}_{mode}.json"
-        wall, js = run_process(worker_cmd("end_to_end", "--model", str(model_dir), "--shared", str(shared),
-                                          "--seconds", str(seconds), "--device", device, "--mode", mode,
-                                          "--out", str(tokens)),
-                               f"row 8: {seconds:.0f} s end to end, {device} {mode}")
+        try:
+            wall, js = run_process(worker_cmd("end_to_end", "--model", str(model_dir), "--shared", str(shared),
+                                              "--seconds", str(seconds), "--device", device, "--mode", mode,
+                                              "--out", str(tokens)),
+                                   f"row 8: {seconds:.0f} s end to end, {device} {mode}")
+        except WorkerFailed as error:
+            out["modes"][mode] = _experimental_failed(mode, error)
+            continue
         got = json.loads(tokens.read_text())
         rows, notes = got["segments"], Counter(tuple(n) for n in got["notes"])
         if base is None:
@@ -735,9 +775,15 @@ def fmt_table(res: dict) -> str:
             f"{r['port_s_per_s']:.4f} / {r['original_s_per_s']:.4f}")
         add("", "  segments with identical tokens, port vs original", f"{o['segments_identical']}/{o['segments_golden']}")
         add("", "  port peak resident memory (ru_maxrss)", f"{p['ru_maxrss_kb'] * 1024 / 1e9:.2f} GB")
-        for mode in ("autocast-bfloat16", "autocast-float16"):
+        for mode in GPU_MODES:
             if f"port_{mode}" in r:
-                add("", f"  port {mode} generate()", f"{r[f'port_{mode}']['generate_s']:.2f} s")
+                m = r[f"port_{mode}"]
+                if "failed" in m:
+                    add("", f"  port {mode} generate()", "FAILED (see the JSON)")
+                    continue
+                add("", f"  port {mode} generate() (segments = f32's: {m['segments_identical_to_float32']}/"
+                    f"{m['segments']})",
+                    f"{m['generate_s']:.2f} s", "", f"{o['decode_s'] / m['generate_s']:.2f}x")
         for key, v in r.items():
             if key.startswith("port_float32_pool"):
                 add("", f"  port f32, segment_batch_size={v['pool']} (segments = default's: "
@@ -755,6 +801,9 @@ def fmt_table(res: dict) -> str:
     if r8:
         first = next(iter(r8["modes"]))
         for mode, m in r8["modes"].items():
+            if "failed" in m:
+                add("8", f"{r8['audio_s']:.0f} s end to end, {r8['device']} {mode}", "FAILED (see the JSON)")
+                continue
             ref = (f"ref {m['segments_identical_to_reference']}/{m['reference_segments']}"
                    if "segments_identical_to_reference" in m else "")
             target = ("<= 8 s" if mode == "float32" else "<= 4 s") if r8["device"].startswith("cuda") else ""

@@ -1,10 +1,13 @@
 """`make bench` plumbing that runs without the real checkpoint: `--model-dir` and row 8 (a long input end to end
 per precision mode, compared with the first mode and with a reference run), on the tiny converted folder."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 
@@ -18,13 +21,14 @@ def test_row_8_end_to_end_on_cpu_against_a_reference(tiny_folder, shared, tmp_pa
     first.parent.mkdir()
     common = ["--model-dir", str(tiny_folder), "--shared", str(shared), "--rows", "8", "--e2e-device", "cpu",
               "--e2e-seconds", "4"]
-    done = bench(*common, "--e2e-modes", "float32,bfloat16", "--json", str(first))
+    done = bench(*common, "--e2e-modes", "float32,bfloat16,float32+graphs", "--json", str(first))
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(first.read_text())["rows"]["8"]
     f32, bf16 = row["modes"]["float32"], row["modes"]["bfloat16"]
     assert f32["segments"] == bf16["segments"] == 2  # 4 s = two 2.048 s segments
     assert f32["segments_identical_to_first"] == 2 and f32["notes_equal_pct_to_first"] == 100.0
     assert 0 <= bf16["segments_identical_to_first"] <= 2 and "segments_identical_to_reference" not in f32
+    assert row["modes"]["float32+graphs"]["segments_identical_to_first"] == 2  # CUDA graphs: no-op on CPU
     reference = first.parent / "e2e_tokens_cpu_float32.json"
     assert json.loads(reference.read_text())["segments"] and (first.parent / "e2e_tokens_cpu_bfloat16.json").exists()
 
@@ -43,3 +47,17 @@ def test_model_dir_cannot_time_the_conversion(tiny_folder, tmp_path):
     assert done.stderr.strip() == "error: row 1 times the conversion, which needs the checkpoint: leave out --model-dir"
     done = bench("--model-dir", str(tmp_path), "--rows", "3", "--json", str(tmp_path / "r.json"))
     assert done.returncode == 2 and "no config.json" in done.stderr and not (tmp_path / "r.json").exists()
+
+
+def test_only_the_experimental_graph_modes_may_fail():
+    """A failing "+graphs" mode (CUDA graphs, experimental) is recorded and the bench goes on; any other failure
+    stops it, as does an unknown mode suffix."""
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    error = module.WorkerFailed("capture failed")
+    assert module._experimental_failed("autocast-bfloat16+graphs", error) == {"failed": "capture failed"}
+    with pytest.raises(module.WorkerFailed):
+        module._experimental_failed("autocast-bfloat16", error)
+    with pytest.raises(ValueError, match="suffix"):
+        module._mode_graphs("float32+compile")

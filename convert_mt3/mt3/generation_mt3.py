@@ -179,7 +179,7 @@ class MT3GreedyPool:
 
     During decoding the model's linears run packed (`MT3ForConditionalGeneration.pack`): on CPU in oneDNN's layout
     (`use_onednn`: float32, and bfloat16 where the CPU has the instructions) and attention as matmuls
-    (`matmul_attention`: CPU float32, or CPU under autocast). `cuda_graphs` (CUDA, no autocast, no logits
+    (`matmul_attention`: CPU float32, or CPU under autocast). `cuda_graphs` (CUDA, without logits
     processors) replays each decode step as a CUDA graph (`_StepGraphs`): EXPERIMENTAL, not yet run on a GPU by
     this project, so off by default.
     """
@@ -227,13 +227,14 @@ class MT3GreedyPool:
         segments = input_features.shape[0]
         rows = min(self.pool_size, segments)
         device = model.decoder.token_embedder.weight.device
+        # a graph replays fixed kernels: the processors' Python stays eager
+        graphs = self.cuda_graphs and not logits_processor
         # Under autocast the linears stay unfused: autocast casts each parameter once (its weight cache), a fused
-        # copy would be cast again on every step. On CPU, attention then runs as matmuls with a float32 softmax.
+        # copy would be cast again on every step (as every weight is in a graph, which runs without that cache).
+        # On CPU, attention then runs as matmuls with a float32 softmax.
         autocast = torch.is_autocast_enabled(device.type)
         matmul = self.matmul_attention or (autocast and device.type == "cpu")
-        # a graph replays fixed kernels: autocast's weight cache and the processors' Python stay eager
-        graphs = self.cuda_graphs and not autocast and not logits_processor
-        model.pack(rows, self.use_onednn and not autocast, matmul, fuse=not autocast)
+        model.pack(rows, self.use_onednn and not autocast, matmul, fuse=graphs or not autocast)
         cache = MT3SlotCache(len(model.decoder.layers), rows, device)
         try:
             return self._decode(cache, input_features, max_new_tokens, eos_token_ids, pad_token_id,
@@ -377,8 +378,12 @@ class _StepGraphs:
         if graph is not None:
             graph.replay()
             return
-        step()
-        self.graphs[key] = self._capture(step)
+        # autocast (as the caller set it) without its weight cache: casts cached during a capture would live in the
+        # graph's memory (PyTorch's CUDA-graph notes ask for cache_enabled=False)
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                            cache_enabled=False):
+            step()
+            self.graphs[key] = self._capture(step)
 
     def _capture(self, step) -> "torch.cuda.CUDAGraph":
         """Record `step` without running it (capture runs no kernel), on a side stream as CUDA requires."""

@@ -330,7 +330,8 @@ def test_cuda_graph_schedule_matches_hf_greedy(model, monkeypatch, pool):
         original_reserve(self, longest)
         rows_seen.append(self.rows)
 
-    def capture(self, step):
+    def capture(self, step):  # runs the step once, as the real capture does before recording it
+        step()
         captured.append(FakeGraph(step, caches[-1]))
         return captured[-1]
 

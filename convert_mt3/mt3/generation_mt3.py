@@ -360,9 +360,9 @@ def _next_power_of_two(count: int) -> int:
 
 class _StepGraphs:
     """The decode step as CUDA graphs, one per (rows, key length) of the slot cache: a shape's first step runs
-    eagerly (which also initialises what CUDA sets up lazily), its graph is captured right after, and later steps
-    of that shape replay it, a few launches instead of ~190 kernels per step. Graphs share one memory pool; they are
-    dropped when the self-attention storage grows, since they hold the addresses of the old one."""
+    eagerly and its graph is captured right after, later steps of that shape replay it, a few launches instead of
+    ~190 kernels per step. Graphs share one memory pool; they are dropped when the self-attention storage grows,
+    since they hold the addresses of the old one."""
 
     def __init__(self):
         self.graphs: dict[tuple[int, int], object] = {}
@@ -370,6 +370,9 @@ class _StepGraphs:
         self.pool = self.stream = None
 
     def run(self, step, cache: MT3SlotCache) -> None:
+        if not all(layer.is_initialized for layer in cache.self_attention_cache.layers):
+            step()  # the first step allocates the self-attention storage (at the dtype it sees): eager, no capture
+            return
         if cache.capacity != self.capacity:
             self.graphs.clear()
             self.capacity = cache.capacity
@@ -382,16 +385,17 @@ class _StepGraphs:
         # graph's memory (PyTorch's CUDA-graph notes ask for cache_enabled=False)
         with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
                             cache_enabled=False):
-            step()
             self.graphs[key] = self._capture(step)
 
     def _capture(self, step) -> "torch.cuda.CUDAGraph":
-        """Record `step` without running it (capture runs no kernel), on a side stream as CUDA requires."""
+        """Run `step` once, then record it (a capture runs no kernel). Both on a side stream, as PyTorch's CUDA-graph
+        notes ask: the eager run warms up what the capture will use on that stream (cuBLAS workspace, ...)."""
         if self.stream is None:
             self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
         graph = torch.cuda.CUDAGraph()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
+            step()
             graph.capture_begin(pool=self.pool)
             try:
                 step()

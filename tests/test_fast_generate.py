@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_modeling import frames, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import Cache
 
@@ -352,3 +353,41 @@ def test_cuda_graph_schedule_matches_hf_greedy(model, monkeypatch, pool):
     x = frames(4, seed=2)
     torch.testing.assert_close(model.generate(input_features=x, cuda_graphs=True), reference(model, x))
     assert len(captured) == count
+
+
+class RecordOps(TorchDispatchMode):
+    """Records every ATen op dispatched, with whether an index op got a boolean mask (which needs a host sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        if name in ("aten.index", "aten.index_put", "aten.index_put_"):
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
+                name += " (boolean mask)"
+        if name == "aten._to_copy" and "device" in kwargs:
+            name += " (to a device)"
+        self.ops.append(name)
+        return func(*args, **kwargs)
+
+
+def test_decode_step_needs_no_host_sync(model, monkeypatch):
+    """What a CUDA graph cannot capture, seen on CPU: the decode step dispatches no op that waits for the device
+    (nonzero, item, boolean-mask indexing, copies between devices) and makes no tensor from Python data."""
+    recorder = RecordOps()
+    original = MT3GreedyPool._step
+
+    def recorded(self, *args):
+        with recorder:
+            return original(self, *args)
+
+    monkeypatch.setattr(MT3GreedyPool, "_step", recorded)
+    x = frames(5, seed=7)
+    MT3GreedyPool(model, 2).generate(x, 40, [early_eos(model, x)], 0, 0)  # rows refill, then leave
+    syncing = {"aten.nonzero", "aten._local_scalar_dense", "aten.masked_select", "aten.lift_fresh", "aten.unique",
+               "aten.is_nonzero", "aten.equal", "aten._unique2", "aten.repeat_interleave"}
+    found = {op for op in recorder.ops if op in syncing or "(" in op}
+    assert recorder.ops and "aten.argmax" in recorder.ops and not found, found

@@ -391,3 +391,23 @@ def test_decode_step_needs_no_host_sync(model, monkeypatch):
                "aten.is_nonzero", "aten.equal", "aten._unique2", "aten.repeat_interleave"}
     found = {op for op in recorder.ops if op in syncing or "(" in op}
     assert recorder.ops and "aten.argmax" in recorder.ops and not found, found
+
+
+def test_segments_are_encoded_ahead_in_batches(model, monkeypatch):
+    """The refill admits segments one or two at a time; the encoder still runs `encoder_batch` of them per call."""
+    batches = []
+    original = type(model.encoder).forward
+
+    def counting(self, *args, **kwargs):
+        batches.append((args[0] if args else kwargs["input_features"]).shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.encoder), "forward", counting)
+    x = frames(9, seed=16)
+    eos = early_eos(model, x)
+    want = reference(model, x, eos_token_id=eos)
+    batches.clear()
+    pool = MT3GreedyPool(model, 2)
+    pool.encoder_batch = 4
+    torch.testing.assert_close(pool.generate(x, 40, [eos], 0, 0), want, atol=0, rtol=0)
+    assert batches == [4, 4, 1]

@@ -171,8 +171,8 @@ class MT3GreedyPool:
     """MT3's greedy decoding of many segments through at most `pool_size` rows of an `MT3SlotCache`.
 
     A row leaves at EOS or the length limit; waiting segments take the free rows at once (their encoder runs
-    batched, `encoder_batch` segments at a time, and their cross-attention keys/values are projected once into the
-    cache) and start at position 0 while the others go on. Once nothing waits, free rows leave the cache: at once
+    batched, `encoder_batch` segments at a time, ahead of their admission (`_EncodedSegments`), and their
+    cross-attention keys/values are projected once into the cache) and start at position 0 while the others go on. Once nothing waits, free rows leave the cache: at once
     without graphs, so every step computes busy rows only; with `cuda_graphs`, when the busy rows fit in half the
     rows (row counts are powers of two, so few shapes are captured). Memory: the pool's caches, the encoder
     activations of `encoder_batch` segments, and the output tokens, whatever the number of segments.
@@ -209,8 +209,9 @@ class MT3GreedyPool:
         self.matmul_attention = matmul_attention
         self.cuda_graphs = cuda_graphs
         # CPU: 2 segments (512 frames) per encoder call keep its activations in cache: 30 segments encoded in
-        # 2.4 s, against 3.2 s as one batch (60 s clip, 2 cores). A GPU takes them all at once.
-        self.encoder_batch = 2 if cpu else pool_size
+        # 2.4 s, against 3.2 s as one batch (60 s clip, 2 cores). A GPU takes 64 at once (not measured): the refill
+        # admits segments one or two at a time, and an encoder call each would be mostly launch overhead.
+        self.encoder_batch = 2 if cpu else 64
 
     @torch.no_grad()
     def generate(
@@ -254,7 +255,8 @@ class MT3GreedyPool:
         done = torch.zeros(rows, dtype=torch.bool, device=device)  # set by a step: the row's segment ended
         segment_of: list[int | None] = list(range(rows))  # segment decoded in each row, None: idle
         admitted_at = [0] * rows  # step at which each row's segment started: position = step - admitted_at
-        self._admit(cache, list(range(rows)), features[:rows])
+        encoded = _EncodedSegments(self.model, features, self.encoder_batch, device)
+        encoded.admit(cache, list(range(rows)), 0)
         runner = _StepGraphs() if graphs else None
         next_segment, step, generated, busy = rows, 0, 0, rows
 
@@ -277,14 +279,14 @@ class MT3GreedyPool:
             finished = done.nonzero()[:, 0].tolist()  # the step's one host sync
             if not finished:
                 continue
-            for row in finished:
+            for row, ids in zip(finished, tokens[finished].cpu()):  # one copy from the device per step
                 length = step - admitted_at[row] + 1
-                out[segment_of[row], :length] = tokens[row, :length].cpu()
+                out[segment_of[row], :length] = ids[:length]
                 generated = max(generated, length - 1)
             # waiting segments take the first free rows; the other free rows go idle
             admit = finished[: segments - next_segment]
             if admit:
-                self._admit(cache, admit, features[next_segment : next_segment + len(admit)])
+                encoded.admit(cache, admit, next_segment)
                 tokens[admit, 0] = start
                 for row in admit:
                     segment_of[row], admitted_at[row] = next_segment, step
@@ -329,16 +331,6 @@ class MT3GreedyPool:
         ended = (next_tokens[:, None] == eos).any(-1) | (cache.positions >= max_new_tokens)
         torch.logical_and(ended, active.bool(), out=done)
 
-    def _admit(self, cache: MT3SlotCache, rows: list[int], features: torch.Tensor) -> None:
-        """Encode the admitted segments, `encoder_batch` at a time, and fill their rows' cross-attention
-        keys/values."""
-        device = cache.positions.device
-        index = torch.tensor(rows, dtype=torch.long, device=device)
-        for chunk, chunk_rows in zip(features.split(self.encoder_batch), index.split(self.encoder_batch)):
-            encoded = self.model.encoder(chunk.to(device), return_dict=True).last_hidden_state  # (new, frames, d)
-            cache.admit(chunk_rows, [layer.encoder_decoder_attention.project_kv(encoded)
-                                     for layer in self.model.decoder.layers])
-
     @staticmethod
     def _process(
         processors: LogitsProcessorList, scores: torch.Tensor, tokens: torch.Tensor, positions: dict[int, int]
@@ -352,6 +344,34 @@ class MT3GreedyPool:
             index = torch.tensor(rows, device=scores.device)
             scores[index] = processors(tokens[index, : position + 1], scores[index])
         return scores
+
+
+class _EncodedSegments:
+    """The cross-attention keys/values of the next `batch` segments, encoded in one encoder call when the first of
+    them is admitted, and copied into the rows of the slot cache as each is admitted."""
+
+    def __init__(self, model, features: torch.Tensor, batch: int, device: torch.device):
+        self.model, self.features, self.batch, self.device = model, features, batch, device
+        self.first, self.keys_values = 0, []  # segments first .. first + count - 1: per layer (keys, values)
+        self.count = 0
+
+    def admit(self, cache: MT3SlotCache, rows: list[int], first: int) -> None:
+        """Segments `first`, `first + 1`, ... start in `rows` (in this order)."""
+        admitted = 0
+        while admitted < len(rows):
+            segment = first + admitted
+            if not self.first <= segment < self.first + self.count:
+                chunk = self.features[segment : segment + self.batch].to(self.device)
+                states = self.model.encoder(chunk, return_dict=True).last_hidden_state  # (batch, frames, d_model)
+                self.keys_values = [layer.encoder_decoder_attention.project_kv(states)
+                                    for layer in self.model.decoder.layers]
+                self.first, self.count = segment, chunk.shape[0]
+            start = segment - self.first
+            take = min(len(rows) - admitted, self.count - start)
+            index = torch.tensor(rows[admitted : admitted + take], dtype=torch.long, device=self.device)
+            cache.admit(index, [(keys[start : start + take], values[start : start + take])
+                                for keys, values in self.keys_values])
+            admitted += take
 
 
 def _next_power_of_two(count: int) -> int:

@@ -381,23 +381,22 @@ def _next_power_of_two(count: int) -> int:
 class _StepGraphs:
     """The decode step as CUDA graphs, one per (rows, key length) of the slot cache: a shape's first step runs
     eagerly and its graph is captured right after, later steps of that shape replay it, a few launches instead of
-    ~190 kernels per step. Graphs share one memory pool; they are dropped when the self-attention storage grows,
-    since they hold the addresses of the old one."""
+    ~190 kernels per step. Graphs share one memory pool. They are dropped when the self-attention storage grows,
+    since they hold the addresses of the old one, and when the rows shrink, since rows never grow back."""
 
     def __init__(self):
-        self.graphs: dict[tuple[int, int], object] = {}
-        self.capacity = None
+        self.graphs: dict[int, object] = {}  # per key length, for the rows and capacity in `valid_for`
+        self.valid_for = None
         self.pool = self.stream = None
 
     def run(self, step, cache: MT3SlotCache) -> None:
         if not all(layer.is_initialized for layer in cache.self_attention_cache.layers):
             step()  # the first step allocates the self-attention storage (at the dtype it sees): eager, no capture
             return
-        if cache.capacity != self.capacity:
+        if (cache.rows, cache.capacity) != self.valid_for:
             self.graphs.clear()
-            self.capacity = cache.capacity
-        key = (cache.rows, cache.length)
-        graph = self.graphs.get(key)
+            self.valid_for = cache.rows, cache.capacity
+        graph = self.graphs.get(cache.length)
         if graph is not None:
             graph.replay()
             return
@@ -405,7 +404,7 @@ class _StepGraphs:
         # graph's memory (PyTorch's CUDA-graph notes ask for cache_enabled=False)
         with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
                             cache_enabled=False):
-            self.graphs[key] = self._capture(step)
+            self.graphs[cache.length] = self._capture(step)
 
     def _capture(self, step) -> "torch.cuda.CUDAGraph":
         """Run `step` once, then record it (a capture runs no kernel). Both on a side stream, as PyTorch's CUDA-graph

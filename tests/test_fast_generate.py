@@ -7,6 +7,7 @@ Golden tokens of the real model through the fast path are checked in tests/test_
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -266,23 +267,31 @@ def test_processor_output_goes_straight_in(model, count_fast):
     assert len(count_fast) == 2
 
 
-def test_slot_cache_is_a_transformers_cache_bounded_by_the_pool(model, monkeypatch):
-    """The scheduler's cache is a transformers `Cache` whose rows never exceed the pool: memory does not grow
-    with the number of segments; finished rows leave once nothing waits; the storage is freed at the end."""
-    caches, steps = [], []
+@pytest.fixture
+def slot_caches(monkeypatch):
+    """Records every `MT3SlotCache` made (`caches`) and, at each step's `reserve`, its rows in use and the rows of
+    its storage (`steps`)."""
+    record = SimpleNamespace(caches=[], steps=[])
     original_init, original_reserve = MT3SlotCache.__init__, MT3SlotCache.reserve
 
-    def record(self, *args, **kwargs):
+    def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        caches.append(self)
+        record.caches.append(self)
 
     def reserve(self, longest):
         original_reserve(self, longest)
         storage = [layer.storage[0].shape[0] for layer in self.slot_layers if layer.is_initialized]
-        steps.append((self.rows, max(storage, default=0)))
+        record.steps.append((self.rows, max(storage, default=0)))
 
-    monkeypatch.setattr(MT3SlotCache, "__init__", record)
+    monkeypatch.setattr(MT3SlotCache, "__init__", init)
     monkeypatch.setattr(MT3SlotCache, "reserve", reserve)
+    return record
+
+
+def test_slot_cache_is_a_transformers_cache_bounded_by_the_pool(model, slot_caches):
+    """The scheduler's cache is a transformers `Cache` whose rows never exceed the pool: memory does not grow
+    with the number of segments; finished rows leave once nothing waits; the storage is freed at the end."""
+    caches, steps = slot_caches.caches, slot_caches.steps
     x = frames(9, seed=16)
     eos = early_eos(model, x)
     got = model.generate(input_features=x, eos_token_id=eos, segment_batch_size=3)
@@ -314,30 +323,19 @@ class FakeGraph:
 
 
 @pytest.mark.parametrize("pool", [3, 7])
-def test_cuda_graph_schedule_matches_hf_greedy(model, monkeypatch, pool):
+def test_cuda_graph_schedule_matches_hf_greedy(model, monkeypatch, slot_caches, pool):
     """The schedule used with CUDA graphs (idle rows kept until the busy ones fit in a power of two, each step
     replayed from a graph per shape, graphs dropped when the cache grows) gives HF greedy's ids. The graphs are
     faked on CPU (`FakeGraph`); real capture is only exercised on a GPU."""
     from convert_mt3.mt3.generation_mt3 import _StepGraphs
 
-    caches, captured, rows_seen = [], [], []
-    original_init, original_reserve = MT3SlotCache.__init__, MT3SlotCache.reserve
-
-    def record(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        caches.append(self)
-
-    def reserve(self, longest):
-        original_reserve(self, longest)
-        rows_seen.append(self.rows)
+    captured = []
 
     def capture(self, step):  # runs the step once, as the real capture does before recording it
         step()
-        captured.append(FakeGraph(step, caches[-1]))
+        captured.append(FakeGraph(step, slot_caches.caches[-1]))
         return captured[-1]
 
-    monkeypatch.setattr(MT3SlotCache, "__init__", record)
-    monkeypatch.setattr(MT3SlotCache, "reserve", reserve)
     monkeypatch.setattr(_StepGraphs, "_capture", capture)
     long_model = tiny_model(max_target_length=150)  # > 64 steps: the storage grows while graphs exist
     for m, limit in ((model, 40), (long_model, 150)):
@@ -346,8 +344,9 @@ def test_cuda_graph_schedule_matches_hf_greedy(model, monkeypatch, pool):
         want = reference(m, x, eos_token_id=eos)
         got = MT3GreedyPool(m, pool, cuda_graphs=True).generate(x, limit, [eos], 0, 0)
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+    rows_seen = [rows for rows, _ in slot_caches.steps]
     assert captured and len(captured) < len(rows_seen)  # most steps are replays
-    assert {rows for rows in rows_seen} <= {pool, 4, 2, 1}  # idle rows leave in powers of two
+    assert set(rows_seen) <= {pool, 4, 2, 1}  # idle rows leave in powers of two
     # on CPU, generate() ignores the setting, and it does not leave the fast path
     count = len(captured)
     x = frames(4, seed=2)

@@ -299,20 +299,24 @@ class MT3GreedyPool:
                 segment_of[row] = None
             index = torch.tensor(idle, device=device)
             active[index], cache.positions[index] = 0, 0  # an idle row repeats position 0, within its cache
-            # busy rows beyond the new row count move into the idle rows below it, last first
             keep = _next_power_of_two(busy) if graphs else busy
-            if keep >= cache.rows:
-                continue
-            holes = [row for row in range(keep - 1, -1, -1) if segment_of[row] is None]
-            movers = [row for row in range(cache.rows - 1, keep - 1, -1) if segment_of[row] is not None]
-            for hole, mover in zip(holes, movers):
-                cache.move(mover, hole)
-                tokens[hole], active[hole] = tokens[mover], active[mover]
-                segment_of[hole], admitted_at[hole] = segment_of[mover], admitted_at[mover]
-            cache.shrink(keep)
-            tokens, active, done = tokens[:keep], active[:keep], done[:keep]
-            segment_of, admitted_at = segment_of[:keep], admitted_at[:keep]
+            if keep < cache.rows:
+                self._compact(cache, keep, tokens, active, segment_of, admitted_at)
+                tokens, active, done = tokens[:keep], active[:keep], done[:keep]
+                segment_of, admitted_at = segment_of[:keep], admitted_at[:keep]
         return out[:, : 1 + generated]
+
+    @staticmethod
+    def _compact(cache: MT3SlotCache, keep: int, tokens, active, segment_of: list, admitted_at: list) -> None:
+        """The busy rows beyond the first `keep` move into idle rows below it (last first), then the cache keeps
+        `keep` rows; the caller then keeps the first `keep` rows of its per-row tensors and lists."""
+        holes = [row for row in range(keep - 1, -1, -1) if segment_of[row] is None]
+        movers = [row for row in range(cache.rows - 1, keep - 1, -1) if segment_of[row] is not None]
+        for hole, mover in zip(holes, movers):
+            cache.move(mover, hole)
+            tokens[hole], active[hole] = tokens[mover], active[mover]
+            segment_of[hole], admitted_at[hole] = segment_of[mover], admitted_at[mover]
+        cache.shrink(keep)
 
     def _step(self, cache, tokens, active, done, eos, max_new_tokens, processors, positions) -> None:
         """One decode step of every row, in place: each busy row's next token goes to its next position in

@@ -393,7 +393,8 @@ def test_decode_step_needs_no_host_sync(model, monkeypatch):
 
 
 def test_segments_are_encoded_ahead_in_batches(model, monkeypatch):
-    """The refill admits segments one or two at a time; the encoder still runs `encoder_batch` of them per call."""
+    """The refill admits segments one or two at a time; encoding ahead, the encoder still runs `encoder_batch` of
+    them per call."""
     batches = []
     original = type(model.encoder).forward
 
@@ -407,6 +408,10 @@ def test_segments_are_encoded_ahead_in_batches(model, monkeypatch):
     want = reference(model, x, eos_token_id=eos)
     batches.clear()
     pool = MT3GreedyPool(model, 2)
-    pool.encoder_batch = 4
+    pool.encoder_batch, pool.encode_ahead = 4, True  # a GPU's setting, smaller
     torch.testing.assert_close(pool.generate(x, 40, [eos], 0, 0), want, atol=0, rtol=0)
     assert batches == [4, 4, 1]
+    batches.clear()
+    pool.encoder_batch, pool.encode_ahead = 2, False  # the CPU's: admitted segments only, 2 per call at most
+    torch.testing.assert_close(pool.generate(x, 40, [eos], 0, 0), want, atol=0, rtol=0)
+    assert len(batches) > 5 and batches[0] == 2 and max(batches) == 2 and sum(batches) == 9

@@ -171,7 +171,7 @@ class MT3GreedyPool:
     """MT3's greedy decoding of many segments through at most `pool_size` rows of an `MT3SlotCache`.
 
     A row leaves at EOS or the length limit; waiting segments take the free rows at once (their encoder runs
-    batched, `encoder_batch` segments at a time, ahead of their admission (`_EncodedSegments`), and their
+    batched, `encoder_batch` segments at a time, on a GPU ahead of their admission (`_EncodedSegments`), and their
     cross-attention keys/values are projected once into the cache) and start at position 0 while the others go on. Once nothing waits, free rows leave the cache: at once
     without graphs, so every step computes busy rows only; with `cuda_graphs`, when the busy rows fit in half the
     rows (row counts are powers of two, so few shapes are captured). Memory: the pool's caches, the encoder
@@ -209,9 +209,10 @@ class MT3GreedyPool:
         self.matmul_attention = matmul_attention
         self.cuda_graphs = cuda_graphs
         # CPU: 2 segments (512 frames) per encoder call keep its activations in cache: 30 segments encoded in
-        # 2.4 s, against 3.2 s as one batch (60 s clip, 2 cores). A GPU takes 64 at once (not measured): the refill
+        # 2.4 s, against 3.2 s as one batch (60 s clip, 2 cores); only the admitted ones (encoding ahead put row 3's
+        # peak memory 30-80 MB higher, over its 2 GB). A GPU encodes 64 at once, ahead (not measured): the refill
         # admits segments one or two at a time, and an encoder call each would be mostly launch overhead.
-        self.encoder_batch = 2 if cpu else 64
+        self.encoder_batch, self.encode_ahead = (2, False) if cpu else (64, True)
 
     @torch.no_grad()
     def generate(
@@ -255,7 +256,7 @@ class MT3GreedyPool:
         done = torch.zeros(rows, dtype=torch.bool, device=device)  # set by a step: the row's segment ended
         segment_of: list[int | None] = list(range(rows))  # segment decoded in each row, None: idle
         admitted_at = [0] * rows  # step at which each row's segment started: position = step - admitted_at
-        encoded = _EncodedSegments(self.model, features, self.encoder_batch, device)
+        encoded = _EncodedSegments(self.model, features, self.encoder_batch, self.encode_ahead, device)
         encoded.admit(cache, list(range(rows)), 0)
         runner = _StepGraphs() if graphs else None
         next_segment, step, generated, busy = rows, 0, 0, rows
@@ -351,11 +352,12 @@ class MT3GreedyPool:
 
 
 class _EncodedSegments:
-    """The cross-attention keys/values of the next `batch` segments, encoded in one encoder call when the first of
-    them is admitted, and copied into the rows of the slot cache as each is admitted."""
+    """Cross-attention keys/values of the admitted segments, encoded `batch` at a time and copied into their rows of
+    the slot cache. `ahead`: a call encodes the next `batch` segments when the first of them is admitted, and the
+    rest wait for their admission; otherwise it encodes admitted segments only."""
 
-    def __init__(self, model, features: torch.Tensor, batch: int, device: torch.device):
-        self.model, self.features, self.batch, self.device = model, features, batch, device
+    def __init__(self, model, features: torch.Tensor, batch: int, ahead: bool, device: torch.device):
+        self.model, self.features, self.batch, self.ahead, self.device = model, features, batch, ahead, device
         self.first, self.keys_values = 0, []  # segments first .. first + count - 1: per layer (keys, values)
         self.count = 0
 
@@ -365,7 +367,8 @@ class _EncodedSegments:
         while admitted < len(rows):
             segment = first + admitted
             if not self.first <= segment < self.first + self.count:
-                chunk = self.features[segment : segment + self.batch].to(self.device)
+                size = self.batch if self.ahead else min(self.batch, len(rows) - admitted)
+                chunk = self.features[segment : segment + size].to(self.device)
                 states = self.model.encoder(chunk, return_dict=True).last_hidden_state  # (batch, frames, d_model)
                 self.keys_values = [layer.encoder_decoder_attention.project_kv(states)
                                     for layer in self.model.decoder.layers]
@@ -376,6 +379,8 @@ class _EncodedSegments:
             cache.admit(index, [(keys[start : start + take], values[start : start + take])
                                 for keys, values in self.keys_values])
             admitted += take
+            if start + take == self.count:  # all admitted: free them now
+                self.keys_values, self.count = [], 0
 
 
 def _next_power_of_two(count: int) -> int:

@@ -172,10 +172,11 @@ class MT3GreedyPool:
 
     A row leaves at EOS or the length limit; waiting segments take the free rows at once (their encoder runs
     batched, `encoder_batch` segments at a time, on a GPU ahead of their admission (`_EncodedSegments`), and their
-    cross-attention keys/values are projected once into the cache) and start at position 0 while the others go on. Once nothing waits, free rows leave the cache: at once
-    without graphs, so every step computes busy rows only; with `cuda_graphs`, when the busy rows fit in half the
-    rows (row counts are powers of two, so few shapes are captured). Memory: the pool's caches, the encoder
-    activations of `encoder_batch` segments, and the output tokens, whatever the number of segments.
+    cross-attention keys/values are projected once into the cache) and start at position 0 while the others go
+    on. Once nothing waits, free rows leave the cache: at once without graphs, so every step computes busy rows
+    only; with `cuda_graphs`, when the busy rows fit in a power of two (so few shapes are captured). Memory: the
+    pool's caches, the encoder activations of `encoder_batch` segments, and the output tokens, whatever the number
+    of segments.
 
     During decoding the model's linears run packed (`MT3ForConditionalGeneration.pack`): on CPU in oneDNN's layout
     (`use_onednn`: float32, and bfloat16 where the CPU has the instructions) and attention as matmuls
@@ -232,8 +233,8 @@ class MT3GreedyPool:
         # a graph replays fixed kernels: the processors' Python stays eager
         graphs = self.cuda_graphs and not logits_processor
         # Under autocast the linears stay unfused: autocast casts each parameter once (its weight cache), a fused
-        # copy would be cast again on every step (as every weight is in a graph, which runs without that cache).
-        # On CPU, attention then runs as matmuls with a float32 softmax.
+        # copy would be cast again on every step. Not with graphs: they run without that cache, so every weight is
+        # cast on every step anyway. On CPU, attention runs as matmuls with a float32 softmax under autocast.
         autocast = torch.is_autocast_enabled(device.type)
         matmul = self.matmul_attention or (autocast and device.type == "cpu")
         model.pack(rows, self.use_onednn and not autocast, matmul, fuse=graphs or not autocast)

@@ -398,7 +398,9 @@ def worker_precision(args: argparse.Namespace) -> None:
 
 def worker_end_to_end(args: argparse.Namespace) -> None:
     """Row 8: `--seconds` of the row-3 audio on `--device` in precision `--mode`, after a warm-up: features
-    (processor, CPU) -> generate() -> notes, timed as one; writes the ids (cut at EOS) and notes to `--out`."""
+    (processor; on CUDA its torch path on the GPU, as a GPU user would run it: numpy on one CPU core took ~27 s for
+    the hour on 2 cores here) -> generate() -> notes, timed as one; writes the ids (cut at EOS) and notes to
+    `--out`."""
     import numpy as np
 
     torch, model, processor, _, load = _load(args.model, "float32")
@@ -413,10 +415,12 @@ def worker_end_to_end(args: argparse.Namespace) -> None:
 
     samples = _long_audio(np, args.shared, args.seconds)
     sync, device_info = _device_timing(torch, args.device)
-    generate(processor(audio=samples[: 4 * SEGMENT_SAMPLES], sampling_rate=SAMPLE_RATE, return_tensors="pt")["input_features"])
+    features_on = {"device": args.device} if args.device.startswith("cuda") else {}
+    generate(processor(audio=samples[: 4 * SEGMENT_SAMPLES], sampling_rate=SAMPLE_RATE, return_tensors="pt",
+                       **features_on)["input_features"])
     sync()
     t0 = time.perf_counter()
-    inputs = processor(audio=samples, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+    inputs = processor(audio=samples, sampling_rate=SAMPLE_RATE, return_tensors="pt", **features_on)
     t1 = time.perf_counter()
     tokens = generate(inputs["input_features"]).cpu()
     sync()
@@ -427,6 +431,7 @@ def worker_end_to_end(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps({"segments": [ids for ids, _ in cut], "notes": [list(n) for n in notes]}))
     _emit({**load, "mode": args.mode, "device": args.device, "audio_s": len(samples) / SAMPLE_RATE,
            "segments": len(cut), "tokens": sum(n for _, n in cut), "notes": len(notes),
+           "features_device": features_on.get("device", "cpu (numpy)"),
            "features_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2, "end_to_end_s": t3 - t0,
            "torch_threads": torch.get_num_threads(), **device_info()})
 

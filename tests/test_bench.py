@@ -49,15 +49,33 @@ def test_model_dir_cannot_time_the_conversion(tiny_folder, tmp_path):
     assert done.returncode == 2 and "no config.json" in done.stderr and not (tmp_path / "r.json").exists()
 
 
-def test_only_the_experimental_graph_modes_may_fail():
-    """A failing "+graphs" mode (CUDA graphs, experimental) is recorded and the bench goes on; any other failure
-    stops it, as does an unknown mode suffix."""
+def load_bench():
     spec = importlib.util.spec_from_file_location("bench", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_only_the_experimental_graph_modes_may_fail():
+    """A failing "+graphs" mode (CUDA graphs, experimental) is recorded and the bench goes on; any other failure
+    stops it, as does an unknown mode suffix."""
+    module = load_bench()
     error = module.WorkerFailed("capture failed")
     assert module._experimental_failed("autocast-bfloat16+graphs", error) == {"failed": "capture failed"}
     with pytest.raises(module.WorkerFailed):
         module._experimental_failed("autocast-bfloat16", error)
     with pytest.raises(ValueError, match="suffix"):
         module._mode_graphs("float32+compile")
+
+
+def test_row_8_targets_follow_the_precision_with_or_without_graphs():
+    """On CUDA, row 8's target is <= 8 s for float32 (eager or "+graphs") and <= 4 s for the half modes."""
+    module = load_bench()
+    mode = {"end_to_end_s": 5.0, "generate_s": 4.0, "segments": 2, "segments_identical_to_first": 2,
+            "notes_equal_pct_to_first": 100.0}
+    modes = ("float32", "float32+graphs", "autocast-bfloat16+graphs")
+    res = {"machine": {"cpu_count": 16, "python": "3", "loadavg_start": 0.0}, "quick": False, "reps": 1,
+           "rows": {"8": {"audio_s": 3600, "device": "cuda", "modes": dict.fromkeys(modes, mode)}}}
+    lines = [line for line in module.fmt_table(res).splitlines() if line.startswith("8 ")]
+    assert len(lines) == 3
+    assert [line.rstrip().endswith(target) for line, target in zip(lines, ("<= 8 s", "<= 8 s", "<= 4 s"))] == [True] * 3

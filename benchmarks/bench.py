@@ -311,7 +311,8 @@ def worker_frames(args: argparse.Namespace) -> None:
 
 def _generate_mode(torch, model, features, mode: str, device: str, pool: int | None = None):
     """generate() of all segments in a precision mode: float32, bfloat16 / float16 (a cast copy of the model),
-    or autocast-bfloat16 / autocast-float16 (float32 weights, `torch.autocast` around generate: the mixed mode);
+    unless the model already has that dtype, or autocast-bfloat16 / autocast-float16 (float32 weights,
+    `torch.autocast` around generate: the mixed mode);
     a "+graphs" suffix passes `cuda_graphs=True`; `pool`: segment_batch_size (default: generation_config's)."""
     mode, graphs = _mode_graphs(mode)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(mode.split("-")[-1], torch.float32)
@@ -321,7 +322,7 @@ def _generate_mode(torch, model, features, mode: str, device: str, pool: int | N
     if mode.startswith("autocast"):
         with torch.autocast(device, dtype=dtype):
             return _sequences(model.generate(input_features=features, **kwargs))
-    if dtype != torch.float32:
+    if dtype != torch.float32 and model.dtype != dtype:
         model = copy.deepcopy(model).to(dtype)  # a cast copy: the float32 model stays exact for the next mode
     return _sequences(model.generate(input_features=features.to(dtype), **kwargs))
 
@@ -404,13 +405,10 @@ def worker_end_to_end(args: argparse.Namespace) -> None:
     import numpy as np
 
     torch, model, processor, _, load = _load(args.model, "float32")
-    precision, graphs = _mode_graphs(args.mode)
-    cast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
+    cast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(_mode_graphs(args.mode)[0])
     model = model.to(args.device, cast)  # a cast mode's cast happens here, outside the timed run
 
     def generate(features):
-        if cast is not None:
-            return _sequences(model.generate(input_features=features.to(args.device, cast), cuda_graphs=graphs))
         return _generate_mode(torch, model, features.to(args.device), args.mode, args.device)
 
     samples = _long_audio(np, args.shared, args.seconds)

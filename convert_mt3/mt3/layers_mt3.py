@@ -245,16 +245,34 @@ class MT3GatedMLP(_Packable, T5DenseGatedActDense):
         return self._linear("wo", self.dropout(self.act(gate) * linear))
 
 
-class MT3EncoderLayer(GradientCheckpointingLayer):
+class _MT3Layer(GradientCheckpointingLayer):
+    """What MT3's encoder and decoder layers share: pre-norm blocks, each added to the residual stream through
+    dropout, and the gated MLP that ends both."""
+
+    def _add_mlp(self, config: MT3Config) -> None:
+        self.pre_mlp_layer_norm = MT3LayerNorm(config)
+        self.mlp = MT3GatedMLP(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def _attend(
+        self, hidden_states: torch.Tensor, norm: MT3LayerNorm, attention: MT3Attention, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden + dropout(attention(norm(hidden))), and the attention weights (None unless asked for)."""
+        attn, weights = attention(norm(hidden_states), **kwargs)
+        return hidden_states + self.dropout(attn), weights
+
+    def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.dropout(self.mlp(self.pre_mlp_layer_norm(hidden_states)))
+
+
+class MT3EncoderLayer(_MT3Layer):
     """Pre-norm self-attention + gated-GELU MLP (MT3 `EncoderLayer`)."""
 
     def __init__(self, config: MT3Config, layer_idx: int | None = None):
         super().__init__()
         self.pre_attention_layer_norm = MT3LayerNorm(config)
         self.attention = MT3Attention(config, layer_idx=layer_idx)
-        self.pre_mlp_layer_norm = MT3LayerNorm(config)
-        self.mlp = MT3GatedMLP(config)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self._add_mlp(config)
 
     def forward(
         self,
@@ -262,17 +280,14 @@ class MT3EncoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn, weights = self.attention(
-            self.pre_attention_layer_norm(hidden_states),
-            attention_mask=attention_mask,
-            output_attentions=output_attentions,
+        hidden_states, weights = self._attend(
+            hidden_states, self.pre_attention_layer_norm, self.attention,
+            attention_mask=attention_mask, output_attentions=output_attentions,
         )
-        hidden_states = hidden_states + self.dropout(attn)
-        hidden_states = hidden_states + self.dropout(self.mlp(self.pre_mlp_layer_norm(hidden_states)))
-        return hidden_states, weights  # (batch, frames, d_model)
+        return self._feed_forward(hidden_states), weights  # (batch, frames, d_model)
 
 
-class MT3DecoderLayer(GradientCheckpointingLayer):
+class MT3DecoderLayer(_MT3Layer):
     """Pre-norm causal self-attention, encoder-decoder attention and MLP (MT3 `DecoderLayer`)."""
 
     def __init__(self, config: MT3Config, layer_idx: int | None = None):
@@ -281,9 +296,7 @@ class MT3DecoderLayer(GradientCheckpointingLayer):
         self.self_attention = MT3Attention(config, layer_idx=layer_idx)
         self.pre_cross_attention_layer_norm = MT3LayerNorm(config)
         self.encoder_decoder_attention = MT3Attention(config, layer_idx=layer_idx, is_cross_attention=True)
-        self.pre_mlp_layer_norm = MT3LayerNorm(config)
-        self.mlp = MT3GatedMLP(config)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self._add_mlp(config)
 
     def forward(
         self,
@@ -295,24 +308,16 @@ class MT3DecoderLayer(GradientCheckpointingLayer):
         cache: EncoderDecoderCache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        attn, self_weights = self.self_attention(
-            self.pre_self_attention_layer_norm(hidden_states),
-            attention_mask=attention_mask,
-            is_causal=is_causal,
-            cache=cache,
+        hidden_states, self_weights = self._attend(
+            hidden_states, self.pre_self_attention_layer_norm, self.self_attention,
+            attention_mask=attention_mask, is_causal=is_causal, cache=cache, output_attentions=output_attentions,
+        )
+        hidden_states, cross_weights = self._attend(
+            hidden_states, self.pre_cross_attention_layer_norm, self.encoder_decoder_attention,
+            key_value_states=encoder_hidden_states, attention_mask=encoder_attention_mask, cache=cache,
             output_attentions=output_attentions,
         )
-        hidden_states = hidden_states + self.dropout(attn)
-        attn, cross_weights = self.encoder_decoder_attention(
-            self.pre_cross_attention_layer_norm(hidden_states),
-            key_value_states=encoder_hidden_states,
-            attention_mask=encoder_attention_mask,
-            cache=cache,
-            output_attentions=output_attentions,
-        )
-        hidden_states = hidden_states + self.dropout(attn)
-        hidden_states = hidden_states + self.dropout(self.mlp(self.pre_mlp_layer_norm(hidden_states)))
-        return hidden_states, self_weights, cross_weights  # (batch, tokens, d_model)
+        return self._feed_forward(hidden_states), self_weights, cross_weights  # (batch, tokens, d_model)
 
 
 def _padding_to_bool(mask: torch.Tensor) -> torch.Tensor:

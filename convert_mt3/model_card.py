@@ -61,7 +61,8 @@ Options: `programs="0-7,32"` or `programs="piano,bass"` (GM families) only lets 
 
 - Audio is cut into 2.048 s segments whose spectrograms are computed 16 at a time while the model runs, so memory
   holds the input's samples and tokens, not its spectrogram: an hour is ~0.23 GB of 16 kHz float32 samples (a file
-  is decoded whole first: ~1.3 GB for an hour of 44.1 kHz stereo).
+  is decoded whole first: ~1.3 GB for an hour of 44.1 kHz stereo). On a CUDA model they are computed on its GPU
+  (in float64, as numpy does on CPU).
 - `batch_size=N` is the number of segments per `generate()` call, taken across inputs when you pass a list or a
   `datasets` column (`dataset.map(lambda b: {"notes": [r["notes"] for r in transcriber(b["audio"], return_midi=False)]}, batched=True)`);
   the default is `segment_batch_size` of `generation_config.json` (32 on CPU, 256 on CUDA). Inside one call at most

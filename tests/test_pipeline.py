@@ -185,3 +185,28 @@ def test_bad_inputs(tiny_pipe, tmp_path, monkeypatch, inputs, kwargs, message):
     with pytest.raises(ValueError) as error:
         tiny_pipe(inputs, **kwargs)
     assert message in str(error.value)
+
+
+def test_features_on_the_models_cuda_device(tiny_pipe, monkeypatch):
+    """A CUDA model gets its frames from the extractor's torch path on its device (numpy on one core would take
+    longer than the GPU's decode); CPU models, and DataLoader workers (which must not use CUDA), keep numpy.
+    The device is faked (no GPU here): the wiring is checked, the torch path itself runs on CPU."""
+    assert tiny_pipe._feature_device() is None  # a CPU model
+    monkeypatch.setattr(tiny_pipe, "device", torch.device("cuda", 0))
+    assert tiny_pipe._feature_device() == "cuda:0"
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    assert tiny_pipe._feature_device() is None
+    monkeypatch.undo()
+
+    extractor_class = type(tiny_pipe.feature_extractor)
+    original, devices = extractor_class.__call__, []
+
+    def recording(self, *args, device=None, **kwargs):
+        devices.append(device)
+        return original(self, *args, device=device, **kwargs)
+
+    monkeypatch.setattr(extractor_class, "__call__", recording)
+    monkeypatch.setattr(type(tiny_pipe), "_feature_device", lambda self: "cpu")  # stands for the CUDA device
+    result = tiny_pipe({"array": tone(40.0, 16000), "sampling_rate": 16000}, return_midi=False)
+    assert devices == ["cpu", "cpu"]  # 20 segments: two chunks of at most 16, both through the torch path
+    assert isinstance(result["notes"], list)

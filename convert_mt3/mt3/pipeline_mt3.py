@@ -159,10 +159,13 @@ class MT3TranscriptionPipeline(ChunkPipeline):
         """Yield one item per segment: its features (1, frames, mel bins) and its first frame in the input."""
         audio = self.load_audio(inputs, sampling_rate)
         extractor = self.feature_extractor
+        device = self._feature_device()
         frames_per_segment = extractor.frames_per_segment
         chunk = SEGMENTS_PER_CHUNK * frames_per_segment * extractor.hop_length
         for offset in range(0, len(audio), chunk):
-            features = extractor(audio[offset : offset + chunk], sampling_rate=extractor.sampling_rate, return_tensors="pt")
+            features = extractor(
+                audio[offset : offset + chunk], sampling_rate=extractor.sampling_rate, return_tensors="pt", device=device
+            )
             features = features["input_features"]  # (segments, frames, mel bins)
             last = offset + chunk >= len(audio)
             # A chunk that is not the last is a whole number of segments; the extractor's end padding adds one
@@ -180,6 +183,14 @@ class MT3TranscriptionPipeline(ChunkPipeline):
                 "start_frame": torch.tensor([-1]),
                 "is_last": True,
             }
+
+    def _feature_device(self) -> str | None:
+        """Where the log-mel frames are computed: on the model's CUDA device (the extractor's float64 torch.stft
+        path), since numpy on one core takes ~30 s per hour of audio, longer than a GPU decodes it; with numpy
+        elsewhere (CPU; MPS has no float64) and in DataLoader workers (`num_workers`), which must not use CUDA."""
+        if self.device.type != "cuda" or torch.utils.data.get_worker_info() is not None:
+            return None
+        return str(self.device)
 
     def _forward(self, model_inputs, logits_processor=None, generate_kwargs=None):
         start_frame = model_inputs["start_frame"]  # (rows,); -1 = placeholder of an empty input

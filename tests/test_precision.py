@@ -1,5 +1,5 @@
 """Half precision runs: `torch.autocast("cpu", bfloat16)` around generate() (the documented mixed mode), a model cast
-with `.to(bfloat16)`, and `from_pretrained(dtype=...)`, on the tiny model and the real one, through the fast path and
+with `.to(bfloat16)` / `.to(float16)`, and `from_pretrained(dtype=...)`, on the tiny model and the real one, through the fast path and
 through GenerationMixin. These assert that decoding runs and returns ids of the right shape; agreement with float32
 is printed here and measured per golden case by `make bench` (precision row), since half precision may change ids.
 """
@@ -55,16 +55,18 @@ def test_from_pretrained_dtype(tiny, tmp_path):
 
 
 def test_real_model_half_precision(real_model, shared):
-    """Two segments of golden case c, 48 steps: autocast bf16 (mixed) and `.to(bfloat16)` both run."""
+    """Two segments of golden case c, 48 steps: autocast bf16 (mixed), `.to(bfloat16)` and `.to(float16)` run."""
     x = torch.from_numpy(np.load(shared / "golden" / "c_ragtime_piano_recording" / "frames.npy"))[:2]
     golden = json.loads((shared / "golden" / "c_ragtime_piano_recording" / "tokens.json").read_text())["segments"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = real_model.generate(input_features=x, max_new_tokens=48)
-    half = MT3ForConditionalGeneration(real_model.config)
-    half.load_state_dict(real_model.state_dict())
-    half = half.to(torch.bfloat16).eval()
-    cast = half.generate(input_features=x.to(torch.bfloat16), max_new_tokens=48)
-    for name, ids in (("autocast bf16", mixed), (".to(bfloat16)", cast)):
+    results = {"autocast bf16": mixed}
+    for dtype in (torch.bfloat16, torch.float16):
+        half = MT3ForConditionalGeneration(real_model.config)
+        half.load_state_dict(real_model.state_dict())
+        half = half.to(dtype).eval()
+        results[f".to({dtype})"] = half.generate(input_features=x.to(dtype), max_new_tokens=48)
+    for name, ids in results.items():
         assert ids.dtype == torch.long and ids.shape[0] == 2 and ids[:, 0].eq(0).all()
         same = sum(row[1:].tolist()[: len(g[:48])] == g[:48] for row, g in zip(ids, golden))
         print(f"\nreal model, {name}: {same}/2 segments' first 48 ids equal the golden ones")

@@ -62,7 +62,7 @@ Options: `programs="0-7,32"` or `programs="piano,bass"` (GM families) only lets 
 - Audio is cut into 2.048 s segments whose spectrograms are computed 16 at a time while the model runs, so memory
   holds the input's samples and tokens, not its spectrogram: an hour is ~0.23 GB of 16 kHz float32 samples (a file
   is decoded whole first: ~1.3 GB for an hour of 44.1 kHz stereo). On a CUDA model they are computed on its GPU
-  (in float64, as numpy does on CPU).
+  (in float64, as numpy does on CPU; not yet run on a GPU by convert-mt3).
 - `batch_size=N` is the number of segments per `generate()` call, taken across inputs when you pass a list or a
   `datasets` column (`dataset.map(lambda b: {"notes": [r["notes"] for r in transcriber(b["audio"], return_midi=False)]}, batched=True)`);
   the default is `segment_batch_size` of `generation_config.json` (32 on CPU, 256 on CUDA). Inside one call at most
@@ -157,8 +157,8 @@ original JAX/Flax MT3 network (jax 0.10.2, its jitted greedy loop, batch 8) deco
 |---|---|---|---|---|---|
 | 60 s clip, 30 segments | 13.7 s (0.23 s per audio s) | 72.7 s (1.21 s per audio s) | 5.3x faster | 30/30 | 1.25 GB |
 
-Four later runs on the same VM, with other jobs sharing it: 18.0 s against 79.5 s and 17.6 s against 77.8 s
-(4.4x both times), 16.3 s against 67.2 s (4.1x), 14.5 s against 77.5 s (5.4x).
+Five later runs on the same VM, with other jobs sharing it: 18.0 s against 79.5 s and 17.6 s against 77.8 s
+(4.4x both times), 16.3 s against 67.2 s (4.1x), 14.5 s against 77.5 s (5.4x), 14.8 s against 67.8 s (4.6x).
 
 float32 is the trained precision and reproduces the original's notes exactly on the three reference recordings
 (479, 468 and 97 notes). Half precision runs but changes notes (CPU, vs the port's float32): mixed mode (float32

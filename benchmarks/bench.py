@@ -313,12 +313,15 @@ def _generate_mode(torch, model, features, mode: str, device: str, pool: int | N
     """generate() of all segments in a precision mode: float32, bfloat16 / float16 (a cast copy of the model),
     unless the model already has that dtype, or autocast-bfloat16 / autocast-float16 (float32 weights,
     `torch.autocast` around generate: the mixed mode);
-    a "+graphs" suffix passes `cuda_graphs=True`; `pool`: segment_batch_size (default: generation_config's)."""
-    mode, graphs = _mode_graphs(mode)
+    a "+graphs" suffix passes `cuda_graphs=True`, "+eosN" `eos_check_interval=N`; `pool`: segment_batch_size
+    (default: generation_config's)."""
+    mode, graphs, interval = _mode_options(mode)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(mode.split("-")[-1], torch.float32)
     kwargs = {} if pool is None else {"segment_batch_size": pool}
     if graphs:
         kwargs["cuda_graphs"] = True
+    if interval > 1:
+        kwargs["eos_check_interval"] = interval
     if mode.startswith("autocast"):
         with torch.autocast(device, dtype=dtype):
             return _sequences(model.generate(input_features=features, **kwargs))
@@ -327,12 +330,19 @@ def _generate_mode(torch, model, features, mode: str, device: str, pool: int | N
     return _sequences(model.generate(input_features=features.to(dtype), **kwargs))
 
 
-def _mode_graphs(mode: str) -> tuple[str, bool]:
-    """"autocast-bfloat16+graphs" -> ("autocast-bfloat16", True): the precision and whether CUDA graphs are asked."""
-    precision, _, extra = mode.partition("+")
-    if extra not in ("", "graphs"):
-        raise ValueError(f"mode {mode!r}: the only suffix is '+graphs'")
-    return precision, extra == "graphs"
+def _mode_options(mode: str) -> tuple[str, bool, int]:
+    """"autocast-bfloat16+graphs+eos8" -> ("autocast-bfloat16", True, 8): the precision, whether CUDA graphs are
+    asked, and the steps between the host's looks for finished segments (1 without "+eosN")."""
+    precision, *extras = mode.split("+")
+    graphs, interval = False, 1
+    for extra in extras:
+        if extra == "graphs" and not graphs:
+            graphs = True
+        elif extra.startswith("eos") and extra[3:].isdigit() and int(extra[3:]) >= 1 and interval == 1:
+            interval = int(extra[3:])
+        else:
+            raise ValueError(f"mode {mode!r}: the suffixes are '+graphs' and '+eosN' (N >= 1), each at most once")
+    return precision, graphs, interval
 
 
 def _device_timing(torch, device: str):
@@ -405,7 +415,7 @@ def worker_end_to_end(args: argparse.Namespace) -> None:
     import numpy as np
 
     torch, model, processor, _, load = _load(args.model, "float32")
-    cast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(_mode_graphs(args.mode)[0])
+    cast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(_mode_options(args.mode)[0])
     model = model.to(args.device, cast)  # a cast mode's cast happens here, outside the timed run
 
     def generate(features):
@@ -555,9 +565,9 @@ TARGET_DENSE_RATIO = 6.0
 
 
 def _experimental_failed(mode: str, error: WorkerFailed) -> dict:
-    """A "+graphs" mode (experimental) that failed is recorded, and the other modes still run; any other failure
-    stops the bench."""
-    if _mode_graphs(mode)[1]:
+    """A "+graphs" or "+eosN" mode (experimental) that failed is recorded, and the other modes still run; any other
+    failure stops the bench."""
+    if mode != _mode_options(mode)[0]:
         print(f"  {mode} failed (recorded in the JSON)", file=sys.stderr, flush=True)
         return {"failed": str(error)[-3000:]}
     raise error
@@ -609,11 +619,12 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
 
 
 DEFAULT_ROWS = "1,2,3,4,5,6,7,8"
-# row 7's modes besides float32 (cuda_graphs is experimental: measured beside the eager modes)
-GPU_MODES = ("float32+graphs", "autocast-bfloat16", "autocast-float16", "autocast-bfloat16+graphs",
-             "autocast-float16+graphs")
+# row 7's modes besides float32 (cuda_graphs and eos_check_interval are experimental: measured beside the eager
+# modes)
+GPU_MODES = ("float32+graphs", "float32+graphs+eos8", "autocast-bfloat16", "autocast-float16",
+             "autocast-bfloat16+graphs", "autocast-float16+graphs")
 E2E_MODES = ("float32", "autocast-bfloat16", "autocast-float16", "bfloat16", "float16", "float32+graphs",
-             "autocast-bfloat16+graphs", "autocast-float16+graphs", "bfloat16+graphs")
+             "float32+graphs+eos8", "autocast-bfloat16+graphs", "autocast-float16+graphs", "bfloat16+graphs")
 
 
 def row_end_to_end(model_dir: Path, shared: Path, seconds: float, device: str, modes: tuple[str, ...],
@@ -809,7 +820,7 @@ def fmt_table(res: dict) -> str:
                 continue
             ref = (f"ref {m['segments_identical_to_reference']}/{m['reference_segments']}"
                    if "segments_identical_to_reference" in m else "")
-            float32 = _mode_graphs(mode)[0] == "float32"  # with or without graphs
+            float32 = _mode_options(mode)[0] == "float32"  # with or without graphs
             target = ("<= 8 s" if float32 else "<= 4 s") if r8["device"].startswith("cuda") else ""
             add("8", f"{r8['audio_s']:.0f} s end to end, {r8['device']} {mode}", f"{m['end_to_end_s']:.2f} s",
                 f"generate {m['generate_s']:.2f} s", "", target)

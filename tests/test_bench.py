@@ -21,14 +21,14 @@ def test_row_8_end_to_end_on_cpu_against_a_reference(tiny_folder, shared, tmp_pa
     first.parent.mkdir()
     common = ["--model-dir", str(tiny_folder), "--shared", str(shared), "--rows", "8", "--e2e-device", "cpu",
               "--e2e-seconds", "4"]
-    done = bench(*common, "--e2e-modes", "float32,bfloat16,float32+graphs", "--json", str(first))
+    done = bench(*common, "--e2e-modes", "float32,bfloat16,float32+graphs+eos4", "--json", str(first))
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(first.read_text())["rows"]["8"]
     f32, bf16 = row["modes"]["float32"], row["modes"]["bfloat16"]
     assert f32["segments"] == bf16["segments"] == 2  # 4 s = two 2.048 s segments
     assert f32["segments_identical_to_first"] == 2 and f32["notes_equal_pct_to_first"] == 100.0
     assert 0 <= bf16["segments_identical_to_first"] <= 2 and "segments_identical_to_reference" not in f32
-    assert row["modes"]["float32+graphs"]["segments_identical_to_first"] == 2  # CUDA graphs: no-op on CPU
+    assert row["modes"]["float32+graphs+eos4"]["segments_identical_to_first"] == 2  # graphs: ignored on CPU; eos4: same ids
     reference = first.parent / "e2e_tokens_cpu_float32.json"
     assert json.loads(reference.read_text())["segments"] and (first.parent / "e2e_tokens_cpu_bfloat16.json").exists()
 
@@ -57,15 +57,19 @@ def load_bench():
 
 
 def test_only_the_experimental_graph_modes_may_fail():
-    """A failing "+graphs" mode (CUDA graphs, experimental) is recorded and the bench goes on; any other failure
+    """A failing "+graphs" or "+eosN" mode (experimental) is recorded and the bench goes on; any other failure
     stops it, as does an unknown mode suffix."""
     module = load_bench()
     error = module.WorkerFailed("capture failed")
     assert module._experimental_failed("autocast-bfloat16+graphs", error) == {"failed": "capture failed"}
     with pytest.raises(module.WorkerFailed):
         module._experimental_failed("autocast-bfloat16", error)
-    with pytest.raises(ValueError, match="suffix"):
-        module._mode_graphs("float32+compile")
+    assert module._experimental_failed("float32+eos8", error) == {"failed": "capture failed"}
+    assert module._mode_options("autocast-float16+graphs+eos8") == ("autocast-float16", True, 8)
+    assert module._mode_options("bfloat16") == ("bfloat16", False, 1)
+    for wrong in ("float32+compile", "float32+graphs+graphs", "float32+eos0", "float32+eos"):
+        with pytest.raises(ValueError, match="suffix"):
+            module._mode_options(wrong)
 
 
 def test_row_8_targets_follow_the_precision_with_or_without_graphs():

@@ -73,6 +73,50 @@ def test_matches_hf_greedy_with_refill(model, count_fast, pool):
     torch.testing.assert_close(model.generate(input_features=x, segment_batch_size=pool), reference(model, x))
 
 
+@pytest.mark.parametrize("pool", [1, 3, 16])
+@pytest.mark.parametrize("interval", [2, 5])
+def test_eos_checked_every_k_steps_matches_hf_greedy(model, count_fast, pool, interval):
+    """`eos_check_interval=k`: the host collects finished rows every k steps only; a row that ended stops and
+    waits with its tokens and position unchanged, so the ids are still greedy search's, length limits included."""
+    x = frames(7, seed=3)
+    eos = early_eos(model, x)
+    want = reference(model, x, eos_token_id=eos)
+    got = model.generate(input_features=x, eos_token_id=eos, segment_batch_size=pool, eos_check_interval=interval)
+    assert count_fast == [pool]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for limit in (1, 7):  # rows end on the length limit inside a k-step block
+        torch.testing.assert_close(
+            model.generate(input_features=x, eos_token_id=eos, max_new_tokens=limit, segment_batch_size=pool,
+                           eos_check_interval=interval),
+            reference(model, x, eos_token_id=eos, max_new_tokens=limit), atol=0, rtol=0,
+        )
+
+
+def test_eos_check_interval_setting(model, count_fast, monkeypatch):
+    """From generation_config.json or generate(); a positive number of steps; 1 with logits processors (they need
+    each row's position on every step)."""
+    seen = []
+    original = MT3GreedyPool._decode
+
+    def recording(self, *args):
+        seen.append(args[-1])
+        return original(self, *args)
+
+    monkeypatch.setattr(MT3GreedyPool, "_decode", recording)
+    x = frames(3, seed=9)
+    model.generate(input_features=x, max_new_tokens=3)
+    model.generation_config.eos_check_interval = 4
+    try:
+        model.generate(input_features=x, max_new_tokens=3)
+        model.generate(input_features=x, max_new_tokens=3, eos_check_interval=2)
+        model.generate(input_features=x, max_new_tokens=3, logits_processor=[lambda ids, scores: scores])
+    finally:
+        del model.generation_config.eos_check_interval
+    assert seen == [1, 4, 2, 1] and len(count_fast) == 4
+    with pytest.raises(ValueError, match="eos_check_interval"):
+        model.generate(input_features=x, max_new_tokens=3, eos_check_interval=0)
+
+
 @pytest.mark.parametrize("use_onednn", [False, True])
 @pytest.mark.parametrize("matmul_attention", [False, True])
 def test_all_backends_match(model, use_onednn, matmul_attention):
@@ -322,8 +366,8 @@ class FakeGraph:
         self.step()
 
 
-@pytest.mark.parametrize("pool", [3, 7])
-def test_cuda_graph_schedule_matches_hf_greedy(model, monkeypatch, slot_caches, pool):
+@pytest.mark.parametrize(("pool", "interval"), [(3, 1), (7, 1), (3, 4)])
+def test_cuda_graph_schedule_matches_hf_greedy(model, monkeypatch, slot_caches, pool, interval):
     """The schedule used with CUDA graphs (idle rows kept until the busy ones fit in a power of two, each step
     replayed from a graph per shape, graphs dropped when the cache grows) gives HF greedy's ids. The graphs are
     faked on CPU (`FakeGraph`); real capture is only exercised on a GPU."""
@@ -342,7 +386,7 @@ def test_cuda_graph_schedule_matches_hf_greedy(model, monkeypatch, slot_caches, 
         x = frames(9, seed=16)
         eos = early_eos(m, x)
         want = reference(m, x, eos_token_id=eos)
-        got = MT3GreedyPool(m, pool, cuda_graphs=True).generate(x, limit, [eos], 0, 0)
+        got = MT3GreedyPool(m, pool, cuda_graphs=True, eos_check_interval=interval).generate(x, limit, [eos], 0, 0)
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     rows_seen = [rows for rows, _ in slot_caches.steps]
     assert captured and len(captured) < len(rows_seen)  # most steps are replays

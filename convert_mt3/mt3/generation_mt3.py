@@ -17,7 +17,7 @@ from transformers.generation import LogitsProcessorList
 # `generate()` to `GenerationMixin` (a contract, not a list of what is refused).
 FAST_GREEDY_SETTINGS = frozenset(
     {"max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id",
-     "segment_batch_size", "cuda_graphs"}
+     "segment_batch_size", "cuda_graphs", "eos_check_interval"}
 )
 # Rows decoded at once by default, per device type (generation_config.json `segment_batch_size`). CPU: 32 decoded a
 # 60 s clip 12-28% faster than 16 in three `make bench` runs on 2 cores (row 5), for 1.1-1.3 GB peak; CUDA: a large
@@ -182,7 +182,10 @@ class MT3GreedyPool:
     (`use_onednn`: float32, and bfloat16 where the CPU has the instructions) and attention as matmuls
     (`matmul_attention`: CPU float32, or CPU under autocast). `cuda_graphs` (CUDA, without logits
     processors) replays each decode step as a CUDA graph (`_StepGraphs`): EXPERIMENTAL, not yet run on a GPU by
-    this project, so off by default.
+    this project, so off by default. `eos_check_interval` k: the host looks for finished rows every k steps
+    only (a row that ends stops where it is and waits), so a GPU can run k queued steps without waiting for the
+    host in between; k - 1 steps of a finished row are spent idle. Without logits processors; 1 (every step) by
+    default: a k that pays is NOT measured yet.
     """
 
     def __init__(
@@ -192,9 +195,12 @@ class MT3GreedyPool:
         use_onednn: bool | None = None,
         matmul_attention: bool | None = None,
         cuda_graphs: bool = False,
+        eos_check_interval: int = 1,
     ):
         if not isinstance(pool_size, int) or pool_size < 1:
             raise ValueError(f"`segment_batch_size` must be a positive number of rows, found {pool_size!r}")
+        if not isinstance(eos_check_interval, int) or eos_check_interval < 1:
+            raise ValueError(f"`eos_check_interval` must be a positive number of steps, found {eos_check_interval!r}")
         self.model = model
         self.pool_size = pool_size
         weight = model.decoder.token_embedder.weight
@@ -209,6 +215,7 @@ class MT3GreedyPool:
         self.use_onednn = use_onednn and torch.backends.mkldnn.is_available()
         self.matmul_attention = matmul_attention
         self.cuda_graphs = cuda_graphs
+        self.eos_check_interval = eos_check_interval
         # CPU: 2 segments (512 frames) per encoder call keep its activations in cache: 30 segments encoded in
         # 2.4 s, against 3.2 s as one batch (60 s clip, 2 cores); only the admitted ones (encoding ahead put row 3's
         # peak memory 30-80 MB higher, over its 2 GB). A GPU encodes 64 at once, ahead (not measured): the refill
@@ -230,8 +237,9 @@ class MT3GreedyPool:
         segments = input_features.shape[0]
         rows = min(self.pool_size, segments)
         device = model.decoder.token_embedder.weight.device
-        # a graph replays fixed kernels: the processors' Python stays eager
+        # a graph replays fixed kernels: the processors' Python stays eager, and needs each row's position per step
         graphs = self.cuda_graphs and not logits_processor
+        interval = 1 if logits_processor else self.eos_check_interval
         # Under autocast the linears stay unfused: autocast casts each parameter once (its weight cache), a fused
         # copy would be cast again on every step. Not with graphs: they run without that cache, so every weight is
         # cast on every step anyway. On CPU, attention runs as matmuls with a float32 softmax under autocast.
@@ -241,19 +249,20 @@ class MT3GreedyPool:
         cache = MT3SlotCache(len(model.decoder.layers), rows, device)
         try:
             return self._decode(cache, input_features, max_new_tokens, eos_token_ids, pad_token_id,
-                                decoder_start_token_id, logits_processor or None, graphs)
+                                decoder_start_token_id, logits_processor or None, graphs, interval)
         finally:
             model.unpack()
             cache.release()
 
-    def _decode(self, cache, features, max_new_tokens, eos_token_ids, pad_token_id, start, processors, graphs):
+    def _decode(self, cache, features, max_new_tokens, eos_token_ids, pad_token_id, start, processors, graphs,
+                interval):
         rows, device = cache.rows, cache.positions.device
         segments = features.shape[0]
         max_positions = self.model.decoder.position_embedding.max_len
         eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
         out = torch.full((segments, max_new_tokens + 1), pad_token_id, dtype=torch.long)
         tokens = torch.full((rows, max_new_tokens + 1), start, dtype=torch.long, device=device)
-        active = torch.ones(rows, dtype=torch.long, device=device)  # 1: the row decodes a segment, 0: idle
+        active = torch.ones(rows, dtype=torch.long, device=device)  # 1: the row decodes, 0: idle or ended
         done = torch.zeros(rows, dtype=torch.bool, device=device)  # set by a step: the row's segment ended
         segment_of: list[int | None] = list(range(rows))  # segment decoded in each row, None: idle
         admitted_at = [0] * rows  # step at which each row's segment started: position = step - admitted_at
@@ -263,7 +272,9 @@ class MT3GreedyPool:
         next_segment, step, generated, busy = rows, 0, 0, rows
 
         while busy:
-            longest = step - min(at for at, segment in zip(admitted_at, segment_of) if segment is not None)
+            # an ended row waits at its last position (at most max_new_tokens) until the host collects it
+            longest = min(step - min(at for at, segment in zip(admitted_at, segment_of) if segment is not None),
+                          max_new_tokens)
             if longest >= max_positions:
                 raise ValueError(
                     f"MT3 has {max_positions} positions (max_position_embeddings), but position {longest} was requested"
@@ -278,18 +289,22 @@ class MT3GreedyPool:
             else:
                 runner.run(lambda args=args: self._step(*args), cache)  # a graph keeps these tensors
             step += 1
-            finished = done.nonzero()[:, 0].tolist()  # the step's one host sync
+            if step % interval:
+                continue
+            finished = done.nonzero()[:, 0].tolist()  # the host's one sync per `interval` steps
             if not finished:
                 continue
-            for row, ids in zip(finished, tokens[finished].cpu()):  # one copy from the device per step
-                length = step - admitted_at[row] + 1
-                out[segment_of[row], :length] = ids[:length]
-                generated = max(generated, length - 1)
+            index = torch.tensor(finished, device=device)
+            done[index] = False
+            collected = torch.cat((cache.positions[index, None], tokens[index]), 1).cpu()  # one copy: end, tokens
+            for row, end, ids in zip(finished, collected[:, 0].tolist(), collected[:, 1:]):
+                out[segment_of[row], : end + 1] = ids[: end + 1]
+                generated = max(generated, end)
             # waiting segments take the first free rows; the other free rows go idle
             admit = finished[: segments - next_segment]
             if admit:
                 encoded.admit(cache, admit, next_segment)
-                tokens[admit, 0] = start
+                tokens[admit, 0], active[admit] = start, 1
                 for row in admit:
                     segment_of[row], admitted_at[row] = next_segment, step
                     next_segment += 1
@@ -299,8 +314,7 @@ class MT3GreedyPool:
             busy -= len(idle)
             for row in idle:
                 segment_of[row] = None
-            index = torch.tensor(idle, device=device)
-            active[index], cache.positions[index] = 0, 0  # an idle row repeats position 0, within its cache
+            cache.positions[torch.tensor(idle, device=device)] = 0  # an idle row (active 0) repeats position 0
             keep = _next_power_of_two(busy) if graphs else busy
             if keep < cache.rows:
                 self._compact(cache, keep, tokens, active, segment_of, admitted_at)
@@ -321,21 +335,24 @@ class MT3GreedyPool:
         cache.shrink(keep)
 
     def _step(self, cache, tokens, active, done, eos, max_new_tokens, processors, positions) -> None:
-        """One decode step of every row, in place: each busy row's next token goes to its next position in
-        `tokens`, and `done` marks the busy rows that ended (EOS or the length limit). Tensors only, no host sync,
-        fixed shapes for a given (rows, key length): what a CUDA graph can capture (without `processors`, which get
-        each busy row's position, {row: position})."""
+        """One decode step of every row, in place: each decoding row's next token goes to its next position in
+        `tokens`; a row that ends (EOS or the length limit) sets its `done` flag and stops (`active` 0), so that
+        later steps leave its tokens and position as they are until the host collects it. Tensors only, no host
+        sync, fixed shapes for a given (rows, key length): what a CUDA graph can capture (without `processors`,
+        which get each busy row's position, {row: position})."""
         decoder = self.model.decoder
         current = tokens.gather(1, cache.positions[:, None])  # (rows, 1)
         hidden = decoder(current, None, cache=cache).last_hidden_state
         logits = decoder.logits(hidden[:, -1])  # (rows, vocab)
         if processors is not None:
             logits = self._process(processors, logits.float(), tokens, positions)
-        next_tokens = logits.argmax(-1)  # (rows,)
+        decoding = active.bool()
+        next_tokens = torch.where(decoding, logits.argmax(-1), current[:, 0])  # (rows,); a stopped row: unchanged
         cache.positions += active
         tokens.scatter_(1, cache.positions[:, None], next_tokens[:, None])
-        ended = (next_tokens[:, None] == eos).any(-1) | (cache.positions >= max_new_tokens)
-        torch.logical_and(ended, active.bool(), out=done)
+        ended = ((next_tokens[:, None] == eos).any(-1) | (cache.positions >= max_new_tokens)) & decoding
+        done.logical_or_(ended)
+        active.masked_fill_(ended, 0)
 
     @staticmethod
     def _process(

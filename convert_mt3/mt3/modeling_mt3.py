@@ -412,6 +412,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         logits_processor: LogitsProcessorList | list | None = None,
         segment_batch_size: int | None = None,
         cuda_graphs: bool | None = None,
+        eos_check_interval: int | None = None,
         **kwargs,
     ) -> torch.LongTensor:
         """Greedy decoding of all segments: `generate(input_features=x)`, x (segments, frames, input_depth).
@@ -421,8 +422,9 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         making room for the next) and returns what `GenerationMixin.generate` returns: (segments, 1 + longest)
         ids, decoder start first, EOS then padding after each finished row. Anything else goes to
         `GenerationMixin.generate` (beam search, sampling, dict outputs, streamers, masks, ...).
-        `cuda_graphs=True` (or in the generation config) replays the decode steps on CUDA as CUDA graphs:
-        experimental, not yet run on a GPU by this project.
+        `cuda_graphs=True` (or in the generation config) replays the decode steps on CUDA as CUDA graphs, and
+        `eos_check_interval=k` looks for finished segments every k steps only (default 1): both experimental, not
+        yet run on a GPU by this project.
         """
         # The processor's output also holds each segment's start time, which only decoding to notes needs:
         # accept it so that `model.generate(**processor(audio=...))` works.
@@ -438,20 +440,24 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             return super().generate(
                 inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs
             )
-        features, max_new_tokens, eos, pad, start, configured_pool, configured_graphs = fast
-        pool = _pool_size(segment_batch_size if segment_batch_size is not None else configured_pool, self.device.type)
-        graphs = configured_graphs if cuda_graphs is None else cuda_graphs
+        features, max_new_tokens, eos, pad, start, configured = fast
+        pool = _pool_size(segment_batch_size if segment_batch_size is not None else configured["segment_batch_size"],
+                          self.device.type)
+        graphs = configured["cuda_graphs"] if cuda_graphs is None else cuda_graphs
+        interval = configured["eos_check_interval"] if eos_check_interval is None else eos_check_interval
+        interval = 1 if interval is None else interval
         if logits_processor is not None and not isinstance(logits_processor, LogitsProcessorList):
             logits_processor = LogitsProcessorList(logits_processor)
-        return MT3GreedyPool(self, pool, cuda_graphs=bool(graphs) and self.device.type == "cuda").generate(
-            features, max_new_tokens, eos, pad, start, logits_processor=logits_processor
-        )
+        return MT3GreedyPool(
+            self, pool, cuda_graphs=bool(graphs) and self.device.type == "cuda", eos_check_interval=interval
+        ).generate(features, max_new_tokens, eos, pad, start, logits_processor=logits_processor)
 
     def _fast_greedy_settings(
         self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, kwargs: dict
-    ) -> tuple[torch.Tensor, int, list[int], int, int, int | dict | None, bool | None] | None:
-        """(features, max_new_tokens, eos ids, pad id, start id, segment batch size, cuda_graphs) when the settings are greedy
-        search changed only in `FAST_GREEDY_SETTINGS` (what `MT3GreedyPool` reproduces), else None."""
+    ) -> tuple[torch.Tensor, int, list[int], int, int, dict] | None:
+        """(features, max_new_tokens, eos ids, pad id, start id, the pool's settings from the generation config:
+        segment_batch_size, cuda_graphs, eos_check_interval, None where unset) when the settings are greedy search
+        changed only in `FAST_GREEDY_SETTINGS` (what `MT3GreedyPool` reproduces), else None."""
         rest = dict(kwargs)
         features = rest.pop(self.main_input_name, None)
         if (inputs is None) == (features is None) or self.training:
@@ -497,8 +503,8 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             max_new_tokens = config.max_length - 1
         if max_new_tokens < 1:
             return None
-        return (features, max_new_tokens, eos, pad, start, getattr(config, "segment_batch_size", None),
-                getattr(config, "cuda_graphs", None))
+        pool_settings = ("segment_batch_size", "cuda_graphs", "eos_check_interval")
+        return features, max_new_tokens, eos, pad, start, {name: getattr(config, name, None) for name in pool_settings}
 
 
 def _pool_size(setting: int | dict | None, device_type: str) -> int | None:

@@ -96,7 +96,8 @@ id 0, EOS 1, up to 1024 tokens), as the original does, at most `segment_batch_si
 time (32 on CPU, 256 on CUDA): a finished segment makes room for the next, so memory does not
 grow with the length of the audio. Other settings (beam search, scores, ...) use transformers'
 own `generate()`. On CUDA, `generate(..., cuda_graphs=True)` replays each decode step as a CUDA
-graph: experimental, off by default, not yet run on a GPU by convert-mt3.
+graph, and `eos_check_interval=k` looks for finished segments every k steps only: both
+experimental, off by default, not yet run on a GPU by convert-mt3.
 
 Precision: use float32, which reproduces the original's tokens. Half precision runs (a model
 cast with `.to(torch.bfloat16)`, or the mixed mode: float32 weights with

@@ -158,9 +158,9 @@ original JAX/Flax MT3 network (jax 0.10.2, its jitted greedy loop, batch 8) deco
 |---|---|---|---|---|---|
 | 60 s clip, 30 segments | 13.7 s (0.23 s per audio s) | 72.7 s (1.21 s per audio s) | 5.3x faster | 30/30 | 1.25 GB |
 
-Six later runs on the same VM, with other jobs sharing it: 18.0 s against 79.5 s and 17.6 s against 77.8 s
+Seven later runs on the same VM, with other jobs sharing it: 18.0 s against 79.5 s and 17.6 s against 77.8 s
 (4.4x both times), 16.3 s against 67.2 s (4.1x), 14.5 s against 77.5 s (5.4x), 14.8 s against 67.8 s (4.6x),
-12.5 s against 45.8 s (3.7x).
+12.5 s against 45.8 s (3.7x), 13.5 s against 56.5 s (4.2x).
 
 float32 is the trained precision and reproduces the original's notes exactly on the three reference recordings
 (479, 468 and 97 notes). Half precision runs but changes notes (CPU, vs the port's float32): mixed mode (float32

@@ -262,7 +262,7 @@ class MT3GreedyPool:
         eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
         out = torch.full((segments, max_new_tokens + 1), pad_token_id, dtype=torch.long)
         tokens = torch.full((rows, max_new_tokens + 1), start, dtype=torch.long, device=device)
-        active = torch.ones(rows, dtype=torch.long, device=device)  # 1: the row decodes, 0: idle or ended
+        active = torch.ones(rows, dtype=torch.bool, device=device)  # the row decodes (not idle, not ended)
         done = torch.zeros(rows, dtype=torch.bool, device=device)  # set by a step: the row's segment ended
         segment_of: list[int | None] = list(range(rows))  # segment decoded in each row, None: idle
         admitted_at = [0] * rows  # step at which each row's segment started: position = step - admitted_at
@@ -304,7 +304,7 @@ class MT3GreedyPool:
             admit = finished[: segments - next_segment]
             if admit:
                 encoded.admit(cache, admit, next_segment)
-                tokens[admit, 0], active[admit] = start, 1
+                tokens[index[: len(admit)], 0], active[index[: len(admit)]] = start, True
                 for row in admit:
                     segment_of[row], admitted_at[row] = next_segment, step
                     next_segment += 1
@@ -314,7 +314,7 @@ class MT3GreedyPool:
             busy -= len(idle)
             for row in idle:
                 segment_of[row] = None
-            cache.positions[torch.tensor(idle, device=device)] = 0  # an idle row (active 0) repeats position 0
+            cache.positions[index[len(admit) :]] = 0  # an idle row (not active) repeats position 0
             keep = _next_power_of_two(busy) if graphs else busy
             if keep < cache.rows:
                 self._compact(cache, keep, tokens, active, segment_of, admitted_at)
@@ -336,7 +336,7 @@ class MT3GreedyPool:
 
     def _step(self, cache, tokens, active, done, eos, max_new_tokens, processors, positions) -> None:
         """One decode step of every row, in place: each decoding row's next token goes to its next position in
-        `tokens`; a row that ends (EOS or the length limit) sets its `done` flag and stops (`active` 0), so that
+        `tokens`; a row that ends (EOS or the length limit) sets its `done` flag and stops (`active` off), so that
         later steps leave its tokens and position as they are until the host collects it. Tensors only, no host
         sync, fixed shapes for a given (rows, key length): what a CUDA graph can capture (without `processors`,
         which get each busy row's position, {row: position})."""
@@ -346,13 +346,12 @@ class MT3GreedyPool:
         logits = decoder.logits(hidden[:, -1])  # (rows, vocab)
         if processors is not None:
             logits = self._process(processors, logits.float(), tokens, positions)
-        decoding = active.bool()
-        next_tokens = torch.where(decoding, logits.argmax(-1), current[:, 0])  # (rows,); a stopped row: unchanged
+        next_tokens = torch.where(active, logits.argmax(-1), current[:, 0])  # (rows,); a stopped row: unchanged
         cache.positions += active
         tokens.scatter_(1, cache.positions[:, None], next_tokens[:, None])
-        ended = ((next_tokens[:, None] == eos).any(-1) | (cache.positions >= max_new_tokens)) & decoding
+        ended = ((next_tokens[:, None] == eos).any(-1) | (cache.positions >= max_new_tokens)) & active
         done.logical_or_(ended)
-        active.masked_fill_(ended, 0)
+        active.masked_fill_(ended, False)
 
     @staticmethod
     def _process(

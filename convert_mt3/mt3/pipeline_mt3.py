@@ -186,7 +186,7 @@ class MT3TranscriptionPipeline(ChunkPipeline):
 
     def _feature_device(self) -> str | None:
         """Where the log-mel frames are computed: on the model's CUDA device (the extractor's float64 torch.stft
-        path), since numpy on one core takes ~30 s per hour of audio, longer than a GPU decodes it; with numpy
+        path), since numpy on one core took ~27 s per hour of audio here, longer than a GPU decodes it; with numpy
         elsewhere (CPU; MPS has no float64) and in DataLoader workers (`num_workers`), which must not use CUDA."""
         if self.device.type != "cuda" or torch.utils.data.get_worker_info() is not None:
             return None

@@ -54,8 +54,8 @@ The pipeline takes a file path, a 1-D array with `sampling_rate=`, a `{"array", 
 - `midi`: a `pretty_midi.PrettyMIDI` (`return_midi="bytes"`: the Standard MIDI File's bytes; `False`: none);
 - `invalid_events`, `dropped_events`: counts from decoding, as the original reports them.
 
-Options: `programs="0-7,32"` or `programs="piano,bass"` (GM families) only lets notes start on those instruments
-(drums are never filtered); `generate_kwargs={...}` goes to `generate()`.
+Options: `programs="0-7,32"` or `programs="piano,bass"` (GM families) keeps only the notes of those instruments
+and the drums, exactly as the unfiltered transcription has them (decoding is unchanged); `generate_kwargs={...}` goes to `generate()`.
 
 ### Long audio, batching, devices
 
@@ -80,7 +80,7 @@ $speed
   boundaries are less reliable; note times are on a 10 ms grid.
 - Instrument leakage: the model picks a program for each note from the timbre it hears; on unusual timbres it
   often splits one instrument over several programs or puts it on a neighbouring one (e.g. strings on programs
-  40-50, a synthesized bass an octave off). Filtering with `programs=` forbids other programs; it does not make the
+  40-50, a synthesized bass an octave off). Filtering with `programs=` drops the other programs' notes; it does not make the
   model hear better.
 - Trained on instrumental music only (MAESTRO, Slakh2100, Cerberus4, GuitarSet, MusicNet, URMP): singing is
   outside its training data.

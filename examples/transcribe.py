@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype (default float32, exact)")
     parser.add_argument("--plot", metavar="ROLL.png", help="also draw a piano roll coloured by instrument")
-    parser.add_argument("--programs", metavar="LIST", help="only allow these GM programs, e.g. 0-7,32 (drums stay allowed)")
+    parser.add_argument("--programs", metavar="LIST", help="keep only the notes of these GM programs, e.g. 0-7,32 (and the drums)")
     parser.add_argument("--quiet", action="store_true", help="no summary line")
     args = parser.parse_args(argv)
     if args.batch_size < 1:

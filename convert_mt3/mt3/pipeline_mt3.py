@@ -12,37 +12,13 @@ import os
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.pipelines.base import ChunkPipeline
 
+from .note_sequences_mt3 import sort_notes
 from .notes_mt3 import note_record, parse_programs
 
 # Segments whose features are computed at once while an input is cut up (bounds memory: ~0.5 MB per segment).
 SEGMENTS_PER_CHUNK = 16
-
-
-class AllowedProgramsLogitsProcessor(LogitsProcessor):
-    """Only let notes start on allowed instrument programs.
-
-    MT3 writes a program event before the notes of an instrument and repeats it only when the
-    program changes; notes before any program event belong to program 0. So: forbid the other
-    program events, and while a row has not chosen a program (and 0 is not allowed), forbid
-    note-on velocity events until it does. Note-offs, ties and drums are left alone.
-    """
-
-    def __init__(self, program_ids: list[int], allowed_ids: list[int], note_on_ids: list[int], zero_allowed: bool):
-        self.forbidden = torch.tensor(sorted(set(program_ids) - set(allowed_ids)), dtype=torch.long)
-        self.allowed = torch.tensor(allowed_ids, dtype=torch.long)
-        self.note_on = torch.tensor(note_on_ids, dtype=torch.long)
-        self.zero_allowed = zero_allowed
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores[:, self.forbidden.to(scores.device)] = -float("inf")
-        if not self.zero_allowed:
-            has_program = torch.isin(input_ids, self.allowed.to(input_ids.device)).any(dim=1)  # (rows,)
-            rows = (~has_program).nonzero().squeeze(1)
-            scores[rows.unsqueeze(1), self.note_on.to(scores.device)] = -float("inf")
-        return scores
 
 
 def resample(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
@@ -85,8 +61,9 @@ class MT3TranscriptionPipeline(ChunkPipeline):
     Inputs: a file path, a 1-D array with `sampling_rate=`, a dict `{"array", "sampling_rate"}` (the `datasets`
     Audio format; `{"path"}` or `{"bytes"}` are read as files), or a list of those.
 
-    Options (at construction or per call): `programs` (allowed GM programs, "0-7,32", "piano,bass" or ints; drum
-    notes are never filtered), `return_midi` (True: a `pretty_midi.PrettyMIDI`; "bytes": a Standard MIDI File's
+    Options (at construction or per call): `programs` (keep only the notes of these GM programs, "0-7,32",
+    "piano,bass" or ints, and the drum notes; decoding is unchanged, so the kept notes are exactly the
+    unfiltered transcription's), `return_midi` (True: a `pretty_midi.PrettyMIDI`; "bytes": a Standard MIDI File's
     bytes; False: notes only), `sampling_rate` (of array inputs), `generate_kwargs`. `batch_size` counts segments
     (2.048 s each) per `generate()` call, across inputs; default the model's `segment_batch_size` for its device (generation_config.json).
 
@@ -110,7 +87,7 @@ class MT3TranscriptionPipeline(ChunkPipeline):
         if sampling_rate is not None:
             preprocess["sampling_rate"] = sampling_rate
         if programs is not None:
-            forward["logits_processor"] = self._programs_processor(parse_programs(programs))
+            postprocess["programs"] = parse_programs(programs)
         if generate_kwargs is not None:
             forward["generate_kwargs"] = dict(generate_kwargs)
         if return_midi is not None:
@@ -118,21 +95,6 @@ class MT3TranscriptionPipeline(ChunkPipeline):
                 raise ValueError(f"return_midi={return_midi!r}: expected True, False or 'bytes'")
             postprocess["return_midi"] = return_midi
         return preprocess, forward, postprocess
-
-    def _programs_processor(self, allowed: set[int]) -> LogitsProcessorList:
-        tokenizer = self.tokenizer
-        return LogitsProcessorList(
-            [
-                AllowedProgramsLogitsProcessor(
-                    program_ids=tokenizer.convert_tokens_to_ids([f"<program_{p}>" for p in range(128)]),
-                    allowed_ids=tokenizer.convert_tokens_to_ids([f"<program_{p}>" for p in sorted(allowed)]),
-                    note_on_ids=tokenizer.convert_tokens_to_ids(
-                        [f"<velocity_{v}>" for v in range(1, tokenizer.num_velocity_bins + 1)]
-                    ),
-                    zero_allowed=0 in allowed,
-                )
-            ]
-        )
 
     def load_audio(self, inputs, sampling_rate: int | None = None) -> np.ndarray:
         """Any accepted input -> mono float32 samples at the model's rate."""
@@ -192,22 +154,20 @@ class MT3TranscriptionPipeline(ChunkPipeline):
             return None
         return str(self.device)
 
-    def _forward(self, model_inputs, logits_processor=None, generate_kwargs=None):
+    def _forward(self, model_inputs, generate_kwargs=None):
         start_frame = model_inputs["start_frame"]  # (rows,); -1 = placeholder of an empty input
         features = model_inputs["input_features"].to(self.model.dtype)  # (rows, frames, mel bins)
         real = (start_frame >= 0).cpu()
         tokens = torch.zeros(len(start_frame), 1, dtype=torch.long)  # (rows, 1 + longest); placeholders ignored
         if real.any():
             generated = self.model.generate(
-                input_features=features[real.to(features.device)],
-                logits_processor=logits_processor,
-                **(generate_kwargs or {}),
+                input_features=features[real.to(features.device)], **(generate_kwargs or {})
             ).cpu()
             tokens = tokens.new_zeros(len(start_frame), generated.shape[1])
             tokens[real] = generated
         return {"tokens": tokens, "start_frame": start_frame, "is_last": model_inputs["is_last"]}
 
-    def postprocess(self, model_outputs, return_midi=True):
+    def postprocess(self, model_outputs, return_midi=True, programs: set[int] | None = None):
         rows, start_times = [], []
         for output in model_outputs:
             frame = int(output["start_frame"][0])
@@ -215,14 +175,18 @@ class MT3TranscriptionPipeline(ChunkPipeline):
                 rows.append(output["tokens"][0].tolist())
                 # frame index / frames per second: the colab's segment start times, bit for bit
                 start_times.append(frame / self.feature_extractor.frames_per_second)
-        decoded = self.tokenizer.batch_decode(rows, segment_start_times=start_times, return_midi=bool(return_midi))
+        notes, invalid_events, dropped_events = self.tokenizer.decode_to_notes(rows, start_times)  # decoding order
+        if programs is not None:
+            # After decoding, not during: forbidding the other programs' events made the model write those
+            # instruments' notes without a program event, so they were read as the allowed program's.
+            notes = [note for note in notes if note.is_drum or note.program in programs]
         result = {
-            "notes": [note_record(note) for note in decoded["notes"]],
-            "invalid_events": decoded["invalid_events"],
-            "dropped_events": decoded["dropped_events"],
+            "notes": [note_record(note) for note in sort_notes(notes)],
+            "invalid_events": invalid_events,
+            "dropped_events": dropped_events,
         }
         if return_midi:
-            midi = decoded["pretty_midi"]
+            midi = self.tokenizer.notes_to_midi(notes)
             if return_midi == "bytes":
                 buffer = io.BytesIO()
                 midi.write(buffer)
@@ -231,4 +195,4 @@ class MT3TranscriptionPipeline(ChunkPipeline):
         return result
 
 
-__all__ = ["AllowedProgramsLogitsProcessor", "MT3TranscriptionPipeline", "read_audio", "resample"]
+__all__ = ["MT3TranscriptionPipeline", "read_audio", "resample"]

@@ -253,6 +253,15 @@ def test_pool_size_settings(model, count_fast, tmp_path):
         model.generation_config.segment_batch_size = default
     with pytest.raises(ValueError, match="segment_batch_size"):
         model.generate(input_features=x, max_new_tokens=3, segment_batch_size=0)
+    # what a user edits in generation_config.json is what a loaded model uses, and saves again
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**saved, "segment_batch_size": {"cpu": 3}}))
+    loaded = type(model).from_pretrained(tmp_path)
+    assert loaded.generation_config.segment_batch_size == {"cpu": 3} and loaded.default_segment_batch_size == 3
+    loaded.generate(input_features=frames(5, seed=9), max_new_tokens=3)
+    assert count_fast[-1] == 3
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "generation_config.json").read_text())["segment_batch_size"] == {"cpu": 3}
 
 
 def test_settings_outside_the_allow_list_fall_back(model, monkeypatch):

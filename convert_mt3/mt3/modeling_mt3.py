@@ -262,6 +262,9 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             do_sample=False,
         )
         self.generation_config.segment_batch_size = dict(SEGMENT_BATCH_SIZE)
+        # No longer the model config's copy: with the flag, loading generation_config.json drops the keys that
+        # GenerationConfig does not define (segment_batch_size, cuda_graphs, eos_check_interval).
+        self.generation_config._from_model_config = False
 
     def get_encoder(self, modality: str | None = None) -> MT3Encoder:
         return self.encoder

@@ -118,8 +118,6 @@ def write_folder(folder: Path, model: MT3ForConditionalGeneration, dtype: str, v
     model.config.auto_map = dict(AUTO_MAP)
     model.config.custom_pipelines = dict(CUSTOM_PIPELINES)
     model.to(DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
-    for auto_class, cls in [("AutoFeatureExtractor", MT3FeatureExtractor), ("AutoTokenizer", MT3Tokenizer), ("AutoProcessor", MT3Processor)]:
-        cls.register_for_auto_class(auto_class)
     feature_extractor = MT3FeatureExtractor(
         feature_size=model.config.input_depth, frames_per_segment=variant.frames_per_segment
     )

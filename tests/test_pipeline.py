@@ -145,6 +145,29 @@ def test_programs_keep_the_unfiltered_notes(tiny_pipe):
         assert in_midi == sorted((n["is_drum"], n["pitch"]) for n in result["notes"])
 
 
+def test_saved_model_and_processor_make_a_working_folder(tiny_folder, tmp_path, monkeypatch_module):
+    """What a user saves (AutoModel + AutoProcessor, e.g. after fine-tuning) loads again with every Auto class and the
+    pipeline that its config.json names; and a model in memory (here cast to bfloat16) runs in that pipeline."""
+    from transformers import AutoModel, AutoProcessor, AutoTokenizer, pipeline
+
+    model = AutoModel.from_pretrained(str(tiny_folder), trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(str(tiny_folder), trust_remote_code=True)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    assert (saved / "pipeline_mt3.py").is_file() and (saved / "notes_mt3.py").is_file()
+    assert type(AutoTokenizer.from_pretrained(str(saved), trust_remote_code=True)).__name__ == "MT3Tokenizer"
+    audio = {"array": tone(2.5, 16000), "sampling_rate": 16000}
+    kwargs = {"generate_kwargs": {"max_new_tokens": 16}, "return_midi": False}
+    want = pipeline("music-transcription", model=str(tiny_folder), trust_remote_code=True, device="cpu")(audio, **kwargs)
+    got = pipeline("music-transcription", model=str(saved), trust_remote_code=True, device="cpu")(audio, **kwargs)
+    assert got == want
+    assert model.transcription_pipeline()(audio, **kwargs) == want
+    # bfloat16 on CPU through GenerationMixin (use_cache=False): oneDNN's bf16 linear needs instructions CI may lack
+    half = model.to(torch.bfloat16).transcription_pipeline(processor, generate_kwargs={"use_cache": False, "max_new_tokens": 8})
+    assert half.model.dtype == torch.bfloat16 and isinstance(half(audio, return_midi=False)["notes"], list)
+
+
 def test_dtype_argument(tiny_folder, monkeypatch_module):
     """torch_dtype= reaches the model. Run through GenerationMixin (use_cache=False leaves the fast path, whose
     bfloat16 linear needs AVX-512 / AVX-NE-CONVERT on CPU, which CI machines may lack)."""

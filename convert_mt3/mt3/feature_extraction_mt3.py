@@ -67,6 +67,7 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
     """
 
     model_input_names = ["input_features"]
+    _auto_class = "AutoFeatureExtractor"  # remote code: a saved extractor names its class (see MT3Tokenizer)
 
     def __init__(
         self,

@@ -403,6 +403,24 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             if isinstance(module, MT3Attention):
                 module.matmul = False
 
+    def transcription_pipeline(self, processor=None, **kwargs):
+        """This model as it is in memory (cast, moved, fine-tuned) in its music-transcription pipeline, which
+        `pipeline(model=<a model object>)` cannot find (a custom task is read from a folder's config.json).
+        `processor`: by default the one saved with the model (`AutoProcessor` from `name_or_path`); `kwargs` go to
+        the pipeline (`batch_size`, `programs`, `return_midi`, ...). Importing the pipeline here also makes
+        `save_pretrained` copy pipeline_mt3.py (transformers copies the model file's relative imports), which
+        config.json's `custom_pipelines` names."""
+        from .pipeline_mt3 import MT3TranscriptionPipeline
+
+        if processor is None:
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(self.name_or_path, trust_remote_code=True)
+        return MT3TranscriptionPipeline(
+            model=self, tokenizer=processor.tokenizer, feature_extractor=processor.feature_extractor,
+            task="music-transcription", **kwargs,
+        )
+
     @property
     def default_segment_batch_size(self) -> int:
         """Segments `generate()` decodes at once on this model's device (generation_config.json, per device type)."""

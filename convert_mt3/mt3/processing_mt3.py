@@ -42,6 +42,8 @@ class MT3Processor(ProcessorMixin):
         tokenizer ([`MT3Tokenizer`]): decodes generated event tokens into notes.
     """
 
+    _auto_class = "AutoProcessor"  # remote code: a saved processor names its class (see MT3Tokenizer)
+
     def __init__(self, feature_extractor, tokenizer):
         super().__init__(feature_extractor, tokenizer)
 

@@ -93,6 +93,8 @@ class MT3Tokenizer(PreTrainedTokenizer):
     """
 
     model_input_names = ["input_ids", "attention_mask"]
+    # Remote code: a saved tokenizer names its class for AutoTokenizer (also when loaded through AutoProcessor).
+    _auto_class = "AutoTokenizer"
     vocab_files_names: dict[str, str] = {}
 
     def __init__(

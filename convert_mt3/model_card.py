@@ -47,7 +47,7 @@ converted from its T5X/JAX format to PyTorch with convert-mt3 $version. It runs 
 pretty_midi writes MIDI). Any format libsndfile reads (wav, flac, ogg, mp3); stereo is mixed to mono.
 
 The pipeline takes a file path, a 1-D array with `sampling_rate=`, a `{"array", "sampling_rate"}` dict (a
-`datasets` Audio row) or a list of those, and returns per input:
+`datasets` Audio row, also decoded) or a list of those, and returns per input:
 
 - `notes`: list of `{"program", "instrument", "is_drum", "pitch", "velocity", "start", "end"}` (GM program 0-127
   and its General MIDI name, "Drums" for drum notes; times in seconds), sorted by start time;

@@ -4,6 +4,7 @@ it, and every input form, option and bad input on a tiny random model."""
 import csv
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -168,6 +169,20 @@ def test_saved_model_and_processor_make_a_working_folder(tiny_folder, tmp_path, 
     assert half.model.dtype == torch.bfloat16 and isinstance(half(audio, return_midi=False)["notes"], list)
 
 
+def test_decoded_datasets_audio_row(tiny_pipe):
+    """A `datasets` Audio column decodes to torchcodec AudioDecoders (get_all_samples() -> data (channels, samples),
+    sample_rate): mixed to mono like a file. Faked here (torchcodec is not a dependency)."""
+    stereo = torch.from_numpy(np.stack([tone(2.5, 16000), 0.5 * tone(2.5, 16000)]))
+
+    class Decoder:
+        def get_all_samples(self):
+            return SimpleNamespace(data=stereo, sample_rate=16000)
+
+    kwargs = {"return_midi": False, "generate_kwargs": {"max_new_tokens": 16}}
+    want = tiny_pipe({"array": stereo.mean(0).numpy(), "sampling_rate": 16000}, **kwargs)
+    assert tiny_pipe(Decoder(), **kwargs) == want
+
+
 def test_dtype_argument(tiny_folder, monkeypatch_module):
     """torch_dtype= reaches the model. Run through GenerationMixin (use_cache=False leaves the fast path, whose
     bfloat16 linear needs AVX-512 / AVX-NE-CONVERT on CPU, which CI machines may lack)."""
@@ -203,6 +218,9 @@ def test_long_audio_is_cut_lazily_and_exactly(tiny_pipe):
         ("broken.ogg", {}, "broken.ogg: cannot read audio"),
         (np.zeros((100, 2), np.float32), {"sampling_rate": 16000}, "1-D array"),
         (np.zeros(100, np.float32), {}, "sampling_rate"),
+        (np.zeros(100, np.float32), {"sampling_rate": 0}, "positive `sampling_rate`"),
+        (np.zeros(100, np.int16), {"sampling_rate": 16000}, "floating-point samples"),
+        (5, {}, "found int"),
         ({"foo": 1}, {}, "found keys ['foo']"),
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "programs": "7-x"}, "programs '7-x'"),
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "return_midi": "yes"}, "return_midi='yes'"),

@@ -59,7 +59,8 @@ class MT3TranscriptionPipeline(ChunkPipeline):
     """Music transcription with MT3: audio -> `{"notes": [...], "midi": PrettyMIDI}` per input.
 
     Inputs: a file path, a 1-D array with `sampling_rate=`, a dict `{"array", "sampling_rate"}` (the `datasets`
-    Audio format; `{"path"}` or `{"bytes"}` are read as files), or a list of those.
+    Audio format; `{"path"}` or `{"bytes"}` are read as files; a decoded row, torchcodec's `AudioDecoder`, is mixed to
+    mono), or a list of those.
 
     Options (at construction or per call): `programs` (keep only the notes of these GM programs, "0-7,32",
     "piano,bass" or ints, and the drum notes; decoding is unchanged, so the kept notes are exactly the
@@ -108,14 +109,26 @@ class MT3TranscriptionPipeline(ChunkPipeline):
                     raise ValueError(f"Expected an audio dict with 'array' and 'sampling_rate' (or 'path' / 'bytes'); found keys {sorted(inputs)}")
                 return read_audio(source, rate)
             inputs, sampling_rate = inputs["array"], inputs.get("sampling_rate", sampling_rate)
+        elif hasattr(inputs, "get_all_samples"):  # a decoded `datasets` Audio row: torchcodec's AudioDecoder
+            decoded = inputs.get_all_samples()
+            inputs, sampling_rate = decoded.data.mean(0), decoded.sample_rate  # (channels, samples) -> mono
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.detach().cpu().numpy()
-        samples = np.asarray(inputs, dtype=np.float32)
-        if samples.ndim != 1:
-            raise ValueError(f"Expected mono audio as a 1-D array (num_samples,); found shape {samples.shape}")
-        if sampling_rate is None:
-            raise ValueError(f"Expected `sampling_rate` with an audio array (the model expects {rate} Hz); found None")
-        return resample(samples, int(sampling_rate), rate)
+        if not isinstance(inputs, np.ndarray):
+            raise ValueError(
+                "Expected a file path, a 1-D audio array, a dict with 'array' and 'sampling_rate' (or 'path' / "
+                f"'bytes'), or a list of those; found {type(inputs).__name__}"
+            )
+        if inputs.ndim != 1:
+            raise ValueError(f"Expected mono audio as a 1-D array (num_samples,); found shape {inputs.shape}")
+        if inputs.size and not np.issubdtype(inputs.dtype, np.floating):
+            raise ValueError(f"Expected floating-point samples (about [-1, 1]); found dtype {inputs.dtype}")
+        if sampling_rate is None or not sampling_rate > 0:
+            raise ValueError(
+                f"Expected a positive `sampling_rate` with an audio array (the model expects {rate} Hz); "
+                f"found {sampling_rate}"
+            )
+        return resample(inputs.astype(np.float32, copy=False), int(sampling_rate), rate)
 
     def preprocess(self, inputs, sampling_rate: int | None = None):
         """Yield one item per segment: its features (1, frames, mel bins) and its first frame in the input."""

@@ -33,6 +33,7 @@ GIN_FIELDS = {
 _GIN_LINE = re.compile(r"^\s*(?:network\.)?T5Config\.(\w+)\s*=\s*(.+?)\s*$")
 _GIN_BLOCK = re.compile(r"^\s*(?:network\.)?T5Config\s*:\s*$")
 _GIN_ITEM = re.compile(r"^\s+(\w+)\s*=\s*(.+?)\s*$")
+GIN_MACRO = re.compile(r"^\s*([A-Z_][A-Z0-9_]*)\s*=\s*(.+?)\s*$")
 
 
 class ConfigError(ValueError):
@@ -48,11 +49,16 @@ def find_gin(checkpoint_dir: Path) -> Path | None:
 
 
 def parse_gin(path: Path) -> dict[str, Any]:
-    """`network.T5Config` bindings as MT3Config fields; both `T5Config.x = v` and block form."""
+    """`network.T5Config` bindings as MT3Config fields; both `T5Config.x = v` and block form.
+
+    A `%MACRO` value is read from the file's `MACRO = value` line; a reference to a configurable (T5X's own
+    `vocab_size = @vocabularies.num_embeddings()`) is skipped: the arrays' shapes give those values.
+    """
+    lines = [line.split("#", 1)[0].rstrip() for line in path.read_text().splitlines()]
+    macros = {match.group(1): match.group(2) for match in map(GIN_MACRO.match, lines) if match}
     values: dict[str, Any] = {}
     in_block = False
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].rstrip()
+    for line in lines:
         match = _GIN_LINE.match(line)
         if _GIN_BLOCK.match(line):
             in_block = True
@@ -63,11 +69,17 @@ def parse_gin(path: Path) -> dict[str, Any]:
                 match = item
             elif line.strip():
                 in_block = False
-        if match and match.group(1) in GIN_FIELDS:
-            try:
-                values[GIN_FIELDS[match.group(1)]] = ast.literal_eval(match.group(2))
-            except (ValueError, SyntaxError):
-                raise ConfigError(f"{path}: cannot read T5Config.{match.group(1)} = {match.group(2)}") from None
+        if not match or match.group(1) not in GIN_FIELDS:
+            continue
+        value = match.group(2)
+        if value.startswith("%"):
+            value = macros.get(value[1:], "@")  # an undefined macro is gin's error, not ours: skipped
+        if value.startswith("@"):
+            continue
+        try:
+            values[GIN_FIELDS[match.group(1)]] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"{path}: cannot read T5Config.{match.group(1)} = {match.group(2)}") from None
     return values
 
 

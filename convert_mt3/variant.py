@@ -9,11 +9,11 @@ checkpoint's token embedder; the `config.gin` T5X writes beside or above the che
 from __future__ import annotations
 
 import ast
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import GIN_MACRO
 from .mt3.event_codec_mt3 import (
     DEFAULT_MAX_SHIFT_SECONDS,
     DEFAULT_NUM_EXTRA_IDS,
@@ -38,7 +38,6 @@ GIN_MACROS = {
     "USE_TIES": "use_ties",
     "PROGRAM_GRANULARITY": "program_granularity",
 }
-_GIN_MACRO = re.compile(r"^\s*([A-Z_][A-Z0-9_]*)\s*=\s*(.+?)\s*$")
 
 
 class VariantError(ValueError):
@@ -71,7 +70,7 @@ def parse_variant_gin(path: Path) -> dict[str, Any]:
     """The layout macros of a gin file (e.g. `NUM_VELOCITY_BINS = 127`), as Variant fields."""
     values: dict[str, Any] = {}
     for line in path.read_text().splitlines():
-        match = _GIN_MACRO.match(line.split("#", 1)[0])
+        match = GIN_MACRO.match(line.split("#", 1)[0])
         if not match or match.group(1) not in GIN_MACROS:
             continue
         try:
@@ -100,7 +99,6 @@ def derive_variant(vocab_size: int, gin: Path | None = None, overrides: dict[str
     if missing:
         raise VariantError(
             f"decoder/token_embedder/embedding has {vocab_size} rows, not a known MT3 vocabulary ({sizes}); "
-            f""
             "for another layout pass --frames-per-segment, --num-velocity-bins, --use-ties or --no-use-ties and "
             "--program-granularity"
         )

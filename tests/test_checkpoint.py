@@ -112,6 +112,18 @@ def test_config_from_shapes_and_gin(tmp_path, arrays):
     assert derive_config(arrays, gin, {"num_heads": 2, "d_kv": 8}).num_heads == 2  # flags win
 
 
+def test_gin_as_t5x_writes_it(tmp_path):
+    """MT3's gin/model.gin binds the vocabulary size to a configurable and T5X writes macros: references are skipped
+    (the shapes give them), macros are read from the file."""
+    gin = tmp_path / "config.gin"
+    gin.write_text(
+        "DROPOUT_RATE = 0.1\nnetwork.Transformer.config = @network.T5Config()\nnetwork.T5Config:\n"
+        "  vocab_size = @vocabularies.num_embeddings()\n  dtype = 'float32'\n  num_heads = 6\n"
+        "  dropout_rate = %DROPOUT_RATE\n  head_dim = %UNDEFINED\n"
+    )
+    assert parse_gin(gin) == {"num_heads": 6, "dropout_rate": 0.1}
+
+
 def test_config_disagreements_are_errors(tmp_path, arrays):
     with pytest.raises(ConfigError, match="num_heads \\* d_kv"):
         derive_config(arrays, None, {"num_heads": 3, "d_kv": 8})

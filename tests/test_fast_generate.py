@@ -92,6 +92,16 @@ def test_eos_checked_every_k_steps_matches_hf_greedy(model, count_fast, pool, in
         )
 
 
+def test_eos_check_interval_at_the_last_position():
+    """max_new_tokens = max_position_embeddings: a row that ends on the limit sits at a position the table lacks, so
+    it may not wait for the host (checked every step then); the ids are greedy search's."""
+    small = tiny_model(max_position_embeddings=16)
+    x = frames(2)
+    want = reference(small, x, max_new_tokens=16, eos_token_id=None)
+    got = small.generate(input_features=x, max_new_tokens=16, eos_token_id=None, eos_check_interval=5)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_eos_check_interval_setting(model, count_fast, monkeypatch):
     """From generation_config.json or generate(); a positive number of steps; 1 with logits processors (they need
     each row's position on every step)."""

@@ -239,17 +239,19 @@ class MT3GreedyPool:
         device = model.decoder.token_embedder.weight.device
         # a graph replays fixed kernels: the processors' Python stays eager, and needs each row's position per step
         graphs = self.cuda_graphs and not logits_processor
-        interval = 1 if logits_processor else self.eos_check_interval
+        # a row that ended waits at its last position, which must be in the position table
+        max_positions = model.decoder.position_embedding.max_len
+        interval = 1 if logits_processor or max_new_tokens >= max_positions else self.eos_check_interval
         # Under autocast the linears stay unfused: autocast casts each parameter once (its weight cache), a fused
         # copy would be cast again on every step. Not with graphs: they run without that cache, so every weight is
         # cast on every step anyway. On CPU, attention runs as matmuls with a float32 softmax under autocast.
         autocast = torch.is_autocast_enabled(device.type)
         matmul = self.matmul_attention or (autocast and device.type == "cpu")
-        model.pack(rows, self.use_onednn and not autocast, matmul, fuse=graphs or not autocast)
         cache = MT3SlotCache(len(model.decoder.layers), rows, device)
         try:
+            model.pack(rows, self.use_onednn and not autocast, matmul, fuse=graphs or not autocast)
             return self._decode(cache, input_features, max_new_tokens, eos_token_ids, pad_token_id,
-                                decoder_start_token_id, logits_processor or None, graphs, interval)
+                                decoder_start_token_id, logits_processor or None, graphs, interval).to(device)
         finally:
             model.unpack()
             cache.release()
@@ -358,7 +360,8 @@ class MT3GreedyPool:
         processors: LogitsProcessorList, scores: torch.Tensor, tokens: torch.Tensor, positions: dict[int, int]
     ) -> torch.Tensor:
         """Apply the processors to the busy rows ({row: position}): one call per group of rows of the same
-        length, since `input_ids` must be rectangular."""
+        length, since `input_ids` must be rectangular. So a processor sees a group's rows, not the batch: one that
+        depends on the batch index (PrefixConstrainedLogitsProcessor's `batch_id`) needs `GenerationMixin`."""
         groups: dict[int, list[int]] = {}
         for row, position in positions.items():
             groups.setdefault(position, []).append(row)

@@ -124,6 +124,8 @@ def _decode_ext(code: int, data: bytes) -> Any:
     """flax ExtType -> numpy (ndarray: msgpack of (shape, dtype name, buffer))."""
     if code == _EXT_NDARRAY:
         shape, dtype, buffer = msgpack.unpackb(data)
+        if dtype == "bfloat16":
+            return _widen_bfloat16(np.frombuffer(buffer, dtype="<u2")).reshape(shape)
         return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape).copy()  # writable
     if code == _EXT_NPSCALAR:
         dtype, buffer = msgpack.unpackb(data)
@@ -236,9 +238,12 @@ def _read_zarr(leaf: _ZarrLeaf, root: Path) -> np.ndarray:
         block = np.frombuffer(data, dtype=raw_dtype).reshape(chunks)
         region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, chunks, shape))
         out[region] = block[tuple(slice(0, s.stop - s.start) for s in region)]
-    if leaf.dtype_name == "bfloat16":
-        out = (out.astype(np.uint32) << 16).view(np.float32)
-    return out
+    return _widen_bfloat16(out) if leaf.dtype_name == "bfloat16" else out
+
+
+def _widen_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 (its 16 bits, which numpy has no dtype for) -> the same values in float32, exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _step(tree: dict) -> int | None:

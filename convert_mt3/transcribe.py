@@ -48,12 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--programs", metavar="LIST", help="keep only the notes of these GM programs, e.g. 0-7,32 (and the drums)")
     which.add_argument("--instruments", metavar="NAMES", help=f"keep only the notes of these GM families (and the drums): {', '.join(GM_FAMILIES)}")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, else mps, else cpu")
-    parser.add_argument("--batch-size", type=int, default=32, help="segments (2.048 s each) per generate call, across files (default 32)")
+    parser.add_argument("--batch-size", type=int, help="segments (2.048 s each) per generate call, across files (default: the model's "
+                        "segment_batch_size for the device, generation_config.json: 32 on CPU, 256 on CUDA)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default float32, as trained)")
     parser.add_argument("--overwrite", action="store_true", help="transcribe again even where all outputs exist")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary; error lines only")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     return args
 

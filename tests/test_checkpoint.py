@@ -71,6 +71,20 @@ def test_multichunk_and_bfloat16_zarr(tmp_path, arrays):
     np.testing.assert_array_equal(got, (bf16.astype(np.uint32) << 16).view(np.float32))
 
 
+def test_bfloat16_inline_scale(tmp_path, arrays):
+    """An RMS-norm scale stored inline in bfloat16 (flax writes the dtype name \"bfloat16\") is widened like a zarr one."""
+    ckpt = write_t5x_checkpoint(tmp_path / "c", arrays)
+    tree = msgpack.unpackb((ckpt / "checkpoint").read_bytes(), raw=False, strict_map_key=False)
+    scale = arrays["encoder/encoder_norm/scale"]
+    bits = (scale.view(np.uint32) >> 16).astype("<u2")
+    payload = msgpack.packb((list(scale.shape), "bfloat16", bits.tobytes()))
+    tree["optimizer"]["target"]["encoder"]["encoder_norm"]["scale"] = msgpack.ExtType(1, payload)
+    (ckpt / "checkpoint").write_bytes(msgpack.packb(tree))
+    got = read_checkpoint(ckpt).arrays["encoder/encoder_norm/scale"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, (bits.astype(np.uint32) << 16).view(np.float32))
+
+
 def test_mapping_names_and_transposes(arrays):
     assert hf_name("encoder/layers_3/attention/query/kernel") == "encoder.layers.3.attention.query.weight"
     assert hf_name("decoder/token_embedder/embedding") == "decoder.token_embedder.weight"

@@ -152,16 +152,19 @@ transcriber("song.wav")["midi"].write("song.mid")'''
 # see convert-mt3's README, 2026-11-26): the 60 s clip is golden case b repeated. GPU: not measured.
 SPEED = """### Speed and precision (CPU, measured with convert-mt3's `make bench`)
 
-A 60 s dense multi-instrument clip on a 2-core CPU VM (torch 2.13, transformers 5.24, float32), against the
-original JAX/Flax MT3 network (jax 0.10.2, its jitted greedy loop, batch 8) decoding the same frames in the same run:
+A 60 s dense multi-instrument clip (30 segments) on a 2-core CPU VM (torch 2.13, transformers 5.24, float32),
+against the original JAX/Flax MT3 network (jax 0.10.2, its jitted greedy loop, batch 8) decoding the same frames in
+the same run, nine runs on 2026-11-26:
 
-| input | port | original | ratio | identical segments | peak memory |
+| | port | original | port's speed-up | identical segments | port peak memory |
 |---|---|---|---|---|---|
-| 60 s clip, 30 segments | 13.7 s (0.23 s per audio s) | 72.7 s (1.21 s per audio s) | 5.3x faster | 30/30 | 1.25 GB |
+| last run | 13.7 s (0.23 s per audio s) | 57.1 s (0.95 s per audio s) | 4.2x | 30/30 | 1.23 GB |
+| nine runs | 12.5-18.0 s | 45.8-79.5 s | 3.7-5.4x (median 4.4x) | 30/30 in every run | 1.23-1.26 GB (\\*) |
 
-Seven later runs on the same VM, with other jobs sharing it: 18.0 s against 79.5 s and 17.6 s against 77.8 s
-(4.4x both times), 16.3 s against 67.2 s (4.1x), 14.5 s against 77.5 s (5.4x), 14.8 s against 67.8 s (4.6x),
-12.5 s against 45.8 s (3.7x), 13.5 s against 56.5 s (4.2x).
+(\\*) the eight runs after a fix that frees the decoding caches when `generate()` returns.
+
+An hour of audio took 17.6 minutes end to end on that VM (0.29 s per audio second), peak 2.98 GB with the whole
+hour's spectrogram in memory (the pipeline computes it 16 segments at a time).
 
 float32 is the trained precision and reproduces the original's notes exactly on the three reference recordings
 (479, 468 and 97 notes). Half precision runs but changes notes (CPU, vs the port's float32): mixed mode (float32

@@ -101,7 +101,7 @@ def transcribe(args: argparse.Namespace) -> int:
         plot_piano_roll(result["notes"], Path(args.plot))
     if not args.quiet:
         notes = result["notes"]
-        programs = sorted({("drums" if n["is_drum"] else n["program"]) for n in notes}, key=str)
+        programs = sorted({n["program"] for n in notes if not n["is_drum"]}) + ["drums"] * any(n["is_drum"] for n in notes)
         print(f"{args.out}: {len(notes)} notes; programs {programs}")
     return 0
 

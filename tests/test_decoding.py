@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from transformers.generation import GenerateEncoderDecoderOutput
 
 from convert_mt3.mt3.event_codec_mt3 import (
     DECODED_EOS_ID,
@@ -289,6 +291,8 @@ def test_batch_decode_api(tokenizer):
     assert out["notes"] == [MT3Note(40, False, 60, 127, 0.1, 0.2)]
     assert (out["invalid_events"], out["dropped_events"]) == (0, 0)
     assert [(i.program, len(i.notes)) for i in out["pretty_midi"].instruments] == [(40, 1)]
+    dict_output = GenerateEncoderDecoderOutput(sequences=torch.tensor([row, [0, 1] + [0] * (len(row) - 2)]))
+    assert tokenizer.batch_decode(dict_output, segment_start_times=[0.0, 2.048])["notes"] == out["notes"]
     with pytest.raises(ValueError, match="one row of token ids per segment"):
         tokenizer.batch_decode([row], segment_start_times=[0.0, 2.0])
     with pytest.raises(ValueError, match="decoder start"):

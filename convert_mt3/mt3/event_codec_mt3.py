@@ -23,7 +23,6 @@ DECODED_INVALID_ID = -2
 
 # GenericTokenVocabulary: 0 PAD, 1 EOS, 2 UNK come before the codec ids.
 NUM_SPECIAL_TOKENS = 3
-EOS_ID = 1
 
 DEFAULT_STEPS_PER_SECOND = 100
 DEFAULT_MAX_SHIFT_SECONDS = 10

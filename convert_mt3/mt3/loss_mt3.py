@@ -7,7 +7,7 @@ convention) differs from it by a constant factor per batch, i.e. only in the sca
 
 import torch
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label positions the loss skips (transformers' convention)
 
 
 def mt3_loss(

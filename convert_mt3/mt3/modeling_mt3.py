@@ -532,7 +532,9 @@ def _pool_size(setting: int | dict | None, device_type: str) -> int | None:
     """A `segment_batch_size` setting (a number, or per device type as generation_config.json holds it) -> rows."""
     if setting is None:
         setting = SEGMENT_BATCH_SIZE
-    return setting.get(device_type, SEGMENT_BATCH_SIZE["cpu"]) if isinstance(setting, dict) else setting
+    if not isinstance(setting, dict):
+        return setting
+    return setting.get(device_type, setting.get("cpu", SEGMENT_BATCH_SIZE["cpu"]))  # other devices: the CPU's
 
 
 __all__ = ["MT3PreTrainedModel", "MT3ForConditionalGeneration", "mt3_sinusoid_table"]

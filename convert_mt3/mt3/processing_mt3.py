@@ -11,11 +11,10 @@ from transformers.tokenization_python import BatchEncoding
 from transformers.utils import TensorType
 
 from .feature_extraction_mt3 import MT3FeatureExtractor
+from .loss_mt3 import IGNORE_INDEX
 from .midi_mt3 import midi_to_notes
 from .note_sequences_mt3 import MT3Note
 from .tokenization_mt3 import MT3Tokenizer
-
-IGNORE_INDEX = -100  # label positions the loss skips (transformers' convention)
 
 
 def pad_labels(rows: Sequence[Sequence[int]]) -> np.ndarray:

@@ -334,6 +334,7 @@ class MT3Tokenizer(PreTrainedTokenizer):
             [`BatchEncoding`] with `notes` (list of [`MT3Note`] sorted by (start, pitch, program)),
             `invalid_events`, `dropped_events` and, with `return_midi`, `pretty_midi`.
         """
+        token_ids = getattr(token_ids, "sequences", token_ids)  # generate(..., return_dict_in_generate=True)
         if feature_extractor_output is None and segment_start_times is None:
             return super().batch_decode(token_ids, **kwargs)
         if segment_start_times is None:

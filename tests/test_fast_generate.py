@@ -322,6 +322,13 @@ def test_module_has_no_extra_imports(module):
     assert imports <= {"numpy", "torch", "transformers", ""}, imports
 
 
+def test_generate_without_features_says_what_it_needs(model):
+    with pytest.raises(ValueError, match="needs `input_features`"):
+        model.generate()
+    with pytest.raises(ValueError, match="needs `input_features`"):
+        model.generate(input_ids=torch.zeros(1, 1, dtype=torch.long))
+
+
 def test_processor_output_goes_straight_in(model, count_fast):
     """`model.generate(**processor(audio=...))`: the segment start times it also holds are accepted and unused."""
     x = frames(3, seed=5)

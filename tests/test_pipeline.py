@@ -120,6 +120,9 @@ def test_options(tiny_pipe):
     free = tiny_pipe(audio)
     assert free["midi"].__class__.__name__ == "PrettyMIDI"
     assert sorted(n.pitch for i in free["midi"].instruments for n in i.notes) == sorted(n["pitch"] for n in free["notes"])
+    short = tiny_pipe(audio, max_new_tokens=8, return_midi=False)
+    assert short == tiny_pipe(audio, generate_kwargs={"max_new_tokens": 8}, return_midi=False)
+    assert short["notes"] != free["notes"]  # it reaches generate() (64 tokens by the fixture)
     midi_bytes = tiny_pipe(audio, return_midi="bytes")["midi"]
     assert isinstance(midi_bytes, bytes) and midi_bytes.startswith(b"MThd")
     assert "midi" not in tiny_pipe(audio, return_midi=False)

@@ -137,3 +137,16 @@ def test_decode_alias(processor):
     out = processor.decode(as_generate_output([[]]), inputs, return_midi=False)
     assert out["notes"] == [] and "pretty_midi" not in out
     assert isinstance(MT3Note(0, False, 60, 127, 0.0, 0.1), tuple)
+
+
+def test_notes_after_the_audio_are_reported(processor, caplog):
+    """Labels from notes that start after the audio ends (a MIDI that belongs to another file, most likely) go into
+    the last segment, as in MT3's preprocessing, with one warning that counts them."""
+    audio = np.zeros(16000 * 3, np.float32)
+    inside = [MT3Note(0, False, 60, 100, 0.5, 1.0)]
+    with caplog.at_level("WARNING"):
+        processor(audio=audio, sampling_rate=16000, notes=inside)
+        assert not [r for r in caplog.records if "after the audio ends" in r.getMessage()]
+        processor(audio=audio, sampling_rate=16000, notes=inside + [MT3Note(0, False, 62, 100, 5.0, 5.5)])
+    messages = [r.getMessage() for r in caplog.records if "after the audio ends" in r.getMessage()]
+    assert len(messages) == 1 and messages[0].startswith("1 of 2 notes start after the audio ends (3.00 s)")

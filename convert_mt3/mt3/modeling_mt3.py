@@ -49,6 +49,7 @@ class MT3PreTrainedModel(PreTrainedModel):
     config: MT3Config
     base_model_prefix = "mt3"
     main_input_name = "input_features"
+    input_modalities = ("audio",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["MT3EncoderLayer", "MT3DecoderLayer"]
     _supports_sdpa = True
@@ -451,6 +452,10 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         # accept it so that `model.generate(**processor(audio=...))` works.
         kwargs.pop("segment_start_times", None)
         features = kwargs.get(self.main_input_name, inputs)
+        if features is None and kwargs.get("encoder_outputs") is None:
+            raise ValueError(
+                "generate() needs `input_features` (segments, frames, mel bins), e.g. from the processor; found none"
+            )
         if isinstance(features, torch.Tensor) and features.dim() == 3 and features.shape[0] == 0:
             # audio of length 0: no segment to decode (GenerationMixin cannot take an empty batch)
             config = generation_config or self.generation_config

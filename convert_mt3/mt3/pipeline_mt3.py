@@ -65,7 +65,8 @@ class MT3TranscriptionPipeline(ChunkPipeline):
     Options (at construction or per call): `programs` (keep only the notes of these GM programs, "0-7,32",
     "piano,bass" or ints, and the drum notes; decoding is unchanged, so the kept notes are exactly the
     unfiltered transcription's), `return_midi` (True: a `pretty_midi.PrettyMIDI`; "bytes": a Standard MIDI File's
-    bytes; False: notes only), `sampling_rate` (of array inputs), `generate_kwargs`. `batch_size` counts segments
+    bytes; False: notes only), `sampling_rate` (of array inputs), `generate_kwargs` (`max_new_tokens` also
+    directly). `batch_size` counts segments
     (2.048 s each) per `generate()` call, across inputs; default the model's `segment_batch_size` for its device (generation_config.json).
 
     Each note is a dict: program, instrument (GM name, "Drums" for drums), is_drum, pitch, velocity, start, end (s).
@@ -81,7 +82,9 @@ class MT3TranscriptionPipeline(ChunkPipeline):
         if self._batch_size is None:
             self._batch_size = self.model.default_segment_batch_size
 
-    def _sanitize_parameters(self, programs=None, return_midi=None, sampling_rate=None, generate_kwargs=None, **kwargs):
+    def _sanitize_parameters(
+        self, programs=None, return_midi=None, sampling_rate=None, generate_kwargs=None, max_new_tokens=None, **kwargs
+    ):
         if kwargs:
             raise ValueError(f"Unexpected arguments for the music-transcription pipeline: {', '.join(sorted(kwargs))}")
         preprocess, forward, postprocess = {}, {}, {}
@@ -89,8 +92,8 @@ class MT3TranscriptionPipeline(ChunkPipeline):
             preprocess["sampling_rate"] = sampling_rate
         if programs is not None:
             postprocess["programs"] = parse_programs(programs)
-        if generate_kwargs is not None:
-            forward["generate_kwargs"] = dict(generate_kwargs)
+        if generate_kwargs is not None or max_new_tokens is not None:  # max_new_tokens=: as the ASR pipeline has it
+            forward["generate_kwargs"] = {**(generate_kwargs or {}), **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens})}
         if return_midi is not None:
             if return_midi not in (True, False, "bytes"):
                 raise ValueError(f"return_midi={return_midi!r}: expected True, False or 'bytes'")

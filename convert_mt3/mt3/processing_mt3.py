@@ -8,13 +8,15 @@ import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_python import BatchEncoding
-from transformers.utils import TensorType
+from transformers.utils import TensorType, logging
 
 from .feature_extraction_mt3 import MT3FeatureExtractor
 from .loss_mt3 import IGNORE_INDEX
 from .midi_mt3 import midi_to_notes
 from .note_sequences_mt3 import MT3Note
 from .tokenization_mt3 import MT3Tokenizer
+
+logger = logging.get_logger(__name__)
 
 
 def pad_labels(rows: Sequence[Sequence[int]]) -> np.ndarray:
@@ -71,6 +73,14 @@ class MT3Processor(ProcessorMixin):
         inputs = self.feature_extractor(audio, sampling_rate=sampling_rate, **kwargs)
         if midi is not None:
             notes = midi_to_notes(midi)
+        duration = np.asarray(audio).shape[-1] / self.feature_extractor.sampling_rate
+        late = sum(1 for note in notes if MT3Note(*note).start >= duration)
+        if late:
+            # MT3's preprocessing puts events after the last frame into the last segment: most likely the wrong file
+            logger.warning(
+                f"{late} of {len(notes)} notes start after the audio ends ({duration:.2f} s) and go into the last "
+                "segment's labels, as in MT3's preprocessing: check that the notes/MIDI belong to this audio."
+            )
         targets = self.tokenizer.encode_notes(notes, inputs["segment_start_times"])
         return BatchFeature({**inputs, "labels": pad_labels(targets)}, tensor_type=return_tensors)
 

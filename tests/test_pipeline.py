@@ -184,6 +184,7 @@ def test_decoded_datasets_audio_row(tiny_pipe):
     kwargs = {"return_midi": False, "generate_kwargs": {"max_new_tokens": 16}}
     want = tiny_pipe({"array": stereo.mean(0).numpy(), "sampling_rate": 16000}, **kwargs)
     assert tiny_pipe(Decoder(), **kwargs) == want
+    assert tiny_pipe({"array": stereo.mean(0).tolist(), "sampling_rate": 16000}, **kwargs) == want  # samples as a list
 
 
 def test_dtype_argument(tiny_folder, monkeypatch_module):

@@ -92,8 +92,10 @@ class MT3TranscriptionPipeline(ChunkPipeline):
             preprocess["sampling_rate"] = sampling_rate
         if programs is not None:
             postprocess["programs"] = parse_programs(programs)
-        if generate_kwargs is not None or max_new_tokens is not None:  # max_new_tokens=: as the ASR pipeline has it
-            forward["generate_kwargs"] = {**(generate_kwargs or {}), **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens})}
+        if generate_kwargs is not None or max_new_tokens is not None:
+            forward["generate_kwargs"] = dict(generate_kwargs or {})
+            if max_new_tokens is not None:  # also a pipeline argument, as in the ASR pipeline
+                forward["generate_kwargs"]["max_new_tokens"] = max_new_tokens
         if return_midi is not None:
             if return_midi not in (True, False, "bytes"):
                 raise ValueError(f"return_midi={return_midi!r}: expected True, False or 'bytes'")
@@ -117,6 +119,8 @@ class MT3TranscriptionPipeline(ChunkPipeline):
             inputs, sampling_rate = decoded.data.mean(0), decoded.sample_rate  # (channels, samples) -> mono
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.detach().cpu().numpy()
+        elif isinstance(inputs, (list, tuple)):  # a dict's samples as a list (a top-level list is a batch)
+            inputs = np.asarray(inputs)
         if not isinstance(inputs, np.ndarray):
             raise ValueError(
                 "Expected a file path, a 1-D audio array, a dict with 'array' and 'sampling_rate' (or 'path' / "

@@ -163,7 +163,7 @@ the same run, nine runs on 2026-11-26:
 
 (\\*) the eight runs after a fix that frees the decoding caches when `generate()` returns.
 
-An hour of audio took 17.6 minutes end to end on that VM (0.29 s per audio second), peak 2.98 GB with the whole
+An hour of audio took 17.6 minutes end to end on that VM (0.29 s per audio second), peak 3.05 GB with the whole
 hour's spectrogram in memory (the pipeline computes it 16 segments at a time).
 
 float32 is the trained precision and reproduces the original's notes exactly on the three reference recordings

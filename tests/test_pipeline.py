@@ -1,6 +1,7 @@
 """The folder's custom pipeline (pipeline_mt3.py): golden notes through `transformers.pipeline` as a Hub user runs
 it, and every input form, option and bad input on a tiny random model."""
 
+import copy
 import csv
 import json
 import shutil
@@ -170,6 +171,20 @@ def test_saved_model_and_processor_make_a_working_folder(tiny_folder, tmp_path, 
     # bfloat16 on CPU through GenerationMixin (use_cache=False): oneDNN's bf16 linear needs instructions CI may lack
     half = model.to(torch.bfloat16).transcription_pipeline(processor, generate_kwargs={"use_cache": False, "max_new_tokens": 8})
     assert half.model.dtype == torch.bfloat16 and isinstance(half(audio, return_midi=False)["notes"], list)
+    with pytest.raises(ValueError, match="pass `processor=`"):
+        built = copy.deepcopy(model.config)
+        built.name_or_path = ""  # as a model built from a config, not loaded: no processor to find
+        type(model)(built).transcription_pipeline()
+
+    # the same from the package's own classes (no remote code at load): the saved folder still holds all its code
+    from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration
+    from convert_mt3.mt3.processing_mt3 import MT3Processor
+
+    local = tmp_path / "local"
+    MT3ForConditionalGeneration.from_pretrained(tiny_folder).save_pretrained(local)
+    MT3Processor.from_pretrained(tiny_folder).save_pretrained(local)
+    reloaded = pipeline("music-transcription", model=str(local), trust_remote_code=True, device="cpu")(audio, **kwargs)
+    assert reloaded == want
 
 
 def test_decoded_datasets_audio_row(tiny_pipe):
@@ -225,6 +240,8 @@ def test_long_audio_is_cut_lazily_and_exactly(tiny_pipe):
         (np.zeros(100, np.float32), {"sampling_rate": 0}, "positive `sampling_rate`"),
         (np.zeros(100, np.int16), {"sampling_rate": 16000}, "floating-point samples"),
         (5, {}, "found int"),
+        (np.zeros(100, np.float32), {"sampling_rate": 16000, "max_new_tokens": 4, "generate_kwargs": {"max_new_tokens": 4}},
+         "both as an argument"),
         ({"foo": 1}, {}, "found keys ['foo']"),
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "programs": "7-x"}, "programs '7-x'"),
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "return_midi": "yes"}, "return_midi='yes'"),

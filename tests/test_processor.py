@@ -56,24 +56,17 @@ def test_non_default_settings_survive_round_trip():
 
 
 def test_auto_classes_with_remote_code(processor):
-    """What the exporter does: register for the auto classes, save, then load with trust_remote_code."""
+    """The classes name their Auto classes themselves: a saved processor holds its code and loads with
+    trust_remote_code, each part through its own Auto class."""
     from transformers import AutoFeatureExtractor, AutoProcessor, AutoTokenizer
 
-    saved = {cls: cls.__dict__.get("_auto_class") for cls in (MT3FeatureExtractor, MT3Tokenizer, MT3Processor)}
-    try:
-        MT3FeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
-        MT3Tokenizer.register_for_auto_class("AutoTokenizer")
-        MT3Processor.register_for_auto_class("AutoProcessor")
-        with tempfile.TemporaryDirectory() as tmp:
-            processor.save_pretrained(tmp)
-            files = set(os.listdir(tmp))
-            assert {"processing_mt3.py", "feature_extraction_mt3.py", "tokenization_mt3.py"} <= files
-            auto = AutoProcessor.from_pretrained(tmp, trust_remote_code=True)
-            tokenizer = AutoTokenizer.from_pretrained(tmp, trust_remote_code=True)
-            extractor = AutoFeatureExtractor.from_pretrained(tmp, trust_remote_code=True)
-    finally:
-        for cls, value in saved.items():
-            cls._auto_class = value
+    with tempfile.TemporaryDirectory() as tmp:
+        processor.save_pretrained(tmp)
+        files = set(os.listdir(tmp))
+        assert {"processing_mt3.py", "feature_extraction_mt3.py", "tokenization_mt3.py"} <= files
+        auto = AutoProcessor.from_pretrained(tmp, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, trust_remote_code=True)
+        extractor = AutoFeatureExtractor.from_pretrained(tmp, trust_remote_code=True)
     assert type(auto).__name__ == "MT3Processor"
     assert type(tokenizer).__name__ == "MT3Tokenizer" and len(tokenizer) == 1536
     assert type(extractor).__name__ == "MT3FeatureExtractor"
@@ -150,3 +143,7 @@ def test_notes_after_the_audio_are_reported(processor, caplog):
         processor(audio=audio, sampling_rate=16000, notes=inside + [MT3Note(0, False, 62, 100, 5.0, 5.5)])
     messages = [r.getMessage() for r in caplog.records if "after the audio ends" in r.getMessage()]
     assert len(messages) == 1 and messages[0].startswith("1 of 2 notes start after the audio ends (3.00 s)")
+    # notes as an iterator and audio as a tensor that requires grad, as the feature extractor takes them
+    labels = processor(audio=audio, sampling_rate=16000, notes=inside)["labels"]
+    tensor = torch.zeros(16000 * 3, requires_grad=True)
+    np.testing.assert_array_equal(processor(audio=tensor, sampling_rate=16000, notes=iter(inside))["labels"], labels)

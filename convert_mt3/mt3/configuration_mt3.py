@@ -22,6 +22,8 @@ class MT3Config(T5Config):
     `generation_config.json` (see `generation_mt3.SEGMENT_BATCH_SIZE`).
     """
 
+    _auto_class = "AutoConfig"  # remote code: a saved config names its class and copies its file
+
     model_type = "mt3"
 
     vocab_size: int = 1536

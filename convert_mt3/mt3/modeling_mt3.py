@@ -46,6 +46,7 @@ logger = logging.get_logger(__name__)
 
 class MT3PreTrainedModel(PreTrainedModel):
     config_class = MT3Config
+    _auto_class = "AutoModel"  # remote code: a saved model copies its code and names it in config.json
     config: MT3Config
     base_model_prefix = "mt3"
     main_input_name = "input_features"
@@ -407,16 +408,20 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
     def transcription_pipeline(self, processor=None, **kwargs):
         """This model as it is in memory (cast, moved, fine-tuned) in its music-transcription pipeline, which
         `pipeline(model=<a model object>)` cannot find (a custom task is read from a folder's config.json).
-        `processor`: by default the one saved with the model (`AutoProcessor` from `name_or_path`); `kwargs` go to
-        the pipeline (`batch_size`, `programs`, `return_midi`, ...). Importing the pipeline here also makes
-        `save_pretrained` copy pipeline_mt3.py (transformers copies the model file's relative imports), which
-        config.json's `custom_pipelines` names."""
+        `processor`: by default the one saved with the model (from `name_or_path`, by this code's own class);
+        `kwargs` go to the pipeline (`batch_size`, `programs`, `return_midi`, ...); the model stays on its device
+        unless `device=` says otherwise. Importing the pipeline here also makes `save_pretrained` copy
+        pipeline_mt3.py (transformers copies the model file's relative imports), which config.json's
+        `custom_pipelines` names."""
         from .pipeline_mt3 import MT3TranscriptionPipeline
+        from .processing_mt3 import MT3Processor
 
         if processor is None:
-            from transformers import AutoProcessor
-
-            processor = AutoProcessor.from_pretrained(self.name_or_path, trust_remote_code=True)
+            if not self.name_or_path:
+                raise ValueError("This model was not loaded from a folder or repo: pass `processor=`")
+            processor = MT3Processor.from_pretrained(self.name_or_path)
+        if getattr(self, "hf_device_map", None) is None:
+            kwargs.setdefault("device", self.device)  # the pipeline would move it to the first GPU
         return MT3TranscriptionPipeline(
             model=self, tokenizer=processor.tokenizer, feature_extractor=processor.feature_extractor,
             task="music-transcription", **kwargs,

@@ -95,6 +95,8 @@ class MT3TranscriptionPipeline(ChunkPipeline):
         if generate_kwargs is not None or max_new_tokens is not None:
             forward["generate_kwargs"] = dict(generate_kwargs or {})
             if max_new_tokens is not None:  # also a pipeline argument, as in the ASR pipeline
+                if "max_new_tokens" in forward["generate_kwargs"]:
+                    raise ValueError("`max_new_tokens` is given both as an argument and in `generate_kwargs`")
                 forward["generate_kwargs"]["max_new_tokens"] = max_new_tokens
         if return_midi is not None:
             if return_midi not in (True, False, "bytes"):

@@ -71,9 +71,8 @@ class MT3Processor(ProcessorMixin):
         if notes is None and midi is None:
             return self.feature_extractor(audio, sampling_rate=sampling_rate, return_tensors=return_tensors, **kwargs)
         inputs = self.feature_extractor(audio, sampling_rate=sampling_rate, **kwargs)
-        if midi is not None:
-            notes = midi_to_notes(midi)
-        duration = np.asarray(audio).shape[-1] / self.feature_extractor.sampling_rate
+        notes = midi_to_notes(midi) if midi is not None else list(notes)
+        duration = len(audio) / self.feature_extractor.sampling_rate  # a 1-D array or list: the extractor checked
         late = sum(1 for note in notes if MT3Note(*note).start >= duration)
         if late:
             # MT3's preprocessing puts events after the last frame into the last segment: most likely the wrong file

@@ -147,3 +147,10 @@ def test_notes_after_the_audio_are_reported(processor, caplog):
     labels = processor(audio=audio, sampling_rate=16000, notes=inside)["labels"]
     tensor = torch.zeros(16000 * 3, requires_grad=True)
     np.testing.assert_array_equal(processor(audio=tensor, sampling_rate=16000, notes=iter(inside))["labels"], labels)
+
+
+def test_batch_decode_needs_the_segment_times(processor):
+    """Without the processor's output the tokenizer would decode to text: the processor says what it needs."""
+    with pytest.raises(ValueError, match="processor.batch_decode\\(ids, inputs\\)"):
+        processor.batch_decode(as_generate_output([[]]))
+    assert processor.batch_decode(as_generate_output([[]]), segment_start_times=[0.0], return_midi=False)["notes"] == []

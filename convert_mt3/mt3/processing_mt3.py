@@ -102,6 +102,12 @@ class MT3Processor(ProcessorMixin):
         **kwargs,
     ) -> BatchEncoding:
         """Generated ids of one clip's segments -> notes (+ MIDI); see [`MT3Tokenizer.batch_decode`]."""
+        if feature_extractor_output is None and kwargs.get("segment_start_times") is None:
+            # the tokenizer would fall back to text decoding, which is not what the processor is asked for
+            raise ValueError(
+                "Expected the processor's output for the same audio (its `segment_start_times`) as the second "
+                "argument: processor.batch_decode(ids, inputs)"
+            )
         return self.tokenizer.batch_decode(
             token_ids, feature_extractor_output=feature_extractor_output, return_midi=return_midi, **kwargs
         )

@@ -35,6 +35,9 @@ from transcribe import load_audio  # noqa: E402  (the sibling example's audio lo
 
 ONSET_TOLERANCE = 0.05  # seconds (mir_eval's default onset tolerance)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json")
+# Not copied: the card (rewritten) and convert-mt3's manifest of the files it wrote, which would let a later
+# `python -m convert_mt3 ... --overwrite` treat the fine-tuned folder as its own and replace it.
+NOT_COPIED = ("README.md", ".convert-mt3.json")
 
 
 def note_f1(estimated: list, reference: list) -> float:
@@ -85,7 +88,7 @@ def save_folder(model, source: Path, out_dir: Path, note: str) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         for file in source.iterdir():
-            if file.is_file() and file.name not in WEIGHT_FILES and file.name != "README.md":
+            if file.is_file() and file.name not in WEIGHT_FILES + NOT_COPIED:
                 shutil.copyfile(file, staging / file.name)
         model.save_pretrained(staging, safe_serialization=True)
         (staging / "README.md").write_text(note)

@@ -56,6 +56,7 @@ def test_finetune_runs_and_saves_a_loadable_folder(tiny_folder, tmp_path):
     out = tmp_path / "out"
     assert {"config.json", "model.safetensors", "tokenizer_config.json", "preprocessor_config.json",
             "modeling_mt3.py", "run_length_encoding_mt3.py", "README.md"} <= {p.name for p in out.iterdir()}
+    assert (tiny_folder / ".convert-mt3.json").is_file() and not (out / ".convert-mt3.json").exists()  # not ours
     before, after = load_file(tiny_folder / "model.safetensors"), load_file(out / "model.safetensors")
     assert before.keys() == after.keys() and any(not np.array_equal(before[k], after[k]) for k in before)
 

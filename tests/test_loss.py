@@ -28,6 +28,22 @@ def test_loss_parts_and_ignore_index():
     torch.testing.assert_close(loss, cross_entropy + z_term)
 
 
+def test_gradient_accumulation_adds_up_to_the_batch_loss():
+    """Trainer under gradient accumulation passes the step's counted tokens as `num_items_in_batch`: the
+    micro-batches' losses (and so their gradients) then add up to the whole batch's mean loss."""
+    from test_modeling import frames, tiny_model
+
+    model = tiny_model()  # eval mode: no dropout, so the micro-batches compute what the batch does
+    x = frames(4, seed=2)
+    labels = torch.randint(2, 60, (4, 9), generator=torch.Generator().manual_seed(1))
+    labels[0, 4:], labels[2, 7:] = -100, -100
+    total = (labels != -100).sum()
+    whole = model(input_features=x, labels=labels).loss
+    parts = [model(input_features=x[i : i + 2], labels=labels[i : i + 2], num_items_in_batch=total).loss
+             for i in (0, 2)]
+    torch.testing.assert_close(sum(parts), whole)
+
+
 def test_teacher_forced_loss_matches_original(real_model, shared):
     """Case a, segments 0 and 1, 64 positions: the original's logits.npy were computed with decoder input
     [0] + tokens[:63], tokens = greedy output + EOS + 0 padding; the same tokens as labels give that input."""

@@ -154,3 +154,12 @@ def test_batch_decode_needs_the_segment_times(processor):
     with pytest.raises(ValueError, match="processor.batch_decode\\(ids, inputs\\)"):
         processor.batch_decode(as_generate_output([[]]))
     assert processor.batch_decode(as_generate_output([[]]), segment_start_times=[0.0], return_midi=False)["notes"] == []
+
+
+def test_collate_keeps_ignored_positions_inside_a_row(processor):
+    """Only the trailing padding is re-padded: a label masked inside a row (e.g. its tie section) stays in place."""
+    features = np.zeros((256, 512), np.float32)
+    masked = np.array([5, 6, -100, -100, 9, 1, -100, -100])
+    batch = processor.collate([{"input_features": features, "labels": masked},
+                               {"input_features": features, "labels": np.array([7, 1])}])
+    assert batch["labels"].tolist() == [[5, 6, -100, -100, 9, 1], [7, 1, -100, -100, -100, -100]]

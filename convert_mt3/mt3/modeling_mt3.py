@@ -301,6 +301,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         decoder_position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> Seq2SeqLMOutput | tuple:
         """
@@ -309,6 +310,8 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         decoder_input_ids (batch, tokens): starts with `decoder_start_token_id` (0); made from `labels` if absent.
         cache: `EncoderDecoderCache` of earlier steps (`past_key_values` is accepted as an alias).
         labels (batch, tokens): targets for the cross-entropy loss, -100 = ignored.
+        num_items_in_batch: counted label tokens of the whole optimizer step (`Trainer` passes it under gradient
+        accumulation): the loss is the sum over this batch divided by it (see `mt3_loss`).
         """
         if cache is None:
             cache = past_key_values
@@ -366,7 +369,9 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss, _, _ = mt3_loss(logits, labels.to(logits.device), self.config.z_loss)
+            loss, _, _ = mt3_loss(
+                logits, labels.to(logits.device), self.config.z_loss, num_items_in_batch=num_items_in_batch
+            )
 
         # positional: the cache field is named differently across transformers 5.x releases
         output = Seq2SeqLMOutput(

@@ -27,6 +27,12 @@ def pad_labels(rows: Sequence[Sequence[int]]) -> np.ndarray:
     return labels
 
 
+def _without_padding(row: np.ndarray) -> list[int]:
+    """A label row without its trailing IGNORE_INDEX padding; ignored positions inside it stay where they are."""
+    kept = np.flatnonzero(row != IGNORE_INDEX)
+    return [int(i) for i in row[: kept[-1] + 1]] if kept.size else []
+
+
 class MT3Processor(ProcessorMixin):
     r"""
     Constructs an MT3 processor from an [`MT3FeatureExtractor`] and an [`MT3Tokenizer`].
@@ -87,9 +93,7 @@ class MT3Processor(ProcessorMixin):
         """Data collator: segments {"input_features": (frames, mel bins), "labels": ids} -> a batch of torch
         tensors, labels padded with -100 (ready for `model(**batch)`)."""
         features = np.stack([np.asarray(example["input_features"], dtype=np.float32) for example in examples])
-        labels = [
-            [int(i) for i in np.asarray(example["labels"]).reshape(-1) if i != IGNORE_INDEX] for example in examples
-        ]
+        labels = [_without_padding(np.asarray(example["labels"]).reshape(-1)) for example in examples]
         return BatchFeature(
             {"input_features": torch.from_numpy(features), "labels": torch.from_numpy(pad_labels(labels))}
         )

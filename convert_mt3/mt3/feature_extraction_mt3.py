@@ -131,7 +131,8 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         return self.sampling_rate / self.hop_length
 
     def _validate_audio(self, audio) -> np.ndarray:
-        """Turn the input into a finite 1-D float32 array or raise a ValueError saying what was found."""
+        """Turn the input into a finite 1-D float32 array or raise a ValueError saying what was found (also the
+        pipeline's check of array inputs, before it resamples them)."""
         if is_torch_available() and isinstance(audio, torch.Tensor):
             audio = audio.detach().cpu().numpy()
         if isinstance(audio, (list, tuple)) and len(audio) > 0 and not np.isscalar(audio[0]):
@@ -141,12 +142,15 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
             )
         audio = np.asarray(audio)
         if audio.ndim != 1:
-            raise ValueError(f"Expected mono audio of shape (num_samples,); found an array of shape {audio.shape}.")
+            raise ValueError(f"Expected mono audio as a 1-D array (num_samples,); found shape {audio.shape}.")
         if audio.size and not np.issubdtype(audio.dtype, np.floating):
             raise ValueError(f"Expected floating-point samples (about [-1, 1]); found dtype {audio.dtype}.")
         audio = audio.astype(np.float32, copy=False)  # TF computes the original on float32 samples
         if not np.all(np.isfinite(audio)):
             raise ValueError("Expected finite audio samples; found NaN or infinite values.")
+        return audio
+
+    def _warn_if_unscaled(self, audio: np.ndarray) -> None:
         peak = float(np.abs(audio).max()) if audio.size else 0.0
         if peak > self.max_expected_peak:
             # Unscaled integer samples transcribe as hundreds of spurious notes, with no error.
@@ -154,7 +158,6 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
                 f"The audio peaks at {peak:.4g}, far outside the [-1, 1] MT3 was trained on: integer samples must be "
                 "scaled first (int16 samples / 32768, int32 / 2147483648), as audio libraries do when reading floats."
             )
-        return audio
 
     def _segment_bounds(self, num_samples: int) -> list[tuple[int, int]]:
         """[(first_frame, num_frames)] per segment, after the colab's padding of the waveform."""
@@ -251,6 +254,7 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
                 "Failing to do so can result in silent errors that might be hard to debug."
             )
         samples = self._validate_audio(audio)
+        self._warn_if_unscaled(samples)
         bounds = self._segment_bounds(samples.shape[0])
         # The colab pads the waveform with zeros up to the last frame (at least one extra frame).
         total_samples = (bounds[-1][0] + bounds[-1][1]) * self.hop_length if bounds else 0

@@ -119,25 +119,19 @@ class MT3TranscriptionPipeline(ChunkPipeline):
         elif hasattr(inputs, "get_all_samples"):  # a decoded `datasets` Audio row: torchcodec's AudioDecoder
             decoded = inputs.get_all_samples()
             inputs, sampling_rate = decoded.data.mean(0), decoded.sample_rate  # (channels, samples) -> mono
-        if isinstance(inputs, torch.Tensor):
-            inputs = inputs.detach().cpu().numpy()
-        elif isinstance(inputs, (list, tuple)):  # a dict's samples as a list (a top-level list is a batch)
-            inputs = np.asarray(inputs)
-        if not isinstance(inputs, np.ndarray):
+        # a dict's samples may be a list (a top-level list is a batch of inputs)
+        if not isinstance(inputs, (np.ndarray, torch.Tensor, list, tuple)):
             raise ValueError(
                 "Expected a file path, a 1-D audio array, a dict with 'array' and 'sampling_rate' (or 'path' / "
                 f"'bytes'), or a list of those; found {type(inputs).__name__}"
             )
-        if inputs.ndim != 1:
-            raise ValueError(f"Expected mono audio as a 1-D array (num_samples,); found shape {inputs.shape}")
-        if inputs.size and not np.issubdtype(inputs.dtype, np.floating):
-            raise ValueError(f"Expected floating-point samples (about [-1, 1]); found dtype {inputs.dtype}")
+        samples = self.feature_extractor._validate_audio(inputs)  # 1-D, finite, float32, or a ValueError
         if sampling_rate is None or not sampling_rate > 0:
             raise ValueError(
                 f"Expected a positive `sampling_rate` with an audio array (the model expects {rate} Hz); "
                 f"found {sampling_rate}"
             )
-        return resample(inputs.astype(np.float32, copy=False), int(sampling_rate), rate)
+        return resample(samples, int(sampling_rate), rate)
 
     def preprocess(self, inputs, sampling_rate: int | None = None):
         """Yield one item per segment: its features (1, frames, mel bins) and its first frame in the input."""

@@ -477,15 +477,16 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
                 inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs
             )
         features, max_new_tokens, eos, pad, start, configured = fast
-        pool = _pool_size(segment_batch_size if segment_batch_size is not None else configured["segment_batch_size"],
-                          self.device.type)
-        graphs = configured["cuda_graphs"] if cuda_graphs is None else cuda_graphs
-        interval = configured["eos_check_interval"] if eos_check_interval is None else eos_check_interval
-        interval = 1 if interval is None else interval
+        given = {"segment_batch_size": segment_batch_size, "cuda_graphs": cuda_graphs,
+                 "eos_check_interval": eos_check_interval}
+        settings = {name: configured[name] if value is None else value for name, value in given.items()}
         if logits_processor is not None and not isinstance(logits_processor, LogitsProcessorList):
             logits_processor = LogitsProcessorList(logits_processor)
         return MT3GreedyPool(
-            self, pool, cuda_graphs=bool(graphs) and self.device.type == "cuda", eos_check_interval=interval
+            self,
+            _pool_size(settings["segment_batch_size"], self.device.type),
+            cuda_graphs=bool(settings["cuda_graphs"]) and self.device.type == "cuda",
+            eos_check_interval=1 if settings["eos_check_interval"] is None else settings["eos_check_interval"],
         ).generate(features, max_new_tokens, eos, pad, start, logits_processor=logits_processor)
 
     def _fast_greedy_settings(

@@ -293,6 +293,9 @@ def worker_matmul(args: argparse.Namespace) -> None:
 
 DENSE_CASE = "b_multi_instrument_drums_synth"  # drums, bass, synths: the densest golden case
 PRECISION_MODES = ("float32", "autocast-bfloat16", "bfloat16")
+# row 6 on CUDA: also float16, and each mode with CUDA graphs
+GPU_PRECISION_MODES = ("float32", "float32+graphs", "autocast-bfloat16", "autocast-bfloat16+graphs", "autocast-float16",
+                       "autocast-float16+graphs", "bfloat16+graphs", "float16+graphs")
 
 
 def worker_frames(args: argparse.Namespace) -> None:
@@ -379,21 +382,32 @@ def worker_port(args: argparse.Namespace) -> None:
 
 
 def worker_precision(args: argparse.Namespace) -> None:
-    """Row 6: per golden case and precision mode, segments with ids identical to float32 and notes equal (%)."""
+    """Row 6: per golden case and precision mode on `--device`, segments with ids identical to float32 and to the
+    golden tokens, and notes equal to float32's (%). The seconds include each mode's first-call costs."""
     from collections import Counter
 
     import numpy as np
 
     torch, model, processor, _, load = _load(args.model, "float32")
+    model = model.to(args.device)
+    sync, device_info = _device_timing(torch, args.device)
     out = {}
     for case in LONG_CASES:
-        samples = np.load(Path(args.shared) / "golden" / case / "samples.npy")
-        inputs = processor(audio=samples, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        folder = Path(args.shared) / "golden" / case
+        golden = json.loads((folder / "tokens.json").read_text())["segments"]
+        inputs = processor(audio=np.load(folder / "samples.npy"), sampling_rate=SAMPLE_RATE, return_tensors="pt")
         reference = None
         for mode in args.modes.split(","):
+            sync()
             t0 = time.perf_counter()
-            tokens = _generate_mode(torch, model, inputs["input_features"], mode, "cpu")
+            try:
+                tokens = _generate_mode(torch, model, inputs["input_features"].to(args.device), mode, args.device)
+            except Exception as error:  # an experimental mode: recorded, the others still run
+                out.setdefault(case, {})[mode] = {"failed": f"{type(error).__name__}: {error}"[:2000]}
+                continue
+            sync()
             seconds = time.perf_counter() - t0
+            tokens = tokens.cpu()
             rows = [_cut(row)[0] for row in tokens.tolist()]
             notes = Counter(processor.batch_decode(tokens, inputs, return_midi=False)["notes"])
             if reference is None:
@@ -402,9 +416,10 @@ def worker_precision(args: argparse.Namespace) -> None:
             equal_notes = sum((notes & reference[1]).values())
             out.setdefault(case, {})[mode] = {
                 "segments": len(rows), "segments_identical": same, "notes": sum(notes.values()),
+                "segments_identical_to_golden": sum(a == b for a, b in zip(rows, golden)),
                 "notes_float32": sum(reference[1].values()), "notes_equal": equal_notes,
                 "notes_equal_pct": 100.0 * equal_notes / max(1, sum(reference[1].values())), "generate_s": seconds}
-    _emit({**load, "cases": out})
+    _emit({**load, "device": args.device, "cases": out, **device_info()})
 
 
 def worker_end_to_end(args: argparse.Namespace) -> None:
@@ -579,7 +594,7 @@ def _same_segments(a: Path, b: Path) -> int:
 
 
 def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps: int, device: str = "cpu",
-                 pools: tuple[int, ...] = ()) -> dict:
+                 pools: tuple[int, ...] = (), gpu_modes: tuple[str, ...] = ()) -> dict:
     """Rows 5 / 7: the port's generate() and the original network on the same frames, in this run; the original is
     given the port's tokens as its `--golden`, so `segments_identical` counts segments where both agree."""
     frames = tmp / f"dense_{seconds:.0f}s.npy"
@@ -587,7 +602,7 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
         run_process(worker_cmd("frames", "--model", str(model_dir), "--shared", str(shared), "--seconds", str(seconds),
                                "--out", str(frames)), f"dense {seconds:.0f} s clip: features")
     out = {}
-    modes = ("float32",) if device == "cpu" else ("float32", *GPU_MODES)
+    modes = ("float32",) if device == "cpu" else ("float32", *gpu_modes)
     for mode in modes:
         tokens = tmp / f"port_{device}_{mode}.json"
         try:
@@ -628,12 +643,13 @@ E2E_MODES = ("float32", "autocast-bfloat16", "autocast-float16", "bfloat16", "fl
 
 
 def row_end_to_end(model_dir: Path, shared: Path, seconds: float, device: str, modes: tuple[str, ...],
-                   reference: Path | None, save_dir: Path) -> dict:
-    """Row 8: one process per precision mode; ids and notes compared with float32 on `device` (the first mode)
-    and, with `reference` (ids of a CPU float32 run of the same input, as this row saves them), with it."""
+                   reference: Path | None, save_dir: Path, out: dict, save) -> None:
+    """Row 8 into `out`: one process per precision mode, `save()` after each; ids and notes compared with float32
+    on `device` (the first mode) and, with `reference` (ids of a CPU float32 run of the same input, as this row
+    saves them), with it."""
     from collections import Counter
 
-    out: dict = {"audio_s": seconds, "device": device, "modes": {}}
+    out.update(audio_s=seconds, device=device, modes={})
     base = None
     ref_rows = json.loads(reference.read_text())["segments"] if reference else None
     if reference:
@@ -647,6 +663,7 @@ def row_end_to_end(model_dir: Path, shared: Path, seconds: float, device: str, m
                                    f"row 8: {seconds:.0f} s end to end, {device} {mode}")
         except WorkerFailed as error:
             out["modes"][mode] = _experimental_failed(mode, error)
+            save()
             continue
         got = json.loads(tokens.read_text())
         rows, notes = got["segments"], Counter(tuple(n) for n in got["notes"])
@@ -659,7 +676,7 @@ def row_end_to_end(model_dir: Path, shared: Path, seconds: float, device: str, m
             entry["segments_identical_to_reference"] = sum(a == b for a, b in zip(rows, ref_rows))
             entry["reference_segments"] = len(ref_rows)
         out["modes"][mode] = entry
-    return out
+        save()
 
 
 FLOP_FORMULA = (
@@ -789,8 +806,8 @@ def fmt_table(res: dict) -> str:
             f"{r['port_s_per_s']:.4f} / {r['original_s_per_s']:.4f}")
         add("", "  segments with identical tokens, port vs original", f"{o['segments_identical']}/{o['segments_golden']}")
         add("", "  port peak resident memory (ru_maxrss)", f"{p['ru_maxrss_kb'] * 1024 / 1e9:.2f} GB")
-        for mode in GPU_MODES:
-            if f"port_{mode}" in r:
+        for mode in (key[5:] for key in r if key.startswith("port_") and key != "port_float32"):
+            if "pool" not in mode:
                 m = r[f"port_{mode}"]
                 if "failed" in m:
                     add("", f"  port {mode} generate()", "FAILED (see the JSON)")
@@ -807,10 +824,15 @@ def fmt_table(res: dict) -> str:
     if r6:
         for case, modes in r6["cases"].items():
             for mode, m in modes.items():
-                if mode != "float32":
-                    add("6", f"{case[:30]} {mode}: segments identical / notes equal",
+                if "failed" in m:
+                    add("6", f"{case[:20]} {r6.get('device', 'cpu')} {mode}", "FAILED (see the JSON)")
+                elif mode == "float32":
+                    add("6", f"{case[:20]} {r6.get('device', 'cpu')} float32: segments = golden",
+                        f"{m['segments_identical_to_golden']}/{m['segments']}", "", f"{m['generate_s']:.1f} s")
+                else:
+                    add("6", f"{case[:20]} {mode}: ids = f32 / notes = f32",
                         f"{m['segments_identical']}/{m['segments']}  {m['notes_equal_pct']:.1f}%",
-                        f"f32 {modes['float32']['generate_s']:.1f} s", f"{m['generate_s']:.1f} s")
+                        f"golden {m['segments_identical_to_golden']}/{m['segments']}", f"{m['generate_s']:.1f} s")
     r8 = res["rows"].get("8")
     if r8:
         first = next(iter(r8["modes"]))
@@ -827,8 +849,8 @@ def fmt_table(res: dict) -> str:
             add("", f"  vs {first}: segments identical / notes equal; {ref}",
                 f"{m['segments_identical_to_first']}/{m['segments']}  {m['notes_equal_pct_to_first']:.1f}%")
     lines.append("")
-    lines.append("row 5/7 ratio = original decode s / port generate s (higher is better); row 6: vs float32 of the port, "
-                 "last two columns = generate() seconds in float32 / in that mode.")
+    lines.append("row 5/7 ratio = original decode s / port generate s (higher is better); row 6: vs float32 of the port "
+                 "and the golden tokens, last column = generate() seconds in that mode, first call included.")
     lines.append("ratios: row 1 = convert / floor; row 2 = speed-up over the original (1.05 s/s, higher is better); "
                  "row 3 = measured / target; row 4 = measured compute (features+generate+decode) / FLOP floor.")
     if r4:
@@ -852,6 +874,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int,
                    help="run every process (port and original) on N threads (OMP_NUM_THREADS; XLA's Eigen pool): "
                         "on a VM shared with other jobs, 1 avoids OpenMP threads waiting on each other")
+    p.add_argument("--gpu-modes", default=",".join(GPU_MODES),
+                   help="row 7's modes besides float32 (default: all of %(default)s)")
     p.add_argument("--e2e-device", help="device of row 8 (default cuda, and row 8 is skipped without CUDA; cpu to run it here)")
     p.add_argument("--e2e-seconds", type=float, default=3600.0, help="length of the row-8 input (default 3600)")
     p.add_argument("--e2e-modes", default=",".join(E2E_MODES),
@@ -924,6 +948,10 @@ def main(argv=None) -> int:
            "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                        "loadavg_start": os.getloadavg()[0]}}
+    def save() -> None:
+        """The rows so far, so that a run stopped part-way (a device's time limit) keeps them; the end adds the table."""
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+
     try:
         with tempfile.TemporaryDirectory(prefix="mt3-bench-") as tmp_name:
             tmp = Path(tmp_name)
@@ -964,19 +992,28 @@ def main(argv=None) -> int:
             if "5" in rows:
                 pools = tuple(int(p) for p in args.pools.split(",") if p.strip())
                 res["rows"]["5"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, pools=pools)
-            if "6" in rows:
-                _, res["rows"]["6"] = run_process(worker_cmd("precision", "--model", str(model_dir), "--shared", str(shared)),
-                                                  "row 6: precision modes on the golden cases")
-            needs_cuda = "7" in rows or ("8" in rows and not args.e2e_device)
+            save()
+            needs_cuda = "6" in rows or "7" in rows or ("8" in rows and not args.e2e_device)
             cuda = needs_cuda and run_process(worker_cmd("cuda"), "CUDA present?")[1]["cuda"]
+            if "6" in rows:  # on the GPU where there is one, in its modes
+                device, modes = ("cuda", GPU_PRECISION_MODES) if cuda else ("cpu", PRECISION_MODES)
+                _, res["rows"]["6"] = run_process(
+                    worker_cmd("precision", "--model", str(model_dir), "--shared", str(shared), "--device", device,
+                               "--modes", ",".join(modes)),
+                    f"row 6: precision modes on the golden cases, {device}")
+                save()
             if "7" in rows and cuda:
-                res["rows"]["7"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, device="cuda")
+                gpu_modes = tuple(m.strip() for m in args.gpu_modes.split(",") if m.strip())
+                res["rows"]["7"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, device="cuda",
+                                                gpu_modes=gpu_modes)
+                save()
             if "8" in rows:
                 device = args.e2e_device or ("cuda" if cuda else None)
                 if device:
                     modes = tuple(m.strip() for m in args.e2e_modes.split(",") if m.strip())
-                    res["rows"]["8"] = row_end_to_end(model_dir, shared, args.e2e_seconds, device, modes, reference,
-                                                      Path(args.json).resolve().parent)
+                    res["rows"]["8"] = {}
+                    row_end_to_end(model_dir, shared, args.e2e_seconds, device, modes, reference,
+                                   Path(args.json).resolve().parent, res["rows"]["8"], save)
     except WorkerFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

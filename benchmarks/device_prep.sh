@@ -2,7 +2,8 @@
 # Prepare rows 7-8 of `make bench` for a GPU machine that reaches no network, takes at most 64 MiB per call and
 # does not see ../shared (the `device` tool of this workplace). Writes .device/ (git-ignored):
 #   .device/mt3/      the converted folder without its weights, plus the weights' sha256
-#   .device/partN/    the weights in 4 parts of ~46 MB, one carried per call
+#   .device/partN/    the weights in 3 parts of at most 64.5 MB, one carried per call (a call carries 64 MiB,
+#                     the working tree included; the last part leaves room for the folders below)
 #   .device/shared/   the golden samples, the original Flax network and its tool
 #   .device/cpu/      with --cpu-reference: row 8's input decoded on this CPU in float32 (~20 min on 2 cores),
 #                     the ids the GPU's must be identical to
@@ -21,13 +22,14 @@ SHARED=${MT3_SHARED_DIR:-../shared}
 [ -f "$MODEL/model.safetensors" ] || { echo "error: $MODEL/model.safetensors: no converted folder (make convert)" >&2; exit 2; }
 [ -d "$SHARED/golden" ] || { echo "error: $SHARED/golden: no shared folder (set MT3_SHARED_DIR)" >&2; exit 2; }
 
-rm -rf .device/mt3 .device/part0 .device/part1 .device/part2 .device/part3 .device/shared
+rm -rf .device/mt3 .device/part[0-9] .device/shared
 mkdir -p .device/mt3 .device/shared/golden .device/shared/tools
 find "$MODEL" -maxdepth 1 -type f ! -name model.safetensors -exec cp {} .device/mt3/ \;
 sha256sum "$MODEL/model.safetensors" | cut -d' ' -f1 > .device/mt3/model.safetensors.sha256
-split -n 4 -d "$MODEL/model.safetensors" .device/model.safetensors.
-for i in 0 1 2 3; do
-  mkdir -p ".device/part$i" && mv ".device/model.safetensors.0$i" ".device/part$i/"
+split -b 64500000 -d "$MODEL/model.safetensors" .device/model.safetensors.
+for part in .device/model.safetensors.0*; do
+  i=${part##*.0}
+  mkdir -p ".device/part$i" && mv "$part" ".device/part$i/"
 done
 for case in "$SHARED"/golden/*/; do
   name=$(basename "$case")

@@ -1,20 +1,36 @@
 #!/usr/bin/env bash
-# On the GPU machine, after the calls that copied .device/part0..3/* to $PARTS (default /root/parts): join the
-# weights into .device/mt3, check their sha256, and run rows 7-8 of `make bench` (or the bench arguments given),
-# writing results.json and row 8's ids to $OUT. See benchmarks/README.md, "GPU".
+# On the GPU machine, after the calls that copied .device/part*/* to $PARTS (default /root/parts). The first run
+# joins the weights into $WORK/mt3 (default /root/work), checks their sha256 and copies the golden data and the CPU
+# reference beside it, so that later calls on the warm machine carry nothing. Then:
+#   device_run.sh test [PYTEST ARGS]   tests/test_cuda.py on the real model and the golden data
+#   device_run.sh [BENCH ARGS]         `make bench` (default rows 6 and 7), results.json and row 8's ids to $OUT
+# See benchmarks/README.md, "GPU".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PARTS=${PARTS:-/root/parts}
+WORK=${WORK:-/root/work}
 OUT=${OUT:?OUT must name the folder that comes back}
-cat "$PARTS"/model.safetensors.0[0-3] > .device/mt3/model.safetensors
-echo "$(cat .device/mt3/model.safetensors.sha256)  .device/mt3/model.safetensors" | sha256sum -c --quiet
+if [ ! -f "$WORK/mt3/model.safetensors" ]; then
+  mkdir -p "$WORK" && cp -r .device/mt3 .device/shared "$WORK/"
+  if [ -d .device/cpu ]; then cp -r .device/cpu "$WORK/"; fi
+  cat "$PARTS"/model.safetensors.0* > "$WORK/mt3/model.safetensors.joined"
+  (cd "$WORK/mt3" && echo "$(cat model.safetensors.sha256)  model.safetensors.joined" | sha256sum -c --quiet)
+  mv "$WORK/mt3/model.safetensors.joined" "$WORK/mt3/model.safetensors"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+fi
+export PYTHONUNBUFFERED=1
+if [ "${1:-}" = test ]; then
+  shift
+  # --noconftest: conftest's T5X writer needs zarr, which the GPU image lacks; tests/test_cuda.py needs neither
+  MT3_MODEL_DIR=$WORK/mt3 MT3_SHARED_DIR=$WORK/shared python3 -m pytest --noconftest -p no:cacheprovider -q -s \
+    tests/test_cuda.py "$@"
+  exit
+fi
 reference=()
-[ -f .device/cpu/e2e_tokens_cpu_float32.json ] && reference=(--e2e-reference .device/cpu/e2e_tokens_cpu_float32.json)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if [ -f "$WORK/cpu/e2e_tokens_cpu_float32.json" ]; then
+  reference=(--e2e-reference "$WORK/cpu/e2e_tokens_cpu_float32.json")
+fi
 args=("$@")
-# default: rows 7 and 8 with the float32 and mixed modes, eager and with the experimental CUDA graphs, float32
-# also with EOS looked for every 8 steps (the cast modes were 20x slower than float32 on CUDA once)
-[ ${#args[@]} -eq 0 ] && args=(--rows 7,8 --reps 2 --e2e-modes \
-  float32,float32+graphs,float32+graphs+eos8,autocast-bfloat16,autocast-bfloat16+graphs,autocast-float16+graphs)
-PYTHONUNBUFFERED=1 python3 benchmarks/bench.py --model-dir .device/mt3 --shared .device/shared \
-  ${reference[@]+"${reference[@]}"} "${args[@]}" --json "$OUT/results.json"
+[ ${#args[@]} -eq 0 ] && args=(--rows 6,7 --reps 2)
+python3 benchmarks/bench.py --model-dir "$WORK/mt3" --shared "$WORK/shared" ${reference[@]+"${reference[@]}"} \
+  "${args[@]}" --json "$OUT/results.json"

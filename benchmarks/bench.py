@@ -316,13 +316,12 @@ def _generate_mode(torch, model, features, mode: str, device: str, pool: int | N
     """generate() of all segments in a precision mode: float32, bfloat16 / float16 (a cast copy of the model),
     unless the model already has that dtype, or autocast-bfloat16 / autocast-float16 (float32 weights,
     `torch.autocast` around generate: the mixed mode);
-    a "+graphs" suffix passes `cuda_graphs=True`, "+eosN" `eos_check_interval=N`; `pool`: segment_batch_size
+    a "+graphs" suffix passes `cuda_graphs=True` (else False: eager), "+eosN" `eos_check_interval=N`; `pool`: segment_batch_size
     (default: generation_config's)."""
     mode, graphs, interval = _mode_options(mode)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(mode.split("-")[-1], torch.float32)
     kwargs = {} if pool is None else {"segment_batch_size": pool}
-    if graphs:
-        kwargs["cuda_graphs"] = True
+    kwargs["cuda_graphs"] = graphs  # without "+graphs": eager, though graphs are generate()'s CUDA default
     if interval > 1:
         kwargs["eos_check_interval"] = interval
     if mode.startswith("autocast"):
@@ -806,8 +805,8 @@ def fmt_table(res: dict) -> str:
             f"{r['port_s_per_s']:.4f} / {r['original_s_per_s']:.4f}")
         add("", "  segments with identical tokens, port vs original", f"{o['segments_identical']}/{o['segments_golden']}")
         add("", "  port peak resident memory (ru_maxrss)", f"{p['ru_maxrss_kb'] * 1024 / 1e9:.2f} GB")
-        for mode in (key[5:] for key in r if key.startswith("port_") and key != "port_float32"):
-            if "pool" not in mode:
+        for mode in (key[5:] for key, v in r.items() if key.startswith("port_") and isinstance(v, dict)):
+            if mode != "float32" and "pool" not in mode:
                 m = r[f"port_{mode}"]
                 if "failed" in m:
                     add("", f"  port {mode} generate()", "FAILED (see the JSON)")

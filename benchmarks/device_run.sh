@@ -18,6 +18,8 @@ if [ ! -f "$WORK/mt3/model.safetensors" ]; then
   mv "$WORK/mt3/model.safetensors.joined" "$WORK/mt3/model.safetensors"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
+# the model code measured is this checkout's, not the copy device_prep.sh took (a fix between calls counts)
+find convert_mt3/mt3 -name '*_mt3.py' -exec cp {} "$WORK/mt3/" \;
 export PYTHONUNBUFFERED=1
 if [ "${1:-}" = test ]; then
   shift

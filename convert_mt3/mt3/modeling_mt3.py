@@ -264,6 +264,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             do_sample=False,
         )
         self.generation_config.segment_batch_size = dict(SEGMENT_BATCH_SIZE)
+        self.generation_config.cuda_graphs = True  # CUDA only (ignored elsewhere): same ids, faster
         # No longer the model config's copy: with the flag, loading generation_config.json drops the keys that
         # GenerationConfig does not define (segment_batch_size, cuda_graphs, eos_check_interval).
         self.generation_config._from_model_config = False
@@ -454,9 +455,8 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         making room for the next) and returns what `GenerationMixin.generate` returns: (segments, 1 + longest)
         ids, decoder start first, EOS then padding after each finished row. Anything else goes to
         `GenerationMixin.generate` (beam search, sampling, dict outputs, streamers, masks, ...).
-        `cuda_graphs=True` (or in the generation config) replays the decode steps on CUDA as CUDA graphs, and
-        `eos_check_interval=k` looks for finished segments every k steps only (default 1): both experimental, not
-        yet run on a GPU by this project.
+        On CUDA the decode steps replay as CUDA graphs unless `cuda_graphs=False` (or false in the generation
+        config); `eos_check_interval=k` looks for finished segments every k steps only (default 1).
         """
         # The processor's output also holds each segment's start time, which only decoding to notes needs:
         # accept it so that `model.generate(**processor(audio=...))` works.
@@ -485,7 +485,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         return MT3GreedyPool(
             self,
             _pool_size(settings["segment_batch_size"], self.device.type),
-            cuda_graphs=bool(settings["cuda_graphs"]) and self.device.type == "cuda",
+            cuda_graphs=self.device.type == "cuda" and (settings["cuda_graphs"] is None or bool(settings["cuda_graphs"])),
             eos_check_interval=1 if settings["eos_check_interval"] is None else settings["eos_check_interval"],
         ).generate(features, max_new_tokens, eos, pad, start, logits_processor=logits_processor)
 

@@ -63,7 +63,7 @@ A model object (cast or fine-tuned in memory) runs in the same pipeline with `mo
 - Audio is cut into 2.048 s segments whose spectrograms are computed 16 at a time while the model runs, so memory
   holds the input's samples and tokens, not its spectrogram: an hour is ~0.23 GB of 16 kHz float32 samples (a file
   is decoded whole first: ~1.3 GB for an hour of 44.1 kHz stereo). On a CUDA model they are computed on its GPU
-  (in float64, as numpy does on CPU; not yet run on a GPU by convert-mt3).
+  (in float64, as numpy does on CPU: within 5e-07 of it on an H200, 1.0-1.4 s for an hour).
 - `batch_size=N` is the number of segments per `generate()` call, taken across inputs when you pass a list or a
   `datasets` column (`dataset.map(lambda b: {"notes": [r["notes"] for r in transcriber(b["audio"], return_midi=False)]}, batched=True)`);
   the default is `segment_batch_size` of `generation_config.json` (32 on CPU, 256 on CUDA). Inside one call at most
@@ -96,16 +96,17 @@ $usage
 id 0, EOS 1, up to 1024 tokens), as the original does, at most `segment_batch_size` segments at a
 time (32 on CPU, 256 on CUDA): a finished segment makes room for the next, so memory does not
 grow with the length of the audio. Other settings (beam search, scores, ...) use transformers'
-own `generate()`. On CUDA, `generate(..., cuda_graphs=True)` replays each decode step as a CUDA
-graph, and `eos_check_interval=k` looks for finished segments every k steps only: both
-experimental, off by default, not yet run on a GPU by convert-mt3.
+own `generate()`. On CUDA each decode step is replayed as a CUDA graph (`cuda_graphs=False` for
+eager launches: the same ids, about twice as long for a minute of audio on an H200), and
+`eos_check_interval=k` looks for finished segments every k steps only (default 1).
 
 Precision: use float32, which reproduces the original's tokens. Half precision runs (a model
 cast with `.to(torch.bfloat16)`, or the mixed mode: float32 weights with
 `torch.autocast(device, dtype=torch.bfloat16)` around `generate()`, half-precision matmuls with
 the residual stream, norms and logits in float32) but changes notes: measured on CPU over the
 three golden clips of convert-mt3, the mixed mode kept 77-96% of the float32 notes exactly,
-the cast model 57-77%. GPU speed and agreement are not measured yet.
+the cast model 57-77%; on an H200, over an hour of audio, autocast float16 kept 95.4% of the
+notes (1.3x faster than float32), autocast bfloat16 79.6%.
 
 ## Parity with the original
 
@@ -149,8 +150,9 @@ transcriber = pipeline("music-transcription", model="$repo_id", trust_remote_cod
 transcriber("song.wav")["midi"].write("song.mid")'''
 
 # `make bench` rows 5 and 6 on the project's CI machine kind (2-core CPU VM, torch 2.13.0+cpu, transformers 5.24.0;
-# see convert-mt3's README, 2026-11-26): the 60 s clip is golden case b repeated. GPU: not measured.
-SPEED = """### Speed and precision (CPU, measured with convert-mt3's `make bench`)
+# see convert-mt3's README, 2026-11-26): the 60 s clip is golden case b repeated. GPU: one run on an NVIDIA H200
+# (torch 2.11, transformers 5.17, jax 0.11.2 with CUDA; benchmarks/results_gpu_h200_d0ae0f1.json).
+SPEED = """### Speed and precision (measured with convert-mt3's `make bench`)
 
 A 60 s dense multi-instrument clip (30 segments) on a 2-core CPU VM (torch 2.13, transformers 5.24, float32),
 against the original JAX/Flax MT3 network (jax 0.10.2, its jitted greedy loop, batch 8) decoding the same frames in
@@ -169,7 +171,18 @@ hour's spectrogram in memory (the pipeline computes it 16 segments at a time).
 float32 is the trained precision and reproduces the original's notes exactly on the three reference recordings
 (479, 468 and 97 notes). Half precision runs but changes notes (CPU, vs the port's float32): mixed mode (float32
 weights, `torch.autocast(device, dtype=torch.bfloat16)` around `generate()`) keeps 77%, 96% and 89% of the notes,
-`.to(torch.bfloat16)` 57%, 77% and 77%; on a CPU both are also slower than float32. GPUs were not measured."""
+`.to(torch.bfloat16)` 57%, 77% and 77%; on a CPU both are also slower than float32.
+
+On one NVIDIA H200 (torch 2.11, one run), float32 with CUDA graphs (the default on CUDA), ids equal to the CPU
+float32 run's in every segment:
+
+| | float32 | autocast float16 | the original (Flax, jax 0.11.2 on the GPU, batch 8) |
+|---|---|---|---|
+| 60 s dense clip, `generate()` | 0.78 s | 0.55 s (28/30 segments as float32) | 0.66 s |
+| one hour end to end (features, `generate()`, notes) | 12.3 s, 10.2 GB GPU memory | 10.0 s (95.4% of the notes) | not run |
+
+Autocast bfloat16 kept 79.6% of the hour's notes. Use float32 to transcribe; float16 autocast where speed matters
+more than the last notes."""
 
 
 def usage_snippet(repo_id: str) -> str:

@@ -63,7 +63,7 @@ A model object (cast or fine-tuned in memory) runs in the same pipeline with `mo
 - Audio is cut into 2.048 s segments whose spectrograms are computed 16 at a time while the model runs, so memory
   holds the input's samples and tokens, not its spectrogram: an hour is ~0.23 GB of 16 kHz float32 samples (a file
   is decoded whole first: ~1.3 GB for an hour of 44.1 kHz stereo). On a CUDA model they are computed on its GPU
-  (in float64, as numpy does on CPU: within 5e-07 of it on an H200, 1.0-1.4 s for an hour).
+  (in float64, as numpy does on CPU: within 5e-07 of it on an H200, 0.9-1.4 s for an hour).
 - `batch_size=N` is the number of segments per `generate()` call, taken across inputs when you pass a list or a
   `datasets` column (`dataset.map(lambda b: {"notes": [r["notes"] for r in transcriber(b["audio"], return_midi=False)]}, batched=True)`);
   the default is `segment_batch_size` of `generation_config.json` (32 on CPU, 256 on CUDA). Inside one call at most
@@ -106,7 +106,7 @@ cast with `.to(torch.bfloat16)`, or the mixed mode: float32 weights with
 the residual stream, norms and logits in float32) but changes notes: measured on CPU over the
 three golden clips of convert-mt3, the mixed mode kept 77-96% of the float32 notes exactly,
 the cast model 57-77%; on an H200, over an hour of audio, autocast float16 kept 95.4% of the
-notes (1.3x faster than float32), autocast bfloat16 79.6%.
+notes (its `generate()` 1.3x faster than float32's), autocast bfloat16 79.6%.
 
 ## Parity with the original
 
@@ -173,8 +173,8 @@ float32 is the trained precision and reproduces the original's notes exactly on 
 weights, `torch.autocast(device, dtype=torch.bfloat16)` around `generate()`) keeps 77%, 96% and 89% of the notes,
 `.to(torch.bfloat16)` 57%, 77% and 77%; on a CPU both are also slower than float32.
 
-On one NVIDIA H200 (torch 2.11, one run), float32 with CUDA graphs (the default on CUDA), ids equal to the CPU
-float32 run's in every segment:
+On one NVIDIA H200 (torch 2.11, one run), float32 with CUDA graphs (the default on CUDA): the hour's ids equal the
+CPU float32 run's in every segment, the clip's equal eager float32's:
 
 | | float32 | autocast float16 | the original (Flax, jax 0.11.2 on the GPU, batch 8) |
 |---|---|---|---|

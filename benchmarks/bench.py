@@ -944,7 +944,7 @@ def main(argv=None) -> int:
         THREAD_ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                           XLA_FLAGS=f"--xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'} "
                                     f"intra_op_parallelism_threads={args.threads}")
-    res = {"quick": args.quick, "reps": args.reps, "rows": {}, "threads_env": dict(THREAD_ENV),
+    res = {"quick": args.quick, "reps": args.reps, "complete": False, "rows": {}, "threads_env": dict(THREAD_ENV),
            "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                        "loadavg_start": os.getloadavg()[0]}}
@@ -1019,6 +1019,7 @@ def main(argv=None) -> int:
         return 1
 
     res["machine"]["loadavg_end"] = os.getloadavg()[0]
+    res["complete"] = True
     res["loadavg_per_process"] = LOADAVG
     table = fmt_table(res)
     print(table)

@@ -62,13 +62,31 @@ def test_fast_generate_matches_hf_greedy(model, captures, pool, graphs, interval
     assert bool(captures) == graphs
 
 
+def test_graphs_are_the_cuda_default(model, captures):
+    """On unless the generation config or the call turns them off; logits processors keep the eager step."""
+    from transformers import LogitsProcessorList, MinLengthLogitsProcessor
+
+    x = frames(4, seed=3).cuda()
+    eager = model.generate(input_features=x, cuda_graphs=False)
+    assert not captures
+    torch.testing.assert_close(model.generate(input_features=x), eager, atol=0, rtol=0)
+    assert captures
+    captures.clear()
+    processors = LogitsProcessorList([MinLengthLogitsProcessor(0, eos_token_id=1)])
+    model.generate(input_features=x, logits_processor=processors)
+    config = copy.deepcopy(model.generation_config)
+    config.cuda_graphs = False
+    model.generate(input_features=x, generation_config=config)
+    assert not captures
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("mode", ["autocast-bfloat16", "autocast-float16", "bfloat16", "float16"])
-def test_half_precision_runs(model, mode, graphs):
+def test_half_precision_runs(model, captures, mode, graphs):
     """torch.autocast around generate() and a cast model both decode; agreement with float32 is printed (measured
     on the real model per golden case by `make bench`, row 6)."""
     x = frames(9, seed=16).cuda()
-    want = model.generate(input_features=x)
+    want = model.generate(input_features=x, cuda_graphs=False)
     dtype = getattr(torch, mode.split("-")[-1])
     if mode.startswith("autocast"):
         with torch.autocast("cuda", dtype=dtype):
@@ -76,7 +94,7 @@ def test_half_precision_runs(model, mode, graphs):
     else:
         got = copy.deepcopy(model).to(dtype).generate(input_features=x.to(dtype), cuda_graphs=graphs)
     assert got.dtype == torch.long and got.device == x.device and got.shape[0] == 9 and got[:, 0].eq(0).all()
-    assert int(got.max()) < model.config.vocab_size
+    assert int(got.max()) < model.config.vocab_size and bool(captures) == graphs
     same = sum(strip(a) == strip(b) for a, b in zip(got, want))
     print(f"\n{mode} graphs={graphs}: {same}/9 segments equal float32's")
 
@@ -110,7 +128,7 @@ def real():
 
 
 @pytest.mark.parametrize("graphs", [False, True])
-def test_real_model_golden_tokens(real, graphs):
+def test_real_model_golden_tokens(real, captures, graphs):
     """float32 on CUDA, through the fast path: every golden segment's ids, and the same ids as GenerationMixin."""
     model, processor, cases = real
     for case in cases:
@@ -121,6 +139,6 @@ def test_real_model_golden_tokens(real, graphs):
         got = model.generate(input_features=x, cuda_graphs=graphs)
         same = sum(strip(row) == ids for row, ids in zip(got, golden))
         print(f"\n{case.name}, CUDA float32 graphs={graphs}: {same}/{len(golden)} segments equal the golden tokens")
-        assert same == len(golden) == len(got)
+        assert same == len(golden) == len(got) and bool(captures) == graphs
         if not graphs:
             torch.testing.assert_close(got, reference(model, x), atol=0, rtol=0)

@@ -425,7 +425,9 @@ class _StepGraphs:
             step()  # the first step allocates the self-attention storage (at the dtype it sees): eager, no capture
             return
         if (cache.rows, cache.capacity) != self.valid_for:
-            self.graphs.clear()  # their pool goes with the last of them: the next capture takes a new one
+            # the pool is released with the last of its graphs and its handle cannot be used again (PyTorch's
+            # allocator asserts): the next capture takes a new one
+            self.graphs.clear()
             self.valid_for, self.pool = (cache.rows, cache.capacity), None
         graph = self.graphs.get(cache.length)
         if graph is not None:
@@ -448,7 +450,8 @@ class _StepGraphs:
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             step()
-            graph.capture_begin(pool=self.pool)
+            # thread_local: other threads' CUDA work (another request on the same GPU) does not break the capture
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
                 step()
             finally:

@@ -485,9 +485,14 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         return MT3GreedyPool(
             self,
             _pool_size(settings["segment_batch_size"], self.device.type),
-            cuda_graphs=self.device.type == "cuda" and (settings["cuda_graphs"] is None or bool(settings["cuda_graphs"])),
+            cuda_graphs=self._can_capture() and (settings["cuda_graphs"] is None or bool(settings["cuda_graphs"])),
             eos_check_interval=1 if settings["eos_check_interval"] is None else settings["eos_check_interval"],
         ).generate(features, max_new_tokens, eos, pad, start, logits_processor=logits_processor)
+
+    def _can_capture(self) -> bool:
+        """CUDA graphs need the whole model on one CUDA device: not spread or offloaded by a `device_map`."""
+        device_map = getattr(self, "hf_device_map", None) or {}
+        return self.device.type == "cuda" and len({str(d) for d in device_map.values()}) <= 1
 
     def _fast_greedy_settings(
         self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, kwargs: dict

@@ -485,3 +485,15 @@ def test_segments_are_encoded_ahead_in_batches(model, monkeypatch):
     pool.encoder_batch, pool.encode_ahead = 2, False  # the CPU's: admitted segments only, 2 per call at most
     torch.testing.assert_close(pool.generate(x, 40, [eos], 0, 0), want, atol=0, rtol=0)
     assert len(batches) > 5 and batches[0] == 2 and max(batches) == 2 and sum(batches) == 9
+
+
+def test_cuda_graphs_need_one_cuda_device(model, monkeypatch):
+    """Graphs (the CUDA default) only for a model whole on one CUDA device, not one spread or offloaded by a
+    device_map; never on CPU."""
+    assert not model._can_capture()
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda", 0)))
+    assert model._can_capture()
+    monkeypatch.setattr(model, "hf_device_map", {"": 0}, raising=False)
+    assert model._can_capture()
+    monkeypatch.setattr(model, "hf_device_map", {"encoder": 0, "decoder": "cpu"}, raising=False)
+    assert not model._can_capture()

@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_fast_generate import early_eos, reference
 from test_modeling import frames, tiny_model
+from test_parity_model import strip
 
 from convert_mt3.mt3.generation_mt3 import _StepGraphs
 
@@ -39,12 +40,6 @@ def captures(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(_StepGraphs, "_capture", counting)
     return seen
-
-
-def strip(row: torch.Tensor) -> list[int]:
-    """Generated row -> ids after the start token, cut before the first EOS (as tokens.json stores them)."""
-    ids = row[1:].tolist()
-    return ids[: ids.index(1)] if 1 in ids else ids
 
 
 @pytest.mark.parametrize(

@@ -340,18 +340,19 @@ def test_processor_output_goes_straight_in(model, count_fast):
 @pytest.fixture
 def slot_caches(monkeypatch):
     """Records every `MT3SlotCache` made (`caches`) and, at each step's `reserve`, its rows in use and the rows of
-    its storage (`steps`)."""
-    record = SimpleNamespace(caches=[], steps=[])
+    its storage (`steps`), and its self-attention row groups (`groups`)."""
+    record = SimpleNamespace(caches=[], steps=[], groups=[])
     original_init, original_reserve = MT3SlotCache.__init__, MT3SlotCache.reserve
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         record.caches.append(self)
 
-    def reserve(self, longest):
-        original_reserve(self, longest)
+    def reserve(self, positions):
+        original_reserve(self, positions)
         storage = [layer.storage[0].shape[0] for layer in self.slot_layers if layer.is_initialized]
         record.steps.append((self.rows, max(storage, default=0)))
+        record.groups.append(self.groups)
 
     monkeypatch.setattr(MT3SlotCache, "__init__", init)
     monkeypatch.setattr(MT3SlotCache, "reserve", reserve)
@@ -372,6 +373,23 @@ def test_slot_cache_is_a_transformers_cache_bounded_by_the_pool(model, slot_cach
     assert [rows for rows, _ in steps][-1] < 3  # the last segments decode without idle rows
     assert all(layer.storage is None for layer in cache.slot_layers)
     assert cache.capacity <= 2 * max(MT3SlotCache.bucket, got.shape[1])
+
+
+@pytest.mark.parametrize("group_rows", [1, 2, 4])
+def test_self_attention_in_row_groups_matches_hf_greedy(slot_caches, group_rows):
+    """Rows refilled at different steps sit at different positions: self-attention in groups of rows, each over
+    its own longest row (`MT3SlotCache.groups`, the CPU default), gives HF greedy's ids."""
+    long_model = tiny_model(max_target_length=150)  # positions past two buckets of 32
+    x = frames(14, seed=16)
+    eos = early_eos(long_model, x)
+    got = MT3GreedyPool(long_model, 8, group_rows=group_rows).generate(x, 150, [eos], 0, 0)
+    torch.testing.assert_close(got, reference(long_model, x, eos_token_id=eos), atol=0, rtol=0)
+    grouped = [groups for groups in slot_caches.groups if groups is not None]
+    assert grouped, "no step ran in groups"
+    for groups in grouped:  # runs of whole rows, shorter than the longest where they can be
+        assert groups[0][0] == 0 and all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        assert len({length for _, _, length in groups}) > 1
+    assert MT3GreedyPool(long_model, 8).group_rows == 4  # CPU default
 
 
 class FakeGraph:

@@ -104,14 +104,16 @@ class MT3SlotCache(EncoderDecoderCache):
 
     Every row in use decodes a segment. A decode step reads `length` key positions, a multiple of `bucket`: between
     two buckets, a step has the same shapes (a capturable step on GPUs). `positions` (rows,) is each row's current
-    input position.
+    input position. With `group_rows`, self-attention runs in `groups` of rows, each over its own longest row
+    (`reserve`): with continuous refill, a segment just admitted sits beside one ~1000 tokens old.
     """
 
     bucket = 32
 
-    def __init__(self, num_layers: int, rows: int, device: torch.device):
-        self.rows = rows
+    def __init__(self, num_layers: int, rows: int, device: torch.device, group_rows: int | None = None):
+        self.rows, self.group_rows = rows, group_rows
         self.capacity, self.length = 2 * self.bucket, self.bucket
+        self.groups: list[tuple[int, int, int]] | None = None  # (first row, end row, key length); None: one group
         super().__init__(
             Cache(layers=[MT3SlotLayer(self) for _ in range(num_layers)]),
             Cache(layers=[MT3SlotLayer(self) for _ in range(num_layers)]),
@@ -150,13 +152,28 @@ class MT3SlotCache(EncoderDecoderCache):
         for layer in self.slot_layers:
             layer.release()
 
-    def reserve(self, longest: int) -> None:
-        """Read `length` >= `longest` + 1 key positions this step (a bucket multiple), growing the storage."""
-        self.length = -(-(longest + 1) // self.bucket) * self.bucket
+    def reserve(self, positions: list[int]) -> None:
+        """Row r is at position `positions[r]` this step: read `length` key positions (the longest row's, rounded
+        up to a bucket multiple), growing the storage; with `group_rows`, `groups` are runs of that many rows with
+        their own lengths, neighbours of the same length merged."""
+        self.length = self._keys_for(max(positions))
         if self.length > self.capacity:
             self.capacity = max(2 * self.capacity, self.length)
             for layer in self.self_attention_cache.layers:
                 layer.grow(self.capacity)
+        self.groups = None
+        if self.group_rows is not None and self.rows > self.group_rows:
+            groups = []
+            for first in range(0, self.rows, self.group_rows):
+                end = min(first + self.group_rows, self.rows)
+                length = self._keys_for(max(positions[first:end]))
+                if groups and groups[-1][2] == length:
+                    first = groups.pop()[0]
+                groups.append((first, end, length))
+            self.groups = groups if len(groups) > 1 else None
+
+    def _keys_for(self, position: int) -> int:
+        return -(-(position + 1) // self.bucket) * self.bucket
 
     def self_attention_mask(self) -> torch.Tensor:
         """(rows, 1, 1, length) boolean, True = attend: each row sees its own past and present only."""
@@ -176,7 +193,8 @@ class MT3GreedyPool:
     on. Once nothing waits, free rows leave the cache: at once without graphs, so every step computes busy rows
     only; with `cuda_graphs`, when the busy rows fit in a power of two (so few shapes are captured). Memory: the
     pool's caches, the encoder activations of `encoder_batch` segments, and the output tokens, whatever the number
-    of segments.
+    of segments. With `group_rows` (CPU default 4), self-attention runs in groups of that many rows, each over its
+    own longest row rather than the oldest row of the pool.
 
     During decoding the model's linears run packed (`MT3ForConditionalGeneration.pack`): on CPU in oneDNN's layout
     (`use_onednn`: float32, and bfloat16 where the CPU has the instructions) and attention as matmuls
@@ -196,6 +214,7 @@ class MT3GreedyPool:
         matmul_attention: bool | None = None,
         cuda_graphs: bool = False,
         eos_check_interval: int = 1,
+        group_rows: int | None = None,
     ):
         if not isinstance(pool_size, int) or pool_size < 1:
             raise ValueError(f"`segment_batch_size` must be a positive number of rows, found {pool_size!r}")
@@ -221,6 +240,10 @@ class MT3GreedyPool:
         # peak memory 30-80 MB higher, over its 2 GB). A GPU encodes 64 at once, ahead (not measured): the refill
         # admits segments one or two at a time, and an encoder call each would be mostly launch overhead.
         self.encoder_batch, self.encode_ahead = (2, False) if cpu else (64, True)
+        # Self-attention in groups of `group_rows` rows, each over its own length (`MT3SlotCache.groups`). CPU: 4
+        # (600 s of audio, 293 segments: keys read 47% fewer, decoding 8% faster, same ids). GPUs: none (not
+        # measured; more launches per step, and graphs would need a capture per combination of lengths).
+        self.group_rows = group_rows if group_rows is not None else 4 if cpu else None
 
     @torch.no_grad()
     def generate(
@@ -247,7 +270,7 @@ class MT3GreedyPool:
         # cast on every step anyway. On CPU, attention runs as matmuls with a float32 softmax under autocast.
         autocast = torch.is_autocast_enabled(device.type)
         matmul = self.matmul_attention or (autocast and device.type == "cpu")
-        cache = MT3SlotCache(len(model.decoder.layers), rows, device)
+        cache = MT3SlotCache(len(model.decoder.layers), rows, device, None if graphs else self.group_rows)
         try:
             model.pack(rows, self.use_onednn and not autocast, matmul, fuse=graphs or not autocast)
             # streams, graphs and their memory pool belong to the current CUDA device: make it the model's (-1: none)
@@ -276,17 +299,16 @@ class MT3GreedyPool:
         next_segment, step, generated, busy = rows, 0, 0, rows
 
         while busy:
-            # an ended row waits at its last position (at most max_new_tokens) until the host collects it
-            longest = min(step - min(at for at, segment in zip(admitted_at, segment_of) if segment is not None),
-                          max_new_tokens)
-            if longest >= max_positions:
-                raise ValueError(
-                    f"MT3 has {max_positions} positions (max_position_embeddings), but position {longest} was requested"
-                )
-            cache.reserve(longest)
+            # an ended row waits at its last position (at most max_new_tokens) until the host collects it; idle: 0
+            row_positions = [0 if segment is None else min(step - at, max_new_tokens)
+                             for at, segment in zip(admitted_at, segment_of)]
+            if max(row_positions) >= max_positions:
+                raise ValueError(f"MT3 has {max_positions} positions (max_position_embeddings), but position "
+                                 f"{max(row_positions)} was requested")
+            cache.reserve(row_positions)
             positions = None
             if processors is not None:
-                positions = {row: step - admitted_at[row] for row in range(cache.rows) if segment_of[row] is not None}
+                positions = {row: row_positions[row] for row in range(cache.rows) if segment_of[row] is not None}
             args = (cache, tokens, active, done, eos, max_new_tokens, processors, positions)
             if runner is None:
                 self._step(*args)

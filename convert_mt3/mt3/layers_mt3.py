@@ -15,6 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.t5.modeling_t5 import T5DenseGatedActDense, T5LayerNorm
 
 from .configuration_mt3 import MT3Config
+from .generation_mt3 import MT3SlotCache
 
 
 def mt3_sinusoid_table(
@@ -187,6 +188,28 @@ class MT3Attention(_Packable, nn.Module):
                     key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
                     cache.is_updated[self.layer_idx] = True
 
+        if isinstance(cache, MT3SlotCache) and cache.groups is not None and not self.is_cross_attention:
+            # runs of rows, each over its own key length (the cache's groups): (rows, heads, 1, d_kv)
+            attn = torch.cat([self._attend(query[a:b], key[a:b, :, :n], value[a:b, :, :n], attention_mask[a:b, ..., :n])[0]
+                              for a, b, n in cache.groups])
+            weights = None
+        else:
+            attn, weights = self._attend(query, key, value, attention_mask, is_causal, output_attentions)
+        attn = attn.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
+        return self._linear("out", attn), weights  # (batch, q_len, d_model)
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        is_causal: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """softmax(q k^T) v of (batch, heads, q_len / kv_len, d_kv) -> (batch, heads, q_len, d_kv), and the weights
+        (batch, heads, q_len, kv_len) when they were computed."""
+        q_len = query.shape[2]
         dropout = self.dropout if self.training else 0.0
         weights = None
         if self.config._attn_implementation == "sdpa" and not output_attentions and not self.matmul:
@@ -209,9 +232,7 @@ class MT3Attention(_Packable, nn.Module):
                 scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
             weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)
             attn = torch.matmul(F.dropout(weights, p=dropout, training=self.training), value)
-
-        attn = attn.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
-        return self._linear("out", attn), weights  # (batch, q_len, d_model)
+        return attn, weights
 
 
 class MT3LayerNorm(T5LayerNorm):

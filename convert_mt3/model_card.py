@@ -67,7 +67,8 @@ A model object (cast or fine-tuned in memory) runs in the same pipeline with `mo
 - `batch_size=N` is the number of segments per `generate()` call, taken across inputs when you pass a list or a
   `datasets` column (`dataset.map(lambda b: {"notes": [r["notes"] for r in transcriber(b["audio"], return_midi=False)]}, batched=True)`);
   the default is `segment_batch_size` of `generation_config.json` (32 on CPU, 256 on CUDA). Inside one call at most
-  that many segments decode together and a finished one makes room for the next.
+  that many segments decode together and a finished one makes room for the next. For long audio on CPU, 64 decoded
+  600 s 17% faster than 32, for twice the decoding caches (1.6 against 0.8 GB).
 - `device=0` / `"cuda"` / `"mps"` (default: the first GPU when there is one, else CPU). float32 is the trained
   precision and the only exact one; `dtype=torch.bfloat16` runs but is not exact (below). For many GPUs, give
   each process its share of the files (`accelerate`'s `PartialState().split_between_processes`).

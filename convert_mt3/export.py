@@ -121,7 +121,8 @@ def write_folder(folder: Path, model: MT3ForConditionalGeneration, dtype: str, v
     feature_extractor = MT3FeatureExtractor(
         feature_size=model.config.input_depth, frames_per_segment=variant.frames_per_segment
     )
-    tokenizer = MT3Tokenizer(**variant.tokenizer_kwargs())
+    # model_max_length: the longest targets the decoder has positions for (EOS included); the processor warns above it
+    tokenizer = MT3Tokenizer(**variant.tokenizer_kwargs(), model_max_length=model.config.max_target_length)
     MT3Processor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(folder)
     feature_extractor.save_pretrained(folder)  # also preprocessor_config.json, which AutoFeatureExtractor reads first
     for file in _hub_code_files():  # verbatim, so the folder runs with transformers alone

@@ -65,6 +65,8 @@ def test_folder_contents_and_config(converted):
     generation = json.loads((converted / "generation_config.json").read_text())
     assert (generation["decoder_start_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (0, 1, 0)
     assert generation.get("max_new_tokens") == 1024 and not generation.get("do_sample", False)
+    # the processor warns about labels longer than the decoder's positions
+    assert json.loads((converted / "tokenizer_config.json").read_text())["model_max_length"] == 1024
     for file in ["configuration_mt3.py", "modeling_mt3.py"]:  # copied verbatim
         assert (converted / file).read_bytes() == (Path("convert_mt3/mt3") / file).read_bytes()
 

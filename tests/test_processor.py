@@ -149,6 +149,25 @@ def test_notes_after_the_audio_are_reported(processor, caplog):
     np.testing.assert_array_equal(processor(audio=tensor, sampling_rate=16000, notes=iter(inside))["labels"], labels)
 
 
+def test_targets_longer_than_the_model_are_reported(caplog):
+    """A segment whose targets exceed the tokenizer's `model_max_length` (the converter sets the model's target length,
+    1024) is reported with one warning naming the first such segment: MT3's training skips those, and the model
+    has no positions for them."""
+    processor = MT3Processor(MT3FeatureExtractor(), MT3Tokenizer(model_max_length=12))
+    audio = np.zeros(16000 * 3, np.float32)  # segments at 0 and 2.048 s
+    few = [MT3Note(0, False, 60, 100, 0.5, 1.0)]
+    many = few + [MT3Note(0, False, 62 + i, 100, 2.1 + 0.1 * i, 2.9) for i in range(5)]
+    with caplog.at_level("WARNING"):
+        processor(audio=audio, sampling_rate=16000, notes=few)
+        assert not [r for r in caplog.records if "target ids" in r.getMessage()]
+        labels = processor(audio=audio, sampling_rate=16000, notes=many)["labels"]
+    messages = [r.getMessage() for r in caplog.records if "target ids" in r.getMessage()]
+    longest = int((labels[1] != -100).sum())
+    assert longest > 12 and int((labels[0] != -100).sum()) <= 12
+    assert messages == [messages[0]] and messages[0].startswith(f"1 of 2 segments have more than 12 target ids (the "
+                                                                f"model's target length; segment 1 has {longest})")
+
+
 def test_batch_decode_needs_the_segment_times(processor):
     """Without the processor's output the tokenizer would decode to text: the processor says what it needs."""
     with pytest.raises(ValueError, match="processor.batch_decode\\(ids, inputs\\)"):

@@ -87,6 +87,15 @@ class MT3Processor(ProcessorMixin):
                 "segment's labels, as in MT3's preprocessing: check that the notes/MIDI belong to this audio."
             )
         targets = self.tokenizer.encode_notes(notes, inputs["segment_start_times"])
+        limit = self.tokenizer.model_max_length
+        too_long = [index for index, row in enumerate(targets) if len(row) > limit]
+        if too_long:
+            # MT3's training skips such segments (t5x's handle_too_long); the model has no position for the excess
+            logger.warning(
+                f"{len(too_long)} of {len(targets)} segments have more than {limit} target ids (the model's target "
+                f"length; segment {too_long[0]} has {len(targets[too_long[0]])}): the model raises on them, and MT3's "
+                "training skips such segments. Drop their rows before training."
+            )
         return BatchFeature({**inputs, "labels": pad_labels(targets)}, tensor_type=return_tensors)
 
     def collate(self, examples: Sequence[dict]) -> BatchFeature:

@@ -376,9 +376,10 @@ def test_slot_cache_is_a_transformers_cache_bounded_by_the_pool(model, slot_cach
 
 
 @pytest.mark.parametrize("group_rows", [1, 2, 4])
-def test_self_attention_in_row_groups_matches_hf_greedy(slot_caches, group_rows):
+def test_self_attention_in_row_groups_matches_hf_greedy(slot_caches, monkeypatch, group_rows):
     """Rows refilled at different steps sit at different positions: self-attention in groups of rows, each over
     its own longest row (`MT3SlotCache.groups`, the CPU default), gives HF greedy's ids."""
+    monkeypatch.setattr(MT3SlotCache, "group_merge", 0)  # a group wherever lengths differ
     long_model = tiny_model(max_target_length=150)  # positions past two buckets of 32
     x = frames(14, seed=16)
     eos = early_eos(long_model, x)
@@ -390,6 +391,22 @@ def test_self_attention_in_row_groups_matches_hf_greedy(slot_caches, group_rows)
         assert groups[0][0] == 0 and all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
         assert len({length for _, _, length in groups}) > 1
     assert MT3GreedyPool(long_model, 8).group_rows == 4  # CPU default
+
+
+def test_row_groups_merge_where_a_split_saves_little(monkeypatch):
+    """Groups of `group_rows` rows, each over its longest row's keys (bucket multiples); neighbours merge where the
+    merged group reads at most `group_merge` more row-positions, since every group costs its own ops."""
+    cache = MT3SlotCache(1, 12, torch.device("cpu"), group_rows=4)
+    positions = [0, 1, 2, 3, 40, 41, 42, 43, 500, 1, 2, 3]
+    cache.reserve(positions)
+    assert cache.length == 512
+    assert cache.groups == [(0, 8, 64), (8, 12, 512)]  # 4 rows x 32 keys more: merged; 8 x 448 more: not
+    monkeypatch.setattr(MT3SlotCache, "group_merge", 0)
+    cache.reserve(positions)
+    assert cache.groups == [(0, 4, 32), (4, 8, 64), (8, 12, 512)]
+    cache.reserve([40] * 12)
+    assert cache.groups is None  # one length: one group
+    assert MT3SlotCache(1, 12, torch.device("cpu")).groups is None
 
 
 class FakeGraph:

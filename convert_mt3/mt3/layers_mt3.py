@@ -228,8 +228,8 @@ class MT3Attention(_Packable, nn.Module):
             if attention_mask is None and is_causal and q_len > 1:
                 kv_len = key.shape[-2]
                 attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
-            if attention_mask is not None:
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            if attention_mask is not None:  # one op, no inverted mask: per layer and row group, on every step
+                scores = torch.where(attention_mask, scores, torch.finfo(scores.dtype).min)
             weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)
             attn = torch.matmul(F.dropout(weights, p=dropout, training=self.training), value)
         return attn, weights

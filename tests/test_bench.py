@@ -1,5 +1,6 @@
 """`make bench` plumbing that runs without the real checkpoint: `--model-dir` and row 8 (a long input end to end
-per precision mode, compared with the first mode and with a reference run), on the tiny converted folder."""
+per precision mode, compared with the first mode and with a reference run), on the tiny converted folder; and
+benchmarks/profile_step.py, which needs no folder."""
 
 import importlib.util
 import json
@@ -83,3 +84,24 @@ def test_row_8_targets_follow_the_precision_with_or_without_graphs():
     lines = [line for line in module.fmt_table(res).splitlines() if line.startswith("8 ")]
     assert len(lines) == 3
     assert [line.rstrip().endswith(target) for line, target in zip(lines, ("<= 8 s", "<= 8 s", "<= 4 s"))] == [True] * 3
+
+
+PROFILE = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_step.py"
+
+
+def test_profile_step_runs_on_cpu(tmp_path):
+    """benchmarks/profile_step.py (for the sessions with a GPU) on the CPU: per position, seconds per step and the
+    bytes a step reads (the published config's weights, 2 rows' keys/values), and the profiler's table; a window
+    that crosses a key length is refused in one line."""
+    run = [sys.executable, str(PROFILE), "--device", "cpu", "--rows", "2", "--steps", "3", "--out", str(tmp_path)]
+    done = subprocess.run([*run, "--at", "40"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (line,) = json.loads((tmp_path / "summary.json").read_text())
+    assert (line["mode"], line["position"], line["keys"]) == ("eager", 40, 64) and line["ms_per_step"] > 0
+    inner = 6 * 64
+    weights = 8 * (6 * 512 * inner + 3 * 512 * 1024) + 512 * 1536  # q/k/v/out, cross q/out, wi_0/wi_1/wo; logits
+    assert line["bytes_per_step"] == {"weights": 4 * weights, "cross_attention": 4 * 2 * 8 * 2 * 256 * inner,
+                                      "self_attention": 4 * 2 * 8 * 2 * 64 * inner}
+    assert "aten::bmm" in (tmp_path / "profile_eager_40.txt").read_text()  # CPU attention runs as matmuls
+    refused = subprocess.run([*run, "--at", "32"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "within positions 33..63" in refused.stderr.splitlines()[-1]

@@ -1,0 +1,128 @@
+"""Where a batched decode step's time goes, on one device: a tool for the sessions that get a GPU.
+
+    python3 benchmarks/profile_step.py --device cuda --rows 256 --at 100,1000 --modes eager,graphs --out DIR
+
+A randomly initialised MT3 of the published configuration (`MT3Config()`: no weights to carry, and a step's kernels
+and shapes do not depend on the values) decodes `--rows` segments of random frames through `MT3GreedyPool`, with an
+EOS id that never occurs, so every row stays until the end. All rows start together, so they share one position:
+`--at P` times and profiles the steps from position P (the self-attention then reads P + 1 keys, rounded up to the
+cache's bucket) for `--steps` steps. For each (mode, P) it writes `profile_MODE_P.txt` (torch.profiler's table,
+by device time on CUDA), `trace_MODE_P.json` (Chrome trace) and one line of `summary.json`: seconds per step, and
+the bytes a step must read (decoder weights, cross- and self-attention keys/values) over that time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from convert_mt3.mt3.configuration_mt3 import MT3Config  # noqa: E402
+from convert_mt3.mt3.generation_mt3 import MT3GreedyPool, MT3SlotCache  # noqa: E402
+from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration  # noqa: E402
+
+FRAMES = 256  # encoder frames per segment
+
+
+def step_bytes(config: MT3Config, rows: int, keys: int, element: int) -> dict[str, int]:
+    """Bytes one decode step reads at least: the decoder's weights once, and every row's cross-attention
+    keys/values (FRAMES each) and self-attention keys/values (`keys` each), in every layer."""
+    inner, layers, d = config.num_heads * config.d_kv, config.num_decoder_layers or config.num_layers, config.d_model
+    weights = layers * (3 * d * inner + inner * d + d * inner + inner * d + 3 * d * config.d_ff) + d * config.vocab_size
+    return {
+        "weights": weights * element,
+        "cross_attention": rows * layers * 2 * FRAMES * inner * element,
+        "self_attention": rows * layers * 2 * keys * inner * element,
+    }
+
+
+def profile_steps(model, features, mode: str, at: int, steps: int, device: torch.device) -> tuple[float, str, object]:
+    """Decode until every row is at position `at`, then time and profile `steps` steps: (seconds per step, the
+    profiler's table, the profiler)."""
+    pool = MT3GreedyPool(model, features.shape[0], cuda_graphs=mode == "graphs")
+    cuda = device.type == "cuda"
+    profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+    state = {"step": 0, "start": 0.0, "seconds": None}
+    reserve = MT3SlotCache.reserve
+
+    def counting_reserve(cache, positions):  # called once before every step, graphs or not
+        if state["step"] in (at, at + steps):
+            if cuda:
+                torch.cuda.synchronize(device)
+            if state["step"] == at:
+                profiler.start()
+                state["start"] = time.perf_counter()
+            else:
+                state["seconds"] = (time.perf_counter() - state["start"]) / steps
+                profiler.stop()
+        state["step"] += 1
+        return reserve(cache, positions)
+
+    MT3SlotCache.reserve = counting_reserve
+    try:
+        # one more step than profiled, so that the last profiled one ends before `reserve` stops the profiler
+        pool.generate(features, at + steps + 1, [-1], 0, 0)
+    finally:
+        MT3SlotCache.reserve = reserve
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60)
+    return state["seconds"], table, profiler
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rows", type=int, default=256, help="segments decoded at once (the pool's rows)")
+    p.add_argument("--at", default="100,1000", help="positions at which to profile, comma-separated")
+    p.add_argument("--steps", type=int, default=20, help="steps profiled at each position")
+    p.add_argument("--modes", default="eager,graphs", help="eager and/or graphs (CUDA graphs: skipped off CUDA)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model cast")
+    p.add_argument("--autocast", choices=["bfloat16", "float16"], help="decode under torch.autocast (mixed mode)")
+    p.add_argument("--out", required=True, help="folder for the tables, traces and summary.json")
+    args = p.parse_args(argv)
+
+    positions = []  # (position, keys read there)
+    for at in (int(a) for a in args.at.split(",")):
+        keys = -(-(at + 1) // MT3SlotCache.bucket) * MT3SlotCache.bucket
+        first = keys - MT3SlotCache.bucket  # the first position of this key length: graphs capture there
+        if not first < at <= at + args.steps <= keys:
+            p.error(f"--at {at} --steps {args.steps}: profile within positions {first + 1}..{keys - 1} (one key "
+                    "length, after its first step)")
+        positions.append((at, keys))
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    config = MT3Config()
+    model = MT3ForConditionalGeneration(config).eval().to(device, getattr(torch, args.dtype))
+    features = torch.randn(args.rows, FRAMES, config.input_depth, device=device)
+    element = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    summary = []
+    for mode in args.modes.split(","):
+        if mode == "graphs" and device.type != "cuda":
+            continue
+        for at, keys in positions:
+            with torch.autocast(device.type, getattr(torch, args.autocast or "float32"), enabled=bool(args.autocast)):
+                seconds, table, profiler = profile_steps(model, features, mode, at, args.steps, device)
+            needed = step_bytes(config, args.rows, keys, element)
+            line = {"mode": mode, "rows": args.rows, "position": at, "keys": keys, "dtype": args.dtype,
+                    "autocast": args.autocast,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "ms_per_step": round(seconds * 1e3, 3), "bytes_per_step": needed,
+                    "GB_per_s": round(sum(needed.values()) / seconds / 1e9, 1)}
+            summary.append(line)
+            (out / f"profile_{mode}_{at}.txt").write_text(table)
+            profiler.export_chrome_trace(str(out / f"trace_{mode}_{at}.json"))
+            print(json.dumps(line), flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,8 @@ EOS id that never occurs, so every row stays until the end. All rows start toget
 `--at P` times and profiles the steps from position P (the self-attention then reads P + 1 keys, rounded up to the
 cache's bucket) for `--steps` steps. For each (mode, P) it writes `profile_MODE_P.txt` (torch.profiler's table,
 by device time on CUDA), `trace_MODE_P.json` (Chrome trace) and one line of `summary.json`: seconds per step, and
-the bytes a step must read (decoder weights, cross- and self-attention keys/values) over that time.
+the bytes a step must read (decoder weights, cross- and self-attention keys/values, at the model's dtype: under
+`--autocast` the keys/values take half that) over that time.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
     positions = []  # (position, keys read there)
     for at in (int(a) for a in args.at.split(",")):
-        keys = -(-(at + 1) // MT3SlotCache.bucket) * MT3SlotCache.bucket
+        keys = MT3SlotCache.keys_for(at)
         first = keys - MT3SlotCache.bucket  # the first position of this key length: graphs capture there
         if not first < at <= at + args.steps <= keys:
             p.error(f"--at {at} --steps {args.steps}: profile within positions {first + 1}..{keys - 1} (one key "

@@ -160,7 +160,7 @@ class MT3SlotCache(EncoderDecoderCache):
         """Row r is at position `positions[r]` this step: read `length` key positions (the longest row's, rounded
         up to a bucket multiple), growing the storage; with `group_rows`, `groups` are runs of that many rows with
         their own lengths, neighbours merged where one length costs little more (`group_merge`)."""
-        self.length = self._keys_for(max(positions))
+        self.length = self.keys_for(max(positions))
         if self.length > self.capacity:
             self.capacity = max(2 * self.capacity, self.length)
             for layer in self.self_attention_cache.layers:
@@ -170,7 +170,7 @@ class MT3SlotCache(EncoderDecoderCache):
             groups = []
             for first in range(0, self.rows, self.group_rows):
                 end = min(first + self.group_rows, self.rows)
-                length = self._keys_for(max(positions[first:end]))
+                length = self.keys_for(max(positions[first:end]))
                 if groups:  # merged with the previous group where that reads few more keys than it saves ops
                     start, middle, previous = groups[-1]
                     longest = max(previous, length)
@@ -179,8 +179,10 @@ class MT3SlotCache(EncoderDecoderCache):
                 groups.append((first, end, length))
             self.groups = groups if len(groups) > 1 else None
 
-    def _keys_for(self, position: int) -> int:
-        return -(-(position + 1) // self.bucket) * self.bucket
+    @classmethod
+    def keys_for(cls, position: int) -> int:
+        """Key positions a row at `position` reads: position + 1, rounded up to a bucket multiple."""
+        return -(-(position + 1) // cls.bucket) * cls.bucket
 
     def self_attention_mask(self) -> torch.Tensor:
         """(rows, 1, 1, length) boolean, True = attend: each row sees its own past and present only."""

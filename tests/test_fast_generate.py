@@ -396,7 +396,7 @@ def test_self_attention_in_row_groups_matches_hf_greedy(slot_caches, monkeypatch
 def test_row_groups_merge_where_a_split_saves_little(monkeypatch):
     """Groups of `group_rows` rows, each over its longest row's keys (bucket multiples); neighbours merge where the
     merged group reads at most `group_merge` more row-positions, since every group costs its own ops."""
-    cache = MT3SlotCache(1, 12, torch.device("cpu"), group_rows=4)
+    cache = MT3SlotCache(1, 12, torch.device("cpu"), 1024, group_rows=4)
     positions = [0, 1, 2, 3, 40, 41, 42, 43, 500, 1, 2, 3]
     cache.reserve(positions)
     assert cache.length == 512
@@ -406,7 +406,9 @@ def test_row_groups_merge_where_a_split_saves_little(monkeypatch):
     assert cache.groups == [(0, 4, 32), (4, 8, 64), (8, 12, 512)]
     cache.reserve([40] * 12)
     assert cache.groups is None  # one length: one group
-    assert MT3SlotCache(1, 12, torch.device("cpu")).groups is None
+    assert MT3SlotCache(1, 12, torch.device("cpu"), 1024).groups is None
+    with pytest.raises(ValueError, match="1024 positions"):  # position 1024 is past the table
+        cache.reserve([1024] + [0] * 11)
 
 
 class FakeGraph:

@@ -104,8 +104,9 @@ class MT3SlotCache(EncoderDecoderCache):
 
     Every row in use decodes a segment. A decode step reads `length` key positions, a multiple of `bucket`: between
     two buckets, a step has the same shapes (a capturable step on GPUs). `positions` (rows,) is each row's current
-    input position. With `group_rows`, self-attention runs in `groups` of rows, each over its own longest row
-    (`reserve`): with continuous refill, a segment just admitted sits beside one ~1000 tokens old.
+    input position, below `max_positions` (the decoder's position table). With `group_rows`, self-attention runs in
+    `groups` of rows, each over its own longest row (`reserve`): with continuous refill, a segment just admitted sits
+    beside one ~1000 tokens old.
     """
 
     bucket = 32
@@ -114,8 +115,10 @@ class MT3SlotCache(EncoderDecoderCache):
     # ~2.5 us (32 rows at 1024 against 64 positions: +78 ms).
     group_merge = 384
 
-    def __init__(self, num_layers: int, rows: int, device: torch.device, group_rows: int | None = None):
-        self.rows, self.group_rows = rows, group_rows
+    def __init__(
+        self, num_layers: int, rows: int, device: torch.device, max_positions: int, group_rows: int | None = None
+    ):
+        self.rows, self.max_positions, self.group_rows = rows, max_positions, group_rows
         self.capacity, self.length = 2 * self.bucket, self.bucket
         self.groups: list[tuple[int, int, int]] | None = None  # (first row, end row, key length); None: one group
         super().__init__(
@@ -160,7 +163,11 @@ class MT3SlotCache(EncoderDecoderCache):
         """Row r is at position `positions[r]` this step: read `length` key positions (the longest row's, rounded
         up to a bucket multiple), growing the storage; with `group_rows`, `groups` are runs of that many rows with
         their own lengths, neighbours merged where one length costs little more (`group_merge`)."""
-        self.length = self.keys_for(max(positions))
+        longest = max(positions)
+        if longest >= self.max_positions:
+            raise ValueError(f"MT3 has {self.max_positions} positions (max_position_embeddings), but position "
+                             f"{longest} was requested")
+        self.length = self.keys_for(longest)
         if self.length > self.capacity:
             self.capacity = max(2 * self.capacity, self.length)
             for layer in self.self_attention_cache.layers:
@@ -279,7 +286,7 @@ class MT3GreedyPool:
         # cast on every step anyway. On CPU, attention runs as matmuls with a float32 softmax under autocast.
         autocast = torch.is_autocast_enabled(device.type)
         matmul = self.matmul_attention or (autocast and device.type == "cpu")
-        cache = MT3SlotCache(len(model.decoder.layers), rows, device, None if graphs else self.group_rows)
+        cache = MT3SlotCache(len(model.decoder.layers), rows, device, max_positions, None if graphs else self.group_rows)
         try:
             model.pack(rows, self.use_onednn and not autocast, matmul, fuse=graphs or not autocast)
             # streams, graphs and their memory pool belong to the current CUDA device: make it the model's (-1: none)
@@ -294,7 +301,6 @@ class MT3GreedyPool:
                 interval):
         rows, device = cache.rows, cache.positions.device
         segments = features.shape[0]
-        max_positions = self.model.decoder.position_embedding.max_len
         eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
         out = torch.full((segments, max_new_tokens + 1), pad_token_id, dtype=torch.long)
         tokens = torch.full((rows, max_new_tokens + 1), start, dtype=torch.long, device=device)
@@ -311,10 +317,7 @@ class MT3GreedyPool:
             # an ended row waits at its last position (at most max_new_tokens) until the host collects it; idle: 0
             row_positions = [0 if segment is None else min(step - at, max_new_tokens)
                              for at, segment in zip(admitted_at, segment_of)]
-            if max(row_positions) >= max_positions:
-                raise ValueError(f"MT3 has {max_positions} positions (max_position_embeddings), but position "
-                                 f"{max(row_positions)} was requested")
-            cache.reserve(row_positions)
+            cache.reserve(row_positions)  # raises if a row passed the position table
             positions = None
             if processors is not None:
                 positions = {row: row_positions[row] for row in range(cache.rows) if segment_of[row] is not None}

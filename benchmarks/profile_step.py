@@ -10,6 +10,13 @@ cache's bucket) for `--steps` steps. For each (mode, P) it writes `profile_MODE_
 by device time on CUDA), `trace_MODE_P.json` (Chrome trace) and one line of `summary.json`: seconds per step, and
 the bytes a step must read (decoder weights, cross- and self-attention keys/values, at the model's dtype: under
 `--autocast` the keys/values take half that) over that time.
+
+Modes: `eager`, `graphs` (the step replayed as CUDA graphs, generate()'s CUDA default), and `compiled` /
+`compiled+graphs`: the same step through `torch.compile` (`--compile-backend`, inductor by default: it fuses the
+norms, residual adds and GELU into fewer kernels), an experiment that `generate()` does not offer. It asks whether
+fewer kernels a step would reach what 3x the original needs on a GPU (README, "GPU"); compilation happens before
+the timed steps (the summary counts the graphs compiled), and the linears run unpacked, since inductor cannot lower
+oneDNN's packed ones.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,10 +51,13 @@ def step_bytes(config: MT3Config, rows: int, keys: int, element: int) -> dict[st
     }
 
 
-def profile_steps(model, features, mode: str, at: int, steps: int, device: torch.device) -> tuple[float, str, object]:
+def profile_steps(model, features, mode: str, at: int, steps: int, device: torch.device,
+                  compile_backend: str = "inductor") -> tuple[float, str, object]:
     """Decode until every row is at position `at`, then time and profile `steps` steps: (seconds per step, the
     profiler's table, the profiler)."""
-    pool = MT3GreedyPool(model, features.shape[0], cuda_graphs=mode == "graphs")
+    compiled = mode.startswith("compiled")
+    pool = MT3GreedyPool(model, features.shape[0], cuda_graphs=mode.endswith("graphs"),
+                         use_onednn=False if compiled else None)
     cuda = device.type == "cuda"
     profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
     state = {"step": 0, "start": 0.0, "seconds": None}
@@ -66,6 +77,12 @@ def profile_steps(model, features, mode: str, at: int, steps: int, device: torch
         return reserve(cache, positions)
 
     MT3SlotCache.reserve = counting_reserve
+    step = MT3GreedyPool._step
+    if compiled:  # the instance's step only: other pools keep the class's
+        # one graph per key length until the lengths turn symbolic: more than the default limit of 8, past which
+        # Dynamo would run the step eagerly without a word
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        pool._step = torch.compile(step.__get__(pool), backend=compile_backend)
     try:
         # one more step than profiled, so that the last profiled one ends before `reserve` stops the profiler
         pool.generate(features, at + steps + 1, [-1], 0, 0)
@@ -82,7 +99,9 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=256, help="segments decoded at once (the pool's rows)")
     p.add_argument("--at", default="100,1000", help="positions at which to profile, comma-separated")
     p.add_argument("--steps", type=int, default=20, help="steps profiled at each position")
-    p.add_argument("--modes", default="eager,graphs", help="eager and/or graphs (CUDA graphs: skipped off CUDA)")
+    p.add_argument("--modes", default="eager,graphs",
+                   help="eager, graphs, compiled, compiled+graphs (the graphs modes are skipped off CUDA)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled modes")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model cast")
     p.add_argument("--autocast", choices=["bfloat16", "float16"], help="decode under torch.autocast (mixed mode)")
     p.add_argument("--out", required=True, help="folder for the tables, traces and summary.json")
@@ -105,18 +124,28 @@ def main(argv=None) -> int:
     features = torch.randn(args.rows, FRAMES, config.input_depth, device=device)
     element = torch.finfo(getattr(torch, args.dtype)).bits // 8
     summary = []
-    for mode in args.modes.split(","):
-        if mode == "graphs" and device.type != "cuda":
+    modes = args.modes.split(",")
+    unknown = set(modes) - {"eager", "graphs", "compiled", "compiled+graphs"}
+    if unknown:
+        p.error(f"--modes: unknown {', '.join(sorted(unknown))} (eager, graphs, compiled, compiled+graphs)")
+    for mode in modes:
+        if mode.endswith("graphs") and device.type != "cuda":
             continue
         for at, keys in positions:
             with torch.autocast(device.type, getattr(torch, args.autocast or "float32"), enabled=bool(args.autocast)):
-                seconds, table, profiler = profile_steps(model, features, mode, at, args.steps, device)
+                torch._dynamo.reset()  # each compiled run compiles and counts its own graphs
+                torch._dynamo.utils.counters.clear()
+                seconds, table, profiler = profile_steps(model, features, mode, at, args.steps, device,
+                                                         args.compile_backend)
             needed = step_bytes(config, args.rows, keys, element)
             line = {"mode": mode, "rows": args.rows, "position": at, "keys": keys, "dtype": args.dtype,
                     "autocast": args.autocast,
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "ms_per_step": round(seconds * 1e3, 3), "bytes_per_step": needed,
                     "GB_per_s": round(sum(needed.values()) / seconds / 1e9, 1)}
+            if mode.startswith("compiled"):
+                line.update(compile_backend=args.compile_backend,
+                            compiled_graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"])
             summary.append(line)
             (out / f"profile_{mode}_{at}.txt").write_text(table)
             profiler.export_chrome_trace(str(out / f"trace_{mode}_{at}.json"))

@@ -105,3 +105,20 @@ def test_profile_step_runs_on_cpu(tmp_path):
     assert "aten::bmm" in (tmp_path / "profile_eager_40.txt").read_text()  # CPU attention runs as matmuls
     refused = subprocess.run([*run, "--at", "32"], capture_output=True, text=True)
     assert refused.returncode == 2 and "within positions 33..63" in refused.stderr.splitlines()[-1]
+
+
+def test_profile_step_compiled_mode_on_cpu(tmp_path):
+    """The compiled mode (for a GPU's inductor) through Dynamo's eager backend on the CPU: the step is compiled
+    before the timed steps, runs with unpacked linears (inductor cannot lower oneDNN's packed ones) and reports the
+    graphs it compiled; an unknown mode is refused in one line."""
+    run = [sys.executable, str(PROFILE), "--device", "cpu", "--rows", "2", "--steps", "3", "--at", "40",
+           "--out", str(tmp_path)]
+    done = subprocess.run([*run, "--modes", "compiled,compiled+graphs", "--compile-backend", "eager"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (line,) = json.loads((tmp_path / "summary.json").read_text())  # compiled+graphs: skipped off CUDA
+    assert (line["mode"], line["compile_backend"]) == ("compiled", "eager") and line["compiled_graphs"] >= 1
+    table = (tmp_path / "profile_compiled_40.txt").read_text()
+    assert "aten::mm" in table and "mkldnn::_linear_pointwise" not in table
+    refused = subprocess.run([*run, "--modes", "eager,fast"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown fast" in refused.stderr.splitlines()[-1]

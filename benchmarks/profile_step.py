@@ -15,8 +15,8 @@ Modes: `eager`, `graphs` (the step replayed as CUDA graphs, generate()'s CUDA de
 `compiled+graphs`: the same step through `torch.compile` (`--compile-backend`, inductor by default: it fuses the
 norms, residual adds and GELU into fewer kernels), an experiment that `generate()` does not offer. It asks whether
 fewer kernels a step would reach what 3x the original needs on a GPU (README, "GPU"); compilation happens before
-the timed steps (the summary counts the graphs compiled), and the linears run unpacked, since inductor cannot lower
-oneDNN's packed ones.
+the timed steps (the summary counts the graphs compiled), and the linears run without oneDNN's packed layout,
+which inductor cannot lower.
 """
 
 from __future__ import annotations
@@ -77,12 +77,13 @@ def profile_steps(model, features, mode: str, at: int, steps: int, device: torch
         return reserve(cache, positions)
 
     MT3SlotCache.reserve = counting_reserve
-    step = MT3GreedyPool._step
     if compiled:  # the instance's step only: other pools keep the class's
+        torch._dynamo.reset()  # this run compiles, and counts, its own graphs
+        torch._dynamo.utils.counters.clear()
         # one graph per key length until the lengths turn symbolic: more than the default limit of 8, past which
         # Dynamo would run the step eagerly without a word
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        pool._step = torch.compile(step.__get__(pool), backend=compile_backend)
+        pool._step = torch.compile(pool._step, backend=compile_backend)
     try:
         # one more step than profiled, so that the last profiled one ends before `reserve` stops the profiler
         pool.generate(features, at + steps + 1, [-1], 0, 0)
@@ -133,8 +134,6 @@ def main(argv=None) -> int:
             continue
         for at, keys in positions:
             with torch.autocast(device.type, getattr(torch, args.autocast or "float32"), enabled=bool(args.autocast)):
-                torch._dynamo.reset()  # each compiled run compiles and counts its own graphs
-                torch._dynamo.utils.counters.clear()
                 seconds, table, profiler = profile_steps(model, features, mode, at, args.steps, device,
                                                          args.compile_backend)
             needed = step_bytes(config, args.rows, keys, element)

@@ -109,7 +109,7 @@ def test_profile_step_runs_on_cpu(tmp_path):
 
 def test_profile_step_compiled_mode_on_cpu(tmp_path):
     """The compiled mode (for a GPU's inductor) through Dynamo's eager backend on the CPU: the step is compiled
-    before the timed steps, runs with unpacked linears (inductor cannot lower oneDNN's packed ones) and reports the
+    before the timed steps, runs its linears without oneDNN's packed layout (inductor cannot lower it) and reports the
     graphs it compiled; an unknown mode is refused in one line."""
     run = [sys.executable, str(PROFILE), "--device", "cpu", "--rows", "2", "--steps", "3", "--at", "40",
            "--out", str(tmp_path)]

@@ -163,11 +163,11 @@ class MT3SlotCache(EncoderDecoderCache):
         """Row r is at position `positions[r]` this step: read `length` key positions (the longest row's, rounded
         up to a bucket multiple), growing the storage; with `group_rows`, `groups` are runs of that many rows with
         their own lengths, neighbours merged where one length costs little more (`group_merge`)."""
-        longest = max(positions)
-        if longest >= self.max_positions:
+        furthest = max(positions)
+        if furthest >= self.max_positions:
             raise ValueError(f"MT3 has {self.max_positions} positions (max_position_embeddings), but position "
-                             f"{longest} was requested")
-        self.length = self.keys_for(longest)
+                             f"{furthest} was requested")
+        self.length = self.keys_for(furthest)
         if self.length > self.capacity:
             self.capacity = max(2 * self.capacity, self.length)
             for layer in self.self_attention_cache.layers:

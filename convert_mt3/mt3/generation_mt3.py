@@ -287,15 +287,21 @@ class MT3GreedyPool:
         autocast = torch.is_autocast_enabled(device.type)
         matmul = self.matmul_attention or (autocast and device.type == "cpu")
         cache = MT3SlotCache(len(model.decoder.layers), rows, device, max_positions, None if graphs else self.group_rows)
+        # Inference mode: each op dispatches faster than under no_grad alone (no view or version tracking; the 60 s
+        # clip's first 8 segments: 6.64 against 6.98 s, ten alternating runs on 2 CPU cores), same kernels. Not
+        # under autocast: there torch (since 2.9) caches no weight casts, so every step would cast every weight
+        # again, and older versions cached inference tensors that a later backward in the same region refuses.
         try:
-            model.pack(rows, self.use_onednn and not autocast, matmul, fuse=graphs or not autocast)
-            # streams, graphs and their memory pool belong to the current CUDA device: make it the model's (-1: none)
-            with torch.cuda.device(device if device.type == "cuda" else -1):
-                return self._decode(cache, input_features, max_new_tokens, eos_token_ids, pad_token_id,
-                                    decoder_start_token_id, logits_processor or None, graphs, interval).to(device)
+            with torch.inference_mode(not autocast):
+                model.pack(rows, self.use_onednn and not autocast, matmul, fuse=graphs or not autocast)
+                # streams, graphs and their memory pool belong to the current CUDA device: make it the model's
+                with torch.cuda.device(device if device.type == "cuda" else -1):  # -1: no CUDA device
+                    ids = self._decode(cache, input_features, max_new_tokens, eos_token_ids, pad_token_id,
+                                       decoder_start_token_id, logits_processor or None, graphs, interval)
         finally:
             model.unpack()
             cache.release()
+        return ids.to(device).clone()  # outside inference mode: a tensor the caller may update in place
 
     def _decode(self, cache, features, max_new_tokens, eos_token_ids, pad_token_id, start, processors, graphs,
                 interval):

@@ -310,24 +310,29 @@ def test_bfloat16_runs(model):
 
 def test_steps_run_in_inference_mode_and_ids_stay_ordinary(model, monkeypatch):
     """Decode steps run in inference mode (cheaper dispatch), except under autocast (whose weight casts are cached
-    outside it only); the ids returned are an ordinary tensor, which the caller may change in place."""
+    outside it only), never with gradients; the ids returned are an ordinary tensor, which the caller may change in
+    place. A caller's own inference mode around autocast stays."""
     seen = []
     step = MT3GreedyPool._step
 
     def recording(self, *args):
-        seen.append(torch.is_inference_mode_enabled())
+        seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
         return step(self, *args)
 
     monkeypatch.setattr(MT3GreedyPool, "_step", recording)
     x = frames(3, seed=12)
     got = model.generate(input_features=x, segment_batch_size=2)
-    assert seen and all(seen)
+    assert seen and set(seen) == {(True, False)}
     assert not got.is_inference()
     got[0, 0] = 7  # an inference tensor refuses this outside inference mode
     seen.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model.generate(input_features=x, segment_batch_size=2, max_new_tokens=4)
-    assert seen and not any(seen)
+    assert seen and set(seen) == {(False, False)}
+    seen.clear()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.generate(input_features=x, segment_batch_size=2, max_new_tokens=4)
+    assert seen and set(seen) == {(True, False)}
 
 
 def test_cache_grows_past_first_capacity():

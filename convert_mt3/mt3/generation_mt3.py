@@ -9,6 +9,8 @@ end after tens to ~1000 tokens, so most rows would be finished for most steps), 
 concatenation per step and layer.
 """
 
+import contextlib
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, EncoderDecoderCache
 from transformers.generation import LogitsProcessorList
@@ -288,11 +290,12 @@ class MT3GreedyPool:
         matmul = self.matmul_attention or (autocast and device.type == "cpu")
         cache = MT3SlotCache(len(model.decoder.layers), rows, device, max_positions, None if graphs else self.group_rows)
         # Inference mode: each op dispatches faster than under no_grad alone (no view or version tracking; the 60 s
-        # clip's first 8 segments: 6.64 against 6.98 s, ten alternating runs on 2 CPU cores), same kernels. Not
-        # under autocast: there torch (since 2.9) caches no weight casts, so every step would cast every weight
-        # again, and older versions cached inference tensors that a later backward in the same region refuses.
+        # clip's first 8 segments: 6.64 against 6.98 s, ten alternating runs on 2 CPU cores), same kernels. Under
+        # autocast no_grad only (and a caller's own inference mode stays): in inference mode recent torch caches no
+        # weight casts, so every step would cast every weight again, and older torch cached inference tensors that
+        # a later backward in the same region refuses. (`inference_mode(False)` would turn gradients back on.)
         try:
-            with torch.inference_mode(not autocast):
+            with torch.inference_mode() if not autocast else contextlib.nullcontext():
                 model.pack(rows, self.use_onednn and not autocast, matmul, fuse=graphs or not autocast)
                 # streams, graphs and their memory pool belong to the current CUDA device: make it the model's
                 with torch.cuda.device(device if device.type == "cuda" else -1):  # -1: no CUDA device

@@ -304,7 +304,7 @@ class MT3GreedyPool:
         finally:
             model.unpack()
             cache.release()
-        return ids.to(device).clone()  # outside inference mode: a tensor the caller may update in place
+        return ids.to(device, copy=True)  # a copy made outside inference mode: the caller may update it in place
 
     def _decode(self, cache, features, max_new_tokens, eos_token_ids, pad_token_id, start, processors, graphs,
                 interval):

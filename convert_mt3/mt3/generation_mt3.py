@@ -9,8 +9,6 @@ end after tens to ~1000 tokens, so most rows would be finished for most steps), 
 concatenation per step and layer.
 """
 
-import contextlib
-
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, EncoderDecoderCache
 from transformers.generation import LogitsProcessorList
@@ -295,7 +293,7 @@ class MT3GreedyPool:
         # weight casts, so every step would cast every weight again, and older torch cached inference tensors that
         # a later backward in the same region refuses. (`inference_mode(False)` would turn gradients back on.)
         try:
-            with torch.inference_mode() if not autocast else contextlib.nullcontext():
+            with torch.inference_mode() if not autocast else torch.no_grad():  # no_grad: already on, a no-op
                 model.pack(rows, self.use_onednn and not autocast, matmul, fuse=graphs or not autocast)
                 # streams, graphs and their memory pool belong to the current CUDA device: make it the model's
                 with torch.cuda.device(device if device.type == "cuda" else -1):  # -1: no CUDA device

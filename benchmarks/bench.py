@@ -252,7 +252,9 @@ def worker_long(args: argparse.Namespace) -> None:
 
 
 def worker_matmul(args: argparse.Namespace) -> None:
-    """Row 4: float32 (256x512) @ (512x1024), GFLOP/s on all threads (the rate of the floor) and on one.
+    """Rows 4 and 5: float32 (256x512) @ (512x1024), GFLOP/s on all threads (the rate of the floor) and on one; and
+    the rate at which a sum reads 512 MB of float32 from memory (row 5's floor: far beyond any cache, as the
+    decoder's weights and keys/values are).
 
     Many short rounds (~20 matmuls each), best taken: on a shared VM a long round is almost always hit
     by another process, and two OpenMP threads then wait on each other."""
@@ -285,9 +287,16 @@ def worker_matmul(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     one_thread = rates(lambda: torch.matmul(a, b, out=out))
     torch.set_num_threads(threads)
+    memory = torch.ones(2**27)  # 512 MB
+    reads = []
+    for _ in range(12):
+        t0 = time.perf_counter()
+        memory.sum()
+        reads.append(memory.numel() * 4 / (time.perf_counter() - t0) / 1e9)
     _emit({"gflops_best": max(all_threads), "gflops_median": statistics.median(all_threads),
            "gflops_1thread_best": max(one_thread), "gflops_1thread_median": statistics.median(one_thread),
            "gflops_onednn_best": max(onednn, default=0.0),
+           "read_gbs_best": max(reads), "read_gbs_median": statistics.median(reads), "read_rounds": len(reads),
            "torch_threads": threads, "rounds": rounds, "matmuls_per_round": inner})
 
 
@@ -375,8 +384,9 @@ def worker_port(args: argparse.Namespace) -> None:
         best = min(best, time.perf_counter() - t0)
     rows = [_cut(row)[0] for row in tokens.tolist()]
     Path(args.out).write_text(json.dumps({"segments": rows}))
+    generated = [_cut(row)[1] for row in tokens.tolist()]
     _emit({**load, "mode": args.mode, "device": args.device, "pool": args.pool, "segments": len(rows), "generate_s": best,
-           "tokens": sum(_cut(row)[1] for row in tokens.tolist()), "torch_threads": torch.get_num_threads(),
+           "tokens": sum(generated), "generated_per_segment": generated, "torch_threads": torch.get_num_threads(),
            **device_info()})
 
 
@@ -685,11 +695,18 @@ FLOP_FORMULA = (
 )
 
 
+def decoder_weights(config: dict) -> int:
+    """Parameters a decode step multiplies every row by: per layer q/k/v/out, cross-attention q/out and wi_0/wi_1/wo
+    (the cross-attention keys/values are projected once per segment); and the logits."""
+    d, dff, inner = config["d_model"], config["d_ff"], config["num_heads"] * config["d_kv"]
+    return config["num_decoder_layers"] * (3 * d * inner + inner * d + d * inner + inner * d + 3 * d * dff) + d * config["vocab_size"]
+
+
 def model_flops(config: dict, generated_per_segment: list[int]) -> dict:
-    d, dff, V = config["d_model"], config["d_ff"], config["vocab_size"]
+    d, dff = config["d_model"], config["d_ff"]
     inner = config["num_heads"] * config["d_kv"]
     L_enc, L_dec, depth, F = config["num_layers"], config["num_decoder_layers"], config["input_depth"], 256
-    per_token_fixed = L_dec * (2 * (3 * d * inner + inner * d + d * inner + inner * d + 3 * d * dff) + 4 * inner * F) + 2 * d * V
+    per_token_fixed = 2 * decoder_weights(config) + L_dec * 4 * inner * F
     tokens = sum(generated_per_segment)
     decoder = sum(n * per_token_fixed + L_dec * 4 * inner * n * (n + 1) / 2 for n in generated_per_segment)
     per_segment = F * 2 * depth * d + L_enc * F * (2 * (4 * d * inner + 3 * d * dff) + 4 * inner * F) + L_dec * 4 * F * d * inner
@@ -703,10 +720,9 @@ def naive_flops(config: dict, generated_per_segment: list[int]) -> float:
     """FLOPs of generate(use_cache=False) one segment per call: step t (1..n) re-runs the decoder and the
     logits over all t positions, projects cross-attention keys/values of the 256 frames again, and does
     t x t self-attention; plus the encoder once per segment. Used only to extrapolate --quick's naive row."""
-    d, dff, V = config["d_model"], config["d_ff"], config["vocab_size"]
-    inner = config["num_heads"] * config["d_kv"]
+    d, inner = config["d_model"], config["num_heads"] * config["d_kv"]
     L_dec, F = config["num_decoder_layers"], 256
-    per_position = L_dec * (2 * (3 * d * inner + inner * d + d * inner + inner * d + 3 * d * dff) + 4 * inner * F) + 2 * d * V
+    per_position = 2 * decoder_weights(config) + L_dec * 4 * inner * F
     per_step = L_dec * 4 * F * d * inner
     encoder = model_flops(config, [0])["per_segment_flop"] - per_step
     total = 0.0
@@ -715,11 +731,14 @@ def naive_flops(config: dict, generated_per_segment: list[int]) -> float:
     return total
 
 
+def floor_gflops(rate: dict) -> float:
+    """The fastest float32 product measured (oneDNN, which the fast path uses, is usually the fastest; on a contended
+    VM two OpenMP threads can fall below one thread's rate, and then the one-thread rate is the truer floor)."""
+    return max(rate["gflops_best"], rate["gflops_1thread_best"], rate.get("gflops_onednn_best", 0.0))
+
+
 def row_floor(config: dict, rate: dict, runs: dict[str, dict]) -> dict:
-    # The rate on all threads (as the brief asks); on a contended VM two OpenMP threads can fall below one
-    # thread's rate, and then the one-thread rate is the truer floor.
-    # The fastest float32 product measured (oneDNN, which the fast path uses, is usually the fastest).
-    gflops = max(rate["gflops_best"], rate["gflops_1thread_best"], rate.get("gflops_onednn_best", 0.0))
+    gflops = floor_gflops(rate)
     out = {"matmul": rate, "floor_gflops": gflops, "formula": FLOP_FORMULA, "runs": {}}
     for name, run in runs.items():
         fl = model_flops(config, run["generated_per_segment"])
@@ -729,6 +748,24 @@ def row_floor(config: dict, rate: dict, runs: dict[str, dict]) -> dict:
         out["runs"][name] = {**fl, "floor_s": floor_s, "floor_tokens_only_s": fl["decoder_gflop"] / gflops,
                              "compute_s": compute, "ratio_compute": compute / floor_s, "ratio_generate": generate / floor_s}
     return out
+
+
+def dense_floor(config: dict, rate: dict, generated_per_segment: list[int]) -> dict:
+    """Row 5: a lower bound on the port's float32 generate() of these tokens on this machine, from rates measured in
+    the same run. The encoder and cross-attention keys/values at the best GEMM rate; the decoder at that rate or
+    reading what it must at the measured memory read rate, whichever takes longer. A decode step reads the decoder's
+    weights once (there are at least as many steps as the longest segment has tokens), and a row at token t its
+    segment's cross-attention keys/values (256 frames) and t self-attention keys/values, in every layer."""
+    gflops, read = floor_gflops(rate), rate["read_gbs_best"]
+    flops = model_flops(config, generated_per_segment)
+    inner, layers, frames = config["num_heads"] * config["d_kv"], config["num_decoder_layers"], 256
+    positions = sum(n * frames + n * (n + 1) // 2 for n in generated_per_segment)  # keys read per layer (and values)
+    decoder_bytes = 4 * (max(generated_per_segment) * decoder_weights(config) + layers * 2 * inner * positions)
+    encoder_s, compute_s = flops["encoder_gflop"] / gflops, flops["decoder_gflop"] / gflops
+    read_s = decoder_bytes / 1e9 / read
+    return {"gflops": gflops, "read_gbs": read, "encoder_s": encoder_s, "decoder_compute_s": compute_s,
+            "decoder_read_gb": decoder_bytes / 1e9, "decoder_read_s": read_s,
+            "floor_s": encoder_s + max(compute_s, read_s), "floor_serial_s": encoder_s + compute_s + read_s}
 
 
 # --------------------------------------------------------------------------------------------- table
@@ -804,6 +841,12 @@ def fmt_table(res: dict) -> str:
             f"{r['port_s_per_s']:.4f} / {r['original_s_per_s']:.4f}")
         add("", "  segments with identical tokens, port vs original", f"{o['segments_identical']}/{o['segments_golden']}")
         add("", "  port peak resident memory (ru_maxrss)", f"{p['ru_maxrss_kb'] * 1024 / 1e9:.2f} GB")
+        f = r.get("floor")
+        if f:
+            add("", "  floor here: encoder + max(decoder FLOPs, bytes read)", f"{f['floor_s']:.2f} s",
+                f"{TARGET_DENSE_RATIO:.0f}x needs {f['needed_s']:.2f} s", f"{f['port_over_floor']:.2f}x")
+            add("", f"  rates: {f['gflops']:.0f} GFLOP/s, read {f['read_gbs']:.1f} GB/s; decoder reads",
+                f"{f['decoder_read_gb']:.1f} GB", f"serial {f['floor_serial_s']:.2f} s")
         for mode in (key[5:] for key, v in r.items() if key.startswith("port_") and isinstance(v, dict)):
             if mode != "float32" and "pool" not in mode:
                 m = r[f"port_{mode}"]
@@ -972,8 +1015,9 @@ def main(argv=None) -> int:
                 res["rows"]["2"] = row_transcription(model_dir, shared, args.reps, args.quick)
             if "3" in rows:
                 res["rows"]["3"] = row_long(model_dir, shared, args.long_seconds)
+            config = json.loads((model_dir / "config.json").read_text())
             if "4" in rows:
-                _, rate = run_process(worker_cmd("matmul"), "row 4: matmul rate")
+                _, rate = run_process(worker_cmd("matmul"), "row 4: matmul and memory read rates")
                 runs = {}
                 r2, r3 = res["rows"].get("2"), res["rows"].get("3")
                 if r2:
@@ -985,11 +1029,16 @@ def main(argv=None) -> int:
                     golden = json.loads((shared / "golden" / MAIN_CASE / "tokens.json").read_text())["segments"]
                     runs["case a, golden tokens (no run)"] = {"generated_per_segment": [len(g) + 1 for g in golden],
                                                               "compute_s": float("nan"), "runs": [{"generate_s": float("nan")}]}
-                config = json.loads((model_dir / "config.json").read_text())
                 res["rows"]["4"] = row_floor(config, rate, runs)
             if "5" in rows:
                 pools = tuple(int(p) for p in args.pools.split(",") if p.strip())
-                res["rows"]["5"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, pools=pools)
+                r5 = res["rows"]["5"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, pools=pools)
+                if "4" not in rows:
+                    _, rate = run_process(worker_cmd("matmul"), "row 5 floor: matmul and memory read rates")
+                port = r5["port_float32"]
+                r5["floor"] = {**dense_floor(config, rate, port["generated_per_segment"]),
+                               "needed_s": r5["original"]["decode_s"] / TARGET_DENSE_RATIO}
+                r5["floor"]["port_over_floor"] = port["generate_s"] / r5["floor"]["floor_s"]
             save()
             needs_cuda = "6" in rows or "7" in rows or ("8" in rows and not args.e2e_device)
             cuda = needs_cuda and run_process(worker_cmd("cuda"), "CUDA present?")[1]["cuda"]

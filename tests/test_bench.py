@@ -122,3 +122,29 @@ def test_profile_step_compiled_mode_on_cpu(tmp_path):
     assert "aten::mm" in table and "mkldnn::_linear_pointwise" not in table
     refused = subprocess.run([*run, "--modes", "eager,fast"], capture_output=True, text=True)
     assert refused.returncode == 2 and "unknown fast" in refused.stderr.splitlines()[-1]
+
+
+def test_row_5_floor_counts_the_bytes_a_decode_must_read():
+    """Row 5's floor on a toy configuration, by hand: a step reads the decoder's weights once (3 steps: the longest
+    segment), and a row at token t 256 cross-attention and t self-attention keys and values per layer; the decoder
+    costs its FLOPs or its reads, whichever is longer, and the table shows the floor against what 6x needs."""
+    module = load_bench()
+    config = {"d_model": 4, "d_ff": 8, "num_heads": 2, "d_kv": 2, "num_layers": 1, "num_decoder_layers": 1,
+              "vocab_size": 10, "input_depth": 4}
+    weights = 3 * 4 * 4 + 4 * 4 + 4 * 4 + 4 * 4 + 3 * 4 * 8 + 4 * 10  # q/k/v, out, cross q, cross out, MLP; logits
+    keys = (2 * 256 + 1 + 2) + (3 * 256 + 1 + 2 + 3)  # segments of 2 and 3 tokens
+    rate = {"gflops_best": 2.0, "gflops_1thread_best": 1.0, "gflops_onednn_best": 0.0, "read_gbs_best": 1e-3}
+    floor = module.dense_floor(config, rate, [2, 3])
+    assert floor["gflops"] == 2.0 and floor["decoder_read_gb"] * 1e9 == 4 * (3 * weights + 2 * 4 * keys)
+    assert floor["decoder_read_s"] > floor["decoder_compute_s"]  # reads dominate at 1 MB/s
+    assert floor["floor_s"] == floor["encoder_s"] + floor["decoder_read_s"]
+    assert floor["floor_serial_s"] == floor["floor_s"] + floor["decoder_compute_s"]
+
+    port = {"generate_s": 2.0, "ru_maxrss_kb": 10**6}
+    original = {"decode_s": 12.0, "device": "cpu", "jax": "0", "batch": 8, "segments_identical": 2, "segments_golden": 2}
+    row = {"audio_s": 4.0, "ratio": 6.0, "port_s_per_s": 0.5, "original_s_per_s": 3.0, "port_float32": port,
+           "original": original, "floor": {**floor, "needed_s": 2.0, "port_over_floor": 2.0 / floor["floor_s"]}}
+    res = {"machine": {"cpu_count": 2, "python": "3", "loadavg_start": 0.0}, "quick": False, "reps": 1,
+           "rows": {"5": row}}
+    (line,) = [line for line in module.fmt_table(res).splitlines() if "floor here" in line]
+    assert "6x needs 2.00 s" in line

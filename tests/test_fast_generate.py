@@ -356,6 +356,23 @@ def test_generate_without_features_says_what_it_needs(model):
         model.generate(input_ids=torch.zeros(1, 1, dtype=torch.long))
 
 
+def test_features_must_be_a_tensor(model):
+    """The processor's default (numpy) output gives one clear error, not an AttributeError deep in the encoder."""
+    with pytest.raises(ValueError, match='found ndarray: call the processor with return_tensors="pt"'):
+        model.generate(input_features=frames(2).numpy())
+
+
+def test_no_segments_give_the_asked_output_type(model):
+    """Audio of length 0: no row, in the type asked for, the start id first; settings are checked as usual."""
+    empty = torch.zeros(0, *frames(1).shape[1:])
+    ids = model.generate(input_features=empty, decoder_start_token_id=5)
+    assert ids.shape == (0, 1) and ids.dtype == torch.long
+    out = model.generate(input_features=empty, return_dict_in_generate=True)
+    assert type(out).__name__ == "GenerateEncoderDecoderOutput" and out.sequences.shape == (0, 1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(input_features=empty, max_new_tokens=0)
+
+
 def test_processor_output_goes_straight_in(model, count_fast):
     """`model.generate(**processor(audio=...))`: the segment start times it also holds are accepted and unused."""
     x = frames(3, seed=5)

@@ -129,6 +129,17 @@ def test_options(tiny_pipe):
     assert "midi" not in tiny_pipe(audio, return_midi=False)
 
 
+def test_asr_pipeline_conventions(tiny_pipe):
+    """transformers' ASR pipeline's input dict key "raw", and generate() asked for a dict output, give the same
+    notes as the plain forms."""
+    audio = tone(2.5, 16000)
+    plain = tiny_pipe({"array": audio, "sampling_rate": 16000}, return_midi=False)
+    assert tiny_pipe({"raw": audio, "sampling_rate": 16000}, return_midi=False) == plain
+    as_dict = tiny_pipe(audio, sampling_rate=16000, return_midi=False,
+                        generate_kwargs={"return_dict_in_generate": True, "max_new_tokens": 64})  # replaces the fixture's
+    assert as_dict == plain and len(plain["notes"]) > 0
+
+
 def test_programs_keep_the_unfiltered_notes(tiny_pipe):
     """programs= leaves decoding alone and keeps exactly the unfiltered transcription's notes of those programs, and
     its drums (the random model writes drums only, so the model's output is built from known notes)."""

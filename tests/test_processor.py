@@ -94,6 +94,23 @@ def test_golden_audio_to_notes(processor, golden_cases):
         assert buffer.getvalue() == (case / "transcription.mid").read_bytes()
 
 
+def test_casting_the_inputs_keeps_the_segment_times(processor, golden_cases):
+    """`inputs.to(device, dtype)` (the usual step before generate()) casts `input_features` and leaves the segment
+    start times float64 on the host, so decoding places notes exactly; start times cast by hand are refused."""
+    case = golden_cases[0]
+    inputs = processor(audio=np.load(case / "samples.npy"), sampling_rate=16000, return_tensors="pt")
+    times = inputs["segment_start_times"].clone()
+    assert inputs.to("cpu", torch.float16) is inputs and inputs.to(torch.bfloat16) is inputs
+    assert inputs["input_features"].dtype == torch.bfloat16 and list(inputs)[0] == "input_features"
+    assert inputs["segment_start_times"].dtype == torch.float64 and torch.equal(inputs["segment_start_times"], times)
+    generated = as_generate_output(json.loads((case / "tokens.json").read_text())["segments"])
+    out = processor.batch_decode(generated, inputs, return_midi=False)
+    assert_notes_equal(out["notes"], read_notes_csv(case / "notes.csv"), f"{case.name} after inputs.to(bfloat16)")
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match=f"segment_start_times are {dtype}; expected float64"):
+            processor.batch_decode(generated, {"segment_start_times": times.to(dtype)})
+
+
 def test_empty_audio_gives_empty_midi(processor):
     inputs = processor(audio=np.zeros(0, dtype=np.float32), sampling_rate=16000, return_tensors="pt")
     assert tuple(inputs["input_features"].shape) == (0, 256, 512)

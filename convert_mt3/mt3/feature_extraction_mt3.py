@@ -31,6 +31,21 @@ DEFAULT_LOG_FLOOR = 1e-5
 DEFAULT_TORCH_SEGMENTS_PER_CHUNK = 16
 
 
+class MT3BatchFeature(BatchFeature):
+    """A `BatchFeature` whose `to()` moves and casts everything but `segment_start_times`: those stay float64 seconds
+    on the host, where decoding reads them (`inputs.to(device, torch.float16)` would move notes by up to tens of ms,
+    and bfloat16 or MPS, which has no float64, would fail)."""
+
+    def to(self, *args, **kwargs) -> "MT3BatchFeature":
+        times = self.data.pop("segment_start_times", None)
+        try:
+            super().to(*args, **kwargs)
+        finally:
+            if times is not None:
+                self.data["segment_start_times"] = times
+        return self
+
+
 class MT3FeatureExtractor(SequenceFeatureExtractor):
     r"""
     Constructs an MT3 feature extractor.
@@ -238,9 +253,9 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
             device (`str`, *optional*): if given, compute with torch.stft on this device (float64) instead of numpy.
 
         Returns:
-            [`BatchFeature`] with `input_features` (num_segments, frames_per_segment, feature_size) float32 and
+            [`MT3BatchFeature`] with `input_features` (num_segments, frames_per_segment, feature_size) float32 and
             `segment_start_times` (num_segments,) float64: start of each segment in seconds, computed like the
-            colab's `input_times` (frame index / frames per second).
+            colab's `input_times` (frame index / frames per second); its `to(device, dtype)` leaves them as they are.
         """
         if sampling_rate is not None and sampling_rate != self.sampling_rate:
             raise ValueError(
@@ -274,7 +289,7 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
 
         # Same float arithmetic as the colab: np.arange(num_frames) / frames_per_second.
         start_times = np.array([start / self.frames_per_second for start, _ in bounds], dtype=np.float64)
-        return BatchFeature(
+        return MT3BatchFeature(
             {"input_features": features, "segment_start_times": start_times}, tensor_type=return_tensors
         )
 
@@ -286,4 +301,4 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         return output
 
 
-__all__ = ["MT3FeatureExtractor"]
+__all__ = ["MT3BatchFeature", "MT3FeatureExtractor"]

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
-from transformers.generation import GenerationConfig, LogitsProcessorList
+from transformers.generation import GenerateEncoderDecoderOutput, GenerationConfig, LogitsProcessorList
 from transformers.modeling_outputs import (
     BaseModelOutput,
     BaseModelOutputWithPastAndCrossAttentions,
@@ -466,11 +466,19 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             raise ValueError(
                 "generate() needs `input_features` (segments, frames, mel bins), e.g. from the processor; found none"
             )
-        if isinstance(features, torch.Tensor) and features.dim() == 3 and features.shape[0] == 0:
+        if features is not None and not isinstance(features, torch.Tensor):
+            raise ValueError(
+                "generate() needs `input_features` as a torch tensor (segments, frames, mel bins); found "
+                f"{type(features).__name__}: call the processor with return_tensors=\"pt\""
+            )
+        if features is not None and features.dim() == 3 and features.shape[0] == 0:
             # audio of length 0: no segment to decode (GenerationMixin cannot take an empty batch)
-            config = generation_config or self.generation_config
+            rest = {name: value for name, value in kwargs.items() if name != self.main_input_name}
+            config, _ = self._prepare_generation_config(generation_config, **rest)
+            config.validate()  # as GenerationMixin would
             start = config.decoder_start_token_id if config.decoder_start_token_id is not None else 0
-            return torch.full((0, 1), start, dtype=torch.long, device=features.device)
+            ids = torch.full((0, 1), start, dtype=torch.long, device=features.device)
+            return GenerateEncoderDecoderOutput(sequences=ids) if config.return_dict_in_generate else ids
         fast = self._fast_greedy_settings(inputs, generation_config, kwargs)
         if fast is None:
             return super().generate(

@@ -110,6 +110,8 @@ class MT3TranscriptionPipeline(ChunkPipeline):
         if isinstance(inputs, (str, os.PathLike, bytes)):
             return read_audio(inputs, rate)
         if isinstance(inputs, dict):
+            if inputs.get("array") is None and inputs.get("raw") is not None:  # transformers' ASR pipeline's key
+                inputs = {**inputs, "array": inputs["raw"]}
             if inputs.get("array") is None:
                 source = inputs.get("bytes") or inputs.get("path")
                 if source is None:
@@ -176,9 +178,8 @@ class MT3TranscriptionPipeline(ChunkPipeline):
         real = (start_frame >= 0).cpu()
         tokens = torch.zeros(len(start_frame), 1, dtype=torch.long)  # (rows, 1 + longest); placeholders ignored
         if real.any():
-            generated = self.model.generate(
-                input_features=features[real.to(features.device)], **(generate_kwargs or {})
-            ).cpu()
+            generated = self.model.generate(input_features=features[real.to(features.device)], **(generate_kwargs or {}))
+            generated = getattr(generated, "sequences", generated).cpu()  # return_dict_in_generate: a ModelOutput
             tokens = tokens.new_zeros(len(start_frame), generated.shape[1])
             tokens[real] = generated
         return {"tokens": tokens, "start_frame": start_frame, "is_last": model_inputs["is_last"]}

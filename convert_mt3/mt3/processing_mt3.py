@@ -10,7 +10,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_python import BatchEncoding
 from transformers.utils import TensorType, logging
 
-from .feature_extraction_mt3 import MT3FeatureExtractor
+from .feature_extraction_mt3 import MT3BatchFeature, MT3FeatureExtractor
 from .loss_mt3 import IGNORE_INDEX
 from .midi_mt3 import midi_to_notes
 from .note_sequences_mt3 import MT3Note
@@ -96,7 +96,7 @@ class MT3Processor(ProcessorMixin):
                 f"length; segment {too_long[0]} has {len(targets[too_long[0]])}): the model raises on them, and MT3's "
                 "training skips such segments. Drop their rows before training."
             )
-        return BatchFeature({**inputs, "labels": pad_labels(targets)}, tensor_type=return_tensors)
+        return MT3BatchFeature({**inputs, "labels": pad_labels(targets)}, tensor_type=return_tensors)
 
     def collate(self, examples: Sequence[dict]) -> BatchFeature:
         """Data collator: segments {"input_features": (frames, mel bins), "labels": ids} -> a batch of torch

@@ -55,6 +55,12 @@ def _to_int_rows(token_ids: Any) -> list[np.ndarray]:
 def _to_start_times(segment_start_times: Any) -> np.ndarray:
     """Segment start times (tensor / array / list) -> 1-D float64 seconds."""
     if hasattr(segment_start_times, "detach"):
+        if segment_start_times.is_floating_point() and segment_start_times.element_size() < 4:
+            # ~0.06 s apart at an hour in float16: every note of a segment would move
+            raise ValueError(
+                f"segment_start_times are {segment_start_times.dtype}; expected float64 seconds as the processor "
+                "returns them: cast `input_features` only (the processor output's `to()` does that)"
+            )
         segment_start_times = segment_start_times.detach().cpu().numpy()
     return np.asarray(segment_start_times, dtype=np.float64).reshape(-1)
 

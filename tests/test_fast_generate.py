@@ -13,7 +13,13 @@ import pytest
 import torch
 from test_modeling import frames, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    GenerationMixin,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PrefixConstrainedLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+)
 from transformers.cache_utils import Cache
 
 from convert_mt3.mt3 import modeling_mt3
@@ -119,7 +125,7 @@ def test_eos_check_interval_setting(model, count_fast, monkeypatch):
     try:
         model.generate(input_features=x, max_new_tokens=3)
         model.generate(input_features=x, max_new_tokens=3, eos_check_interval=2)
-        model.generate(input_features=x, max_new_tokens=3, logits_processor=[lambda ids, scores: scores])
+        model.generate(input_features=x, max_new_tokens=3, logits_processor=[BanPrevious()])
     finally:
         del model.generation_config.eos_check_interval
     assert seen == [1, 4, 2, 1] and len(count_fast) == 4
@@ -168,6 +174,8 @@ def test_special_tokens_and_output_format(model):
 class BanPrevious(LogitsProcessor):
     """Forbids repeating the previous token and, on even lengths, token 2: needs each row's own `input_ids`."""
 
+    row_independent = True  # the fast path may run it
+
     def __init__(self):
         self.shapes = []
 
@@ -196,6 +204,27 @@ def test_logits_processor(model, count_fast, as_list):
     # an empty list changes nothing
     plain = model.generate(input_features=x, eos_token_id=eos, logits_processor=LogitsProcessorList())
     torch.testing.assert_close(plain, reference(model, x, eos_token_id=eos), atol=0, rtol=0)
+
+
+def test_processors_that_need_the_batch_go_to_hf(model, count_fast):
+    """A processor that reads its batch index (each segment allowed one token of its own) or is not known to work row
+    by row runs in GenerationMixin, where the batch is every segment in order; transformers' row-wise ones do not."""
+    x = frames(4, seed=7)
+    allowed = lambda batch_id, ids: [10 + batch_id]  # noqa: E731
+    ban = BanPrevious()
+    ban.row_independent = "yes"  # only True opts in
+    for processor in (PrefixConstrainedLogitsProcessor(allowed, num_beams=1), ban):
+        want = reference(model, x, max_new_tokens=5, logits_processor=LogitsProcessorList([processor]))
+        got = model.generate(input_features=x, max_new_tokens=5, segment_batch_size=2, logits_processor=[processor])
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        if processor is not ban:
+            assert got[:, 1:].tolist() == [[10 + segment] * 5 for segment in range(4)]
+    assert not count_fast
+    repeat = RepetitionPenaltyLogitsProcessor(1.5)
+    got = model.generate(input_features=x, max_new_tokens=5, segment_batch_size=2, logits_processor=[repeat])
+    want = reference(model, x, max_new_tokens=5, logits_processor=LogitsProcessorList([repeat]))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert len(count_fast) == 1
 
 
 @pytest.mark.parametrize(

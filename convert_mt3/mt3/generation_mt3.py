@@ -11,7 +11,22 @@ concatenation per step and layer.
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, EncoderDecoderCache
-from transformers.generation import LogitsProcessorList
+from transformers.generation import (
+    ExponentialDecayLengthPenalty,
+    ForcedBOSTokenLogitsProcessor,
+    ForcedEOSTokenLogitsProcessor,
+    InfNanRemoveLogitsProcessor,
+    LogitNormalization,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+)
 
 # Generation settings the fast path reproduces; any other setting that differs from greedy search's defaults sends
 # `generate()` to `GenerationMixin` (a contract, not a list of what is refused).
@@ -19,6 +34,24 @@ FAST_GREEDY_SETTINGS = frozenset(
     {"max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id",
      "segment_batch_size", "cuda_graphs", "eos_check_interval"}
 )
+# Logits processors the fast path runs: each row's scores depend on that row's own ids only, so they may see the busy
+# rows in groups of equal length (`MT3GreedyPool._process`), in any order. transformers' processors of that kind (these
+# exact classes, not subclasses) and any processor whose class sets `row_independent = True`; any other (one that reads
+# its batch index, as PrefixConstrainedLogitsProcessor's `batch_id` does, or keeps state per batch row) sends
+# `generate()` to `GenerationMixin`, whose batch is every segment in order.
+ROW_INDEPENDENT_PROCESSORS = frozenset({
+    ExponentialDecayLengthPenalty, ForcedBOSTokenLogitsProcessor, ForcedEOSTokenLogitsProcessor,
+    InfNanRemoveLogitsProcessor, LogitNormalization, MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor, SuppressTokensAtBeginLogitsProcessor, SuppressTokensLogitsProcessor,
+})
+
+
+def row_independent(processors: LogitsProcessorList) -> bool:
+    """Whether the fast path may run these logits processors (`ROW_INDEPENDENT_PROCESSORS`)."""
+    return all(type(p) in ROW_INDEPENDENT_PROCESSORS or getattr(p, "row_independent", False) is True for p in processors)
+
+
 # Rows decoded at once by default, per device type (generation_config.json `segment_batch_size`). CPU: 32 decoded a
 # 60 s clip 12-28% faster than 16 in three `make bench` runs on 2 cores (row 5), for 1.1-1.3 GB peak; CUDA: 256
 # decoded an hour of audio in 10.3 s with CUDA graphs, 10.2 GB peak, on an H200 (row 8; other sizes not measured).
@@ -403,8 +436,8 @@ class MT3GreedyPool:
         processors: LogitsProcessorList, scores: torch.Tensor, tokens: torch.Tensor, positions: dict[int, int]
     ) -> torch.Tensor:
         """Apply the processors to the busy rows ({row: position}): one call per group of rows of the same
-        length, since `input_ids` must be rectangular. So a processor sees a group's rows, not the batch: one that
-        depends on the batch index (PrefixConstrainedLogitsProcessor's `batch_id`) needs `GenerationMixin`."""
+        length, since `input_ids` must be rectangular. So a processor sees a group's rows, not the batch: only
+        row-independent ones come here (`row_independent`)."""
         groups: dict[int, list[int]] = {}
         for row, position in positions.items():
             groups.setdefault(position, []).append(row)

@@ -28,7 +28,7 @@ from transformers.models.t5.modeling_t5 import T5DenseGatedActDense, T5LayerNorm
 from transformers.utils import logging
 
 from .configuration_mt3 import MT3Config
-from .generation_mt3 import FAST_GREEDY_SETTINGS, SEGMENT_BATCH_SIZE, MT3GreedyPool, MT3SlotCache
+from .generation_mt3 import FAST_GREEDY_SETTINGS, SEGMENT_BATCH_SIZE, MT3GreedyPool, MT3SlotCache, row_independent
 from .layers_mt3 import (
     MT3Attention,
     MT3DecoderLayer,
@@ -450,7 +450,9 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
     ) -> torch.LongTensor:
         """Greedy decoding of all segments: `generate(input_features=x)`, x (segments, frames, input_depth).
 
-        When the generation settings differ from greedy search only in `FAST_GREEDY_SETTINGS`, decoding runs in
+        When the generation settings differ from greedy search only in `FAST_GREEDY_SETTINGS` and the logits
+        processors, if any, work row by row (`ROW_INDEPENDENT_PROCESSORS`, or `row_independent = True` on their class),
+        decoding runs in
         `MT3GreedyPool` (the model's own layers, at most `segment_batch_size` segments at once, a finished one
         making room for the next) and returns what `GenerationMixin.generate` returns: (segments, 1 + longest)
         ids, decoder start first, EOS then padding after each finished row. Anything else goes to
@@ -480,7 +482,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             ids = torch.full((0, 1), start, dtype=torch.long, device=features.device)
             return GenerateEncoderDecoderOutput(sequences=ids) if config.return_dict_in_generate else ids
         fast = self._fast_greedy_settings(inputs, generation_config, kwargs)
-        if fast is None:
+        if fast is None or not row_independent(logits_processor or []):
             return super().generate(
                 inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs
             )

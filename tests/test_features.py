@@ -167,6 +167,12 @@ def test_wrong_sampling_rate_raises(extractor):
     with pytest.raises(ValueError, match="44100"):
         extractor(np.zeros(1000, dtype=np.float32), sampling_rate=44100)
 
+def test_unused_arguments_are_named(extractor, caplog):
+    """Arguments other feature extractors take (or a misspelt `sampling_rate`) are named in a warning, not lost."""
+    with caplog.at_level("WARNING"):
+        extractor(np.zeros(100, np.float32), sampling_rate=16000, padding=True, sample_rate=44100)
+    assert "MT3FeatureExtractor() ignores the arguments ['padding', 'sample_rate']" in caplog.text
+
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_raises(extractor, bad):

@@ -257,6 +257,8 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
             `segment_start_times` (num_segments,) float64: start of each segment in seconds, computed like the
             colab's `input_times` (frame index / frames per second); its `to(device, dtype)` leaves them as they are.
         """
+        if kwargs:  # what other feature extractors take (padding, return_attention_mask, ...) has no use here
+            logger.warning_once(f"{self.__class__.__name__}() ignores the arguments {sorted(kwargs)}")
         if sampling_rate is not None and sampling_rate != self.sampling_rate:
             raise ValueError(
                 f"The model corresponding to this feature extractor: {self.__class__.__name__} was trained using a"

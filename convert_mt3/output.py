@@ -46,17 +46,18 @@ def check_out_dir(out_dir: Path, checkpoint_dir: Path, overwrite: bool) -> None:
     if written is None:
         raise OutputError(
             f"{out_dir}: --overwrite replaces only a folder convert-mt3 wrote, and this one has no {MANIFEST} "
-            f"(found {_some(entries)}); remove it yourself or choose another OUT_DIR"
+            f"(found {some_names(entries)}); remove it yourself or choose another OUT_DIR"
         )
     foreign = [name for name in entries if name not in written and name != MANIFEST]
     if foreign:
         raise OutputError(
             f"{out_dir}: holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} convert-mt3 did not write "
-            f"({_some(foreign)}); --overwrite would lose them, so nothing was replaced"
+            f"({some_names(foreign)}); --overwrite would lose them, so nothing was replaced"
         )
 
 
-def _some(names: list[str], most: int = 3) -> str:
+def some_names(names: list[str], most: int = 3) -> str:
+    """The first `most` names, and how many more."""
     shown = ", ".join(names[:most])
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
@@ -88,9 +89,9 @@ def write_manifest(folder: Path, version: str) -> None:
 def out_dir_lock(out_dir: Path) -> Iterator[None]:
     """Hold an advisory lock (`.NAME.lock` beside OUT_DIR) for the whole conversion; fail at once if held.
 
-    Re-entrant within a process (the CLI takes it before reading, `convert()` again). The lock file is removed
-    while still held; a run that locked a file another run has since unlinked sees a different inode and
-    gives up, so removing it is safe.
+    Re-entrant within a process (the CLI takes it before reading, `convert()` again). The lock file is created
+    here, never taken over: one that exists is another run's (held) or not this run's to remove (left by a run that
+    was killed, or a file of the user's), and is refused either way. It is removed while still held.
     """
     key = str(out_dir)
     if key in _HELD:
@@ -100,17 +101,13 @@ def out_dir_lock(out_dir: Path) -> Iterator[None]:
     created = [p for p in out_dir.parents if not p.exists()]  # made here, removed again if OUT_DIR is not written
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        raise OutputError(_lock_in_use(out_dir, lock_file)) from None
     except OSError as err:
         raise OutputError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            same = os.stat(lock_file, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-        except OSError:
-            same = False
-        if not same:
-            raise OutputError(f"{out_dir}: another convert-mt3 is writing this folder ({lock_file} is locked); wait for it to finish")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours alone: created just now
         _HELD.add(key)
         try:
             yield
@@ -128,6 +125,26 @@ def out_dir_lock(out_dir: Path) -> Iterator[None]:
 
 
 _HELD: set[str] = set()  # OUT_DIRs this process holds the lock of
+
+
+def _lock_in_use(out_dir: Path, lock_file: Path) -> str:
+    """Why an existing lock file stops this run: held by a running convert-mt3, or not ours to take."""
+    try:
+        fd = os.open(lock_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # gone since (its run just ended), or a symlink or another kind of file
+        held = False
+    else:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = False
+        except OSError:
+            held = True
+        finally:
+            os.close(fd)
+    if held:
+        return f"{out_dir}: another convert-mt3 is writing this folder ({lock_file} is locked); wait for it to finish"
+    return (f"{out_dir}: {lock_file} exists but no convert-mt3 holds it (left by one that was killed, or not "
+            "convert-mt3's); remove it if it is not yours, then run again")
 
 
 def move_into_place(staging: Path, out_dir: Path, checkpoint_dir: Path, overwrite: bool) -> None:
@@ -155,4 +172,5 @@ def _remove_written(folder: Path, written: set[str]) -> None:
         print(f"warning: kept the previous folder at {folder}: it holds files convert-mt3 did not write", file=sys.stderr)
 
 
-__all__ = ["MANIFEST", "OutputError", "check_out_dir", "manifest_files", "move_into_place", "out_dir_lock", "write_manifest"]
+__all__ = ["MANIFEST", "OutputError", "check_out_dir", "manifest_files", "move_into_place", "out_dir_lock", "some_names",
+           "write_manifest"]

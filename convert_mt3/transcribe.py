@@ -12,12 +12,12 @@ import argparse
 import glob
 import os
 import sys
-import tempfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 from .mt3.notes_mt3 import GM_FAMILIES, notes_to_csv, notes_to_json, parse_programs
+from .output import some_names
 
 FORMATS = {"midi": ".mid", "json": ".json", "csv": ".csv"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".caf", ".w64"}
@@ -125,10 +125,10 @@ def plan_jobs(files: list[tuple[Path, Path]], out_dir: Path, formats: list[str])
 
 
 def write_atomic(path: Path, write) -> None:
-    """`write(temporary_path)`, then rename into `path`: never a half-written output."""
+    """`write(temporary_path)`, then rename into `path`: never a half-written output. The temporary file is created
+    by `write`, so it gets the usual permissions (the umask's), as a file written directly would."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -164,8 +164,9 @@ def load_pipeline(args: argparse.Namespace, device: str, programs: set[int] | No
             batch_size=args.batch_size,
             programs=sorted(programs) if programs is not None else None,
         )
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UsageError(f"{args.model}: cannot load the MT3 pipeline ({str(err).strip().splitlines()[0]})") from None
+    except (OSError, ValueError, RuntimeError, KeyError) as err:  # KeyError: a folder of another model (no such task)
+        reason = str(err).strip().strip("\"'").splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{args.model}: cannot load the MT3 pipeline ({reason})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,26 +187,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {line}", file=sys.stderr)
     pending = [j for j in jobs if args.overwrite or not all(p.exists() for p in j.outputs.values())]
     skipped = len(jobs) - len(pending)
-    failed = len(errors)
+    failures = [line.split(": ")[0] for line in errors]  # the inputs named by the error lines
     done = 0
 
     from tqdm.auto import tqdm
 
     if pending:
-        out_dir.mkdir(exist_ok=True)
         pipe = load_pipeline(args, device, programs)
+        out_dir.mkdir(exist_ok=True)  # once the model loaded: a run that cannot start leaves nothing
         with tqdm(total=len(pending), unit="file", disable=args.quiet) as bar:
             queued: deque[Job] = deque()
 
             def audio_stream():
                 """Read each file (the pipeline's own reader); a file that cannot be read is reported and skipped."""
-                nonlocal failed
                 for job in pending:
                     try:
                         samples = pipe.load_audio(str(job.source))
                     except ValueError as err:
                         bar.write(f"error: {err}", file=sys.stderr)
-                        failed += 1
+                        failures.append(str(job.source))
                         bar.update(1)
                         continue
                     queued.append(job)
@@ -215,12 +215,11 @@ def run(args: argparse.Namespace) -> int:
                 write_outputs(queued.popleft(), result)
                 done += 1
                 bar.update(1)
-    if not args.quiet or failed:
-        print(
-            f"mt3-transcribe: {done} transcribed, {skipped} skipped (outputs exist), {failed} failed; outputs in {out_dir}",
-            file=sys.stderr,
-        )
-    return 1 if failed else 0
+    if not args.quiet or failures:
+        failed = f"{len(failures)} failed" + (f" ({some_names(failures)})" if failures else "")
+        print(f"mt3-transcribe: {done} transcribed, {skipped} skipped (outputs exist), {failed}; outputs in {out_dir}",
+              file=sys.stderr)
+    return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ImportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # every output is renamed into place whole: the files written so far are complete, a rerun skips them
+        print(f"interrupted; the outputs written so far are complete, in {args.out_dir}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

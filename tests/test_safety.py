@@ -130,6 +130,11 @@ def test_second_conversion_to_the_same_out_dir_fails_at_once(mt3_ckpt, tmp_path,
         seconds = time.perf_counter() - start
     assert "another convert-mt3 is writing this folder" in one_error_line(capsys)
     assert seconds < 1.0 and not out.exists()
+    # not held: a killed run's lock, or a file of the user's with that name, is neither taken over nor removed
+    lock_file.write_text("my notes")
+    assert main([str(mt3_ckpt), str(out), "--quiet"]) == 1
+    assert "exists but no convert-mt3 holds it" in one_error_line(capsys)
+    assert lock_file.read_text() == "my notes" and not out.exists()
     lock_file.unlink()
 
 

@@ -94,15 +94,56 @@ def test_many_files_on_tiny_model(tiny_folder, tmp_path, monkeypatch, capsys):
     lines = captured.err.strip().splitlines()
     assert code == 1
     assert lines[0] == "error: none*.wav: no file matches this pattern"
-    assert [line for line in lines if "missing.wav" in line] == ["error: missing.wav: no such file"]
+    assert [line for line in lines[:-1] if "missing.wav" in line] == ["error: missing.wav: no such file"]
     assert "3 transcribed, 0 skipped (outputs exist), 2 failed" in lines[-1]
     written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert written == ["one.csv", "one.json", "sub/two.csv", "sub/two.json", "three.csv", "three.json"]
     for path in (tmp_path / "out").rglob("*.json"):
         assert {n[0] for n in read_json_notes(path) if not n[1]} <= set(range(40, 48))
+    assert "2 failed (none*.wav, missing.wav)" in lines[-1]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "out").rglob("*.json")} == {0o666 & ~umask}
     (tmp_path / "out" / "three.csv").unlink()  # half done: transcribed again
     assert main([str(tiny_folder), "set", "three.wav", "-o", "out", "--format", "json,csv", "--quiet"]) == 0
     assert (tmp_path / "out" / "three.csv").exists()
+
+
+def test_a_file_with_nan_samples_fails_alone(tiny_folder, tmp_path, monkeypatch, capsys):
+    """NaN samples in one float WAV: one error line naming it, the other files transcribed."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    tone = (0.3 * np.sin(np.arange(20000) / 10)).astype(np.float32)
+    soundfile.write(tmp_path / "good.wav", tone, 16000, subtype="FLOAT")
+    bad = tone.copy()
+    bad[100] = np.nan
+    soundfile.write(tmp_path / "nan.wav", bad, 16000, subtype="FLOAT")
+    assert main([str(tiny_folder), "nan.wav", "good.wav", "-o", "out", "--format", "json", "--quiet"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "error: nan.wav: the audio holds NaN or infinite samples"
+    assert "1 transcribed, 0 skipped (outputs exist), 1 failed (nan.wav)" in lines[-1]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["good.json"]
+
+
+def test_a_folder_of_another_model_and_ctrl_c(tmp_path, monkeypatch, capsys):
+    """A model folder without the MT3 pipeline: one line, and no output folder left behind; Ctrl-C: one line, 130."""
+    from transformers import T5Config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    T5Config(num_layers=1, d_model=8, d_ff=8, num_heads=1, d_kv=8, vocab_size=16).save_pretrained(tmp_path / "t5")
+    soundfile.write(tmp_path / "a.wav", np.zeros(1000, np.float32), 16000)
+    assert main([str(tmp_path / "t5"), "a.wav", "-o", "out", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 't5'}: cannot load the MT3 pipeline"), err
+    assert not (tmp_path / "out").exists()
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("convert_mt3.transcribe.run", interrupted)
+    assert main([str(tmp_path / "t5"), "a.wav", "-o", "out"]) == 130
+    assert capsys.readouterr().err == "interrupted; the outputs written so far are complete, in out\n"
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,8 @@ def read_audio(source: str | os.PathLike | bytes, sampling_rate: int) -> np.ndar
     except (RuntimeError, OSError) as err:  # soundfile.LibsndfileError is a RuntimeError
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise ValueError(f"{name}: cannot read audio ({reason})") from None
+    if not np.isfinite(samples).all():  # float files may hold them; named here, where the file is known
+        raise ValueError(f"{name}: the audio holds NaN or infinite samples")
     return resample(samples.mean(axis=1), rate, sampling_rate)  # (samples, channels) -> mono
 
 

@@ -10,19 +10,38 @@ from pathlib import Path
 
 from . import __version__
 
+
+def _checked(kind: type, ok, expected: str):
+    """An argparse type: `kind(text)` if `ok` of it, else an error saying what was expected."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}")
+        return value
+
+    return parse
+
+
+SIZE = _checked(int, lambda n: n >= 1, "an integer >= 1")
+
+
 # MT3Config fields a flag can set (value type, help); unset flags keep what the checkpoint says.
 OVERRIDES = {
-    "d_model": (int, "model width (default: from the token embedder's shape)"),
-    "d_ff": (int, "MLP width (default: from mlp/wi_0)"),
-    "num_layers": (int, "encoder layers (default: counted in the checkpoint)"),
-    "num_decoder_layers": (int, "decoder layers (default: counted in the checkpoint)"),
-    "num_heads": (int, "attention heads (default: config.gin, else 6)"),
-    "d_kv": (int, "size of one attention head (default: config.gin head_dim, else 64)"),
-    "vocab_size": (int, "output vocabulary (default: from the token embedder's shape)"),
-    "input_depth": (int, "log-mel bins per encoder frame (default: from continuous_inputs_projection)"),
-    "max_position_embeddings": (int, "rows of the sinusoid position table (default 2048)"),
-    "dropout_rate": (float, "dropout for fine-tuning (default: config.gin, else 0.1)"),
-    "layer_norm_epsilon": (float, "RMS-norm epsilon (default 1e-6)"),
+    "d_model": (SIZE, "model width (default: from the token embedder's shape)"),
+    "d_ff": (SIZE, "MLP width (default: from mlp/wi_0)"),
+    "num_layers": (SIZE, "encoder layers (default: counted in the checkpoint)"),
+    "num_decoder_layers": (SIZE, "decoder layers (default: counted in the checkpoint)"),
+    "num_heads": (SIZE, "attention heads (default: config.gin, else 6)"),
+    "d_kv": (SIZE, "size of one attention head (default: config.gin head_dim, else 64)"),
+    "vocab_size": (SIZE, "output vocabulary (default: from the token embedder's shape)"),
+    "input_depth": (SIZE, "log-mel bins per encoder frame (default: from continuous_inputs_projection)"),
+    "max_position_embeddings": (SIZE, "rows of the sinusoid position table (default 2048)"),
+    "dropout_rate": (_checked(float, lambda r: 0 <= r < 1, "a number from 0 to below 1"), "dropout for fine-tuning (default: config.gin, else 0.1)"),
+    "layer_norm_epsilon": (_checked(float, lambda e: e > 0, "a number > 0"), "RMS-norm epsilon (default 1e-6)"),
 }
 
 
@@ -53,12 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hub.add_argument("--commit-message", default="Upload MT3 converted with convert-mt3", help="commit message of the upload")
     config = parser.add_argument_group("config overrides", "values normally derived from the checkpoint's shapes and config.gin")
     for field, (kind, text) in OVERRIDES.items():
-        config.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, metavar="N" if kind is int else "X", help=text)
+        config.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, metavar="N" if kind is SIZE else "X", help=text)
     variant = parser.add_argument_group(
         "variant", "tokenizer / feature extractor layout, normally from config.gin or the vocabulary size (mt3: 1536, ismir2021: 1664)"
     )
     for field, (kind, text) in VARIANT_FLAGS.items():
-        variant.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, metavar="N" if kind is int else "X", help=text)
+        variant.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, metavar="N" if kind is SIZE else "X", help=text)
     variant.add_argument("--use-ties", action=argparse.BooleanOptionalAction, default=None, help="segments start with a tie section (mt3 yes, ismir2021 no)")
     parser.add_argument("--version", action="version", version=f"convert-mt3 {__version__}")
     args = parser.parse_args(argv)

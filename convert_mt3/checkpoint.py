@@ -197,10 +197,12 @@ def _zarr_leaf(directory: Path, name: str, spec: dict) -> _ZarrLeaf:
     shape, chunks = _shape(meta.get("shape")), _shape(meta.get("chunks"))
     if shape is None or chunks is None or len(chunks) != len(shape) or 0 in chunks:
         raise CheckpointError(f"{meta_file}: shape {meta.get('shape')!r} / chunks {meta.get('chunks')!r} are not equal-length lists of sizes (chunks > 0)")
-    if np.prod(chunks, dtype=np.float64) > MAX_ELEMENTS:
-        raise CheckpointError(f"{meta_file}: chunks {list(chunks)} exceed the {MAX_ELEMENTS:,} elements a checkpoint may hold")
     if tree_shape and shape != tree_shape:
         raise CheckpointError(f"{meta_file}: shape {list(shape)} disagrees with the parameter tree's {list(tree_shape)} for {name}")
+    if max(shape, default=0) > MAX_ELEMENTS or any(c > max(n, 1) for c, n in zip(chunks, shape)):
+        # a chunk is decoded whole: one larger than its array would allocate more than the array announces
+        raise CheckpointError(f"{meta_file}: shape {list(shape)} / chunks {list(chunks)}: expected sizes of at most "
+                              f"{MAX_ELEMENTS:,} and chunks no larger than the array")
     dtype_name, compressor, order = meta.get("dtype"), meta.get("compressor"), meta.get("order", "C")
     if not isinstance(dtype_name, str) or dtype_name not in SUPPORTED_DTYPES:
         raise CheckpointError(f"{meta_file}: unsupported dtype {dtype_name!r}; expected one of {sorted(SUPPORTED_DTYPES)}")

@@ -48,13 +48,22 @@ def find_gin(checkpoint_dir: Path) -> Path | None:
     return None
 
 
+def read_gin(path: Path) -> list[str]:
+    """The lines of a gin file, comments cut."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a gin file (not UTF-8 text)") from None
+    return [line.split("#", 1)[0].rstrip() for line in text.splitlines()]
+
+
 def parse_gin(path: Path) -> dict[str, Any]:
     """`network.T5Config` bindings as MT3Config fields; both `T5Config.x = v` and block form.
 
     A `%MACRO` value is read from the file's `MACRO = value` line; a reference to a configurable (T5X's own
     `vocab_size = @vocabularies.num_embeddings()`) is skipped: the arrays' shapes give those values.
     """
-    lines = [line.split("#", 1)[0].rstrip() for line in path.read_text().splitlines()]
+    lines = read_gin(path)
     macros = {match.group(1): match.group(2) for match in map(GIN_MACRO.match, lines) if match}
     values: dict[str, Any] = {}
     in_block = False
@@ -77,9 +86,15 @@ def parse_gin(path: Path) -> dict[str, Any]:
         if value.startswith("@"):
             continue
         try:
-            values[GIN_FIELDS[match.group(1)]] = ast.literal_eval(value)
+            parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             raise ConfigError(f"{path}: cannot read T5Config.{match.group(1)} = {match.group(2)}") from None
+        field = GIN_FIELDS[match.group(1)]
+        number = (int, float) if field == "dropout_rate" else int
+        if isinstance(parsed, bool) or not isinstance(parsed, number):
+            kind = "a number" if field == "dropout_rate" else "an integer"
+            raise ConfigError(f"{path}: T5Config.{match.group(1)} = {match.group(2)}: expected {kind}")
+        values[field] = parsed
     return values
 
 
@@ -87,16 +102,20 @@ def _count_layers(arrays: dict[str, np.ndarray], stack: str) -> int:
     return len({key.split("/")[1] for key in arrays if key.startswith(f"{stack}/layers_")})
 
 
-def _shape(arrays: dict[str, np.ndarray], key: str) -> tuple[int, ...]:
+def _shape(arrays: dict[str, np.ndarray], key: str, dims: tuple[int, ...] = (2,)) -> tuple[int, ...]:
+    """The shape of `arrays[key]`, which must have one of `dims` dimensions."""
     if key not in arrays:
         raise ConfigError(f"checkpoint has no array {key}; cannot derive the model size")
-    return arrays[key].shape
+    shape = arrays[key].shape
+    if len(shape) not in dims:
+        raise ConfigError(f"checkpoint array {key} has shape {list(shape)}; expected {' or '.join(map(str, dims))} dimensions")
+    return shape
 
 
 def shape_values(arrays: dict[str, np.ndarray]) -> dict[str, int]:
     """The sizes the arrays themselves fix."""
     vocab_size, d_model = _shape(arrays, "decoder/token_embedder/embedding")
-    query = _shape(arrays, "encoder/layers_0/attention/query/kernel")
+    query = _shape(arrays, "encoder/layers_0/attention/query/kernel", dims=(2, 3))
     values = {
         "vocab_size": vocab_size,
         "d_model": d_model,
@@ -118,12 +137,15 @@ def derive_config(arrays: dict[str, np.ndarray], gin: Path | None = None, overri
         if field in from_shapes and from_shapes[field] != value:
             raise ConfigError(f"{gin}: T5Config {field} = {value} but the checkpoint arrays give {from_shapes[field]}")
     values = {**from_gin, **from_shapes, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    config = MT3Config(**values)
-    inner = _shape(arrays, "encoder/layers_0/attention/query/kernel")
+    try:
+        config = MT3Config(**values)
+    except Exception as err:  # transformers' strict config checks raise their own error classes
+        raise ConfigError(f"invalid model configuration: {str(err).strip().splitlines()[0]}") from None
+    inner = _shape(arrays, "encoder/layers_0/attention/query/kernel", dims=(2, 3))
     inner = int(np.prod(inner[1:]))
     if config.num_heads * config.d_kv != inner:
         raise ConfigError(f"num_heads * d_kv = {config.num_heads} * {config.d_kv} != {inner}, the attention width of encoder/layers_0/attention/query/kernel")
     return config
 
 
-__all__ = ["ConfigError", "derive_config", "find_gin", "parse_gin", "shape_values"]
+__all__ = ["ConfigError", "derive_config", "find_gin", "parse_gin", "read_gin", "shape_values"]

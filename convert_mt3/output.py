@@ -101,9 +101,10 @@ def out_dir_lock(out_dir: Path) -> Iterator[None]:
     created = [p for p in out_dir.parents if not p.exists()]  # made here, removed again if OUT_DIR is not written
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    except FileExistsError:
-        raise OutputError(_lock_in_use(out_dir, lock_file)) from None
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            raise OutputError(_lock_in_use(out_dir, lock_file)) from None
     except OSError as err:
         raise OutputError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
     try:

@@ -24,14 +24,20 @@ def _load(case: Path, name: str) -> Any:
     path = case / name
     if not path.is_file():
         raise GoldenError(f"{path}: missing golden file")
-    return json.loads(path.read_text()) if name.endswith(".json") else np.load(path, allow_pickle=False)
+    try:
+        return json.loads(path.read_text()) if name.endswith(".json") else np.load(path, allow_pickle=False)
+    except ValueError as err:  # not JSON / not an .npy of numbers
+        raise GoldenError(f"{path}: unreadable golden file ({str(err).strip().splitlines()[0]})") from None
 
 
 @torch.no_grad()
 def measure_case(model: torch.nn.Module, case: Path) -> dict[str, Any]:
     """Max abs errors of encoder output and teacher-forced logits; greedy tokens of the same segments."""
     frames, encoder_out, logits = _load(case, "frames.npy"), _load(case, "encoder_out.npy"), _load(case, "logits.npy")
-    golden_tokens = _load(case, "tokens.json")["segments"]
+    golden_tokens = _load(case, "tokens.json")
+    if not isinstance(golden_tokens, dict) or not isinstance(golden_tokens.get("segments"), list):
+        raise GoldenError(f"{case / 'tokens.json'}: expected {{\"segments\": [[ids, ...], ...]}}")
+    golden_tokens = golden_tokens["segments"]
     count, positions = encoder_out.shape[0], logits.shape[1]
     dtype = next(model.parameters()).dtype
     features = torch.from_numpy(frames[:count]).to(dtype)

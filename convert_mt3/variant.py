@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import GIN_MACRO
+from .config import GIN_MACRO, read_gin
 from .mt3.event_codec_mt3 import (
     DEFAULT_MAX_SHIFT_SECONDS,
     DEFAULT_NUM_EXTRA_IDS,
@@ -69,8 +69,8 @@ def vocab_size_of(num_velocity_bins: int) -> int:
 def parse_variant_gin(path: Path) -> dict[str, Any]:
     """The layout macros of a gin file (e.g. `NUM_VELOCITY_BINS = 127`), as Variant fields."""
     values: dict[str, Any] = {}
-    for line in path.read_text().splitlines():
-        match = GIN_MACRO.match(line.split("#", 1)[0])
+    for line in read_gin(path):
+        match = GIN_MACRO.match(line)
         if not match or match.group(1) not in GIN_MACROS:
             continue
         try:
@@ -106,6 +106,8 @@ def derive_variant(vocab_size: int, gin: Path | None = None, overrides: dict[str
         raise VariantError(f"program granularity {values['program_granularity']!r}: expected one of {PROGRAM_GRANULARITIES}")
     if not isinstance(values["num_velocity_bins"], int) or values["num_velocity_bins"] < 1:
         raise VariantError(f"num_velocity_bins {values['num_velocity_bins']!r}: expected an integer >= 1")
+    if not isinstance(values["use_ties"], bool):
+        raise VariantError(f"use_ties {values['use_ties']!r}: expected True or False")
     if not isinstance(values["frames_per_segment"], int) or values["frames_per_segment"] < 1:
         raise VariantError(f"frames_per_segment {values['frames_per_segment']!r}: expected an integer >= 1")
     expected = vocab_size_of(values["num_velocity_bins"])

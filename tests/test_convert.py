@@ -201,9 +201,43 @@ def break_not_a_dir(mt3_ckpt):
     return "not a directory"
 
 
+def break_chunks_larger_than_the_array(mt3_ckpt):
+    meta_file = mt3_ckpt / "target.decoder.token_embedder.embedding" / ".zarray"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "chunks": [2 * meta["shape"][0], meta["shape"][1]]}))
+    return "chunks no larger than the array"
+
+
+def break_binary_gin(mt3_ckpt):
+    (mt3_ckpt.parent / "config.gin").write_bytes(b"\xff\xfe\x00binary")
+    return "config.gin: not a gin file (not UTF-8 text)"
+
+
+def break_gin_value_type(mt3_ckpt):
+    with open(mt3_ckpt.parent / "config.gin", "a") as gin:
+        gin.write("network.T5Config.num_heads = 2.0\n")
+    return "config.gin: T5Config.num_heads = 2.0: expected an integer"
+
+
+def break_gin_use_ties(mt3_ckpt):
+    with open(mt3_ckpt.parent / "config.gin", "a") as gin:
+        gin.write("USE_TIES = 'no'\n")
+    return "use_ties 'no': expected True or False"
+
+
+def break_1d_kernel(mt3_ckpt):
+    arrays = tiny_arrays(**TINY)
+    key = "encoder/layers_0/mlp/wi_0/kernel"
+    arrays[key] = arrays[key][:, 0].copy()
+    shutil.rmtree(mt3_ckpt)
+    write_t5x_checkpoint(mt3_ckpt, arrays, gin=GIN)
+    return f"checkpoint array {key} has shape [{TINY['d_model']}]; expected 2 dimensions"
+
+
 BREAKERS = [
     break_missing_folder, break_gzip, break_zarray_shape, break_truncated_msgpack, break_missing_msgpack,
     break_escaping_spec, break_missing_norm, break_dtype, break_compressor, break_empty_dir, break_not_a_dir,
+    break_chunks_larger_than_the_array, break_binary_gin, break_gin_value_type, break_gin_use_ties, break_1d_kernel,
 ]
 
 
@@ -219,6 +253,26 @@ def test_bad_checkpoint_is_refused_cleanly(breaker, mt3_ckpt, tmp_path, capsys):
     assert expected in err[0], err[0]
     assert "Traceback" not in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no OUT_DIR, no staging folder
+
+
+def test_bad_golden_folder_and_flags_are_named(mt3_ckpt, tmp_path, capsys):
+    """A golden tokens.json of the wrong form is named; a size flag below 1 or a dropout rate of 1 or more is refused
+    by the argument parser, naming the flag."""
+    case = tmp_path / "golden" / "case"
+    case.mkdir(parents=True)
+    for name in ("frames.npy", "encoder_out.npy", "logits.npy"):
+        np.save(case / name, np.zeros((1, 2), np.float32))
+    (case / "tokens.json").write_text("{}")
+    assert main([str(mt3_ckpt), str(tmp_path / "out"), "--quiet", "--golden", str(tmp_path / "golden")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f'error: {case / "tokens.json"}: expected {{"segments": [[ids, ...], ...]}}'], err
+    assert not (tmp_path / "out").exists()
+    for flag, value, message in [("--num-heads", "-2", "expected an integer >= 1, found '-2'"),
+                                 ("--max-position-embeddings", "x", "expected an integer >= 1, found 'x'"),
+                                 ("--dropout-rate", "2", "expected a number from 0 to below 1, found '2'")]:
+        with pytest.raises(SystemExit) as exit_:
+            main([str(mt3_ckpt), str(tmp_path / "out"), flag, value])
+        assert exit_.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
 
 
 def test_unwritable_out_dir(mt3_ckpt, tmp_path, capsys):

@@ -54,6 +54,19 @@ def check_out_dir(out_dir: Path, checkpoint_dir: Path, overwrite: bool) -> None:
             f"{out_dir}: holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} convert-mt3 did not write "
             f"({some_names(foreign)}); --overwrite would lose them, so nothing was replaced"
         )
+    changed = [name for name in entries if name in written and not _as_written(out_dir / name, written[name])]
+    if changed:
+        raise OutputError(
+            f"{out_dir}: {len(changed)} file{'' if len(changed) == 1 else 's'} changed since convert-mt3 wrote "
+            f"{'it' if len(changed) == 1 else 'them'} ({some_names(changed)}); --overwrite would lose the changes, so "
+            "nothing was replaced"
+        )
+
+
+def _as_written(path: Path, size: int) -> bool:
+    """Whether `path` is still the plain file of `size` bytes the manifest lists (an edit that keeps the size
+    is not seen)."""
+    return not path.is_symlink() and path.is_file() and path.stat().st_size == size
 
 
 def some_names(names: list[str], most: int = 3) -> str:
@@ -62,8 +75,8 @@ def some_names(names: list[str], most: int = 3) -> str:
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def manifest_files(folder: Path) -> set[str] | None:
-    """Names listed by `folder`'s manifest, or None when it has no readable manifest of ours."""
+def manifest_files(folder: Path) -> dict[str, int] | None:
+    """Names and sizes listed by `folder`'s manifest, or None when it has no readable manifest of ours."""
     file = folder / MANIFEST
     if file.is_symlink() or not file.is_file() or file.stat().st_size > 1 << 20:
         return None
@@ -74,8 +87,13 @@ def manifest_files(folder: Path) -> set[str] | None:
         return None
     if manifest.get("written_by") != "convert-mt3" or not isinstance(files, dict):
         return None
-    # Plain names only: a manifest must never point the removal outside its folder.
-    return {name for name in files if isinstance(name, str) and name not in ("", ".", "..") and "/" not in name}
+    # Plain names only: a manifest must never point the removal outside its folder; a size that is not one
+    # matches no file.
+    return {
+        name: size if type(size) is int else -1
+        for name, size in files.items()
+        if isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+    }
 
 
 def write_manifest(folder: Path, version: str) -> None:
@@ -155,7 +173,7 @@ def move_into_place(staging: Path, out_dir: Path, checkpoint_dir: Path, overwrit
         staging.rename(out_dir)
         return
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    written = manifest_files(out_dir) or set()  # empty folder: nothing to remove but the folder
+    written = set(manifest_files(out_dir) or ())  # empty folder: nothing to remove but the folder
     out_dir.rename(old)
     staging.rename(out_dir)
     _remove_written(old, written)

@@ -103,6 +103,11 @@ def test_overwrite(mt3_ckpt, tmp_path, capsys):
     assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 0  # and so is a folder it wrote
     assert (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]  # no staging, backup or lock left
+    # a file it wrote, edited since, is the user's now
+    (out / "README.md").write_text("MY OWN NOTES")
+    assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 1
+    assert "1 file changed since convert-mt3 wrote it (README.md)" in capsys.readouterr().err
+    assert (out / "README.md").read_text() == "MY OWN NOTES"
 
 
 def test_reload_check_reuses_one_remote_code_entry(mt3_ckpt, tmp_path):

@@ -87,10 +87,13 @@ def test_overwrite_replaces_a_converted_folder(mt3_ckpt, tmp_path):
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["written_by"] == "convert-mt3"
     assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {MANIFEST}
-    (out / "README.md").write_text("edited card")  # a file the tool wrote: may be replaced
+    (out / "model.safetensors").unlink()  # a file it wrote, gone: nothing of the user's to lose
     assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 0
-    assert (out / "README.md").read_text() != "edited card"
+    assert (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]  # no staging, backup or lock left
+    (out / "README.md").write_text("edited card")  # a file it wrote, edited since: the user's now (test_convert)
+    assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 1
+    assert (out / "README.md").read_text() == "edited card"
 
 
 def test_overwrite_refuses_a_converted_folder_holding_user_files(mt3_ckpt, tmp_path, capsys):

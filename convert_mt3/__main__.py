@@ -83,6 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.private or args.revision) and not args.push_to_hub:
         parser.error("--private and --revision need --push-to-hub")
+    if args.push_to_hub:  # before the conversion, not after it
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)
+        except ValueError as err:
+            parser.error(f"argument --push-to-hub: {str(err).strip().splitlines()[0]}")
     return args
 
 

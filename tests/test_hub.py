@@ -172,3 +172,11 @@ def test_private_needs_push(ckpt, tmp_path):
     with pytest.raises(SystemExit) as info:
         main([str(ckpt), str(tmp_path / "out"), "--private"])
     assert info.value.code == 2
+
+
+def test_a_bad_repo_id_is_refused_before_converting(ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main([str(ckpt), str(out), "--quiet", "--push-to-hub", "bad id!!"])
+    assert exit_.value.code == 2 and "argument --push-to-hub: " in capsys.readouterr().err
+    assert not out.exists()

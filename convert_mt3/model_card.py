@@ -5,6 +5,8 @@ from __future__ import annotations
 from string import Template
 from typing import TYPE_CHECKING
 
+from .mt3.feature_extraction_mt3 import DEFAULT_HOP_LENGTH, DEFAULT_SAMPLING_RATE
+
 if TYPE_CHECKING:
     from .export import ConversionResult
 
@@ -26,9 +28,9 @@ tags:
 $pipeline_usage
 ```
 
-MT3 (Gardner et al., ICLR 2022) turns audio into MIDI for many instruments at once: a
-T5.1.1-style encoder-decoder reads 2.048 s segments of log-mel frames and writes MIDI-like
-events (time shifts, programs, pitches, note on/off, ties). This folder is $variant_text of [magenta/mt3](https://github.com/magenta/mt3),
+MT3 (Gardner et al., ICLR 2022) turns audio into MIDI $instruments: a
+T5.1.1-style encoder-decoder reads $seconds s segments of log-mel frames and writes MIDI-like
+events ($events). This folder is $variant_text of [magenta/mt3](https://github.com/magenta/mt3),
 converted from its T5X/JAX format to PyTorch with convert-mt3 $version. It runs with `transformers` alone
 (`trust_remote_code=True`); `pretty_midi` is needed only to write MIDI.
 
@@ -43,8 +45,8 @@ converted from its T5X/JAX format to PyTorch with convert-mt3 $version. It runs 
 
 ## Usage
 
-`pip install transformers torch soundfile soxr pretty_midi` (soundfile + soxr read and resample audio files,
-pretty_midi writes MIDI). Any format libsndfile reads (wav, flac, ogg, mp3); stereo is mixed to mono.
+`pip install "transformers>=5.10.1,<6" torch soundfile soxr pretty_midi` (soundfile + soxr read and resample
+audio files, pretty_midi writes MIDI). Any format libsndfile reads (wav, flac, ogg, mp3); stereo is mixed to mono.
 
 The pipeline takes a file path, a 1-D array with `sampling_rate=`, a `{"array", "sampling_rate"}` dict (a
 `datasets` Audio row, also decoded) or a list of those, and returns per input:
@@ -60,7 +62,7 @@ A model object (cast or fine-tuned in memory) runs in the same pipeline with `mo
 
 ### Long audio, batching, devices
 
-- Audio is cut into 2.048 s segments whose spectrograms are computed 16 at a time while the model runs, so memory
+- Audio is cut into $seconds s segments whose spectrograms are computed 16 at a time while the model runs, so memory
   holds the input's samples and tokens, not its spectrogram: an hour is ~0.23 GB of 16 kHz float32 samples (a file
   is decoded whole first: ~1.3 GB for an hour of 44.1 kHz stereo). On a CUDA model they are computed on its GPU
   (in float64, as numpy does on CPU: within 5e-07 of it on an H200, 0.9-1.4 s for an hour).
@@ -77,15 +79,13 @@ $speed
 
 ### Limits
 
-- Each 2.048 s segment is decoded on its own (as in the original): a note held across a boundary is tied by the
-  model's tie events, but the model never sees more than one segment of context, so notes near segment
-  boundaries are less reliable; note times are on a 10 ms grid.
+- Each $seconds s segment is decoded on its own (as in the original): $boundary, but the model never sees more
+  than one segment of context, so notes near segment boundaries are less reliable; note times are on a 10 ms grid.
 - Instrument leakage: the model picks a program for each note from the timbre it hears; on unusual timbres it
   often splits one instrument over several programs or puts it on a neighbouring one (e.g. strings on programs
   40-50, a synthesized bass an octave off). Filtering with `programs=` drops the other programs' notes; it does not make the
   model hear better.
-- Trained on instrumental music only (MAESTRO, Slakh2100, Cerberus4, GuitarSet, MusicNet, URMP): singing is
-  outside its training data.
+- $training
 
 ### Without the pipeline (AutoModel + AutoProcessor)
 
@@ -147,7 +147,7 @@ result["pretty_midi"].write("transcription.mid")'''
 
 
 PIPELINE_USAGE = '''from transformers import pipeline
-transcriber = pipeline("music-transcription", model="$repo_id", trust_remote_code=True)
+transcriber = pipeline("music-transcription", model="$repo_id", trust_remote_code=True)$where
 transcriber("song.wav")["midi"].write("song.mid")'''
 
 # `make bench` rows 5 and 6 on the project's CI machine kind (2-core CPU VM, torch 2.13.0+cpu, transformers 5.24.0;
@@ -190,8 +190,10 @@ def usage_snippet(repo_id: str) -> str:
     return Template(USAGE).substitute(repo_id=repo_id)
 
 
-def pipeline_snippet(repo_id: str) -> str:
-    return Template(PIPELINE_USAGE).substitute(repo_id=repo_id)
+def pipeline_snippet(repo_id: str, local: bool = False) -> str:
+    """`local`: the id is a converted folder's name, which loads from the folder above it only."""
+    where = "  # this folder's path, or its Hub id once pushed" if local else ""
+    return Template(PIPELINE_USAGE).substitute(repo_id=repo_id, where=where)
 
 
 def _parity_section(parity: dict) -> str:
@@ -236,8 +238,37 @@ def _variant_row(result: ConversionResult) -> str:
     )
 
 
+# What the variant was trained on (the MT3 paper and the ismir2021 paper); a custom layout says nothing.
+TRAINING = {
+    "mt3": "Trained on instrumental music only (MAESTRO, Slakh2100, Cerberus4, GuitarSet, MusicNet, URMP): singing is "
+           "outside its training data.",
+    "ismir2021": "Trained on solo piano recordings (MAESTRO): other instruments are outside its training data.",
+    "custom": "Training data: see the checkpoint's source.",
+}
+
+
+def _variant_phrases(result: ConversionResult) -> dict[str, str]:
+    """The card's sentences that depend on the variant: segment length, events, ties, training data."""
+    v = result.variant
+    events = ["time shifts", *(["programs"] if v.program_granularity != "flat" else []),
+              *(["velocities"] if v.num_velocity_bins > 1 else []), "pitches", "note on/off", *(["ties"] if v.use_ties else [])]
+    boundary = ("a note held across a boundary is tied by the model's tie events" if v.use_ties else
+                "without tie events, a note held across a boundary stays on until a later segment's offset ends it")
+    seconds = v.frames_per_segment * DEFAULT_HOP_LENGTH / DEFAULT_SAMPLING_RATE
+    return {
+        "instruments": "for many instruments at once" if v.program_granularity != "flat" else "without instrument labels",
+        "seconds": f"{seconds:g}",
+        "events": ", ".join(events),
+        "boundary": boundary,
+        "training": TRAINING[v.name],
+    }
+
+
 def render_model_card(result: ConversionResult, version: str, repo_id: str | None = None) -> str:
+    speed = SPEED if result.variant.name == "mt3" else SPEED + (
+        "\n\n(These figures are the multi-instrument `mt3` checkpoint's, not this one's.)")
     return CARD.substitute(
+        **_variant_phrases(result),
         title=TITLE[result.variant.name],
         version=version,
         source_name=result.source.name,
@@ -251,8 +282,8 @@ def render_model_card(result: ConversionResult, version: str, repo_id: str | Non
         dtype=result.dtype,
         reload_error=f"{result.reload_max_abs_error:.1e}",
         usage=usage_snippet(repo_id or result.out_dir.name),
-        pipeline_usage=pipeline_snippet(repo_id or result.out_dir.name),
-        speed=SPEED,
+        pipeline_usage=pipeline_snippet(repo_id or result.out_dir.name, local=repo_id is None),
+        speed=speed,
         parity=_parity_section(result.parity),
     )
 

@@ -74,8 +74,11 @@ def test_folder_contents_and_config(converted):
 def test_model_card(converted):
     card = (converted / "README.md").read_text()
     assert card.startswith("---\nlicense: apache-2.0\nlibrary_name: transformers\n")
-    for text in ["music-transcription", "audio-to-midi", "Gardner", "T5X step 1000", "AutoProcessor", "convert-mt3 0.1.0"]:
+    for text in ["music-transcription", "audio-to-midi", "Gardner", "T5X step 1000", "AutoProcessor", "convert-mt3 0.1.0",
+                 "reads 2.048 s segments", "(time shifts, programs, pitches, note on/off, ties)", "Slakh2100",
+                 '"transformers>=5.10.1,<6"', "# this folder's path, or its Hub id once pushed"]:
         assert text in card, text
+    assert "not this one's" not in card
 
 
 def test_overrides_win_over_gin(mt3_ckpt, tmp_path):

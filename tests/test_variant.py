@@ -51,6 +51,10 @@ def test_ismir2021_checkpoint_converts_to_a_piano_folder(tmp_path, gin):
     card = (out / "README.md").read_text()
     assert "`ismir2021`" in card
     assert "# MT3 ismir2021: piano transcription" in card and "multi-instrument" not in card.split("\n## ")[0]
+    # the variant's own facts: 512 frames of 128 samples at 16 kHz, velocities, no programs or ties, piano data
+    assert "reads 4.096 s segments" in card and "2.048" not in card.split("### Speed")[0]
+    assert "(time shifts, velocities, pitches, note on/off)" in card and "tie events, a note held" in card
+    assert "solo piano recordings (MAESTRO)" in card and "not this one's" in card
 
     from transformers import AutoProcessor
 

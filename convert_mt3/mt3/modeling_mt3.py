@@ -247,7 +247,7 @@ class MT3Decoder(_Packable, nn.Module):
 
 
 class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
-    """MT3: log-mel segments (batch, 256, 512) -> event tokens; `generate(input_features=x)` is MT3's greedy decode."""
+    """MT3: log-mel segments (batch, frames, input_depth; mt3: 256 x 512) -> event tokens; `generate(input_features=x)` is MT3's greedy decode."""
 
     def __init__(self, config: MT3Config):
         super().__init__(config)

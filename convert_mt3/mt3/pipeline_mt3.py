@@ -1,8 +1,9 @@
 """`pipeline("music-transcription", model=..., trust_remote_code=True)`: audio in, notes (+ MIDI) out.
 
 Registered in the folder's `config.json` under `custom_pipelines`, so `pipeline(model=..., trust_remote_code=True)`
-also finds it. Each input is cut into 2.048 s segments (yielded a few at a time, so long audio needs memory for its
-samples and tokens only); with `batch_size=` segments of several inputs share one `generate()` call.
+also finds it. Each input is cut into segments (2.048 s for mt3, 4.096 s for ismir2021), yielded a few at a time,
+so long audio needs memory for its samples and tokens only; with `batch_size=` segments of several inputs share one
+`generate()` call.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class MT3TranscriptionPipeline(ChunkPipeline):
     unfiltered transcription's), `return_midi` (True: a `pretty_midi.PrettyMIDI`; "bytes": a Standard MIDI File's
     bytes; False: notes only), `sampling_rate` (of array inputs), `generate_kwargs` (`max_new_tokens` also
     directly). `batch_size` counts segments
-    (2.048 s each) per `generate()` call, across inputs; default the model's `segment_batch_size` for its device (generation_config.json).
+    (2.048 s each for mt3) per `generate()` call, across inputs; default the model's `segment_batch_size` for its device (generation_config.json).
 
     Each note is a dict: program, instrument (GM name, "Drums" for drums), is_drum, pitch, velocity, start, end (s).
     """

@@ -247,7 +247,8 @@ class MT3Decoder(_Packable, nn.Module):
 
 
 class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
-    """MT3: log-mel segments (batch, frames, input_depth; mt3: 256 x 512) -> event tokens; `generate(input_features=x)` is MT3's greedy decode."""
+    """MT3: log-mel segments (batch, frames, input_depth; mt3: 256 x 512) -> event tokens;
+    `generate(input_features=x)` is MT3's greedy decode."""
 
     def __init__(self, config: MT3Config):
         super().__init__(config)
@@ -451,10 +452,9 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         """Greedy decoding of all segments: `generate(input_features=x)`, x (segments, frames, input_depth).
 
         When the generation settings differ from greedy search only in `FAST_GREEDY_SETTINGS` and the logits
-        processors, if any, work row by row (`ROW_INDEPENDENT_PROCESSORS`, or `row_independent = True` on their class),
-        decoding runs in
-        `MT3GreedyPool` (the model's own layers, at most `segment_batch_size` segments at once, a finished one
-        making room for the next) and returns what `GenerationMixin.generate` returns: (segments, 1 + longest)
+        processors, if any, work row by row (`ROW_INDEPENDENT_PROCESSORS`, or `row_independent = True` on their
+        class), decoding runs in `MT3GreedyPool` (the model's own layers, at most `segment_batch_size` segments at
+        once, a finished one making room for the next) and returns what `GenerationMixin.generate` returns: (segments, 1 + longest)
         ids, decoder start first, EOS then padding after each finished row. Anything else goes to
         `GenerationMixin.generate` (beam search, sampling, dict outputs, streamers, masks, ...).
         On CUDA the decode steps replay as CUDA graphs unless `cuda_graphs=False` (or false in the generation

@@ -382,9 +382,9 @@ def worker_port(args: argparse.Namespace) -> None:
         tokens = _generate_mode(torch, model, features, args.mode, args.device, args.pool)
         sync()
         best = min(best, time.perf_counter() - t0)
-    rows = [_cut(row)[0] for row in tokens.tolist()]
+    cuts = [_cut(row) for row in tokens.tolist()]  # (ids, tokens generated incl. EOS) per segment
+    rows, generated = [ids for ids, _ in cuts], [count for _, count in cuts]
     Path(args.out).write_text(json.dumps({"segments": rows}))
-    generated = [_cut(row)[1] for row in tokens.tolist()]
     _emit({**load, "mode": args.mode, "device": args.device, "pool": args.pool, "segments": len(rows), "generate_s": best,
            "tokens": sum(generated), "generated_per_segment": generated, "torch_threads": torch.get_num_threads(),
            **device_info()})

@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "variant", "tokenizer / feature extractor layout, normally from config.gin or the vocabulary size (mt3: 1536, ismir2021: 1664)"
     )
     for field, (kind, text) in VARIANT_FLAGS.items():
-        variant.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, metavar="N" if kind is SIZE else "X", help=text)
+        variant.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, metavar="N" if kind is int else "X", help=text)
     variant.add_argument("--use-ties", action=argparse.BooleanOptionalAction, default=None, help="segments start with a tie section (mt3 yes, ismir2021 no)")
     parser.add_argument("--version", action="version", version=f"convert-mt3 {__version__}")
     args = parser.parse_args(argv)

@@ -86,8 +86,8 @@ def check_out_dir(out_dir: Path) -> None:
         raise UsageError(f"-o {out_dir}: parent folder {out_dir.parent} does not exist")
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[str]]:
-    """INPUT arguments -> (file, name of its outputs without suffix) pairs, and error lines for empty patterns.
+def expand_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+    """INPUT arguments -> (file, name of its outputs without suffix) pairs, and (input, error) for empty patterns.
 
     A folder contributes its audio files (recursively, named by their path inside it); a glob its matches; anything
     else is taken as a file (a missing one then fails on its own, with the others carrying on).
@@ -99,25 +99,25 @@ def expand_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[str]
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
             files += [(p, p.relative_to(path).with_suffix("")) for p in found]
             if not found:
-                errors.append(f"{text}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in this folder")
+                errors.append((text, f"no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in this folder"))
         elif not path.exists() and glob.has_magic(text):
             matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
             files += [(p, Path(p.stem)) for p in matches]
             if not matches:
-                errors.append(f"{text}: no file matches this pattern")
+                errors.append((text, "no file matches this pattern"))
         else:
             files.append((path, Path(path.stem)))
     return files, errors
 
 
-def plan_jobs(files: list[tuple[Path, Path]], out_dir: Path, formats: list[str]) -> tuple[list[Job], list[str]]:
-    """One job per distinct input; an input whose outputs another input already claims is an error line."""
+def plan_jobs(files: list[tuple[Path, Path]], out_dir: Path, formats: list[str]) -> tuple[list[Job], list[tuple[str, str]]]:
+    """One job per distinct input; an input whose outputs another input already claims is an (input, error)."""
     jobs, errors, claimed = [], [], {}
     for source, name in files:
         key = name.as_posix()
         if key in claimed:
             if claimed[key] != source.resolve():
-                errors.append(f"{source}: its outputs {out_dir / name}.* are already those of {claimed[key]}")
+                errors.append((str(source), f"its outputs {out_dir / name}.* are already those of {claimed[key]}"))
             continue
         claimed[key] = source.resolve()
         jobs.append(Job(source, {f: out_dir / (key + FORMATS[f]) for f in formats}))
@@ -183,11 +183,11 @@ def run(args: argparse.Namespace) -> int:
     files, errors = expand_inputs(args.inputs)
     jobs, duplicate_errors = plan_jobs(files, out_dir, formats)
     errors += duplicate_errors
-    for line in errors:
-        print(f"error: {line}", file=sys.stderr)
+    for source, error in errors:
+        print(f"error: {source}: {error}", file=sys.stderr)
     pending = [j for j in jobs if args.overwrite or not all(p.exists() for p in j.outputs.values())]
     skipped = len(jobs) - len(pending)
-    failures = [line.split(": ")[0] for line in errors]  # the inputs named by the error lines
+    failures = [source for source, _ in errors]
     done = 0
 
     from tqdm.auto import tqdm

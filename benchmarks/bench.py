@@ -27,6 +27,7 @@ for a machine the checkpoint cannot travel to.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -325,35 +326,55 @@ def _generate_mode(torch, model, features, mode: str, device: str, pool: int | N
     """generate() of all segments in a precision mode: float32, bfloat16 / float16 (a cast copy of the model),
     unless the model already has that dtype, or autocast-bfloat16 / autocast-float16 (float32 weights,
     `torch.autocast` around generate: the mixed mode);
-    a "+graphs" suffix passes `cuda_graphs=True` (else False: eager), "+eosN" `eos_check_interval=N`; `pool`: segment_batch_size
-    (default: generation_config's)."""
-    mode, graphs, interval = _mode_options(mode)
+    a "+graphs" suffix passes `cuda_graphs=True` (else False: eager), "+eosN" `eos_check_interval=N`, "+sdpa" decodes
+    with SDPA attention (`_sdpa_decoding`); `pool`: segment_batch_size (default: generation_config's)."""
+    mode, graphs, interval, sdpa = _mode_options(mode)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(mode.split("-")[-1], torch.float32)
     kwargs = {} if pool is None else {"segment_batch_size": pool}
     kwargs["cuda_graphs"] = graphs  # without "+graphs": eager, though graphs are generate()'s CUDA default
     if interval > 1:
         kwargs["eos_check_interval"] = interval
     if mode.startswith("autocast"):
-        with torch.autocast(device, dtype=dtype):
+        with torch.autocast(device, dtype=dtype), _sdpa_decoding(model, sdpa):
             return _sequences(model.generate(input_features=features, **kwargs))
     if dtype != torch.float32 and model.dtype != dtype:
         model = copy.deepcopy(model).to(dtype)  # a cast copy: the float32 model stays exact for the next mode
-    return _sequences(model.generate(input_features=features.to(dtype), **kwargs))
+    with _sdpa_decoding(model, sdpa):
+        return _sequences(model.generate(input_features=features.to(dtype), **kwargs))
 
 
-def _mode_options(mode: str) -> tuple[str, bool, int]:
-    """"autocast-bfloat16+graphs+eos8" -> ("autocast-bfloat16", True, 8): the precision, whether CUDA graphs are
-    asked, and the steps between the host's looks for finished segments (1 without "+eosN")."""
+@contextlib.contextmanager
+def _sdpa_decoding(model, enabled: bool):
+    """"+sdpa": the fast path's attention through SDPA, not as matmuls, as generate() decoded on CUDA until
+    2026-11-27 (its `pack` told not to run attention as matmuls): the two compared in one run."""
+    if not enabled:
+        yield
+        return
+    pack = model.pack
+    model.pack = lambda rows, onednn, matmul_attention, fuse=True: pack(rows, onednn, False, fuse)
+    try:
+        yield
+    finally:
+        del model.pack
+
+
+def _mode_options(mode: str) -> tuple[str, bool, int, bool]:
+    """"autocast-bfloat16+graphs+eos8" -> ("autocast-bfloat16", True, 8, False): the precision, whether CUDA graphs
+    are asked, the steps between the host's looks for finished segments (1 without "+eosN"), and whether attention
+    runs through SDPA ("+sdpa")."""
     precision, *extras = mode.split("+")
-    graphs, interval = False, 1
+    graphs, interval, sdpa = False, 1, False
     for extra in extras:
         if extra == "graphs" and not graphs:
             graphs = True
         elif extra.startswith("eos") and extra[3:].isdigit() and int(extra[3:]) >= 1 and interval == 1:
             interval = int(extra[3:])
+        elif extra == "sdpa" and not sdpa:
+            sdpa = True
         else:
-            raise ValueError(f"mode {mode!r}: the suffixes are '+graphs' and '+eosN' (N >= 1), each at most once")
-    return precision, graphs, interval
+            raise ValueError(f"mode {mode!r}: the suffixes are '+graphs', '+eosN' (N >= 1) and '+sdpa', each at "
+                             "most once")
+    return precision, graphs, interval, sdpa
 
 
 def _device_timing(torch, device: str):

@@ -108,14 +108,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for the tables, traces and summary.json")
     args = p.parse_args(argv)
 
-    positions = []  # (position, keys read there)
-    for at in (int(a) for a in args.at.split(",")):
-        keys = MT3SlotCache.keys_for(at)
-        first = keys - MT3SlotCache.bucket  # the first position of this key length: graphs capture there
-        if not first < at <= at + args.steps <= keys:
-            p.error(f"--at {at} --steps {args.steps}: profile within positions {first + 1}..{keys - 1} (one key "
-                    "length, after its first step)")
-        positions.append((at, keys))
+    modes = args.modes.split(",")
+    unknown = set(modes) - {"eager", "graphs", "compiled", "compiled+graphs"}
+    if unknown:
+        p.error(f"--modes: unknown {', '.join(sorted(unknown))} (eager, graphs, compiled, compiled+graphs)")
+    positions = {}  # per mode: (position, keys read there)
+    for mode in modes:
+        bucket = MT3GreedyPool.key_bucket(args.rows, mode.endswith("graphs"))
+        for at in (int(a) for a in args.at.split(",")):
+            keys = MT3SlotCache.keys_for(at, bucket)
+            first = keys - bucket  # the first position of this key length: graphs capture there
+            if not first < at <= at + args.steps <= keys:
+                p.error(f"--at {at} --steps {args.steps}: in mode {mode}, profile within positions {first + 1}.."
+                        f"{keys - 1} (one key length of {bucket} positions, after its first step)")
+            positions.setdefault(mode, []).append((at, keys))
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,14 +131,10 @@ def main(argv=None) -> int:
     features = torch.randn(args.rows, FRAMES, config.input_depth, device=device)
     element = torch.finfo(getattr(torch, args.dtype)).bits // 8
     summary = []
-    modes = args.modes.split(",")
-    unknown = set(modes) - {"eager", "graphs", "compiled", "compiled+graphs"}
-    if unknown:
-        p.error(f"--modes: unknown {', '.join(sorted(unknown))} (eager, graphs, compiled, compiled+graphs)")
     for mode in modes:
         if mode.endswith("graphs") and device.type != "cuda":
             continue
-        for at, keys in positions:
+        for at, keys in positions[mode]:
             with torch.autocast(device.type, getattr(torch, args.autocast or "float32"), enabled=bool(args.autocast)):
                 seconds, table, profiler = profile_steps(model, features, mode, at, args.steps, device,
                                                          args.compile_backend)

@@ -32,14 +32,15 @@ def reference(model, x: torch.Tensor, **kwargs) -> torch.Tensor:
     return GenerationMixin.generate(model, input_features=x, **kwargs)
 
 
-def early_eos(model, x: torch.Tensor) -> int:
-    """A token that some rows produce early and others late or never: as EOS it ends rows at different steps."""
+def early_eos(model, x: torch.Tensor, past: int = 0) -> int:
+    """A token that some rows produce early and others late or never (some row after `past` tokens): as EOS it ends
+    rows at different steps."""
     free = reference(model, x, eos_token_id=None)[:, 1:]  # (batch, max_new_tokens)
     best, best_spread = None, 0
     for token in free[:, :8].unique().tolist():
         ends = [row.tolist().index(token) if token in row.tolist() else free.shape[1] for row in free]
         spread = len(set(ends))
-        if spread > best_spread and min(ends) < free.shape[1] // 2:
+        if spread > best_spread and min(ends) < free.shape[1] // 2 and max(ends) > past:
             best, best_spread = token, spread
     if best is None or best_spread < 3:
         pytest.skip("random model produced no usable early token")
@@ -506,27 +507,33 @@ class FakeGraph:
 def test_cuda_graph_schedule_matches_hf_greedy(model, monkeypatch, slot_caches, pool, interval):
     """The schedule used with CUDA graphs (idle rows kept until the busy ones fit in a power of two, each step
     replayed from a graph per shape, graphs dropped when the cache grows) gives HF greedy's ids. The graphs are
-    faked on CPU (`FakeGraph`); real capture is only exercised on a GPU."""
+    faked on CPU (`FakeGraph`); real capture is only exercised on a GPU. Few rows read keys in multiples of 128
+    (`MT3GreedyPool.key_bucket`), so fewer shapes are captured."""
     from convert_mt3.mt3.generation_mt3 import _StepGraphs
 
-    captured = []
+    captured, lengths = [], []
 
     def capture(self, step):  # runs the step once, as the real capture does before recording it
         step()
-        captured.append(FakeGraph(step, slot_caches.caches[-1]))
+        cache = slot_caches.caches[-1]
+        captured.append(FakeGraph(step, cache))
+        lengths.append((cache.length, cache.capacity))
         return captured[-1]
 
     monkeypatch.setattr(_StepGraphs, "_capture", capture)
-    long_model = tiny_model(max_target_length=150)  # > 64 steps: the storage grows while graphs exist
-    for m, limit in ((model, 40), (long_model, 150)):
+    # > 256 steps: the storage grows while graphs exist
+    long_model = tiny_model(max_target_length=300, max_position_embeddings=512)
+    for m, limit in ((model, 40), (long_model, 300)):
         x = frames(9, seed=16)
-        eos = early_eos(m, x)
+        eos = early_eos(m, x, past=256 if m is long_model else 0)
         want = reference(m, x, eos_token_id=eos)
         got = MT3GreedyPool(m, pool, cuda_graphs=True, eos_check_interval=interval).generate(x, limit, [eos], 0, 0)
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     rows_seen = [rows for rows, _ in slot_caches.steps]
     assert captured and len(captured) < len(rows_seen)  # most steps are replays
     assert set(rows_seen) <= {pool, 4, 2, 1}  # idle rows leave in powers of two
+    assert {cache.bucket for cache in slot_caches.caches} == {128}
+    assert all(length % 128 == 0 for length, _ in lengths) and max(capacity for _, capacity in lengths) > 256
     # on CPU, generate() ignores the setting, and it does not leave the fast path
     count = len(captured)
     x = frames(4, seed=2)

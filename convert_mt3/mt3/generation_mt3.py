@@ -135,8 +135,9 @@ class MT3SlotLayer(CacheLayerMixin):
 class MT3SlotCache(EncoderDecoderCache):
     """Preallocated cache of `rows` rows, each at its own position; rows are admitted and removed, not appended.
 
-    Every row in use decodes a segment. A decode step reads `length` key positions, a multiple of `bucket`: between
-    two buckets, a step has the same shapes (a capturable step on GPUs). `positions` (rows,) is each row's current
+    Every row in use decodes a segment. A decode step reads `length` key positions, a multiple of `bucket` (32 unless
+    the pool asks for another, `MT3GreedyPool.key_bucket`): between two multiples, a step has the same shapes (a
+    capturable step on GPUs). `positions` (rows,) is each row's current
     input position, below `max_positions` (the decoder's position table). With `group_rows`, self-attention runs in
     `groups` of rows, each over its own longest row (`reserve`): with continuous refill, a segment just admitted sits
     beside one ~1000 tokens old.
@@ -149,9 +150,16 @@ class MT3SlotCache(EncoderDecoderCache):
     group_merge = 384
 
     def __init__(
-        self, num_layers: int, rows: int, device: torch.device, max_positions: int, group_rows: int | None = None
+        self,
+        num_layers: int,
+        rows: int,
+        device: torch.device,
+        max_positions: int,
+        group_rows: int | None = None,
+        bucket: int | None = None,
     ):
         self.rows, self.max_positions, self.group_rows = rows, max_positions, group_rows
+        self.bucket = bucket or type(self).bucket
         self.capacity, self.length = 2 * self.bucket, self.bucket
         self.groups: list[tuple[int, int, int]] | None = None  # (first row, end row, key length); None: one group
         super().__init__(
@@ -200,7 +208,7 @@ class MT3SlotCache(EncoderDecoderCache):
         if furthest >= self.max_positions:
             raise ValueError(f"MT3 has {self.max_positions} positions (max_position_embeddings), but position "
                              f"{furthest} was requested")
-        self.length = self.keys_for(furthest)
+        self.length = self.keys_for(furthest, self.bucket)
         if self.length > self.capacity:
             self.capacity = max(2 * self.capacity, self.length)
             for layer in self.self_attention_cache.layers:
@@ -210,7 +218,7 @@ class MT3SlotCache(EncoderDecoderCache):
             groups = []
             for first in range(0, self.rows, self.group_rows):
                 end = min(first + self.group_rows, self.rows)
-                length = self.keys_for(max(positions[first:end]))
+                length = self.keys_for(max(positions[first:end]), self.bucket)
                 if groups:  # merged with the previous group where that reads few more keys than it saves ops
                     start, middle, previous = groups[-1]
                     longest = max(previous, length)
@@ -219,10 +227,10 @@ class MT3SlotCache(EncoderDecoderCache):
                 groups.append((first, end, length))
             self.groups = groups if len(groups) > 1 else None
 
-    @classmethod
-    def keys_for(cls, position: int) -> int:
-        """Key positions a row at `position` reads: position + 1, rounded up to a bucket multiple."""
-        return -(-(position + 1) // cls.bucket) * cls.bucket
+    @staticmethod
+    def keys_for(position: int, bucket: int) -> int:
+        """Key positions a row at `position` reads: position + 1, rounded up to a multiple of `bucket`."""
+        return -(-(position + 1) // bucket) * bucket
 
     def self_attention_mask(self) -> torch.Tensor:
         """(rows, 1, 1, length) boolean, True = attend: each row sees its own past and present only."""
@@ -279,7 +287,11 @@ class MT3GreedyPool:
                 or (weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
             )
         if matmul_attention is None:
-            matmul_attention = cpu and weight.dtype == torch.float32
+            # CUDA, any dtype: SDPA's kernel for a boolean mask in float32 (memory-efficient attention) took 90% of a
+            # 256-row step at 1024 keys on an H200 (537 us a call) and 44% at 30 rows and 128 keys; as matmuls, 256
+            # rows decoded 1000 steps in 4.6 s against 6.7 s, 30 rows 333 steps in 0.56 against 0.69 s (random
+            # weights, benchmarks/README.md "GPU")
+            matmul_attention = not cpu or weight.dtype == torch.float32
         self.use_onednn = use_onednn and torch.backends.mkldnn.is_available()
         self.matmul_attention = matmul_attention
         self.cuda_graphs = cuda_graphs
@@ -319,7 +331,8 @@ class MT3GreedyPool:
         # cast on every step anyway. On CPU, attention runs as matmuls with a float32 softmax under autocast.
         autocast = torch.is_autocast_enabled(device.type)
         matmul = self.matmul_attention or (autocast and device.type == "cpu")
-        cache = MT3SlotCache(len(model.decoder.layers), rows, device, max_positions, None if graphs else self.group_rows)
+        cache = MT3SlotCache(len(model.decoder.layers), rows, device, max_positions, None if graphs else self.group_rows,
+                             self.key_bucket(rows, graphs))
         # Inference mode: each op dispatches faster than under no_grad alone (no view or version tracking; the 60 s
         # clip's first 8 segments: 6.64 against 6.98 s, ten alternating runs on 2 CPU cores), same kernels. Under
         # autocast no_grad only (and a caller's own inference mode stays): in inference mode recent torch caches no
@@ -336,6 +349,15 @@ class MT3GreedyPool:
             model.unpack()
             cache.release()
         return ids.to(device, copy=True)  # a copy made outside inference mode: the caller may update it in place
+
+    @staticmethod
+    def key_bucket(rows: int, graphs: bool) -> int:
+        """The slot cache's `bucket` for a decode of `rows` rows. With CUDA graphs each multiple is a capture (~15 ms
+        at 30 rows on an H200): few rows take 128 (30 rows, 333 steps: 3 captures and 0.57 s, against 11 and 0.69 s
+        with 32); many rows 32, where reading unused keys costs more than the captures save (256 rows, 1000 steps:
+        7.2 s with 128, 6.7 s with 32). Measured at 30 and 256 rows only (random weights, SDPA attention); the
+        threshold of 64 between them is not."""
+        return 128 if graphs and rows <= 64 else MT3SlotCache.bucket
 
     def _decode(self, cache, features, max_new_tokens, eos_token_ids, pad_token_id, start, processors, graphs,
                 interval):

@@ -254,8 +254,8 @@ class MT3GreedyPool:
     own longest row rather than the oldest row of the pool.
 
     During decoding the model's linears run packed (`MT3ForConditionalGeneration.pack`): on CPU in oneDNN's layout
-    (`use_onednn`: float32, and bfloat16 where the CPU has the instructions) and attention as matmuls
-    (`matmul_attention`: CPU float32, or CPU under autocast). `cuda_graphs` (CUDA, without logits
+    (`use_onednn`: float32, and bfloat16 where the CPU has the instructions) and attention as matmuls where that
+    was measured faster than SDPA (`matmul_attention`, by default `attends_by_matmuls`). `cuda_graphs` (CUDA, without logits
     processors) replays each decode step as a CUDA graph (`_StepGraphs`); on an H200 the same ids as eager, in
     half the time for a 60 s clip. `eos_check_interval` k: the host looks for finished rows every k steps
     only (a row that ends stops where it is and waits), so a GPU can run k queued steps without waiting for the
@@ -286,12 +286,6 @@ class MT3GreedyPool:
                 weight.dtype == torch.float32
                 or (weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
             )
-        if matmul_attention is None:
-            # CUDA, any dtype: SDPA's kernel for a boolean mask in float32 (memory-efficient attention) took 90% of a
-            # 256-row step at 1024 keys on an H200 (537 us a call) and 44% at 30 rows and 128 keys; as matmuls, 256
-            # rows decoded 1000 steps in 4.6 s against 6.7 s, 30 rows 333 steps in 0.56 against 0.69 s (random
-            # weights, benchmarks/README.md "GPU")
-            matmul_attention = not cpu or weight.dtype == torch.float32
         self.use_onednn = use_onednn and torch.backends.mkldnn.is_available()
         self.matmul_attention = matmul_attention
         self.cuda_graphs = cuda_graphs
@@ -330,7 +324,9 @@ class MT3GreedyPool:
         # copy would be cast again on every step. Not with graphs: they run without that cache, so every weight is
         # cast on every step anyway. On CPU, attention runs as matmuls with a float32 softmax under autocast.
         autocast = torch.is_autocast_enabled(device.type)
-        matmul = self.matmul_attention or (autocast and device.type == "cpu")
+        matmul = self.matmul_attention
+        if matmul is None:
+            matmul = self.attends_by_matmuls(device.type, model.decoder.token_embedder.weight.dtype, autocast, rows)
         cache = MT3SlotCache(len(model.decoder.layers), rows, device, max_positions, None if graphs else self.group_rows,
                              self.key_bucket(rows, graphs))
         # Inference mode: each op dispatches faster than under no_grad alone (no view or version tracking; the 60 s
@@ -349,6 +345,20 @@ class MT3GreedyPool:
             model.unpack()
             cache.release()
         return ids.to(device, copy=True)  # a copy made outside inference mode: the caller may update it in place
+
+    @staticmethod
+    def attends_by_matmuls(device_type: str, dtype: torch.dtype, autocast: bool, rows: int) -> bool:
+        """Whether decoding `rows` rows with weights of `dtype` attends through two matmuls rather than SDPA, where
+        that was measured faster. CPU: in float32 and under autocast. CUDA (an H200, `make bench` rows 7 and 8 with
+        the old attention as `+sdpa`, 2026-11-27): in float32 always, since SDPA's one float32 kernel that takes a
+        mask (memory-efficient attention) was 90% of a 256-row step (the 60 s clip, 30 rows, with graphs: 0.44 s
+        against 0.54 s; an hour's generate(), 256 rows: 7.1 s, 10.3 s with SDPA in an earlier run); in half precision above 64 rows (the hour under
+        autocast float16: 4.7 s against 7.9 s), while fewer rows keep SDPA's half-precision kernel, one launch
+        instead of five (the 60 s clip under autocast float16: 0.44 s against 0.59 s). The threshold of 64 lies
+        between the two measured sizes."""
+        if device_type == "cpu":
+            return dtype == torch.float32 or autocast
+        return (dtype == torch.float32 and not autocast) or rows > 64
 
     @staticmethod
     def key_bucket(rows: int, graphs: bool) -> int:

@@ -98,7 +98,7 @@ id 0, EOS 1, up to 1024 tokens), as the original does, at most `segment_batch_si
 time (32 on CPU, 256 on CUDA): a finished segment makes room for the next, so memory does not
 grow with the length of the audio. Other settings (beam search, scores, ...) use transformers'
 own `generate()`. On CUDA each decode step is replayed as a CUDA graph (`cuda_graphs=False` for
-eager launches: the same ids, about twice as long for a minute of audio on an H200), and
+eager launches: the same ids, about four times as long for a minute of audio on an H200), and
 `eos_check_interval=k` looks for finished segments every k steps only (default 1).
 
 Precision: use float32, which reproduces the original's tokens. Half precision runs (a model
@@ -106,8 +106,8 @@ cast with `.to(torch.bfloat16)`, or the mixed mode: float32 weights with
 `torch.autocast(device, dtype=torch.bfloat16)` around `generate()`, half-precision matmuls with
 the residual stream, norms and logits in float32) but changes notes: measured on CPU over the
 three golden clips of convert-mt3, the mixed mode kept 77-96% of the float32 notes exactly,
-the cast model 57-77%; on an H200, over an hour of audio, autocast float16 kept 95.4% of the
-notes (its `generate()` 1.3x faster than float32's), autocast bfloat16 79.6%.
+the cast model 57-77%; on an H200, over an hour of audio, autocast float16 kept 95.9% of the
+notes (its `generate()` 1.5x faster than float32's), autocast bfloat16 79.6% (an earlier run).
 
 ## Parity with the original
 
@@ -151,8 +151,8 @@ transcriber = pipeline("music-transcription", model="$repo_id", trust_remote_cod
 transcriber("song.wav")["midi"].write("song.mid")'''
 
 # `make bench` rows 5 and 6 on the project's CI machine kind (2-core CPU VM, torch 2.13.0+cpu, transformers 5.24.0;
-# see convert-mt3's README, 2026-11-26): the 60 s clip is golden case b repeated. GPU: one run on an NVIDIA H200
-# (torch 2.11, transformers 5.17, jax 0.11.2 with CUDA; benchmarks/results_gpu_h200_d0ae0f1.json).
+# see convert-mt3's README, 2026-11-26): the 60 s clip is golden case b repeated. GPU: an NVIDIA H200 (torch 2.11,
+# transformers 5.17, jax 0.11.2 with CUDA; benchmarks/results_gpu_h200_2df8d81.json, 2026-11-27).
 SPEED = """### Speed and precision (measured with convert-mt3's `make bench`)
 
 A 60 s dense multi-instrument clip (30 segments) on a 2-core CPU VM (torch 2.13, transformers 5.24, float32),
@@ -174,16 +174,16 @@ float32 is the trained precision and reproduces the original's notes exactly on 
 weights, `torch.autocast(device, dtype=torch.bfloat16)` around `generate()`) keeps 77%, 96% and 89% of the notes,
 `.to(torch.bfloat16)` 57%, 77% and 77%; on a CPU both are also slower than float32.
 
-On one NVIDIA H200 (torch 2.11, one run), float32 with CUDA graphs (the default on CUDA): the hour's ids equal the
-CPU float32 run's in every segment, the clip's equal eager float32's:
+On one NVIDIA H200 (torch 2.11, 2026-11-27), float32 with CUDA graphs (the default on CUDA): the hour's ids equal
+the CPU float32 run's in every segment, the clip's equal eager float32's:
 
 | | float32 | autocast float16 | the original (Flax, jax 0.11.2 on the GPU, batch 8) |
 |---|---|---|---|
-| 60 s dense clip, `generate()` | 0.78 s | 0.55 s (28/30 segments as float32) | 0.66 s |
-| one hour end to end (features, `generate()`, notes) | 12.3 s, 10.2 GB GPU memory | 10.0 s (95.4% of the notes) | not run |
+| 60 s dense clip, `generate()` | 0.44 s (0.42-0.48 s with `eos_check_interval=8`) | 0.44 s (27/30 segments as float32) | 0.66 s |
+| one hour end to end (features, `generate()`, notes) | 9.2 s (8.6-8.9 s with `eos_check_interval` 8 or 32), 10.2 GB GPU memory | 6.5 s (95.9% of the notes), 5.8 GB | not run |
 
-Autocast bfloat16 kept 79.6% of the hour's notes. Use float32 to transcribe; float16 autocast where speed matters
-more than the last notes."""
+Autocast bfloat16 kept 79.6% of the hour's notes in an earlier run. Use float32 to transcribe; float16 autocast
+where speed matters more than the last notes."""
 
 
 def usage_snippet(repo_id: str) -> str:

@@ -54,7 +54,7 @@ def row_independent(processors: LogitsProcessorList) -> bool:
 
 # Rows decoded at once by default, per device type (generation_config.json `segment_batch_size`). CPU: 32 decoded a
 # 60 s clip 12-28% faster than 16 in three `make bench` runs on 2 cores (row 5), for 1.1-1.3 GB peak; CUDA: 256
-# decoded an hour of audio in 10.3 s with CUDA graphs, 10.2 GB peak, on an H200 (row 8; other sizes not measured).
+# decoded an hour of audio in 7.1 s with CUDA graphs, 10.2 GB peak, on an H200 (row 8; other sizes not measured).
 SEGMENT_BATCH_SIZE = {"cpu": 32, "cuda": 256}
 
 
@@ -352,10 +352,10 @@ class MT3GreedyPool:
         that was measured faster. CPU: in float32 and under autocast. CUDA (an H200, `make bench` rows 7 and 8 with
         the old attention as `+sdpa`, 2026-11-27): in float32 always, since SDPA's one float32 kernel that takes a
         mask (memory-efficient attention) was 90% of a 256-row step (the 60 s clip, 30 rows, with graphs: 0.44 s
-        against 0.54 s; an hour's generate(), 256 rows: 7.1 s, 10.3 s with SDPA in an earlier run); in half precision above 64 rows (the hour under
-        autocast float16: 4.7 s against 7.9 s), while fewer rows keep SDPA's half-precision kernel, one launch
-        instead of five (the 60 s clip under autocast float16: 0.44 s against 0.59 s). The threshold of 64 lies
-        between the two measured sizes."""
+        against 0.54 s; an hour's generate(), 256 rows: 7.1 s, 10.3 s with SDPA in an earlier run); in half
+        precision above 64 rows (the hour under autocast float16: 4.7 s against 7.9 s), while fewer rows keep
+        SDPA's half-precision kernel, one launch instead of five (the 60 s clip under autocast float16: 0.44 s
+        against 0.59 s). The threshold of 64 lies between the two measured sizes."""
         if device_type == "cpu":
             return dtype == torch.float32 or autocast
         return (dtype == torch.float32 and not autocast) or rows > 64

@@ -63,6 +63,14 @@ class Codec:
         names = [er.type for er in self._event_ranges]
         if len(names) != len(set(names)):
             raise ValueError(f"Expected unique event type names; found {names}.")
+        # every index's event, in index order, and each type's [first, last] index: decoding looks up every
+        # generated token (~300,000 for an hour of audio) and the velocity range at every velocity event
+        self._events = tuple(Event(er.type, value) for er in self._event_ranges
+                             for value in range(er.min_value, er.max_value + 1))
+        self._type_ranges, offset = {}, 0
+        for er in self._event_ranges:
+            self._type_ranges[er.type] = (offset, offset + er.max_value - er.min_value)
+            offset += er.max_value - er.min_value + 1
 
     @property
     def event_ranges(self) -> list[EventRange]:
@@ -88,21 +96,15 @@ class Codec:
 
     def event_type_range(self, event_type: str) -> tuple[int, int]:
         """[min_index, max_index] of an event type."""
-        offset = 0
-        for er in self._event_ranges:
-            if event_type == er.type:
-                return offset, offset + (er.max_value - er.min_value)
-            offset += er.max_value - er.min_value + 1
-        raise ValueError(f"Unknown event type: {event_type}")
+        if event_type not in self._type_ranges:
+            raise ValueError(f"Unknown event type: {event_type}")
+        return self._type_ranges[event_type]
 
     def decode_event_index(self, index: int) -> Event:
         """Index -> Event; ValueError if the index is outside every range (e.g. negative markers)."""
-        offset = 0
-        for er in self._event_ranges:
-            if offset <= index <= offset + er.max_value - er.min_value:
-                return Event(type=er.type, value=er.min_value + index - offset)
-            offset += er.max_value - er.min_value + 1
-        raise ValueError(f"Unknown event index: {index}")
+        if not 0 <= index < len(self._events):
+            raise ValueError(f"Unknown event index: {index}")
+        return self._events[index]
 
 
 def build_codec(steps_per_second: int, max_shift_seconds: int, num_velocity_bins: int) -> Codec:

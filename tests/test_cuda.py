@@ -126,6 +126,8 @@ def test_features_on_cuda_match_numpy():
     error = np.abs(on_gpu - extractor(samples, sampling_rate=16000)["input_features"]).max()
     print(f"\nfeatures, torch on CUDA vs numpy: max abs error {error:.2e}")
     assert error <= TOL_TORCH_VS_NUMPY
+    kept = extractor(samples, sampling_rate=16000, device="cuda", return_tensors="pt")["input_features"]
+    assert kept.device.type == "cuda" and np.array_equal(kept.cpu().numpy(), on_gpu)  # stays on the GPU, same values
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,8 @@ class MT3TranscriptionPipeline(ChunkPipeline):
                 }
         if not len(audio):  # no segment: one placeholder row so that the input still gets its (empty) result
             yield {
-                "input_features": torch.zeros(1, frames_per_segment, extractor.feature_size),
+                # where the real rows' features are (the extractor leaves them on `device`), so rows batch together
+                "input_features": torch.zeros(1, frames_per_segment, extractor.feature_size, device=device),
                 "start_frame": torch.tensor([-1]),
                 "is_last": True,
             }

@@ -74,6 +74,27 @@ def test_only_the_experimental_graph_modes_may_fail():
             module._mode_options(wrong)
 
 
+def test_sdpa_mode_packs_without_matmul_attention():
+    """"+sdpa" decodes with SDPA attention: the model's `pack` is told not to use matmuls, only inside the mode,
+    and an instance `pack` set before is put back."""
+    module = load_bench()
+    calls = []
+
+    class Model:
+        def pack(self, rows, onednn, matmul_attention, fuse=True):
+            calls.append(matmul_attention)
+
+    model = Model()
+    with module._sdpa_decoding(model, True):
+        model.pack(4, False, True, fuse=True)
+    model.pack(4, False, True)
+    assert calls == [False, True] and "pack" not in vars(model)
+    own = model.pack = lambda rows, onednn, matmul_attention, fuse=True: calls.append(("own", matmul_attention))
+    with module._sdpa_decoding(model, True):
+        model.pack(4, False, True)
+    assert model.pack is own and calls[-1] == ("own", False)
+
+
 def test_row_8_targets_follow_the_precision_with_or_without_graphs():
     """On CUDA, row 8's target is <= 8 s for float32 (eager or "+graphs") and <= 4 s for the half modes."""
     module = load_bench()

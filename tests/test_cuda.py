@@ -57,6 +57,18 @@ def test_fast_generate_matches_hf_greedy(model, captures, pool, graphs, interval
     assert bool(captures) == graphs
 
 
+def test_graphs_across_storage_growth(captures):
+    """Rows past 256 positions grow the self-attention storage while graphs exist (bucket 128 at few rows): the
+    graphs are dropped and recaptured on the new storage, and the ids stay GenerationMixin's."""
+    long_model = tiny_model(max_target_length=300, max_position_embeddings=512).cuda()
+    x = frames(9, seed=16).cuda()
+    eos = early_eos(long_model, x, past=256)
+    want = reference(long_model, x, eos_token_id=eos)
+    got = long_model.generate(input_features=x, eos_token_id=eos, segment_batch_size=3)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert captures and got.shape[1] > 257
+
+
 def test_graphs_are_the_cuda_default(model, captures):
     """On unless the generation config or the call turns them off; logits processors keep the eager step."""
     from transformers import LogitsProcessorList, MinLengthLogitsProcessor

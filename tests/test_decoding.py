@@ -171,6 +171,8 @@ def test_codec_round_trip():
             codec.decode_event_index(bad)
     with pytest.raises(ValueError):
         Codec(10, 100, [EventRange("shift", 0, 1)])
+    with pytest.raises(ValueError, match="min_value <= max_value"):  # its indices would overlap the next range's
+        Codec(10, 100, [EventRange("pitch", 5, 3)])
 
 
 def test_text_round_trip(tokenizer):

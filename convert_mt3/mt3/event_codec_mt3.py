@@ -63,13 +63,17 @@ class Codec:
         names = [er.type for er in self._event_ranges]
         if len(names) != len(set(names)):
             raise ValueError(f"Expected unique event type names; found {names}.")
-        # every index's event, in index order, and each type's [first, last] index: decoding looks up every
+        empty = [er.type for er in self._event_ranges if not er.min_value <= er.max_value]
+        if empty:
+            raise ValueError(f"Expected min_value <= max_value in every event range; found otherwise for {empty}.")
+        # every index's event, in index order, and each type's first index: decoding looks up every
         # generated token (~300,000 for an hour of audio) and the velocity range at every velocity event
         self._events = tuple(Event(er.type, value) for er in self._event_ranges
                              for value in range(er.min_value, er.max_value + 1))
-        self._type_ranges, offset = {}, 0
+        self._ranges: dict[str, tuple[int, EventRange]] = {}  # type -> (its first index, its range)
+        offset = 0
         for er in self._event_ranges:
-            self._type_ranges[er.type] = (offset, offset + er.max_value - er.min_value)
+            self._ranges[er.type] = (offset, er)
             offset += er.max_value - er.min_value + 1
 
     @property
@@ -78,27 +82,26 @@ class Codec:
 
     @property
     def num_classes(self) -> int:
-        return sum(er.max_value - er.min_value + 1 for er in self._event_ranges)
+        return len(self._events)
 
     def encode_event(self, event: Event) -> int:
         """Event -> index; ValueError for an unknown type or an out-of-range value."""
-        offset = 0
-        for er in self._event_ranges:
-            if event.type == er.type:
-                if not er.min_value <= event.value <= er.max_value:
-                    raise ValueError(
-                        f"Event value {event.value} is not within valid range "
-                        f"[{er.min_value}, {er.max_value}] for type {event.type}"
-                    )
-                return offset + event.value - er.min_value
-            offset += er.max_value - er.min_value + 1
-        raise ValueError(f"Unknown event type: {event.type}")
+        if event.type not in self._ranges:
+            raise ValueError(f"Unknown event type: {event.type}")
+        first, er = self._ranges[event.type]
+        if not er.min_value <= event.value <= er.max_value:
+            raise ValueError(
+                f"Event value {event.value} is not within valid range "
+                f"[{er.min_value}, {er.max_value}] for type {event.type}"
+            )
+        return first + event.value - er.min_value
 
     def event_type_range(self, event_type: str) -> tuple[int, int]:
         """[min_index, max_index] of an event type."""
-        if event_type not in self._type_ranges:
+        if event_type not in self._ranges:
             raise ValueError(f"Unknown event type: {event_type}")
-        return self._type_ranges[event_type]
+        first, er = self._ranges[event_type]
+        return first, first + er.max_value - er.min_value
 
     def decode_event_index(self, index: int) -> Event:
         """Index -> Event; ValueError if the index is outside every range (e.g. negative markers)."""

@@ -206,7 +206,9 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         )  # (num_mel_bins, num_frames) float64
         return self._safe_log(mel.T).astype(np.float32)
 
-    def _torch_extract_segments(self, samples: np.ndarray, bounds: list[tuple[int, int]], device: str) -> "torch.Tensor":
+    def _torch_extract_segments(
+        self, samples: np.ndarray, bounds: list[tuple[int, int]], device: str
+    ) -> "torch.Tensor":
         """Same as `_np_extract_segment` for every segment, with torch.stft (float64) on `device`,
         `torch_segments_per_chunk` segments at a time: (segments, frames_per_segment, num_mel_bins) float32 there."""
         hop, n_fft = self.hop_length, self.n_fft

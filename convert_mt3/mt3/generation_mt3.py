@@ -255,12 +255,13 @@ class MT3GreedyPool:
 
     During decoding the model's linears run packed (`MT3ForConditionalGeneration.pack`): on CPU in oneDNN's layout
     (`use_onednn`: float32, and bfloat16 where the CPU has the instructions) and attention as matmuls where that
-    was measured faster than SDPA (`matmul_attention`, by default `attends_by_matmuls`). `cuda_graphs` (CUDA, without logits
-    processors) replays each decode step as a CUDA graph (`_StepGraphs`); on an H200 the same ids as eager, in
-    half the time for a 60 s clip. `eos_check_interval` k: the host looks for finished rows every k steps
-    only (a row that ends stops where it is and waits), so a GPU can run k queued steps without waiting for the
-    host in between; k - 1 steps of a finished row are spent idle. Without logits processors; 1 (every step) by
-    default: 8 saved 3% of an hour's decoding on an H200 (one run), too little to make it the default.
+    was measured faster than SDPA (`matmul_attention`; None: `attends_by_matmuls` decides per call). `cuda_graphs`
+    (CUDA, without logits processors) replays each decode step as a CUDA graph (`_StepGraphs`); on an H200 the same
+    ids as eager, a quarter of the time for a 60 s clip (0.44 against 1.80 s). `eos_check_interval` k: the host
+    looks for finished rows every k steps only (a row that ends stops where it is and waits), so a GPU can run k
+    queued steps without waiting for the host in between; k - 1 steps of a finished row are spent idle. Without
+    logits processors; 1 (every step) by default: 8 saved 3% and 8% of an hour's generate() on an H200 in two
+    sessions, while the 60 s clip took 0.42 and 0.48 s with it against 0.44 s without: not made the default.
     """
 
     def __init__(
@@ -322,11 +323,12 @@ class MT3GreedyPool:
         interval = 1 if logits_processor or max_new_tokens >= max_positions else self.eos_check_interval
         # Under autocast the linears stay unfused: autocast casts each parameter once (its weight cache), a fused
         # copy would be cast again on every step. Not with graphs: they run without that cache, so every weight is
-        # cast on every step anyway. On CPU, attention runs as matmuls with a float32 softmax under autocast.
+        # cast on every step anyway. Attention as matmuls has a float32 softmax (CPU under autocast, by default).
         autocast = torch.is_autocast_enabled(device.type)
         matmul = self.matmul_attention
         if matmul is None:
-            matmul = self.attends_by_matmuls(device.type, model.decoder.token_embedder.weight.dtype, autocast, rows)
+            dtype = model.decoder.token_embedder.weight.dtype
+            matmul = self.attends_by_matmuls(device.type, dtype, autocast, rows)
         cache = MT3SlotCache(len(model.decoder.layers), rows, device, max_positions, None if graphs else self.group_rows,
                              self.key_bucket(rows, graphs))
         # Inference mode: each op dispatches faster than under no_grad alone (no view or version tracking; the 60 s
@@ -355,18 +357,22 @@ class MT3GreedyPool:
         against 0.54 s; an hour's generate(), 256 rows: 7.1 s, 10.3 s with SDPA in an earlier run); in half
         precision above 64 rows (the hour under autocast float16: 4.7 s against 7.9 s), while fewer rows keep
         SDPA's half-precision kernel, one launch instead of five (the 60 s clip under autocast float16: 0.44 s
-        against 0.59 s). The threshold of 64 lies between the two measured sizes."""
+        against 0.59 s). Half precision was measured under autocast float16 only; autocast bfloat16 and cast models
+        follow it unmeasured, and the threshold of 64 lies between the two measured sizes. Other devices (MPS, XPU):
+        SDPA, not measured."""
         if device_type == "cpu":
             return dtype == torch.float32 or autocast
+        if device_type != "cuda":
+            return False
         return (dtype == torch.float32 and not autocast) or rows > 64
 
     @staticmethod
     def key_bucket(rows: int, graphs: bool) -> int:
-        """The slot cache's `bucket` for a decode of `rows` rows. With CUDA graphs each multiple is a capture (~15 ms
-        at 30 rows on an H200): few rows take 128 (30 rows, 333 steps: 3 captures and 0.57 s, against 11 and 0.69 s
-        with 32); many rows 32, where reading unused keys costs more than the captures save (256 rows, 1000 steps:
-        7.2 s with 128, 6.7 s with 32). Measured at 30 and 256 rows only (random weights, SDPA attention); the
-        threshold of 64 between them is not."""
+        """The slot cache's `bucket` for a decode that starts with `rows` rows (kept while rows leave). With CUDA
+        graphs each multiple is a capture (~15 ms at 30 rows on an H200): few rows take 128 (30 rows, 333 steps: 3
+        captures and 0.57 s, against 11 and 0.69 s with 32); many rows 32, where reading unused keys costs more than
+        the captures save (256 rows, 1000 steps: 7.2 s with 128, 6.7 s with 32). Measured at 30 and 256 rows only,
+        with random weights and the SDPA attention of the time (matmuls since); the threshold of 64 is not."""
         return 128 if graphs and rows <= 64 else MT3SlotCache.bucket
 
     def _decode(self, cache, features, max_new_tokens, eos_token_ids, pad_token_id, start, processors, graphs,

@@ -149,7 +149,9 @@ class MT3TranscriptionPipeline(ChunkPipeline):
             features = extractor(
                 audio[offset : offset + chunk], sampling_rate=extractor.sampling_rate, return_tensors="pt", device=device
             )
-            features = features["input_features"]  # (segments, frames, mel bins)
+            # (segments, frames, mel bins), on the host: transformers' collate pads a batch into a CPU tensor, one
+            # row at a time, so one copy of the chunk here beats a device-to-host copy per segment there
+            features = features["input_features"].cpu()
             last = offset + chunk >= len(audio)
             # A chunk that is not the last is a whole number of segments; the extractor's end padding adds one
             # short segment that belongs to the next chunk.
@@ -162,8 +164,7 @@ class MT3TranscriptionPipeline(ChunkPipeline):
                 }
         if not len(audio):  # no segment: one placeholder row so that the input still gets its (empty) result
             yield {
-                # where the real rows' features are (the extractor leaves them on `device`), so rows batch together
-                "input_features": torch.zeros(1, frames_per_segment, extractor.feature_size, device=device),
+                "input_features": torch.zeros(1, frames_per_segment, extractor.feature_size),
                 "start_frame": torch.tensor([-1]),
                 "is_last": True,
             }

@@ -616,8 +616,7 @@ TARGET_DENSE_RATIO = 6.0
 
 def _experimental_failed(mode: str, error: Exception) -> dict:
     """A "+graphs", "+eosN" or "+sdpa" mode that failed is recorded, and the other modes still run (CUDA graphs
-    failed in
-    every mode on the first GPU run); a failing plain precision mode stops the bench."""
+    failed in every mode on the first GPU run); a failing plain precision mode stops the bench."""
     if mode != _mode_options(mode)[0]:
         print(f"  {mode} failed (recorded in the JSON)", file=sys.stderr, flush=True)
         return {"failed": str(error)[-3000:]}

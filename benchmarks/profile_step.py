@@ -32,6 +32,9 @@ import torch._dynamo
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import decoder_weights  # noqa: E402  (bench.py: standard library only at import)
+
 from convert_mt3.mt3.configuration_mt3 import MT3Config  # noqa: E402
 from convert_mt3.mt3.generation_mt3 import MT3GreedyPool, MT3SlotCache  # noqa: E402
 from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration  # noqa: E402
@@ -42,10 +45,9 @@ FRAMES = 256  # encoder frames per segment
 def step_bytes(config: MT3Config, rows: int, keys: int, element: int) -> dict[str, int]:
     """Bytes one decode step reads at least: the decoder's weights once, and every row's cross-attention
     keys/values (FRAMES each) and self-attention keys/values (`keys` each), in every layer."""
-    inner, layers, d = config.num_heads * config.d_kv, config.num_decoder_layers or config.num_layers, config.d_model
-    weights = layers * (3 * d * inner + inner * d + d * inner + inner * d + 3 * d * config.d_ff) + d * config.vocab_size
+    inner, layers = config.num_heads * config.d_kv, config.num_decoder_layers
     return {
-        "weights": weights * element,
+        "weights": decoder_weights(config.to_dict()) * element,
         "cross_attention": rows * layers * 2 * FRAMES * inner * element,
         "self_attention": rows * layers * 2 * keys * inner * element,
     }

@@ -137,10 +137,9 @@ class MT3SlotCache(EncoderDecoderCache):
 
     Every row in use decodes a segment. A decode step reads `length` key positions, a multiple of `bucket` (32 unless
     the pool asks for another, `MT3GreedyPool.key_bucket`): between two multiples, a step has the same shapes (a
-    capturable step on GPUs). `positions` (rows,) is each row's current
-    input position, below `max_positions` (the decoder's position table). With `group_rows`, self-attention runs in
-    `groups` of rows, each over its own longest row (`reserve`): with continuous refill, a segment just admitted sits
-    beside one ~1000 tokens old.
+    capturable step on GPUs). `positions` (rows,) is each row's current input position, below `max_positions` (the
+    decoder's position table). With `group_rows`, self-attention runs in `groups` of rows, each over its own longest
+    row (`reserve`): with continuous refill, a segment just admitted sits beside one ~1000 tokens old.
     """
 
     bucket = 32
@@ -329,8 +328,9 @@ class MT3GreedyPool:
         if matmul is None:
             dtype = model.decoder.token_embedder.weight.dtype
             matmul = self.attends_by_matmuls(device.type, dtype, autocast, rows)
-        cache = MT3SlotCache(len(model.decoder.layers), rows, device, max_positions, None if graphs else self.group_rows,
-                             self.key_bucket(rows, graphs))
+        groups = None if graphs else self.group_rows
+        bucket = self.key_bucket(rows, graphs)
+        cache = MT3SlotCache(len(model.decoder.layers), rows, device, max_positions, groups, bucket)
         # Inference mode: each op dispatches faster than under no_grad alone (no view or version tracking; the 60 s
         # clip's first 8 segments: 6.64 against 6.98 s, ten alternating runs on 2 CPU cores), same kernels. Under
         # autocast no_grad only (and a caller's own inference mode stays): in inference mode recent torch caches no

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import __version__
+from .cli import OneLineParser
 
 
 def _checked(kind: type, ok, expected: str):
@@ -54,7 +55,7 @@ VARIANT_FLAGS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m convert_mt3",
         description="Convert a Magenta MT3 T5X checkpoint into a Hugging Face transformers folder "
         "(safetensors, config, processor, remote code, model card), verify it, optionally push it.",

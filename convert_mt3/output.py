@@ -1,8 +1,8 @@
 """OUT_DIR safety: what may be replaced, one writer at a time, and the atomic move into place.
 
 The converter only ever deletes what it wrote itself. Every folder it writes carries a manifest
-(`MANIFEST`) listing its files; `--overwrite` replaces an existing OUT_DIR only when it is empty or when
-every entry in it is listed in its manifest. A lock file beside OUT_DIR keeps a second conversion to the
+(`MANIFEST`) listing its files with their sizes and SHA-256; `--overwrite` replaces an existing OUT_DIR only
+when it is empty or when every entry in it is listed in its manifest and unchanged. A lock file beside OUT_DIR keeps a second conversion to the
 same folder out, and the checks are repeated under that lock just before the move. Standard library only:
 `__main__` runs these checks before torch and transformers import.
 """
@@ -10,6 +10,7 @@ same folder out, and the checks are repeated under that lock just before the mov
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import sys
@@ -63,10 +64,23 @@ def check_out_dir(out_dir: Path, checkpoint_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _as_written(path: Path, size: int) -> bool:
-    """Whether `path` is still the plain file of `size` bytes the manifest lists (an edit that keeps the size
-    is not seen)."""
-    return not path.is_symlink() and path.is_file() and path.stat().st_size == size
+def _as_written(path: Path, entry: tuple[int, str | None]) -> bool:
+    """Whether `path` is still the plain file the manifest lists: the same size and, where the manifest has one
+    (older manifests list sizes only), the same SHA-256."""
+    size, sha256 = entry
+    if path.is_symlink() or not path.is_file() or path.stat().st_size != size:
+        return False
+    return sha256 is None or _sha256(path, size) == sha256
+
+
+def _sha256(path: Path, size: int) -> str:
+    """SHA-256 of the first `size` bytes of `path` (its whole content when the size matched)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while size > 0 and (block := file.read(min(size, 1 << 20))):
+            digest.update(block)
+            size -= len(block)
+    return digest.hexdigest()
 
 
 def some_names(names: list[str], most: int = 3) -> str:
@@ -75,8 +89,9 @@ def some_names(names: list[str], most: int = 3) -> str:
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def manifest_files(folder: Path) -> dict[str, int] | None:
-    """Names and sizes listed by `folder`'s manifest, or None when it has no readable manifest of ours."""
+def manifest_files(folder: Path) -> dict[str, tuple[int, str | None]] | None:
+    """Name -> (size, SHA-256 or None) listed by `folder`'s manifest, or None when it has no readable manifest of
+    ours. Manifests written before the hashes list sizes only."""
     file = folder / MANIFEST
     if file.is_symlink() or not file.is_file() or file.stat().st_size > 1 << 20:
         return None
@@ -87,18 +102,32 @@ def manifest_files(folder: Path) -> dict[str, int] | None:
         return None
     if manifest.get("written_by") != "convert-mt3" or not isinstance(files, dict):
         return None
-    # Plain names only: a manifest must never point the removal outside its folder; a size that is not one
-    # matches no file.
+    # Plain names only: a manifest must never point the removal outside its folder; an entry that is not a size,
+    # or a size and a hash, matches no file.
     return {
-        name: size if type(size) is int else -1
-        for name, size in files.items()
+        name: _entry(listed)
+        for name, listed in files.items()
         if isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
     }
 
 
+def _entry(listed) -> tuple[int, str | None]:
+    """A manifest's entry for one file -> (size, SHA-256 or None); (-1, None) when it is malformed."""
+    if type(listed) is int:
+        return listed, None
+    if isinstance(listed, dict) and type(listed.get("size")) is int and isinstance(listed.get("sha256"), str):
+        return listed["size"], listed["sha256"]
+    return -1, None
+
+
 def write_manifest(folder: Path, version: str) -> None:
-    """List every file of the finished folder (names and sizes), so a later --overwrite can recognise it."""
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+    """List every file of the finished folder (name, size, SHA-256), so a later --overwrite can tell it is the
+    same, even after an edit that kept a file's size."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p, p.stat().st_size)}
+        for p in sorted(folder.iterdir())
+        if p.name != MANIFEST
+    }
     manifest = {"written_by": "convert-mt3", "version": version, "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -116,9 +145,9 @@ def out_dir_lock(out_dir: Path) -> Iterator[None]:
         yield
         return
     lock_file = out_dir.with_name(f".{out_dir.name}.lock")
-    created = [p for p in out_dir.parents if not p.exists()]  # made here, removed again if OUT_DIR is not written
+    created: list[Path] = []  # folders made here, removed again if OUT_DIR is not written
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _make_folders(out_dir.parent, created)
         try:
             fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except FileExistsError:
@@ -136,7 +165,7 @@ def out_dir_lock(out_dir: Path) -> Iterator[None]:
     finally:
         os.close(fd)
         if not out_dir.exists():
-            for folder in created:  # innermost first
+            for folder in reversed(created):  # innermost first
                 try:
                     folder.rmdir()
                 except OSError:
@@ -144,6 +173,21 @@ def out_dir_lock(out_dir: Path) -> Iterator[None]:
 
 
 _HELD: set[str] = set()  # OUT_DIRs this process holds the lock of
+
+
+def _make_folders(folder: Path, created: list[Path]) -> None:
+    """`mkdir -p folder` (an absolute path), appending each folder it makes to `created`, outermost first: only
+    those are removed again, whatever `..` the path walks through."""
+    current = Path(folder.anchor)
+    for part in folder.parts[1:]:
+        current = current / part
+        if current.exists():
+            continue
+        try:
+            current.mkdir()
+        except FileExistsError:  # made meanwhile by someone else: not ours
+            continue
+        created.append(current)
 
 
 def _lock_in_use(out_dir: Path, lock_file: Path) -> str:

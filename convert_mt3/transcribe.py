@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cli import OneLineParser
 from .mt3.notes_mt3 import GM_FAMILIES, notes_to_csv, notes_to_json, parse_programs
 from .output import some_names
 
@@ -35,7 +36,7 @@ class Job:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mt3-transcribe",
         description="Transcribe audio files to MIDI, JSON and/or CSV notes with a converted MT3 model "
         "(folder or Hub id, loaded with transformers' pipeline and the folder's remote code).",

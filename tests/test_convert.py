@@ -12,6 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from convert_mt3.__main__ import main
+from convert_mt3.output import MANIFEST
 
 from t5x_writer import TINY_MT3 as TINY
 from t5x_writer import TINY_MT3_GIN as GIN
@@ -111,6 +112,41 @@ def test_overwrite(mt3_ckpt, tmp_path, capsys):
     assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 1
     assert "1 file changed since convert-mt3 wrote it (README.md)" in capsys.readouterr().err
     assert (out / "README.md").read_text() == "MY OWN NOTES"
+
+
+def test_overwrite_sees_an_edit_that_keeps_the_size(mt3_ckpt, tmp_path, capsys):
+    """The manifest holds each file's SHA-256 as well as its size; one of an older version (sizes only) is still
+    honoured."""
+    out = tmp_path / "out"
+    assert main([str(mt3_ckpt), str(out), "--quiet"]) == 0
+    card = (out / "README.md").read_bytes()
+    edited = card.replace(b"MT3", b"MT4", 1)
+    assert edited != card and len(edited) == len(card)
+    (out / "README.md").write_bytes(edited)
+    assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 1
+    assert "1 file changed since convert-mt3 wrote it (README.md)" in capsys.readouterr().err
+    assert (out / "README.md").read_bytes() == edited
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert set(manifest["files"]["README.md"]) == {"size", "sha256"}
+    manifest["files"] = {name: entry["size"] for name, entry in manifest["files"].items()}  # an older manifest
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 0  # same sizes: taken, as before
+    assert (out / "README.md").read_bytes() == card
+
+
+def test_out_dir_through_a_missing_folder_leaves_nothing(mt3_ckpt, tmp_path, capsys):
+    """OUT_DIR = new/a/../out on a bad checkpoint: the folders made for it (new, new/a) are removed again, and a
+    folder that was there before is kept."""
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "b").mkdir()
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert main([str(tmp_path / "nope"), str(tmp_path / "new" / "a" / ".." / "b" / "out"), "--quiet"]) == 1
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert main([str(tmp_path / "nope"), str(tmp_path / "x" / "a" / ".." / "out"), "--quiet"]) == 1
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert main([str(mt3_ckpt), str(tmp_path / "x" / "a" / ".." / "out"), "--quiet"]) == 0
+    assert (tmp_path / "x" / "out" / "model.safetensors").is_file()
 
 
 def test_reload_check_reuses_one_remote_code_entry(mt3_ckpt, tmp_path):
@@ -280,7 +316,8 @@ def test_bad_golden_folder_and_flags_are_named(mt3_ckpt, tmp_path, capsys):
                                  ("--dropout-rate", "2", "expected a number from 0 to below 1, found '2'")]:
         with pytest.raises(SystemExit) as exit_:
             main([str(mt3_ckpt), str(tmp_path / "out"), flag, value])
-        assert exit_.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+        err = capsys.readouterr().err.splitlines()
+        assert exit_.value.code == 2 and err == [f"error: argument {flag}: {message} (see python -m convert_mt3 --help)"]
 
 
 def test_unwritable_out_dir(mt3_ckpt, tmp_path, capsys):

@@ -169,3 +169,13 @@ def test_bad_arguments_refused_before_model_and_audio(tmp_path, monkeypatch, cap
 def test_subprocess_error_has_no_traceback(tmp_path):
     result = run_cli(["no-such-model", "a.wav", "-o", str(tmp_path / "x" / "y")], tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [[], ["m", "a.wav", "-o", "out", "--batch-size", "0"], ["m", "a.wav", "-o", "o", "--dtype", "x"]])
+def test_usage_errors_are_one_line(args, capsys):
+    """argparse's own errors (missing arguments, a bad choice) too: one line naming what is wrong, status 2."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: ") and err[0].endswith("(see mt3-transcribe --help)"), err

@@ -93,6 +93,9 @@ $speed
 $usage
 ```
 
+`processor(audio=[clip_a, clip_b], ...)` takes a list of clips: their segments are decoded together, and
+`batch_decode(tokens, inputs)` then returns `notes` and `pretty_midi` as lists, one entry per clip.
+
 `generate()` decodes all segments of the audio with greedy search (`generation_config.json`: start
 id 0, EOS 1, up to 1024 tokens), as the original does, at most `segment_batch_size` segments at a
 time (32 on CPU, 256 on CUDA): a finished segment makes room for the next, so memory does not

@@ -404,11 +404,14 @@ def test_no_segments_give_the_asked_output_type(model):
 
 
 def test_processor_output_goes_straight_in(model, count_fast):
-    """`model.generate(**processor(audio=...))`: the segment start times it also holds are accepted and unused."""
+    """`model.generate(**processor(audio=...))`: the segment start times it also holds (and, for a list of clips,
+    the segments per clip) are accepted and unused."""
     x = frames(3, seed=5)
-    inputs = {"input_features": x, "segment_start_times": torch.tensor([0.0, 2.048, 4.096])}
+    inputs = {"input_features": x, "segment_start_times": torch.tensor([0.0, 2.048, 0.0])}
     torch.testing.assert_close(model.generate(**inputs), model.generate(input_features=x), atol=0, rtol=0)
-    assert len(count_fast) == 2
+    inputs["segments_per_clip"] = torch.tensor([2, 1])
+    torch.testing.assert_close(model.generate(**inputs), model.generate(input_features=x), atol=0, rtol=0)
+    assert len(count_fast) == 4
 
 
 @pytest.fixture

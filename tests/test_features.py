@@ -185,8 +185,28 @@ def test_non_finite_raises(extractor, bad):
 def test_stereo_raises(extractor):
     with pytest.raises(ValueError, match=r"mono.*\(2, 1000\)"):
         extractor(np.zeros((2, 1000), dtype=np.float32), sampling_rate=16000)
-    with pytest.raises(ValueError, match="mono"):
-        extractor([np.zeros(10), np.zeros(10)], sampling_rate=16000)
+    with pytest.raises(ValueError, match=r"mono.*\(2, 10\)"):  # a list of clips, one of them stereo
+        extractor([np.zeros(10), np.zeros((2, 10))], sampling_rate=16000)
+    with pytest.raises(ValueError, match="one mono clip.*a list of 2 sequences"):
+        extractor([[[0.0], [0.0]]], sampling_rate=16000)
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_a_list_of_clips_gives_their_segments_in_order(extractor, device):
+    """A batch of clips: each clip's features and start times (from 0 in its clip) one after the other, the same as
+    one call per clip, and `segments_per_clip`; an empty clip counts 0. `to()` leaves the counts alone."""
+    rng = np.random.default_rng(2)
+    clips = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (40000, 0, 1000, 70000)]
+    batch = extractor(clips, sampling_rate=16000, device=device, return_tensors="pt")
+    alone = [extractor(clip, sampling_rate=16000, device=device, return_tensors="pt") for clip in clips]
+    assert batch["segments_per_clip"].tolist() == [2, 0, 1, 3]
+    assert torch.equal(batch["input_features"], torch.cat([a["input_features"] for a in alone]))
+    assert torch.equal(batch["segment_start_times"], torch.cat([a["segment_start_times"] for a in alone]))
+    assert batch["segment_start_times"].tolist()[:3] == [0.0, 2.048, 0.0]
+    batch.to(torch.float16)
+    assert batch["input_features"].dtype == torch.float16 and batch["segments_per_clip"].dtype == torch.int64
+    as_numpy = extractor(clips, sampling_rate=16000, device=device)
+    assert np.array_equal(as_numpy["input_features"], torch.cat([a["input_features"] for a in alone]).numpy())
 
 
 def test_integer_samples_raise(extractor):

@@ -199,3 +199,39 @@ def test_collate_keeps_ignored_positions_inside_a_row(processor):
     batch = processor.collate([{"input_features": features, "labels": masked},
                                {"input_features": features, "labels": np.array([7, 1])}])
     assert batch["labels"].tolist() == [[5, 6, -100, -100, 9, 1], [7, 1, -100, -100, -100, -100]]
+
+
+def test_a_list_of_clips_decodes_to_one_result_per_clip(processor, golden_cases):
+    """The golden cases as one batch (plus an empty clip): `batch_decode` splits the rows by `segments_per_clip` and
+    gives each clip the original's notes and MIDI file, as one call per clip does."""
+    clips = [np.load(case / "samples.npy") for case in golden_cases]
+    inputs = processor(audio=[clips[0], np.zeros(0, np.float32), *clips[1:]], sampling_rate=16000, return_tensors="pt")
+    segments = [json.loads((case / "tokens.json").read_text())["segments"] for case in golden_cases]
+    assert inputs["segments_per_clip"].tolist() == [len(segments[0]), 0, *map(len, segments[1:])]
+    out = processor.batch_decode(as_generate_output([row for rows in segments for row in rows]), inputs)
+    assert len(out["notes"]) == len(out["pretty_midi"]) == len(golden_cases) + 1 and out["notes"][1] == []
+    for case, notes, midi, invalid in zip(golden_cases, out["notes"][:1] + out["notes"][2:],
+                                          out["pretty_midi"][:1] + out["pretty_midi"][2:],
+                                          out["invalid_events"][:1] + out["invalid_events"][2:]):
+        assert_notes_equal(notes, read_notes_csv(case / "notes.csv"), f"{case.name} in a batch")
+        assert invalid == json.loads((case / "meta.json").read_text())["est_invalid_events"]
+        buffer = io.BytesIO()
+        midi.write(buffer)
+        assert buffer.getvalue() == (case / "transcription.mid").read_bytes()
+
+
+def test_a_list_of_clips_without_golden_data(processor):
+    """Per-clip results without ../shared: a silent clip's segment answered with one note lands in its own clip, at
+    its clip's time; counts that do not add up to the rows are refused; labels take one clip at a time."""
+    inputs = processor(audio=[np.zeros(40000, np.float32), np.zeros(100, np.float32)], sampling_rate=16000)
+    assert inputs["segments_per_clip"].tolist() == [2, 1]
+    note = MT3Note(program=33, is_drum=False, pitch=40, velocity=127, start=0.5, end=1.0)
+    row = processor.tokenizer.encode_notes([note], [0.0])[0][:-1]  # its events, without the EOS
+    out = processor.batch_decode(as_generate_output([[], [], row]), inputs, return_midi=True)
+    assert out["notes"] == [[], [note]] and out["invalid_events"] == [0, 0] and len(out["pretty_midi"]) == 2
+    out = processor.batch_decode(as_generate_output([row, [], []]), inputs, return_midi=False)
+    assert out["notes"] == [[note], []] and "pretty_midi" not in out
+    with pytest.raises(ValueError, match=r"count the 2 rows.*\[2, 1\]"):
+        processor.batch_decode(as_generate_output([[], []]), inputs)
+    with pytest.raises(ValueError, match="one clip with `notes` or `midi`; found a list of 2 clips"):
+        processor(audio=[np.zeros(100, np.float32)] * 2, sampling_rate=16000, notes=[])

@@ -32,17 +32,18 @@ DEFAULT_TORCH_SEGMENTS_PER_CHUNK = 16
 
 
 class MT3BatchFeature(BatchFeature):
-    """A `BatchFeature` whose `to()` moves and casts everything but `segment_start_times`: those stay float64 seconds
-    on the host, where decoding reads them (`inputs.to(device, torch.float16)` would move notes by up to tens of ms,
-    and bfloat16 or MPS, which has no float64, would fail)."""
+    """A `BatchFeature` whose `to()` moves and casts everything but what decoding reads on the host:
+    `segment_start_times` stay float64 seconds (`inputs.to(device, torch.float16)` would move notes by up to tens of
+    ms, and bfloat16 or MPS, which has no float64, would fail), and `segments_per_clip` stays where it is."""
+
+    host_keys = ("segment_start_times", "segments_per_clip")
 
     def to(self, *args, **kwargs) -> "MT3BatchFeature":
-        times = self.data.pop("segment_start_times", None)
+        kept = {key: self.data.pop(key) for key in self.host_keys if key in self.data}
         try:
             super().to(*args, **kwargs)
         finally:
-            if times is not None:
-                self.data["segment_start_times"] = times
+            self.data.update(kept)
         return self
 
 
@@ -150,10 +151,9 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         pipeline's check of array inputs, before it resamples them)."""
         if is_torch_available() and isinstance(audio, torch.Tensor):
             audio = audio.detach().cpu().numpy()
-        if isinstance(audio, (list, tuple)) and len(audio) > 0 and not np.isscalar(audio[0]):
+        if _is_batch(audio):
             raise ValueError(
-                "Expected one mono clip (a 1-D array or a list of floats); found a list of "
-                f"{len(audio)} sequences. Call the feature extractor once per clip."
+                f"Expected one mono clip (a 1-D array or a list of floats); found a list of {len(audio)} sequences."
             )
         audio = np.asarray(audio)
         if audio.ndim != 1:
@@ -243,17 +243,18 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
 
     def __call__(
         self,
-        audio: np.ndarray | list[float],
+        audio: "np.ndarray | list[float] | list[np.ndarray]",
         sampling_rate: int | None = None,
         return_tensors: str | TensorType | None = None,
         device: str | None = None,
         **kwargs,
     ) -> BatchFeature:
         """
-        Compute MT3 encoder inputs for one mono clip.
+        Compute MT3 encoder inputs for one mono clip, or for a batch of clips.
 
         Args:
-            audio (`np.ndarray`, `torch.Tensor` or `list[float]`): mono samples at `sampling_rate` Hz, shape (num_samples,).
+            audio (`np.ndarray`, `torch.Tensor`, `list[float]`, or a list of those): mono samples at `sampling_rate`
+                Hz, shape (num_samples,); a list of clips gives their segments one after the other.
             sampling_rate (`int`, *optional*): sampling rate of `audio`; must equal the extractor's (no resampling).
             return_tensors (`str` or [`~utils.TensorType`], *optional*): "pt" or "np".
             device (`str`, *optional*): if given, compute with torch.stft on this device (float64) instead of numpy;
@@ -261,8 +262,10 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
 
         Returns:
             [`MT3BatchFeature`] with `input_features` (num_segments, frames_per_segment, feature_size) float32 and
-            `segment_start_times` (num_segments,) float64: start of each segment in seconds, computed like the
-            colab's `input_times` (frame index / frames per second); its `to(device, dtype)` leaves them as they are.
+            `segment_start_times` (num_segments,) float64: start of each segment in its clip, in seconds, computed
+            like the colab's `input_times` (frame index / frames per second); for a list of clips also
+            `segments_per_clip` (num_clips,) int64, which `batch_decode` uses to give each clip its own notes. Its
+            `to(device, dtype)` moves and casts `input_features` only.
         """
         if kwargs:  # what other feature extractors take (padding, return_attention_mask, ...) has no use here
             logger.warning_once(f"{self.__class__.__name__}() ignores the arguments {sorted(kwargs)}")
@@ -277,6 +280,28 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
                 f"It is strongly recommended to pass the `sampling_rate` argument to `{self.__class__.__name__}()`. "
                 "Failing to do so can result in silent errors that might be hard to debug."
             )
+        if device is not None and not is_torch_available():
+            raise ValueError(f"device={device!r} needs torch, which is not installed; leave device=None.")
+        keep_on_device = device is not None and return_tensors == "pt"  # TensorType.PYTORCH equals "pt"
+        if not _is_batch(audio):
+            features, start_times = self._extract_clip(audio, device, keep_on_device)
+            return MT3BatchFeature(
+                {"input_features": features, "segment_start_times": start_times}, tensor_type=return_tensors
+            )
+        clips = [self._extract_clip(clip, device, keep_on_device) for clip in audio]
+        join = torch.cat if keep_on_device else np.concatenate
+        return MT3BatchFeature(
+            {
+                "input_features": join([features for features, _ in clips]),
+                "segment_start_times": np.concatenate([times for _, times in clips]),
+                "segments_per_clip": np.array([len(times) for _, times in clips], dtype=np.int64),
+            },
+            tensor_type=return_tensors,
+        )
+
+    def _extract_clip(self, audio, device: str | None, keep_on_device: bool) -> tuple:
+        """One clip -> (features (num_segments, frames_per_segment, feature_size) float32, numpy or a torch tensor
+        on `device` with `keep_on_device`; segment start times (num_segments,) float64 seconds)."""
         samples = self._validate_audio(audio)
         self._warn_if_unscaled(samples)
         bounds = self._segment_bounds(samples.shape[0])
@@ -285,10 +310,8 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         samples = np.pad(samples, (0, total_samples - samples.shape[0]))
 
         if device is not None and bounds:
-            if not is_torch_available():
-                raise ValueError(f"device={device!r} needs torch, which is not installed; leave device=None.")
             features = self._torch_extract_segments(samples, bounds, device)
-            if return_tensors != "pt":  # TensorType.PYTORCH equals "pt"
+            if not keep_on_device:
                 features = features.cpu().numpy()
         else:
             features = np.full(
@@ -298,11 +321,11 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
                 segment = samples[start * self.hop_length : (start + num_frames) * self.hop_length]
                 features[index, :num_frames] = self._np_extract_segment(segment)
 
+        if keep_on_device and not bounds:  # no segment: an empty tensor there, so that clips concatenate
+            features = torch.from_numpy(features).to(device)
         # Same float arithmetic as the colab: np.arange(num_frames) / frames_per_second.
         start_times = np.array([start / self.frames_per_second for start, _ in bounds], dtype=np.float64)
-        return MT3BatchFeature(
-            {"input_features": features, "segment_start_times": start_times}, tensor_type=return_tensors
-        )
+        return features, start_times
 
     def to_dict(self) -> dict:
         """Serializable settings only (the window and the mel matrix are rebuilt from them)."""
@@ -310,6 +333,11 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         output.pop("window", None)
         output.pop("mel_filters", None)
         return output
+
+
+def _is_batch(audio) -> bool:
+    """Whether `audio` is a list of clips rather than one clip (a list of floats)."""
+    return isinstance(audio, (list, tuple)) and len(audio) > 0 and not np.isscalar(audio[0])
 
 
 __all__ = ["MT3BatchFeature", "MT3FeatureExtractor"]

@@ -460,9 +460,11 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         On CUDA the decode steps replay as CUDA graphs unless `cuda_graphs=False` (or false in the generation
         config); `eos_check_interval=k` looks for finished segments every k steps only (default 1).
         """
-        # The processor's output also holds each segment's start time, which only decoding to notes needs:
-        # accept it so that `model.generate(**processor(audio=...))` works.
+        # The processor's output also holds each segment's start time (and, for a list of clips, their segment
+        # counts), which only decoding to notes needs: accept them so that `model.generate(**processor(audio=...))`
+        # works.
         kwargs.pop("segment_start_times", None)
+        kwargs.pop("segments_per_clip", None)
         features = kwargs.get(self.main_input_name, inputs)
         if features is None and kwargs.get("encoder_outputs") is None:
             raise ValueError(

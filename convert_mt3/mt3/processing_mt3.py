@@ -63,7 +63,8 @@ class MT3Processor(ProcessorMixin):
         midi: str | os.PathLike | None = None,
         **kwargs,
     ) -> BatchFeature:
-        """Audio of one clip -> `input_features` (num_segments, frames, mel bins) and `segment_start_times`.
+        """Audio of one clip, or a list of clips -> `input_features` (num_segments, frames, mel bins) and
+        `segment_start_times` (and `segments_per_clip` for a list).
 
         With `notes` (the clip's notes, times in seconds) or `midi` (a MIDI file of them, read with pretty_midi),
         also `labels` (num_segments, longest): each segment's targets as model ids ending with EOS, padded with
@@ -77,6 +78,11 @@ class MT3Processor(ProcessorMixin):
         if notes is None and midi is None:
             return self.feature_extractor(audio, sampling_rate=sampling_rate, return_tensors=return_tensors, **kwargs)
         inputs = self.feature_extractor(audio, sampling_rate=sampling_rate, **kwargs)
+        if "segments_per_clip" in inputs:
+            raise ValueError(
+                f"Expected one clip with `notes` or `midi`; found a list of {len(audio)} clips: call the processor "
+                "once per clip for labels."
+            )
         notes = midi_to_notes(midi) if midi is not None else list(notes)
         duration = len(audio) / self.feature_extractor.sampling_rate  # a 1-D array or list: the extractor checked
         late = sum(1 for note in notes if MT3Note(*note).start >= duration)
@@ -114,7 +120,8 @@ class MT3Processor(ProcessorMixin):
         return_midi: bool = True,
         **kwargs,
     ) -> BatchEncoding:
-        """Generated ids of one clip's segments -> notes (+ MIDI); see [`MT3Tokenizer.batch_decode`]."""
+        """Generated ids of one clip's segments -> notes (+ MIDI); for the processor's output of a list of clips,
+        a list of each per clip. See [`MT3Tokenizer.batch_decode`]."""
         if feature_extractor_output is None and kwargs.get("segment_start_times") is None:
             # the tokenizer would fall back to text decoding, which is not what the processor is asked for
             raise ValueError(

@@ -323,22 +323,27 @@ class MT3Tokenizer(PreTrainedTokenizer):
         return_midi: bool = False,
         segment_start_times: Sequence[float] | None = None,
         has_decoder_start: bool = True,
+        segments_per_clip: Sequence[int] | None = None,
         **kwargs,
     ) -> BatchEncoding | list[str]:
-        """Decode the generate() output for the segments of one clip into notes (and MIDI).
+        """Decode the generate() output for the segments of one clip, or of a batch of clips, into notes (and MIDI).
 
         Args:
             token_ids: (num_segments, length) ids from `model.generate()`: decoder start token, events, EOS, padding.
-            feature_extractor_output: the [`MT3FeatureExtractor`] output for the same clip (its
-                `segment_start_times` are used). Without it and without `segment_start_times`, falls back to
-                the usual text decoding of [`PreTrainedTokenizer.batch_decode`].
+            feature_extractor_output: the [`MT3FeatureExtractor`] output for the same audio (its
+                `segment_start_times` are used, and its `segments_per_clip` when it was given a list of clips).
+                Without it and without `segment_start_times`, falls back to the usual text decoding of
+                [`PreTrainedTokenizer.batch_decode`].
             return_midi: also return a `pretty_midi.PrettyMIDI` under `"pretty_midi"`.
             segment_start_times: alternative to `feature_extractor_output`.
             has_decoder_start: whether each row starts with the decoder start token (True for generate()).
+            segments_per_clip: alternative to `feature_extractor_output`'s: how many of the rows, in order, belong
+                to each clip.
 
         Returns:
             [`BatchEncoding`] with `notes` (list of [`MT3Note`] sorted by (start, pitch, program)),
-            `invalid_events`, `dropped_events` and, with `return_midi`, `pretty_midi`.
+            `invalid_events`, `dropped_events` and, with `return_midi`, `pretty_midi`; for a batch of clips each of
+            them is a list with one entry per clip.
         """
         token_ids = getattr(token_ids, "sequences", token_ids)  # generate(..., return_dict_in_generate=True)
         if feature_extractor_output is None and segment_start_times is None:
@@ -350,6 +355,27 @@ class MT3Tokenizer(PreTrainedTokenizer):
                     f"{sorted(feature_extractor_output.keys())}."
                 )
             segment_start_times = feature_extractor_output["segment_start_times"]
+            if segments_per_clip is None:
+                segments_per_clip = feature_extractor_output.get("segments_per_clip")
+        if segments_per_clip is None:
+            return BatchEncoding(self._decode_clip(token_ids, segment_start_times, has_decoder_start, return_midi))
+        rows, start_times = _to_int_rows(token_ids), _to_start_times(segment_start_times)
+        counts = [int(count) for count in np.asarray(segments_per_clip).reshape(-1)]
+        if min(counts, default=0) < 0 or sum(counts) != len(rows):
+            raise ValueError(
+                f"Expected segments_per_clip to count the {len(rows)} rows of token ids; found {counts} "
+                f"(sum {sum(counts)})."
+            )
+        ends = np.cumsum(counts)
+        clips = [
+            self._decode_clip(rows[end - count : end], start_times[end - count : end], has_decoder_start, return_midi)
+            for count, end in zip(counts, ends)
+        ]
+        keys = ["notes", "invalid_events", "dropped_events"] + (["pretty_midi"] if return_midi else [])
+        return BatchEncoding({key: [clip[key] for clip in clips] for key in keys})
+
+    def _decode_clip(self, token_ids, segment_start_times, has_decoder_start: bool, return_midi: bool) -> dict:
+        """One clip's rows -> its notes (sorted), event counts and, with `return_midi`, its `pretty_midi`."""
         notes, invalid_events, dropped_events = self.decode_to_notes(
             token_ids, segment_start_times, has_decoder_start=has_decoder_start
         )
@@ -360,7 +386,7 @@ class MT3Tokenizer(PreTrainedTokenizer):
         }
         if return_midi:
             output["pretty_midi"] = self.notes_to_midi(notes)
-        return BatchEncoding(output)
+        return output
 
 
 __all__ = ["MT3Tokenizer"]

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,21 +67,27 @@ def check_out_dir(out_dir: Path, checkpoint_dir: Path, overwrite: bool) -> None:
 
 def _as_written(path: Path, entry: tuple[int, str | None]) -> bool:
     """Whether `path` is still the plain file the manifest lists: the same size and, where the manifest has one
-    (older manifests list sizes only), the same SHA-256."""
+    (older manifests list sizes only), the same SHA-256. Checked on one open descriptor: no symlink is followed,
+    and a FIFO put in its place is not waited on."""
     size, sha256 = entry
-    if path.is_symlink() or not path.is_file() or path.stat().st_size != size:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # gone, a symlink, or unreadable
         return False
-    return sha256 is None or _sha256(path, size) == sha256
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+            return False
+        return sha256 is None or _digest(file) == (size, sha256)
 
 
-def _sha256(path: Path, size: int) -> str:
-    """SHA-256 of the first `size` bytes of `path` (its whole content when the size matched)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while size > 0 and (block := file.read(min(size, 1 << 20))):
-            digest.update(block)
-            size -= len(block)
-    return digest.hexdigest()
+def _digest(file) -> tuple[int, str]:
+    """(bytes read, SHA-256) of an open file, to its end."""
+    digest, size = hashlib.sha256(), 0
+    while block := file.read(1 << 20):
+        digest.update(block)
+        size += len(block)
+    return size, digest.hexdigest()
 
 
 def some_names(names: list[str], most: int = 3) -> str:
@@ -123,11 +130,12 @@ def _entry(listed) -> tuple[int, str | None]:
 def write_manifest(folder: Path, version: str) -> None:
     """List every file of the finished folder (name, size, SHA-256), so a later --overwrite can tell it is the
     same, even after an edit that kept a file's size."""
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256(p, p.stat().st_size)}
-        for p in sorted(folder.iterdir())
-        if p.name != MANIFEST
-    }
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.name != MANIFEST:
+            with open(path, "rb") as file:
+                size, sha256 = _digest(file)
+            files[path.name] = {"size": size, "sha256": sha256}
     manifest = {"written_by": "convert-mt3", "version": version, "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -147,23 +155,24 @@ def out_dir_lock(out_dir: Path) -> Iterator[None]:
     lock_file = out_dir.with_name(f".{out_dir.name}.lock")
     created: list[Path] = []  # folders made here, removed again if OUT_DIR is not written
     try:
-        _make_folders(out_dir.parent, created)
         try:
+            _make_folders(out_dir.parent, created)
             fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except FileExistsError:
             raise OutputError(_lock_in_use(out_dir, lock_file)) from None
-    except OSError as err:
-        raise OutputError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours alone: created just now
-        _HELD.add(key)
+        except OSError as err:  # e.g. a file where a folder should be, or a name too long for the lock file
+            raise OutputError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
         try:
-            yield
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours alone: created just now
+            _HELD.add(key)
+            try:
+                yield
+            finally:
+                _HELD.discard(key)
+                lock_file.unlink(missing_ok=True)
         finally:
-            _HELD.discard(key)
-            lock_file.unlink(missing_ok=True)
+            os.close(fd)
     finally:
-        os.close(fd)
         if not out_dir.exists():
             for folder in reversed(created):  # innermost first
                 try:
@@ -176,8 +185,9 @@ _HELD: set[str] = set()  # OUT_DIRs this process holds the lock of
 
 
 def _make_folders(folder: Path, created: list[Path]) -> None:
-    """`mkdir -p folder` (an absolute path), appending each folder it makes to `created`, outermost first: only
-    those are removed again, whatever `..` the path walks through."""
+    """`mkdir -p folder`, appending each folder it makes to `created`, outermost first: only those are removed
+    again, whatever `..` the path walks through."""
+    folder = folder.absolute()  # keeps the `..`
     current = Path(folder.anchor)
     for part in folder.parts[1:]:
         current = current / part

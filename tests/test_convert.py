@@ -1,6 +1,7 @@
 """`python -m convert_mt3` end to end on tiny T5X checkpoints, and every bad input it must refuse."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -132,6 +133,10 @@ def test_overwrite_sees_an_edit_that_keeps_the_size(mt3_ckpt, tmp_path, capsys):
     (out / MANIFEST).write_text(json.dumps(manifest))
     assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 0  # same sizes: taken, as before
     assert (out / "README.md").read_bytes() == card
+    (out / "config.json").unlink()
+    os.mkfifo(out / "config.json")  # not a file it wrote: refused, without waiting for a writer
+    assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 1
+    assert "1 file changed since convert-mt3 wrote it (config.json)" in capsys.readouterr().err
 
 
 def test_out_dir_through_a_missing_folder_leaves_nothing(mt3_ckpt, tmp_path, capsys):
@@ -147,6 +152,21 @@ def test_out_dir_through_a_missing_folder_leaves_nothing(mt3_ckpt, tmp_path, cap
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
     assert main([str(mt3_ckpt), str(tmp_path / "x" / "a" / ".." / "out"), "--quiet"]) == 0
     assert (tmp_path / "x" / "out" / "model.safetensors").is_file()
+
+
+def test_folders_made_for_the_lock_are_removed_when_it_fails(tmp_path, monkeypatch):
+    """A lock file name too long for the file system: the folders made for it go again. A relative OUT_DIR makes
+    its folders where the path says."""
+    from convert_mt3.output import OutputError, out_dir_lock
+
+    with pytest.raises(OutputError, match="cannot be written"):
+        with out_dir_lock(tmp_path / "new" / ("x" * 250)):
+            pass
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.chdir(tmp_path)
+    with out_dir_lock(Path("new") / "a" / "out"):
+        assert (tmp_path / "new" / "a" / ".out.lock").is_file()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_reload_check_reuses_one_remote_code_entry(mt3_ckpt, tmp_path):

@@ -203,10 +203,16 @@ def test_a_list_of_clips_gives_their_segments_in_order(extractor, device):
     assert torch.equal(batch["input_features"], torch.cat([a["input_features"] for a in alone]))
     assert torch.equal(batch["segment_start_times"], torch.cat([a["segment_start_times"] for a in alone]))
     assert batch["segment_start_times"].tolist()[:3] == [0.0, 2.048, 0.0]
-    batch.to(torch.float16)
-    assert batch["input_features"].dtype == torch.float16 and batch["segments_per_clip"].dtype == torch.int64
+    as_tensors = extractor([torch.from_numpy(clip) for clip in clips], sampling_rate=16000, device=device,
+                           return_tensors="pt")
+    assert torch.equal(as_tensors["input_features"], batch["input_features"])
+    batch.to("meta")  # moves the frames, not what decoding reads on the host
+    assert batch["input_features"].device.type == "meta"
+    assert {batch[key].device.type for key in ("segments_per_clip", "segment_start_times")} == {"cpu"}
     as_numpy = extractor(clips, sampling_rate=16000, device=device)
     assert np.array_equal(as_numpy["input_features"], torch.cat([a["input_features"] for a in alone]).numpy())
+    with pytest.raises(ValueError, match="^clip 1: Expected finite audio samples"):
+        extractor([clips[0], np.full(10, np.nan, np.float32)], sampling_rate=16000)
 
 
 def test_integer_samples_raise(extractor):

@@ -233,5 +233,18 @@ def test_a_list_of_clips_without_golden_data(processor):
     assert out["notes"] == [[note], []] and "pretty_midi" not in out
     with pytest.raises(ValueError, match=r"count the 2 rows.*\[2, 1\]"):
         processor.batch_decode(as_generate_output([[], []]), inputs)
+    as_tensors = processor(audio=[np.zeros(40000, np.float32), np.zeros(100, np.float32)], sampling_rate=16000,
+                           return_tensors="pt")
+    assert as_tensors["segments_per_clip"].dtype == torch.int64
+    out = processor.batch_decode(as_generate_output([[], [], row]), as_tensors, return_midi=False)
+    assert out["notes"] == [[], [note]]
+    # the start times alone: the counts must come with them, or decoding refuses clips it would merge
+    times = inputs["segment_start_times"]
+    out = processor.batch_decode(as_generate_output([[], [], row]), segment_start_times=times, segments_per_clip=[2, 1])
+    assert out["notes"] == [[], [note]]
+    with pytest.raises(ValueError, match="going back at segment 2 \\(several clips\\?\\)"):
+        processor.batch_decode(as_generate_output([[], [], row]), segment_start_times=times)
+    with pytest.raises(ValueError, match="`segment_start_times`.*with `segments_per_clip`"):
+        processor.tokenizer.batch_decode(as_generate_output([[]]), segments_per_clip=[1])
     with pytest.raises(ValueError, match="one clip with `notes` or `midi`; found a list of 2 clips"):
         processor(audio=[np.zeros(100, np.float32)] * 2, sampling_rate=16000, notes=[])

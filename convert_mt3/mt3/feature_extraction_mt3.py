@@ -151,7 +151,7 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         pipeline's check of array inputs, before it resamples them)."""
         if is_torch_available() and isinstance(audio, torch.Tensor):
             audio = audio.detach().cpu().numpy()
-        if _is_batch(audio):
+        if is_batch_of_clips(audio):
             raise ValueError(
                 f"Expected one mono clip (a 1-D array or a list of floats); found a list of {len(audio)} sequences."
             )
@@ -265,7 +265,7 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
             `segment_start_times` (num_segments,) float64: start of each segment in its clip, in seconds, computed
             like the colab's `input_times` (frame index / frames per second); for a list of clips also
             `segments_per_clip` (num_clips,) int64, which `batch_decode` uses to give each clip its own notes. Its
-            `to(device, dtype)` moves and casts `input_features` only.
+            `to(device, dtype)` moves and casts `input_features` only. (An empty list is one clip without samples.)
         """
         if kwargs:  # what other feature extractors take (padding, return_attention_mask, ...) has no use here
             logger.warning_once(f"{self.__class__.__name__}() ignores the arguments {sorted(kwargs)}")
@@ -283,21 +283,21 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         if device is not None and not is_torch_available():
             raise ValueError(f"device={device!r} needs torch, which is not installed; leave device=None.")
         keep_on_device = device is not None and return_tensors == "pt"  # TensorType.PYTORCH equals "pt"
-        if not _is_batch(audio):
-            features, start_times = self._extract_clip(audio, device, keep_on_device)
-            return MT3BatchFeature(
-                {"input_features": features, "segment_start_times": start_times}, tensor_type=return_tensors
-            )
-        clips = [self._extract_clip(clip, device, keep_on_device) for clip in audio]
+        batch = is_batch_of_clips(audio)
+        clips = []
+        for index, clip in enumerate(audio if batch else [audio]):
+            try:
+                clips.append(self._extract_clip(clip, device, keep_on_device))
+            except ValueError as err:
+                raise ValueError(f"clip {index}: {err}" if batch else str(err)) from None
         join = torch.cat if keep_on_device else np.concatenate
-        return MT3BatchFeature(
-            {
-                "input_features": join([features for features, _ in clips]),
-                "segment_start_times": np.concatenate([times for _, times in clips]),
-                "segments_per_clip": np.array([len(times) for _, times in clips], dtype=np.int64),
-            },
-            tensor_type=return_tensors,
-        )
+        data = {
+            "input_features": join([features for features, _ in clips]),
+            "segment_start_times": np.concatenate([times for _, times in clips]),
+        }
+        if batch:
+            data["segments_per_clip"] = np.array([len(times) for _, times in clips], dtype=np.int64)
+        return MT3BatchFeature(data, tensor_type=return_tensors)
 
     def _extract_clip(self, audio, device: str | None, keep_on_device: bool) -> tuple:
         """One clip -> (features (num_segments, frames_per_segment, feature_size) float32, numpy or a torch tensor
@@ -335,7 +335,7 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         return output
 
 
-def _is_batch(audio) -> bool:
+def is_batch_of_clips(audio) -> bool:
     """Whether `audio` is a list of clips rather than one clip (a list of floats)."""
     return isinstance(audio, (list, tuple)) and len(audio) > 0 and not np.isscalar(audio[0])
 

@@ -10,7 +10,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_python import BatchEncoding
 from transformers.utils import TensorType, logging
 
-from .feature_extraction_mt3 import MT3BatchFeature, MT3FeatureExtractor
+from .feature_extraction_mt3 import MT3BatchFeature, MT3FeatureExtractor, is_batch_of_clips
 from .loss_mt3 import IGNORE_INDEX
 from .midi_mt3 import midi_to_notes
 from .note_sequences_mt3 import MT3Note
@@ -72,17 +72,17 @@ class MT3Processor(ProcessorMixin):
         go to the feature extractor.
         """
         if audio is None:
-            raise ValueError("Expected `audio` (one mono clip as a 1-D array); found None.")
+            raise ValueError("Expected `audio` (a mono clip as a 1-D array, or a list of them); found None.")
         if notes is not None and midi is not None:
             raise ValueError("Expected `notes` or `midi`, not both.")
         if notes is None and midi is None:
             return self.feature_extractor(audio, sampling_rate=sampling_rate, return_tensors=return_tensors, **kwargs)
-        inputs = self.feature_extractor(audio, sampling_rate=sampling_rate, **kwargs)
-        if "segments_per_clip" in inputs:
+        if is_batch_of_clips(audio):
             raise ValueError(
                 f"Expected one clip with `notes` or `midi`; found a list of {len(audio)} clips: call the processor "
                 "once per clip for labels."
             )
+        inputs = self.feature_extractor(audio, sampling_rate=sampling_rate, **kwargs)
         notes = midi_to_notes(midi) if midi is not None else list(notes)
         duration = len(audio) / self.feature_extractor.sampling_rate  # a 1-D array or list: the extractor checked
         late = sum(1 for note in notes if MT3Note(*note).start >= duration)

@@ -52,6 +52,13 @@ def _to_int_rows(token_ids: Any) -> list[np.ndarray]:
     return [np.asarray(row, dtype=np.int64).reshape(-1) for row in rows]
 
 
+def _to_counts(segments_per_clip: Any) -> list[int]:
+    """Segments per clip (tensor on any device / array / list) -> a list of ints."""
+    if hasattr(segments_per_clip, "detach"):
+        segments_per_clip = segments_per_clip.detach().cpu().numpy()
+    return [int(count) for count in np.asarray(segments_per_clip).reshape(-1)]
+
+
 def _to_start_times(segment_start_times: Any) -> np.ndarray:
     """Segment start times (tensor / array / list) -> 1-D float64 seconds."""
     if hasattr(segment_start_times, "detach"):
@@ -347,32 +354,39 @@ class MT3Tokenizer(PreTrainedTokenizer):
         """
         token_ids = getattr(token_ids, "sequences", token_ids)  # generate(..., return_dict_in_generate=True)
         if feature_extractor_output is None and segment_start_times is None:
+            if segments_per_clip is not None:
+                raise ValueError("Expected `segment_start_times` (or the processor's output) with `segments_per_clip`.")
             return super().batch_decode(token_ids, **kwargs)
-        if segment_start_times is None:
-            if "segment_start_times" not in feature_extractor_output:
-                raise ValueError(
-                    "Expected `feature_extractor_output` to hold `segment_start_times`; found keys "
-                    f"{sorted(feature_extractor_output.keys())}."
-                )
-            segment_start_times = feature_extractor_output["segment_start_times"]
+        if feature_extractor_output is not None:
+            if segment_start_times is None:
+                if "segment_start_times" not in feature_extractor_output:
+                    raise ValueError(
+                        "Expected `feature_extractor_output` to hold `segment_start_times`; found keys "
+                        f"{sorted(feature_extractor_output.keys())}."
+                    )
+                segment_start_times = feature_extractor_output["segment_start_times"]
             if segments_per_clip is None:
                 segments_per_clip = feature_extractor_output.get("segments_per_clip")
-        if segments_per_clip is None:
-            return BatchEncoding(self._decode_clip(token_ids, segment_start_times, has_decoder_start, return_midi))
         rows, start_times = _to_int_rows(token_ids), _to_start_times(segment_start_times)
-        counts = [int(count) for count in np.asarray(segments_per_clip).reshape(-1)]
-        if min(counts, default=0) < 0 or sum(counts) != len(rows):
+        if segments_per_clip is None:
+            back = np.flatnonzero(np.diff(start_times) < 0)
+            if back.size:  # segments of several clips, each from 0: decoded as one clip, their notes would overlap
+                raise ValueError(
+                    f"Expected one clip's segment start times, in order; found them going back at segment "
+                    f"{back[0] + 1} (several clips?): pass the processor's output, or `segments_per_clip`."
+                )
+            return BatchEncoding(self._decode_clip(rows, start_times, has_decoder_start, return_midi))
+        counts = _to_counts(segments_per_clip)
+        if not counts or min(counts) < 0 or sum(counts) != len(rows):
             raise ValueError(
-                f"Expected segments_per_clip to count the {len(rows)} rows of token ids; found {counts} "
-                f"(sum {sum(counts)})."
+                f"Expected segments_per_clip to count the {len(rows)} rows of token ids, clip by clip; found {counts}."
             )
         ends = np.cumsum(counts)
         clips = [
             self._decode_clip(rows[end - count : end], start_times[end - count : end], has_decoder_start, return_midi)
             for count, end in zip(counts, ends)
         ]
-        keys = ["notes", "invalid_events", "dropped_events"] + (["pretty_midi"] if return_midi else [])
-        return BatchEncoding({key: [clip[key] for clip in clips] for key in keys})
+        return BatchEncoding({key: [clip[key] for clip in clips] for key in clips[0]})
 
     def _decode_clip(self, token_ids, segment_start_times, has_decoder_start: bool, return_midi: bool) -> dict:
         """One clip's rows -> its notes (sorted), event counts and, with `return_midi`, its `pretty_midi`."""

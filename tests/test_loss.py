@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -67,3 +68,24 @@ def test_teacher_forced_loss_matches_original(real_model, shared):
     assert abs(cross_entropy.item() - reference_ce) <= TOL_CE
     assert abs(z_term.item() - reference_z) <= TOL_CE
     torch.testing.assert_close(out.loss, loss)
+
+
+def test_labels_are_checked_against_the_segments():
+    """Labels with another row count than the segments, or ids outside the vocabulary, are refused in one line
+    (attention would broadcast one segment over several rows; the embedding would fail deep inside)."""
+    from test_modeling import frames, tiny_model
+
+    model = tiny_model()
+    x = frames(2, seed=3)
+    with pytest.raises(ValueError, match="one row of labels per segment: found 3 rows for 1 segments"):
+        model(input_features=x[:1], labels=torch.ones(3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="one row of labels per segment: found 3 rows for 2 segments"):
+        model(input_features=x, labels=torch.ones(3, 5, dtype=torch.long))
+    for bad in (model.config.vocab_size, -5):
+        labels = torch.ones(2, 5, dtype=torch.long)
+        labels[1, 2] = bad
+        with pytest.raises(ValueError, match=f"label ids in \\[0, {model.config.vocab_size}\\) or -100; found {bad}"):
+            model(input_features=x, labels=labels)
+    labels = torch.ones(2, 5, dtype=torch.long)
+    labels[:, 3:] = -100
+    assert torch.isfinite(model(input_features=x, labels=labels).loss)

@@ -152,7 +152,8 @@ def test_programs_keep_the_unfiltered_notes(tiny_pipe):
                 "is_last": i == 1} for i, row in enumerate(rows)]
     free = tiny_pipe.postprocess(outputs)
     assert len({n["program"] for n in free["notes"] if not n["is_drum"]}) == 3  # what the filters choose from
-    for spec, kept in [("33", {33}), ("bass", set(range(32, 40))), ([0, 41], {0, 41})]:
+    for spec, kept in [("33", {33}), ("bass", set(range(32, 40))), ([0, 41], {0, 41}), (41, {41}),
+                       ([np.int64(0)], {0})]:
         _, forward, postprocess = tiny_pipe._sanitize_parameters(programs=spec)
         assert forward == {}
         result = tiny_pipe.postprocess(outputs, **postprocess)
@@ -255,6 +256,8 @@ def test_long_audio_is_cut_lazily_and_exactly(tiny_pipe):
          "both as an argument"),
         ({"foo": 1}, {}, "found keys ['foo']"),
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "programs": "7-x"}, "programs '7-x'"),
+        (np.zeros(100, np.float32), {"sampling_rate": 16000, "programs": ""}, "at least one GM program"),
+        (np.zeros(100, np.float32), {"sampling_rate": 16000, "programs": [1.5]}, "expected ints or strings"),
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "return_midi": "yes"}, "return_midi='yes'"),
     ],
 )

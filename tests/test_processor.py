@@ -248,3 +248,41 @@ def test_a_list_of_clips_without_golden_data(processor):
         processor.tokenizer.batch_decode(as_generate_output([[]]), segments_per_clip=[1])
     with pytest.raises(ValueError, match="one clip with `notes` or `midi`; found a list of 2 clips"):
         processor(audio=[np.zeros(100, np.float32)] * 2, sampling_rate=16000, notes=[])
+
+
+def test_labels_from_midi_bytes_file_or_object_and_unlabelled_collate(processor, tmp_path):
+    """`midi=` takes a path, the file's bytes, a file object or a PrettyMIDI, with the same labels; bad bytes are
+    refused without their content in the message. `collate` of segments without labels gives features only."""
+    notes = [MT3Note(33, False, 40, 100, 0.5, 1.0), MT3Note(0, True, 36, 100, 2.5, 2.6)]
+    midi = processor.tokenizer.notes_to_midi(notes)
+    midi.write(str(tmp_path / "x.mid"))
+    audio = np.zeros(16000 * 3, np.float32)
+    expected = processor(audio=audio, sampling_rate=16000, notes=notes)["labels"]
+    with open(tmp_path / "x.mid", "rb") as file:
+        for source in (tmp_path / "x.mid", (tmp_path / "x.mid").read_bytes(), file, midi):
+            np.testing.assert_array_equal(processor(audio=audio, sampling_rate=16000, midi=source)["labels"], expected)
+    with pytest.raises(ValueError) as error:
+        processor(audio=audio, sampling_rate=16000, midi=b"MThd" + b"SECRET" * 100)
+    assert str(error.value).startswith("MIDI bytes (604): cannot be read as MIDI") and "SECRET" not in str(error.value)
+    with pytest.raises(ValueError, match="Expected a MIDI file's path, its bytes, a file object or a pretty_midi"):
+        processor(audio=audio, sampling_rate=16000, midi=3)
+    segment = {"input_features": np.zeros((256, 512), np.float32)}
+    batch = processor.collate([segment, segment])
+    assert list(batch) == ["input_features"] and tuple(batch["input_features"].shape) == (2, 256, 512)
+    with pytest.raises(ValueError, match="labels on every segment or on none; found them on 1 of 2"):
+        processor.collate([segment, {**segment, "labels": [5, 1]}])
+
+
+def test_inputs_that_are_not_samples_are_named(processor, caplog):
+    """A file name or a dict given to the processor, or a sampling rate given as text, is refused in words; rows
+    that end without EOS (cut by max_new_tokens) get a warning when decoded."""
+    for audio, found in (("song.wav", "found str"), ({"array": [0.0]}, "found dict")):
+        with pytest.raises(ValueError, match=f"{found}. The feature extractor does not read files"):
+            processor(audio=audio, sampling_rate=16000)
+    with pytest.raises(ValueError, match="sampling_rate in Hz as a number; found str '16000'"):
+        processor(audio=np.zeros(100, np.float32), sampling_rate="16000")
+    inputs = processor(audio=np.zeros(40000, np.float32), sampling_rate=16000)
+    cut = torch.tensor([[0, 1, 0], [0, 5, 6]])  # the second row reached the length limit
+    with caplog.at_level("WARNING"):
+        processor.batch_decode(cut, inputs, return_midi=False)
+    assert any("1 of 2 segments end without EOS" in record.getMessage() for record in caplog.records)

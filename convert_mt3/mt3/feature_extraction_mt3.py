@@ -6,6 +6,8 @@ Reproduces the input pipeline of Magenta MT3 (github.com/magenta/mt3):
 `mt3/spectrograms.py` and `mt3/spectral_ops.py` (`compute_logmel`, `safe_log`).
 """
 
+import numbers
+import os
 import warnings
 
 import numpy as np
@@ -151,6 +153,11 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         pipeline's check of array inputs, before it resamples them)."""
         if is_torch_available() and isinstance(audio, torch.Tensor):
             audio = audio.detach().cpu().numpy()
+        if isinstance(audio, (str, bytes, os.PathLike, dict)) or np.isscalar(audio):
+            raise ValueError(
+                f"Expected audio samples (a 1-D float array); found {type(audio).__name__}. The feature extractor "
+                "does not read files: read them first (e.g. soundfile.read), or give files to the pipeline."
+            )
         if is_batch_of_clips(audio):
             raise ValueError(
                 f"Expected one mono clip (a 1-D array or a list of floats); found a list of {len(audio)} sequences."
@@ -269,6 +276,10 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         """
         if kwargs:  # what other feature extractors take (padding, return_attention_mask, ...) has no use here
             logger.warning_once(f"{self.__class__.__name__}() ignores the arguments {sorted(kwargs)}")
+        if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (numbers.Real, type(None))):
+            raise ValueError(
+                f"Expected sampling_rate in Hz as a number; found {type(sampling_rate).__name__} {sampling_rate!r}."
+            )
         if sampling_rate is not None and sampling_rate != self.sampling_rate:
             raise ValueError(
                 f"The model corresponding to this feature extractor: {self.__class__.__name__} was trained using a"

@@ -4,6 +4,7 @@ The writer lays tracks out like note_seq's `midi_io.note_sequence_to_pretty_midi
 NoteSequence (the original's `transcription.mid`).
 """
 
+import io
 import os
 from collections.abc import Sequence
 
@@ -56,13 +57,27 @@ def notes_to_pretty_midi(
     return midi
 
 
-def midi_to_notes(path: str | os.PathLike) -> list[MT3Note]:
-    """A MIDI file's notes (pretty_midi's reading: tempo map applied, no sustain pedal), sorted by start, pitch."""
+def midi_to_notes(midi) -> list[MT3Note]:
+    """A MIDI file's notes (pretty_midi's reading: tempo map applied, no sustain pedal), sorted by start, pitch.
+
+    `midi`: a path, the file's bytes, a binary file object, or a `pretty_midi.PrettyMIDI`."""
     pretty_midi = _import_pretty_midi()
-    try:
-        midi = pretty_midi.PrettyMIDI(os.fspath(path))
-    except Exception as error:  # mido / pretty_midi raise many types for a bad file
-        raise ValueError(f"{path}: cannot be read as MIDI ({error})") from None
+    if not isinstance(midi, pretty_midi.PrettyMIDI):
+        if isinstance(midi, (bytes, bytearray)):
+            source, name = io.BytesIO(midi), f"MIDI bytes ({len(midi)})"
+        elif isinstance(midi, (str, os.PathLike)):
+            source, name = os.fspath(midi), os.fspath(midi)
+        elif hasattr(midi, "read"):
+            source, name = midi, getattr(midi, "name", "MIDI file object")
+        else:
+            raise ValueError(
+                f"Expected a MIDI file's path, its bytes, a file object or a pretty_midi.PrettyMIDI; found "
+                f"{type(midi).__name__}"
+            )
+        try:
+            midi = pretty_midi.PrettyMIDI(source)
+        except Exception as error:  # mido / pretty_midi raise many types for a bad file
+            raise ValueError(f"{name}: cannot be read as MIDI ({error})") from None
     notes = [
         MT3Note(int(inst.program), bool(inst.is_drum), int(n.pitch), int(n.velocity), float(n.start), float(n.end))
         for inst in midi.instruments

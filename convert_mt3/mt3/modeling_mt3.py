@@ -89,6 +89,11 @@ class MT3PreTrainedModel(PreTrainedModel):
         start, pad = self.config.decoder_start_token_id, self.config.pad_token_id
         if start is None or pad is None:
             raise ValueError("config.decoder_start_token_id and config.pad_token_id must be set to shift labels")
+        outside = (labels >= self.config.vocab_size) | ((labels < 0) & (labels != -100))
+        if outside.any():  # the embedding would fail deep inside (on CUDA: a device-side assert)
+            raise ValueError(
+                f"Expected label ids in [0, {self.config.vocab_size}) or -100; found {int(labels[outside][0])}."
+            )
         shifted = labels.new_full(labels.shape, start)
         shifted[..., 1:] = labels[..., :-1]
         return shifted.masked_fill(shifted == -100, pad)
@@ -347,6 +352,12 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             if labels is None:
                 raise ValueError("Pass `decoder_input_ids` or `labels`")
             decoder_input_ids = self._shift_right(labels)
+        segments, rows = encoder_outputs.last_hidden_state.shape[0], decoder_input_ids.shape[0]
+        if rows != segments:  # attention would broadcast one segment over several rows without a word
+            raise ValueError(
+                f"Expected one row of {'labels' if labels is not None else 'decoder_input_ids'} per segment: found "
+                f"{rows} rows for {segments} segments of `input_features`."
+            )
 
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import numbers
 from collections.abc import Iterable
 
 from .note_sequences_mt3 import MT3Note
@@ -75,14 +76,24 @@ def notes_to_csv(records: Iterable[dict]) -> str:
     return buffer.getvalue()
 
 
-def parse_programs(spec: str | Iterable[int | str]) -> set[int]:
-    """GM programs (0-based) from "0-7,32", "piano,bass", a mix of both, or an iterable of ints / such strings."""
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+def parse_programs(spec: int | str | Iterable[int | str]) -> set[int]:
+    """GM programs (0-based) from "0-7,32", "piano,bass", a mix of both, one int, or an iterable of ints (numpy's
+    too) / such strings."""
+    if isinstance(spec, str):
+        parts = spec.split(",")
+    elif isinstance(spec, numbers.Integral):
+        parts = [spec]
+    elif isinstance(spec, Iterable):
+        parts = list(spec)
+    else:
+        raise ValueError(f"programs {spec!r}: expected GM programs such as 0-7,32, a list of ints, or family names")
     programs: set[int] = set()
     for part in parts:
-        if isinstance(part, int):
-            programs.add(part)
+        if isinstance(part, numbers.Integral) and not isinstance(part, bool):
+            programs.add(int(part))
             continue
+        if not isinstance(part, str):
+            raise ValueError(f"programs {spec!r}: expected ints or strings; found {type(part).__name__} {part!r}")
         text = part.strip()
         family = text.lower().replace(" ", "_").replace("-", "_")
         if family in GM_FAMILIES:
@@ -98,7 +109,9 @@ def parse_programs(spec: str | Iterable[int | str]) -> set[int]:
                 f"({', '.join(GM_FAMILIES)}); found {text!r}"
             )
         programs.update(range(int(low), int(high or low) + 1))
-    if not programs or min(programs) < 0 or max(programs) > 127:
+    if not programs:
+        raise ValueError(f"programs {spec!r}: expected at least one GM program (0-127) or family")
+    if min(programs) < 0 or max(programs) > 127:
         raise ValueError(f"programs {spec!r}: expected programs between 0 and 127")
     return programs
 

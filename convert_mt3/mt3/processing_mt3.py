@@ -60,13 +60,14 @@ class MT3Processor(ProcessorMixin):
         sampling_rate: int | None = None,
         return_tensors: str | TensorType | None = None,
         notes: Sequence[MT3Note] | None = None,
-        midi: str | os.PathLike | None = None,
+        midi: "str | os.PathLike | bytes | None" = None,
         **kwargs,
     ) -> BatchFeature:
         """Audio of one clip, or a list of clips -> `input_features` (num_segments, frames, mel bins) and
         `segment_start_times` (and `segments_per_clip` for a list).
 
-        With `notes` (the clip's notes, times in seconds) or `midi` (a MIDI file of them, read with pretty_midi),
+        With `notes` (the clip's notes, times in seconds) or `midi` (a MIDI file of them, read with pretty_midi: its
+        path, bytes, a file object or a `pretty_midi.PrettyMIDI`),
         also `labels` (num_segments, longest): each segment's targets as model ids ending with EOS, padded with
         -100 ([`MT3Tokenizer.encode_notes`]). See [`MT3FeatureExtractor.__call__`]; extra kwargs (e.g. `device`)
         go to the feature extractor.
@@ -96,22 +97,28 @@ class MT3Processor(ProcessorMixin):
         limit = self.tokenizer.model_max_length
         too_long = [index for index, row in enumerate(targets) if len(row) > limit]
         if too_long:
-            # MT3's training skips such segments (t5x's handle_too_long); the model has no position for the excess
+            # MT3's training skips such segments (t5x's handle_too_long); the model takes them up to its position
+            # table (max_position_embeddings, 2048) and raises beyond it
             logger.warning(
                 f"{len(too_long)} of {len(targets)} segments have more than {limit} target ids (the model's target "
-                f"length; segment {too_long[0]} has {len(targets[too_long[0]])}): the model raises on them, and MT3's "
-                "training skips such segments. Drop their rows before training."
+                f"length; segment {too_long[0]} has {len(targets[too_long[0]])}): MT3's training skips such segments, "
+                "and the model raises on those longer than its position table. Drop their rows before training."
             )
         return MT3BatchFeature({**inputs, "labels": pad_labels(targets)}, tensor_type=return_tensors)
 
     def collate(self, examples: Sequence[dict]) -> BatchFeature:
         """Data collator: segments {"input_features": (frames, mel bins), "labels": ids} -> a batch of torch
-        tensors, labels padded with -100 (ready for `model(**batch)`)."""
+        tensors, labels padded with -100 (ready for `model(**batch)`); segments without labels (prediction) give
+        `input_features` only."""
         features = np.stack([np.asarray(example["input_features"], dtype=np.float32) for example in examples])
-        labels = [_without_padding(np.asarray(example["labels"]).reshape(-1)) for example in examples]
-        return BatchFeature(
-            {"input_features": torch.from_numpy(features), "labels": torch.from_numpy(pad_labels(labels))}
-        )
+        batch = {"input_features": torch.from_numpy(features)}
+        labelled = sum("labels" in example for example in examples)
+        if labelled not in (0, len(examples)):
+            raise ValueError(f"Expected labels on every segment or on none; found them on {labelled} of {len(examples)}.")
+        if labelled:
+            labels = [_without_padding(np.asarray(example["labels"]).reshape(-1)) for example in examples]
+            batch["labels"] = torch.from_numpy(pad_labels(labels))
+        return BatchFeature(batch)
 
     def batch_decode(
         self,

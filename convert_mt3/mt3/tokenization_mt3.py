@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.tokenization_python import BatchEncoding, PreTrainedTokenizer
+from transformers.utils import logging
 
 from .event_codec_mt3 import (
     DEFAULT_MAX_SHIFT_SECONDS,
@@ -34,6 +35,8 @@ from .note_sequences_mt3 import (
     sort_notes,
 )
 from .run_length_encoding_mt3 import encode_notes, event_predictions_to_notes
+
+logger = logging.get_logger(__name__)
 
 
 def _to_int_rows(token_ids: Any) -> list[np.ndarray]:
@@ -295,6 +298,13 @@ class MT3Tokenizer(PreTrainedTokenizer):
                 f"Expected one row of token ids per segment: found {len(rows)} rows for {len(start_times)} "
                 "segment start times."
             )
+        if has_decoder_start and self.eos_token_id is not None:
+            cut = sum(1 for row in rows if not (row == self.eos_token_id).any())
+            if cut:  # generate() stopped them at max_new_tokens: a segment's last notes may be missing
+                logger.warning(
+                    f"{cut} of {len(rows)} segments end without EOS (cut by max_new_tokens?): notes at their ends may "
+                    "be missing."
+                )
         predictions = []
         for row, start_time in zip(rows, start_times):
             if has_decoder_start:

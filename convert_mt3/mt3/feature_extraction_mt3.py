@@ -250,7 +250,7 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
 
     def __call__(
         self,
-        audio: "np.ndarray | list[float] | list[np.ndarray]",
+        audio: np.ndarray | list[float] | list[np.ndarray],
         sampling_rate: int | None = None,
         return_tensors: str | TensorType | None = None,
         device: str | None = None,

@@ -60,16 +60,15 @@ class MT3Processor(ProcessorMixin):
         sampling_rate: int | None = None,
         return_tensors: str | TensorType | None = None,
         notes: Sequence[MT3Note] | None = None,
-        midi: "str | os.PathLike | bytes | None" = None,
+        midi: str | os.PathLike | bytes | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Audio of one clip, or a list of clips -> `input_features` (num_segments, frames, mel bins) and
         `segment_start_times` (and `segments_per_clip` for a list).
 
         With `notes` (the clip's notes, times in seconds) or `midi` (a MIDI file of them, read with pretty_midi: its
-        path, bytes, a file object or a `pretty_midi.PrettyMIDI`),
-        also `labels` (num_segments, longest): each segment's targets as model ids ending with EOS, padded with
-        -100 ([`MT3Tokenizer.encode_notes`]). See [`MT3FeatureExtractor.__call__`]; extra kwargs (e.g. `device`)
+        path, bytes, a file object or a `pretty_midi.PrettyMIDI`), also `labels` (num_segments, longest): each
+        segment's targets as model ids ending with EOS, padded with -100 ([`MT3Tokenizer.encode_notes`]). See [`MT3FeatureExtractor.__call__`]; extra kwargs (e.g. `device`)
         go to the feature extractor.
         """
         if audio is None:
@@ -114,7 +113,9 @@ class MT3Processor(ProcessorMixin):
         batch = {"input_features": torch.from_numpy(features)}
         labelled = sum("labels" in example for example in examples)
         if labelled not in (0, len(examples)):
-            raise ValueError(f"Expected labels on every segment or on none; found them on {labelled} of {len(examples)}.")
+            raise ValueError(
+                f"Expected labels on every segment or on none; found them on {labelled} of {len(examples)}."
+            )
         if labelled:
             labels = [_without_padding(np.asarray(example["labels"]).reshape(-1)) for example in examples]
             batch["labels"] = torch.from_numpy(pad_labels(labels))

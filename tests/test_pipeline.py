@@ -255,6 +255,8 @@ def test_long_audio_is_cut_lazily_and_exactly(tiny_pipe):
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "max_new_tokens": 4, "generate_kwargs": {"max_new_tokens": 4}},
          "both as an argument"),
         ({"foo": 1}, {}, "found keys ['foo']"),
+        ({"array": np.zeros(100, np.float32), "sampling_rate": 16000}, {"sampling_rate": 44100},
+         "sampling_rate=44100 differs from the audio dict's 16000"),
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "programs": "7-x"}, "programs '7-x'"),
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "programs": ""}, "at least one GM program"),
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "programs": [1.5]}, "expected ints or strings"),

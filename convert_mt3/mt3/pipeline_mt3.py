@@ -120,7 +120,10 @@ class MT3TranscriptionPipeline(ChunkPipeline):
                 if source is None:
                     raise ValueError(f"Expected an audio dict with 'array' and 'sampling_rate' (or 'path' / 'bytes'); found keys {sorted(inputs)}")
                 return read_audio(source, rate)
-            inputs, sampling_rate = inputs["array"], inputs.get("sampling_rate", sampling_rate)
+            given = inputs.get("sampling_rate")
+            if given is not None and sampling_rate is not None and given != sampling_rate:
+                raise ValueError(f"sampling_rate={sampling_rate} differs from the audio dict's {given}; give one")
+            inputs, sampling_rate = inputs["array"], given if given is not None else sampling_rate
         elif hasattr(inputs, "get_all_samples"):  # a decoded `datasets` Audio row: torchcodec's AudioDecoder
             decoded = inputs.get_all_samples()
             inputs, sampling_rate = decoded.data.mean(0), decoded.sample_rate  # (channels, samples) -> mono

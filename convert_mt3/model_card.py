@@ -56,7 +56,7 @@ The pipeline takes a file path, a 1-D array with `sampling_rate=`, a `{"array", 
 - `midi`: a `pretty_midi.PrettyMIDI` (`return_midi="bytes"`: the Standard MIDI File's bytes; `False`: none);
 - `invalid_events`, `dropped_events`: counts from decoding, as the original reports them.
 
-Options: `programs="0-7,32"` or `programs="piano,bass"` (GM families) keeps only the notes of those instruments
+Options: `programs="0-7,32"`, `programs="piano,bass"` (GM families) or GM program names keeps only the notes of those instruments
 and the drums, exactly as the unfiltered transcription has them (decoding is unchanged); `generate_kwargs={...}` goes to `generate()`.
 A model object (cast or fine-tuned in memory) runs in the same pipeline with `model.transcription_pipeline(**options)`.
 

@@ -77,8 +77,8 @@ def notes_to_csv(records: Iterable[dict]) -> str:
 
 
 def parse_programs(spec: int | str | Iterable[int | str]) -> set[int]:
-    """GM programs (0-based) from "0-7,32", "piano,bass", a mix of both, one int, or an iterable of ints (numpy's
-    too) / such strings."""
+    """GM programs (0-based) from "0-7,32", families ("piano,bass"), program names as the notes carry them
+    ("Acoustic Grand Piano"), a mix of these, one int, or an iterable of ints (numpy's too) / such strings."""
     if isinstance(spec, str):
         parts = spec.split(",")
     elif isinstance(spec, numbers.Integral):
@@ -100,13 +100,17 @@ def parse_programs(spec: int | str | Iterable[int | str]) -> set[int]:
             first = 8 * GM_FAMILIES.index(family)
             programs.update(range(first, first + 8))
             continue
+        named = [program for program, name in enumerate(GM_PROGRAM_NAMES) if name.lower() == text.lower()]
+        if named:
+            programs.update(named)
+            continue
         low, _, high = text.partition("-")
         if not text:
             continue
         if not (low.isdigit() and (high.isdigit() or not high)):
             raise ValueError(
-                f"programs {spec!r}: expected GM programs and ranges such as 0-7,32 or instrument families "
-                f"({', '.join(GM_FAMILIES)}); found {text!r}"
+                f"programs {spec!r}: expected GM programs and ranges such as 0-7,32, GM program names or instrument "
+                f"families ({', '.join(GM_FAMILIES)}); found {text!r}"
             )
         programs.update(range(int(low), int(high or low) + 1))
     if not programs:

@@ -81,6 +81,8 @@ def test_labels_are_checked_against_the_segments():
         model(input_features=x[:1], labels=torch.ones(3, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="one row of labels per segment: found 3 rows for 2 segments"):
         model(input_features=x, labels=torch.ones(3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="one row of decoder_input_ids per segment: found 1 rows for 2 segments"):
+        model(input_features=x, decoder_input_ids=torch.zeros(1, 1, dtype=torch.long))
     for bad in (model.config.vocab_size, -5):
         labels = torch.ones(2, 5, dtype=torch.long)
         labels[1, 2] = bad

@@ -153,7 +153,7 @@ def test_programs_keep_the_unfiltered_notes(tiny_pipe):
     free = tiny_pipe.postprocess(outputs)
     assert len({n["program"] for n in free["notes"] if not n["is_drum"]}) == 3  # what the filters choose from
     for spec, kept in [("33", {33}), ("bass", set(range(32, 40))), ([0, 41], {0, 41}), (41, {41}),
-                       ([np.int64(0)], {0}), ("electric bass (finger), Viola", {33, 41})]:
+                       ([np.int64(0)], {0}), (np.array(41), {41}), ("electric bass (finger), Viola", {33, 41})]:
         _, forward, postprocess = tiny_pipe._sanitize_parameters(programs=spec)
         assert forward == {}
         result = tiny_pipe.postprocess(outputs, **postprocess)
@@ -256,10 +256,12 @@ def test_long_audio_is_cut_lazily_and_exactly(tiny_pipe):
          "both as an argument"),
         ({"foo": 1}, {}, "found keys ['foo']"),
         ({"array": np.zeros(100, np.float32), "sampling_rate": 16000}, {"sampling_rate": 44100},
-         "sampling_rate=44100 differs from the audio dict's 16000"),
+         "sampling_rate=44100 differs from the audio dict's 16000: pass only one"),
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "programs": "7-x"}, "programs '7-x'"),
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "programs": ""}, "at least one GM program"),
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "programs": [1.5]}, "expected ints or strings"),
+        (np.zeros(100, np.float32), {"sampling_rate": 16000, "programs": "7-3"}, "found '7-3'"),
+        (np.zeros(100, np.float32), {"sampling_rate": 16000, "programs": "3-"}, "found '3-'"),
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "return_midi": "yes"}, "return_midi='yes'"),
     ],
 )

@@ -271,14 +271,18 @@ def test_labels_from_midi_bytes_file_or_object_and_unlabelled_collate(processor,
     assert list(batch) == ["input_features"] and tuple(batch["input_features"].shape) == (2, 256, 512)
     with pytest.raises(ValueError, match="labels on every segment or on none; found them on 1 of 2"):
         processor.collate([segment, {**segment, "labels": [5, 1]}])
+    assert list(processor.collate([{**segment, "labels": None}, segment])) == ["input_features"]  # a datasets row
 
 
 def test_inputs_that_are_not_samples_are_named(processor, caplog):
     """A file name or a dict given to the processor, or a sampling rate given as text, is refused in words; rows
     that end without EOS (cut by max_new_tokens) get a warning when decoded."""
-    for audio, found in (("song.wav", "found str"), ({"array": [0.0]}, "found dict")):
-        with pytest.raises(ValueError, match=f"{found}. The feature extractor does not read files"):
-            processor(audio=audio, sampling_rate=16000)
+    with pytest.raises(ValueError, match="found str. The feature extractor does not read files"):
+        processor(audio="song.wav", sampling_rate=16000)
+    with pytest.raises(ValueError, match="samples \\(a 1-D float array\\); found a dict with keys \\['array'\\]"):
+        processor(audio={"array": [0.0]}, sampling_rate=16000)
+    for rate in (np.int64(16000), torch.tensor(16000), 16000.0):  # numbers of other types still pass
+        assert processor(audio=np.zeros(100, np.float32), sampling_rate=rate)["input_features"].shape[0] == 1
     with pytest.raises(ValueError, match="sampling_rate in Hz as a number; found str '16000'"):
         processor(audio=np.zeros(100, np.float32), sampling_rate="16000")
     inputs = processor(audio=np.zeros(40000, np.float32), sampling_rate=16000)
@@ -286,3 +290,10 @@ def test_inputs_that_are_not_samples_are_named(processor, caplog):
     with caplog.at_level("WARNING"):
         processor.batch_decode(cut, inputs, return_midi=False)
     assert any("1 of 2 segments end without EOS" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    inputs = processor(audio=[np.zeros(40000, np.float32), np.zeros(100, np.float32)], sampling_rate=16000)
+    with caplog.at_level("WARNING"):
+        processor.batch_decode(torch.tensor([[0, 5, 6], [0, 1, 0], [0, 5, 6]]), inputs, return_midi=False)
+    cut_messages = [record.getMessage() for record in caplog.records if "without EOS" in record.getMessage()]
+    assert cut_messages == ["2 of 3 segments (clips [0, 1]) end without EOS (cut by max_new_tokens?): notes at their "
+                            "ends may be missing."]

@@ -6,7 +6,6 @@ Reproduces the input pipeline of Magenta MT3 (github.com/magenta/mt3):
 `mt3/spectrograms.py` and `mt3/spectral_ops.py` (`compute_logmel`, `safe_log`).
 """
 
-import numbers
 import os
 import warnings
 
@@ -153,11 +152,14 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         pipeline's check of array inputs, before it resamples them)."""
         if is_torch_available() and isinstance(audio, torch.Tensor):
             audio = audio.detach().cpu().numpy()
-        if isinstance(audio, (str, bytes, os.PathLike, dict)) or np.isscalar(audio):
+        if isinstance(audio, (str, bytes, os.PathLike)):
             raise ValueError(
                 f"Expected audio samples (a 1-D float array); found {type(audio).__name__}. The feature extractor "
                 "does not read files: read them first (e.g. soundfile.read), or give files to the pipeline."
             )
+        if isinstance(audio, dict) or np.isscalar(audio):
+            found = f"a dict with keys {sorted(audio)}" if isinstance(audio, dict) else type(audio).__name__
+            raise ValueError(f"Expected audio samples (a 1-D float array); found {found}.")
         if is_batch_of_clips(audio):
             raise ValueError(
                 f"Expected one mono clip (a 1-D array or a list of floats); found a list of {len(audio)} sequences."
@@ -276,7 +278,7 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         """
         if kwargs:  # what other feature extractors take (padding, return_attention_mask, ...) has no use here
             logger.warning_once(f"{self.__class__.__name__}() ignores the arguments {sorted(kwargs)}")
-        if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (numbers.Real, type(None))):
+        if isinstance(sampling_rate, (str, bytes, bool)):
             raise ValueError(
                 f"Expected sampling_rate in Hz as a number; found {type(sampling_rate).__name__} {sampling_rate!r}."
             )

@@ -84,16 +84,23 @@ class MT3PreTrainedModel(PreTrainedModel):
             init.normal_(module.token_embedder.weight, std=factor)
             init.normal_(module.logits_dense.weight, std=factor * d_model**-0.5)
 
+    def _check_label_ids(self, labels: torch.Tensor) -> None:
+        """Label ids must be in the vocabulary or -100: the embedding and the loss would fail deep inside otherwise
+        (on CUDA with a device-side assert). Reads one flag back from the device; skipped while compiling and for
+        tensors without data."""
+        if labels.device.type == "meta" or torch.compiler.is_compiling():
+            return
+        outside = (labels >= self.config.vocab_size) | ((labels < 0) & (labels != -100))
+        if outside.any():
+            raise ValueError(
+                f"Expected label ids in [0, {self.config.vocab_size}) or -100; found {int(labels[outside][0])}."
+            )
+
     def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forcing decoder inputs: `[decoder_start] + labels[:-1]`, with -100 replaced by the pad id."""
         start, pad = self.config.decoder_start_token_id, self.config.pad_token_id
         if start is None or pad is None:
             raise ValueError("config.decoder_start_token_id and config.pad_token_id must be set to shift labels")
-        outside = (labels >= self.config.vocab_size) | ((labels < 0) & (labels != -100))
-        if outside.any():  # the embedding would fail deep inside (on CUDA: a device-side assert)
-            raise ValueError(
-                f"Expected label ids in [0, {self.config.vocab_size}) or -100; found {int(labels[outside][0])}."
-            )
         shifted = labels.new_full(labels.shape, start)
         shifted[..., 1:] = labels[..., :-1]
         return shifted.masked_fill(shifted == -100, pad)
@@ -348,16 +355,18 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
                 attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
             )
 
+        segments = encoder_outputs.last_hidden_state.shape[0]
+        for name, ids in (("labels", labels), ("decoder_input_ids", decoder_input_ids)):
+            if ids is not None and ids.shape[0] != segments:  # attention would broadcast one segment over the rows
+                raise ValueError(
+                    f"Expected one row of {name} per segment: found {ids.shape[0]} rows for {segments} segments."
+                )
+        if labels is not None:
+            self._check_label_ids(labels)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("Pass `decoder_input_ids` or `labels`")
             decoder_input_ids = self._shift_right(labels)
-        segments, rows = encoder_outputs.last_hidden_state.shape[0], decoder_input_ids.shape[0]
-        if rows != segments:  # attention would broadcast one segment over several rows without a word
-            raise ValueError(
-                f"Expected one row of {'labels' if labels is not None else 'decoder_input_ids'} per segment: found "
-                f"{rows} rows for {segments} segments of `input_features`."
-            )
 
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())

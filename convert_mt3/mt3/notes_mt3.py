@@ -77,8 +77,11 @@ def notes_to_csv(records: Iterable[dict]) -> str:
 
 
 def parse_programs(spec: int | str | Iterable[int | str]) -> set[int]:
-    """GM programs (0-based) from "0-7,32", families ("piano,bass"), program names as the notes carry them
-    ("Acoustic Grand Piano"), a mix of these, one int, or an iterable of ints (numpy's too) / such strings."""
+    """GM programs (0-based) from "0-7,32", families ("piano,bass"), GM program names (`GM_PROGRAM_NAMES`, as the
+    notes' instrument field has them: "Acoustic Grand Piano"), a mix of these, one int, or an iterable of ints
+    (numpy's too) / such strings. Drums are kept by the filters whatever this says."""
+    if getattr(spec, "ndim", None) == 0:  # a 0-d array or tensor
+        spec = spec.item()
     if isinstance(spec, str):
         parts = spec.split(",")
     elif isinstance(spec, numbers.Integral):
@@ -104,10 +107,10 @@ def parse_programs(spec: int | str | Iterable[int | str]) -> set[int]:
         if named:
             programs.update(named)
             continue
-        low, _, high = text.partition("-")
+        low, dash, high = text.partition("-")
         if not text:
             continue
-        if not (low.isdigit() and (high.isdigit() or not high)):
+        if not (low.isdigit() and (high.isdigit() or not dash)) or (dash and int(high) < int(low)):
             raise ValueError(
                 f"programs {spec!r}: expected GM programs and ranges such as 0-7,32, GM program names or instrument "
                 f"families ({', '.join(GM_FAMILIES)}); found {text!r}"

@@ -58,6 +58,16 @@ def read_audio(source: str | os.PathLike | bytes, sampling_rate: int) -> np.ndar
     return resample(samples.mean(axis=1), rate, sampling_rate)  # (samples, channels) -> mono
 
 
+def _agreed_rate(own: int | None, argument: int | None, source: str) -> int | None:
+    """The sampling rate an input carries (a dict's, a decoder's) or else the `sampling_rate` argument; both given,
+    they must agree."""
+    if own is not None and argument is not None and own != argument:
+        raise ValueError(
+            f"sampling_rate={argument} differs from the audio {source}'s {own}: pass only one, or make them agree"
+        )
+    return own if own is not None else argument
+
+
 class MT3TranscriptionPipeline(ChunkPipeline):
     """Music transcription with MT3: audio -> `{"notes": [...], "midi": PrettyMIDI}` per input.
 
@@ -120,13 +130,11 @@ class MT3TranscriptionPipeline(ChunkPipeline):
                 if source is None:
                     raise ValueError(f"Expected an audio dict with 'array' and 'sampling_rate' (or 'path' / 'bytes'); found keys {sorted(inputs)}")
                 return read_audio(source, rate)
-            given = inputs.get("sampling_rate")
-            if given is not None and sampling_rate is not None and given != sampling_rate:
-                raise ValueError(f"sampling_rate={sampling_rate} differs from the audio dict's {given}; give one")
-            inputs, sampling_rate = inputs["array"], given if given is not None else sampling_rate
+            inputs, sampling_rate = inputs["array"], _agreed_rate(inputs.get("sampling_rate"), sampling_rate, "dict")
         elif hasattr(inputs, "get_all_samples"):  # a decoded `datasets` Audio row: torchcodec's AudioDecoder
             decoded = inputs.get_all_samples()
-            inputs, sampling_rate = decoded.data.mean(0), decoded.sample_rate  # (channels, samples) -> mono
+            # (channels, samples) -> mono
+            inputs, sampling_rate = decoded.data.mean(0), _agreed_rate(decoded.sample_rate, sampling_rate, "decoder")
         # a dict's samples may be a list (a top-level list is a batch of inputs)
         if not isinstance(inputs, (np.ndarray, torch.Tensor, list, tuple)):
             raise ValueError(

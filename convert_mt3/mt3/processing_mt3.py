@@ -60,7 +60,7 @@ class MT3Processor(ProcessorMixin):
         sampling_rate: int | None = None,
         return_tensors: str | TensorType | None = None,
         notes: Sequence[MT3Note] | None = None,
-        midi: str | os.PathLike | bytes | None = None,
+        midi: str | os.PathLike | bytes | None = None,  # or a binary file object, or a pretty_midi.PrettyMIDI
         **kwargs,
     ) -> BatchFeature:
         """Audio of one clip, or a list of clips -> `input_features` (num_segments, frames, mel bins) and
@@ -68,8 +68,8 @@ class MT3Processor(ProcessorMixin):
 
         With `notes` (the clip's notes, times in seconds) or `midi` (a MIDI file of them, read with pretty_midi: its
         path, bytes, a file object or a `pretty_midi.PrettyMIDI`), also `labels` (num_segments, longest): each
-        segment's targets as model ids ending with EOS, padded with -100 ([`MT3Tokenizer.encode_notes`]). See [`MT3FeatureExtractor.__call__`]; extra kwargs (e.g. `device`)
-        go to the feature extractor.
+        segment's targets as model ids ending with EOS, padded with -100 ([`MT3Tokenizer.encode_notes`]). See
+        [`MT3FeatureExtractor.__call__`]; extra kwargs (e.g. `device`) go to the feature extractor.
         """
         if audio is None:
             raise ValueError("Expected `audio` (a mono clip as a 1-D array, or a list of them); found None.")
@@ -111,7 +111,7 @@ class MT3Processor(ProcessorMixin):
         `input_features` only."""
         features = np.stack([np.asarray(example["input_features"], dtype=np.float32) for example in examples])
         batch = {"input_features": torch.from_numpy(features)}
-        labelled = sum("labels" in example for example in examples)
+        labelled = sum(example.get("labels") is not None for example in examples)
         if labelled not in (0, len(examples)):
             raise ValueError(
                 f"Expected labels on every segment or on none; found them on {labelled} of {len(examples)}."

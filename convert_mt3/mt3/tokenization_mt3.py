@@ -284,12 +284,14 @@ class MT3Tokenizer(PreTrainedTokenizer):
         token_ids: Any,
         segment_start_times: Sequence[float],
         has_decoder_start: bool = True,
+        check_eos: bool = True,
     ) -> tuple[list[MT3Note], int, int]:
         """Generated rows, one per segment, -> (notes in decoding order, invalid events, dropped events).
 
         `token_ids`: (num_segments, length) model ids as returned by `generate()`; with `has_decoder_start` the
         first column (the decoder start token) is removed. `segment_start_times`: seconds, from the feature
-        extractor (`segment_start_times`), rounded down to the shift grid here as the colab does.
+        extractor (`segment_start_times`), rounded down to the shift grid here as the colab does. With
+        `has_decoder_start` and `check_eos`, rows without EOS (cut by generate()'s `max_new_tokens`) get a warning.
         """
         rows = _to_int_rows(token_ids)
         start_times = _to_start_times(segment_start_times)
@@ -298,13 +300,8 @@ class MT3Tokenizer(PreTrainedTokenizer):
                 f"Expected one row of token ids per segment: found {len(rows)} rows for {len(start_times)} "
                 "segment start times."
             )
-        if has_decoder_start and self.eos_token_id is not None:
-            cut = sum(1 for row in rows if not (row == self.eos_token_id).any())
-            if cut:  # generate() stopped them at max_new_tokens: a segment's last notes may be missing
-                logger.warning(
-                    f"{cut} of {len(rows)} segments end without EOS (cut by max_new_tokens?): notes at their ends may "
-                    "be missing."
-                )
+        if has_decoder_start and check_eos:
+            self._warn_if_cut(rows)
         predictions = []
         for row, start_time in zip(rows, start_times):
             if has_decoder_start:
@@ -328,6 +325,19 @@ class MT3Tokenizer(PreTrainedTokenizer):
             note_duration=self.note_duration,
             min_note_duration=self.min_note_duration,
         )
+
+    def _warn_if_cut(self, rows: list[np.ndarray], clip_of_row: list[int] | None = None) -> None:
+        """One warning for the generated rows that end without EOS: generate() stopped them at `max_new_tokens`,
+        so a segment's last notes may be missing. `clip_of_row` names the clips they belong to."""
+        if self.eos_token_id is None:
+            return
+        cut = [index for index, row in enumerate(rows) if not (row == self.eos_token_id).any()]
+        if cut:
+            where = f" (clips {sorted({clip_of_row[i] for i in cut})})" if clip_of_row is not None else ""
+            logger.warning(
+                f"{len(cut)} of {len(rows)} segments{where} end without EOS (cut by max_new_tokens?): notes at their "
+                "ends may be missing."
+            )
 
     def notes_to_midi(self, notes: Sequence[MT3Note]):
         """Notes -> `pretty_midi.PrettyMIDI` laid out like note_seq's `note_sequence_to_pretty_midi`."""
@@ -391,17 +401,22 @@ class MT3Tokenizer(PreTrainedTokenizer):
             raise ValueError(
                 f"Expected segments_per_clip to count the {len(rows)} rows of token ids, clip by clip; found {counts}."
             )
+        if has_decoder_start:
+            self._warn_if_cut(rows, [clip for clip, count in enumerate(counts) for _ in range(count)])
         ends = np.cumsum(counts)
         clips = [
-            self._decode_clip(rows[end - count : end], start_times[end - count : end], has_decoder_start, return_midi)
+            self._decode_clip(rows[end - count : end], start_times[end - count : end], has_decoder_start, return_midi,
+                              check_eos=False)
             for count, end in zip(counts, ends)
         ]
         return BatchEncoding({key: [clip[key] for clip in clips] for key in clips[0]})
 
-    def _decode_clip(self, token_ids, segment_start_times, has_decoder_start: bool, return_midi: bool) -> dict:
+    def _decode_clip(
+        self, token_ids, segment_start_times, has_decoder_start: bool, return_midi: bool, check_eos: bool = True
+    ) -> dict:
         """One clip's rows -> its notes (sorted), event counts and, with `return_midi`, its `pretty_midi`."""
         notes, invalid_events, dropped_events = self.decode_to_notes(
-            token_ids, segment_start_times, has_decoder_start=has_decoder_start
+            token_ids, segment_start_times, has_decoder_start=has_decoder_start, check_eos=check_eos
         )
         output = {
             "notes": sort_notes(notes),

@@ -322,7 +322,7 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         total_samples = (bounds[-1][0] + bounds[-1][1]) * self.hop_length if bounds else 0
         samples = np.pad(samples, (0, total_samples - samples.shape[0]))
 
-        if device is not None and bounds:
+        if device is not None:
             features = self._torch_extract_segments(samples, bounds, device)
             if not keep_on_device:
                 features = features.cpu().numpy()
@@ -334,8 +334,6 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
                 segment = samples[start * self.hop_length : (start + num_frames) * self.hop_length]
                 features[index, :num_frames] = self._np_extract_segment(segment)
 
-        if keep_on_device and not bounds:  # no segment: an empty tensor there, so that clips concatenate
-            features = torch.from_numpy(features).to(device)
         # Same float arithmetic as the colab: np.arange(num_frames) / frames_per_second.
         start_times = np.array([start / self.frames_per_second for start, _ in bounds], dtype=np.float64)
         return features, start_times

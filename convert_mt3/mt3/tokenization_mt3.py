@@ -39,10 +39,14 @@ from .run_length_encoding_mt3 import encode_notes, event_predictions_to_notes
 logger = logging.get_logger(__name__)
 
 
+def _host_array(value: Any) -> Any:
+    """A torch tensor (on any device) as a numpy array; anything else as it is."""
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else value
+
+
 def _to_int_rows(token_ids: Any) -> list[np.ndarray]:
     """Generate() output (tensor / array / nested lists) -> list of 1-D int64 rows."""
-    if hasattr(token_ids, "detach"):
-        token_ids = token_ids.detach().cpu().numpy()
+    token_ids = _host_array(token_ids)
     if isinstance(token_ids, np.ndarray):
         if token_ids.ndim == 1:
             token_ids = token_ids[None]
@@ -57,9 +61,7 @@ def _to_int_rows(token_ids: Any) -> list[np.ndarray]:
 
 def _to_counts(segments_per_clip: Any) -> list[int]:
     """Segments per clip (tensor on any device / array / list) -> a list of ints."""
-    if hasattr(segments_per_clip, "detach"):
-        segments_per_clip = segments_per_clip.detach().cpu().numpy()
-    return [int(count) for count in np.asarray(segments_per_clip).reshape(-1)]
+    return [int(count) for count in np.asarray(_host_array(segments_per_clip)).reshape(-1)]
 
 
 def _to_start_times(segment_start_times: Any) -> np.ndarray:
@@ -71,8 +73,7 @@ def _to_start_times(segment_start_times: Any) -> np.ndarray:
                 f"segment_start_times are {segment_start_times.dtype}; expected float64 seconds as the processor "
                 "returns them: cast `input_features` only (the processor output's `to()` does that)"
             )
-        segment_start_times = segment_start_times.detach().cpu().numpy()
-    return np.asarray(segment_start_times, dtype=np.float64).reshape(-1)
+    return np.asarray(_host_array(segment_start_times), dtype=np.float64).reshape(-1)
 
 
 class MT3Tokenizer(PreTrainedTokenizer):
@@ -388,35 +389,37 @@ class MT3Tokenizer(PreTrainedTokenizer):
             if segments_per_clip is None:
                 segments_per_clip = feature_extractor_output.get("segments_per_clip")
         rows, start_times = _to_int_rows(token_ids), _to_start_times(segment_start_times)
-        if segments_per_clip is None:
+        batched = segments_per_clip is not None
+        if batched:
+            counts = _to_counts(segments_per_clip)
+            if not counts or min(counts) < 0 or not sum(counts) == len(rows) == len(start_times):
+                raise ValueError(
+                    f"Expected segments_per_clip to count the {len(rows)} rows of token ids and their "
+                    f"{len(start_times)} segment start times, clip by clip; found {counts}."
+                )
+            ends = np.cumsum(counts)
+            parts = [(rows[end - count : end], start_times[end - count : end]) for count, end in zip(counts, ends)]
+        else:
             back = np.flatnonzero(np.diff(start_times) < 0)
             if back.size:  # segments of several clips, each from 0: decoded as one clip, their notes would overlap
                 raise ValueError(
                     f"Expected one clip's segment start times, in order; found them going back at segment "
                     f"{back[0] + 1} (several clips?): pass the processor's output, or `segments_per_clip`."
                 )
-            return BatchEncoding(self._decode_clip(rows, start_times, has_decoder_start, return_midi))
-        counts = _to_counts(segments_per_clip)
-        if not counts or min(counts) < 0 or sum(counts) != len(rows):
-            raise ValueError(
-                f"Expected segments_per_clip to count the {len(rows)} rows of token ids, clip by clip; found {counts}."
-            )
-        if has_decoder_start:
-            self._warn_if_cut(rows, [clip for clip, count in enumerate(counts) for _ in range(count)])
-        ends = np.cumsum(counts)
-        clips = [
-            self._decode_clip(rows[end - count : end], start_times[end - count : end], has_decoder_start, return_midi,
-                              check_eos=False)
-            for count, end in zip(counts, ends)
-        ]
+            parts = [(rows, start_times)]  # decode_to_notes checks that they match
+        if has_decoder_start:  # one warning for the whole call
+            clip_of_row = [clip for clip, (part, _) in enumerate(parts) for _ in part]
+            self._warn_if_cut(rows, clip_of_row if batched else None)
+        clips = [self._decode_clip(part, times, has_decoder_start, return_midi) for part, times in parts]
+        if not batched:
+            return BatchEncoding(clips[0])
         return BatchEncoding({key: [clip[key] for clip in clips] for key in clips[0]})
 
-    def _decode_clip(
-        self, token_ids, segment_start_times, has_decoder_start: bool, return_midi: bool, check_eos: bool = True
-    ) -> dict:
-        """One clip's rows -> its notes (sorted), event counts and, with `return_midi`, its `pretty_midi`."""
+    def _decode_clip(self, token_ids, segment_start_times, has_decoder_start: bool, return_midi: bool) -> dict:
+        """One clip's rows -> its notes (sorted), event counts and, with `return_midi`, its `pretty_midi` (the
+        caller has warned about rows without EOS)."""
         notes, invalid_events, dropped_events = self.decode_to_notes(
-            token_ids, segment_start_times, has_decoder_start=has_decoder_start, check_eos=check_eos
+            token_ids, segment_start_times, has_decoder_start=has_decoder_start, check_eos=False
         )
         output = {
             "notes": sort_notes(notes),

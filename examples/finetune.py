@@ -18,9 +18,9 @@ Needs: transformers, torch, soundfile, soxr, pretty_midi.
 from __future__ import annotations
 
 import argparse
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from transformers import AutoModel, AutoProcessor
 from transformers.utils import logging as transformers_logging
 
 sys.path.insert(0, str(Path(__file__).parent))
-from transcribe import load_audio  # noqa: E402  (the sibling example's audio loader)
+from transcribe import check_model, load_audio  # noqa: E402  (the sibling example's checks and audio loader)
 
 ONSET_TOLERANCE = 0.05  # seconds (mir_eval's default onset tolerance)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json")
@@ -85,7 +85,9 @@ def save_folder(model, source: Path, out_dir: Path, note: str) -> None:
     out_dir = out_dir.absolute()
     check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    # made with the umask's permissions, as OUT_DIR would be (tempfile's folders are private)
+    staging = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.tmp"
+    staging.mkdir()
     try:
         for file in source.iterdir():
             if file.is_file() and file.name not in WEIGHT_FILES + NOT_COPIED:
@@ -101,10 +103,16 @@ def save_folder(model, source: Path, out_dir: Path, note: str) -> None:
 
 def finetune(args: argparse.Namespace) -> int:
     check_out_dir(Path(args.out_dir))  # before hours of training, not after
+    for name, path in (("AUDIO", args.audio), ("MIDI", args.midi)):
+        if not Path(path).is_file():
+            raise ValueError(f"{name} {path}: no such file")
+    check_model(args.model)
     torch.manual_seed(args.seed)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32).to(args.device)
     audio = load_audio(Path(args.audio), processor.feature_extractor.sampling_rate)
+    if not len(audio):
+        raise ValueError(f"AUDIO {args.audio}: no samples to train on")
     inputs = processor(audio=audio, sampling_rate=processor.feature_extractor.sampling_rate, midi=args.midi, return_tensors="pt")
     features, labels, start_times = inputs["input_features"], inputs["labels"], inputs["segment_start_times"]
     reference = processor.batch_decode(labels.tolist(), segment_start_times=start_times, has_decoder_start=False, return_midi=False)["notes"]

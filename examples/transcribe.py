@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import secrets
 import sys
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ def load_audio(path: Path, sampling_rate: int) -> np.ndarray:
     import soundfile
     import soxr
 
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
     try:
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (n, channels)
     except (RuntimeError, OSError) as err:  # soundfile.LibsndfileError is a RuntimeError
@@ -39,6 +42,29 @@ def load_audio(path: Path, sampling_rate: int) -> np.ndarray:
     if rate != sampling_rate and mono.size:
         mono = soxr.resample(mono, rate, sampling_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def check_model(model: str) -> None:
+    """A MODEL that can only be a local path (absolute, relative with ./ or ~, or with more than one /) must be a
+    folder; anything else may be a Hub repo id, left to transformers."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"MODEL {model}: is not a folder (expected a converted MT3 folder or a Hub repo id)")
+    elif path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or os.sep in model.replace("/", ""):
+        raise ValueError(f"MODEL {model}: no such folder")
+
+
+def write_beside(path: Path, write: Callable) -> None:
+    """`write(file)` into a new file beside `path`, then renamed onto it: never half-written. Created with the
+    umask's permissions (as `open` does; tempfile's files are private)."""
+    temporary = path.absolute().parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(temporary, "xb") as file:
+            write(file)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def plot_piano_roll(notes: list[dict], path: Path) -> None:
@@ -81,6 +107,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--device cuda: CUDA is not available (torch {torch.__version__}); use --device cpu")
     if not Path(args.audio).exists():
         raise ValueError(f"{args.audio}: no such file")
+    check_model(args.model)
 
 
 def transcribe(args: argparse.Namespace) -> int:
@@ -88,15 +115,7 @@ def transcribe(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     pipe = pipeline("music-transcription", model=args.model, trust_remote_code=True, device=args.device, dtype=dtype)
     result = pipe(args.audio, batch_size=args.batch_size, programs=args.programs, return_midi=True)
-    # Written beside OUT.mid and renamed: never a half-written file.
-    handle, temporary = tempfile.mkstemp(prefix=".transcribe-", suffix=".mid", dir=Path(args.out).absolute().parent)
-    os.close(handle)
-    try:
-        result["midi"].write(temporary)
-        os.replace(temporary, args.out)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_beside(Path(args.out), result["midi"].write)
     if args.plot:
         plot_piano_roll(result["notes"], Path(args.plot))
     if not args.quiet:
@@ -111,14 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", metavar="MODEL", help="converted MT3 folder or Hub repo id")
     parser.add_argument("audio", metavar="AUDIO", help="audio file (wav, flac, ogg, mp3, ...)")
     parser.add_argument("out", metavar="OUT.mid", help="MIDI file to write")
-    parser.add_argument("--batch-size", type=int, default=32, help="segments (2.048 s each) generated per batch (default 32)")
+    parser.add_argument("--batch-size", type=int, help="segments (2.048 s each) generated per batch (default: the model's "
+                        "segment_batch_size for the device, generation_config.json)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype (default float32, exact)")
     parser.add_argument("--plot", metavar="ROLL.png", help="also draw a piano roll coloured by instrument")
     parser.add_argument("--programs", metavar="LIST", help="keep only the notes of these GM programs, e.g. 0-7,32 (and the drums)")
     parser.add_argument("--quiet", action="store_true", help="no summary line")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     if args.quiet:
         transformers_logging.disable_progress_bar()

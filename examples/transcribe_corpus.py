@@ -7,7 +7,8 @@
 Each process takes its contiguous share of the dataset (`PartialState().split_between_processes`), runs
 `Dataset.map(batched=True)` with the folder's own pipeline on its device (one GPU per process under accelerate),
 and writes its rows; the main process then joins the shares in dataset order into OUT.jsonl: one line per file,
-`{"path": ..., "notes": [...]}`, the same as one process writes. Needs: transformers, torch, datasets, accelerate,
+`{"path": ..., "notes": [...], "error": null}`, the same as one process writes. A file that cannot be read gets
+`"notes": null` and the reason in `error`, and the others go on. Needs: transformers, torch, datasets, accelerate,
 soundfile, soxr. No import of convert_mt3: what a Hub user runs.
 """
 
@@ -16,35 +17,74 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from accelerate import PartialState
 from datasets import Audio, Dataset
 from transformers import pipeline
 
+sys.path.insert(0, str(Path(__file__).parent))
+from transcribe import check_model  # noqa: E402  (the sibling example's check)
+
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 
 
-def main() -> None:
+def find_files(args: argparse.Namespace) -> list[str]:
+    """The corpus's audio files, after refusing what would fail only at the end (OUT) or give nothing."""
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"OUT {args.out}: is a directory, expected a file to write")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    if not out.absolute().parent.is_dir():
+        raise ValueError(f"OUT {args.out}: folder {out.absolute().parent} does not exist")
+    if not Path(args.audio_dir).is_dir():
+        raise ValueError(f"AUDIO_DIR {args.audio_dir}: no such folder")
+    files = sorted(str(p) for p in Path(args.audio_dir).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+    if not files:
+        raise ValueError(f"AUDIO_DIR {args.audio_dir}: no {', '.join(sorted(AUDIO_SUFFIXES))} files")
+    check_model(args.model)
+    return files
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="converted MT3 folder or Hub repo id")
     parser.add_argument("audio_dir", help="folder of audio files (searched recursively)")
     parser.add_argument("out", help="JSON lines file to write")
-    parser.add_argument("--batch-size", type=int, default=32, help="segments per generate call (default 32)")
+    parser.add_argument("--batch-size", type=int, help="segments per generate call (default: the model's "
+                        "segment_batch_size for the device, generation_config.json)")
     parser.add_argument("--files-per-map-batch", type=int, default=8, help="files handed to the pipeline at once")
     parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo); needed for several CPU processes")
     args = parser.parse_args()
+    try:
+        files = find_files(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
     state = PartialState(cpu=args.cpu)
-    files = sorted(str(p) for p in Path(args.audio_dir).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
     # decode=False: the column holds {"path", "bytes"} and the pipeline reads the files itself (soundfile + soxr),
     # so no datasets audio backend is needed and each process decodes only its own share.
     dataset = Dataset.from_dict({"audio": files}).cast_column("audio", Audio(decode=False))
     pipe = pipeline("music-transcription", model=args.model, trust_remote_code=True, device=state.device)
 
     def transcribe(batch: dict) -> dict:
-        results = pipe(batch["audio"], batch_size=args.batch_size, return_midi=False)
-        return {"path": [a["path"] for a in batch["audio"]], "notes": [r["notes"] for r in results]}
+        try:
+            results = pipe(batch["audio"], batch_size=args.batch_size, return_midi=False)
+            rows = [(result["notes"], None) for result in results]
+        except ValueError:  # a file that cannot be read: then one file at a time, so that only it is left out
+            rows = []
+            for audio in batch["audio"]:
+                try:
+                    rows.append((pipe(audio, batch_size=args.batch_size, return_midi=False)["notes"], None))
+                except ValueError as err:
+                    rows.append((None, str(err)))
+        # each file's line as JSON text: the notes and errors do not go through Arrow's typed columns
+        lines = [json.dumps({"path": audio["path"], "notes": notes, "error": error})
+                 for audio, (notes, error) in zip(batch["audio"], rows)]
+        return {"line": lines, "failed": [error is not None for _, error in rows]}
 
     out = Path(args.out)
     part = out.with_name(f".{out.name}.part{state.process_index}")
@@ -54,8 +94,10 @@ def main() -> None:
         )
         with open(part, "w") as f:
             for row in share:
-                f.write(json.dumps(row) + "\n")
-        print(f"process {state.process_index}/{state.num_processes}: {len(share)} files")
+                f.write(row["line"] + "\n")
+        failed = sum(row["failed"] for row in share)
+        print(f"process {state.process_index}/{state.num_processes}: {len(share)} files"
+              + (f", {failed} not read (see their error in {args.out})" if failed else ""))
     state.wait_for_everyone()
     if state.is_main_process:
         parts = [out.with_name(f".{out.name}.part{rank}") for rank in range(state.num_processes)]
@@ -66,7 +108,8 @@ def main() -> None:
         os.replace(joined, out)  # complete or absent: never half-written
         for path in parts:
             path.unlink()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -57,6 +57,10 @@ def test_finetune_runs_and_saves_a_loadable_folder(tiny_folder, tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer_config.json", "preprocessor_config.json",
             "modeling_mt3.py", "run_length_encoding_mt3.py", "README.md"} <= {p.name for p in out.iterdir()}
     assert (tiny_folder / ".convert-mt3.json").is_file() and not (out / ".convert-mt3.json").exists()  # not ours
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # as a folder made by mkdir, not tempfile's private one
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
     before, after = load_file(tiny_folder / "model.safetensors"), load_file(out / "model.safetensors")
     assert before.keys() == after.keys() and any(not np.array_equal(before[k], after[k]) for k in before)
 
@@ -71,6 +75,18 @@ def test_finetune_runs_and_saves_a_loadable_folder(tiny_folder, tmp_path):
     # refuses to overwrite a folder that is not empty, in one line
     result = run_example([str(tiny_folder), "clip.wav", "clip.mid", "out", "--steps", "1", "--quiet"], tmp_path)
     assert result.returncode == 1 and result.stderr.strip().startswith("error:") and "not an empty folder" in result.stderr
+    # missing inputs and MODEL, and audio without samples: one line each, before any training
+    soundfile.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    for args, message in [
+        ([str(tiny_folder), "nope.wav", "clip.mid"], "AUDIO nope.wav: no such file"),
+        ([str(tiny_folder), "clip.wav", "nope.mid"], "MIDI nope.mid: no such file"),
+        ([str(tmp_path / "no-model"), "clip.wav", "clip.mid"], f"MODEL {tmp_path / 'no-model'}: no such folder"),
+        ([str(tiny_folder), "empty.wav", "clip.mid"], "AUDIO empty.wav: no samples to train on"),
+    ]:
+        result = run_example([*args, "new", "--steps", "1", "--quiet"], tmp_path)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and lines == [f"error: {message}"], result.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
 
 
 def test_note_f1():

@@ -127,6 +127,8 @@ def test_options(tiny_pipe):
     midi_bytes = tiny_pipe(audio, return_midi="bytes")["midi"]
     assert isinstance(midi_bytes, bytes) and midi_bytes.startswith(b"MThd")
     assert "midi" not in tiny_pipe(audio, return_midi=False)
+    with pytest.raises(ValueError, match="returned 4 rows for 2 segments.*num_return_sequences must be 1"):
+        tiny_pipe(audio, generate_kwargs={"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 8})
 
 
 def test_asr_pipeline_conventions(tiny_pipe):

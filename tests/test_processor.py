@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from convert_mt3.mt3.feature_extraction_mt3 import MT3FeatureExtractor
 from convert_mt3.mt3.note_sequences_mt3 import MT3Note
+from convert_mt3.mt3.notes_mt3 import note_record
 from convert_mt3.mt3.processing_mt3 import MT3Processor
 from convert_mt3.mt3.tokenization_mt3 import MT3Tokenizer
 
@@ -264,6 +266,8 @@ def test_labels_from_midi_bytes_file_or_object_and_unlabelled_collate(processor,
     with pytest.raises(ValueError) as error:
         processor(audio=audio, sampling_rate=16000, midi=b"MThd" + b"SECRET" * 100)
     assert str(error.value).startswith("MIDI bytes (604): cannot be read as MIDI") and "SECRET" not in str(error.value)
+    with pytest.raises(ValueError, match=r"^MIDI bytes \(3\): cannot be read as MIDI \(EOFError\)$"):  # no message
+        processor(audio=audio, sampling_rate=16000, midi=b"xyz")
     with pytest.raises(ValueError, match="Expected a MIDI file's path, its bytes, a file object or a pretty_midi"):
         processor(audio=audio, sampling_rate=16000, midi=3)
     segment = {"input_features": np.zeros((256, 512), np.float32)}
@@ -272,6 +276,28 @@ def test_labels_from_midi_bytes_file_or_object_and_unlabelled_collate(processor,
     with pytest.raises(ValueError, match="labels on every segment or on none; found them on 1 of 2"):
         processor.collate([segment, {**segment, "labels": [5, 1]}])
     assert list(processor.collate([{**segment, "labels": None}, segment])) == ["input_features"]  # a datasets row
+
+
+def test_notes_as_tuples_or_the_pipelines_dicts(processor):
+    """`notes=` takes plain tuples and the note dicts the pipeline returns (a corrected transcription to train on),
+    with the same labels as MT3Notes; anything else is refused in words, naming what is wrong."""
+    notes = [MT3Note(33, False, 40, 100, 0.5, 1.0), MT3Note(0, True, 36, 100, 2.5, 2.6)]
+    audio = np.zeros(16000 * 3, np.float32)
+    expected = processor(audio=audio, sampling_rate=16000, notes=notes)["labels"]
+    assert (expected != -100).sum() > 6
+    records = [note_record(note) for note in notes]  # as the pipeline gives them, with an `instrument` name
+    for given in ([tuple(note) for note in notes], records, [np.array(note, dtype=object) for note in notes]):
+        np.testing.assert_array_equal(processor(audio=audio, sampling_rate=16000, notes=given)["labels"], expected)
+    for bad, message in [
+        ("song.mid", "found str: for a MIDI file, pass `midi=`"),
+        ([{"program": 0}], "missing is_drum, pitch, velocity, start, end"),
+        ([(0, False, 60, 100, 0.5)], "found tuple of 5 items"),
+        ([5], "found int"),
+        ([(0.0, False, 60, 100, 0.5, 1.0)], "found program=0.0"),
+        ([{**records[0], "start": "0.5"}], "found start='0.5'"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            processor(audio=audio, sampling_rate=16000, notes=bad)
 
 
 def test_inputs_that_are_not_samples_are_named(processor, caplog):

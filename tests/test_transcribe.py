@@ -1,6 +1,7 @@
 """examples/transcribe.py end to end: golden audio -> MIDI, in a process where convert_mt3 cannot be imported."""
 
 import csv
+import os
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -76,6 +77,10 @@ def test_example_options_and_bad_input(real_folder, tmp_path):
     soundfile.write(tmp_path / "tone.flac", stereo, 44100)
     result = run_example([str(real_folder), "tone.flac", "tone.mid", "--programs", "40-41", "--plot", "roll.png", "--quiet"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "tone.mid").stat().st_mode & 0o777 == 0o666 & ~umask  # as `open` makes it, not private
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert {n[0] for n in midi_notes(tmp_path / "tone.mid") if not n[1]} <= {40, 41}
     assert (tmp_path / "roll.png").stat().st_size > 1000
 
@@ -108,8 +113,13 @@ def test_example_refuses_bad_arguments_before_reading_audio(tmp_path):
     ]
     if not torch.cuda.is_available():
         cases.append((["a.wav", "x.mid", "--device", "cuda"], "", "--device cuda: CUDA is not available"))
+    # then MODEL, when it can only be a local path: a missing folder, or a file
+    (tmp_path / "model.txt").write_text("")
+    cases += [([], "", f"MODEL {tmp_path / 'no-model'}: no such folder"),
+              ([], "", "MODEL ./model.txt: is not a folder")]
     for args, prelude, message in cases:
-        result = run_example([str(tmp_path / "no-model"), *args, "--quiet"], tmp_path, prelude)
+        model = "./model.txt" if "model.txt" in message else str(tmp_path / "no-model")
+        result = run_example([model, *(args or ["a.wav", "x.mid"]), "--quiet"], tmp_path, prelude)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and message in lines[0], (args, result.stderr[-2000:])
         assert not (tmp_path / "x.mid").exists()

@@ -76,8 +76,9 @@ def midi_to_notes(midi) -> list[MT3Note]:
             )
         try:
             midi = pretty_midi.PrettyMIDI(source)
-        except Exception as error:  # mido / pretty_midi raise many types for a bad file
-            raise ValueError(f"{name}: cannot be read as MIDI ({error})") from None
+        except Exception as error:  # mido / pretty_midi raise many types for a bad file, some without a message
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            raise ValueError(f"{name}: cannot be read as MIDI ({reason})") from None
     notes = [
         MT3Note(int(inst.program), bool(inst.is_drum), int(n.pitch), int(n.velocity), float(n.start), float(n.end))
         for inst in midi.instruments

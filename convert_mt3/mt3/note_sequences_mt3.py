@@ -7,8 +7,9 @@ encoding `trim_overlapping_notes`, `note_sequence_to_onsets_and_offsets_and_prog
 """
 
 import dataclasses
-from collections.abc import Sequence
-from typing import NamedTuple
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 from .event_codec_mt3 import Codec, Event, bin_to_velocity, num_velocity_bins_from_codec, velocity_to_bin
 
@@ -27,6 +28,29 @@ class MT3Note(NamedTuple):
     velocity: int
     start: float
     end: float
+
+
+def as_note(note: Any) -> MT3Note:
+    """An `MT3Note` from itself, a sequence of its six fields in order, or a dict with them (a note record as the
+    pipeline and `notes_to_json` give them; its other keys, such as `instrument`, are not read)."""
+    if isinstance(note, Mapping):
+        missing = [field for field in MT3Note._fields if field not in note]
+        if missing:
+            raise ValueError(f"Expected a note dict with the keys {', '.join(MT3Note._fields)}; missing {', '.join(missing)}")
+        note = [note[field] for field in MT3Note._fields]
+    elif isinstance(note, (str, bytes)) or not hasattr(note, "__len__") or len(note) != len(MT3Note._fields):
+        raise ValueError(
+            f"Expected a note as MT3Note, a ({', '.join(MT3Note._fields)}) tuple or a dict with those keys; found "
+            f"{type(note).__name__}" + (f" of {len(note)} items" if hasattr(note, "__len__") else "")
+        )
+    program, is_drum, pitch, velocity, start, end = note
+    wrong = [name for name, value, kind in (("program", program, numbers.Integral), ("pitch", pitch, numbers.Integral),
+             ("velocity", velocity, numbers.Integral), ("start", start, numbers.Real), ("end", end, numbers.Real))
+             if not isinstance(value, kind) or isinstance(value, bool)]
+    if wrong:
+        found = ", ".join(f"{name}={value!r:.40}" for name, value in zip(MT3Note._fields, note) if name in wrong)
+        raise ValueError(f"Expected integer program, pitch and velocity, and times in seconds; found {found}")
+    return MT3Note(program, bool(is_drum), pitch, velocity, start, end)
 
 
 def sort_notes(notes: Sequence[MT3Note]) -> list[MT3Note]:
@@ -230,6 +254,7 @@ __all__ = [
     "NoteDecodingState",
     "NoteEncodingState",
     "NoteEventData",
+    "as_note",
     "assign_instruments",
     "begin_tied_pitches_section",
     "decode_note_event",

@@ -196,6 +196,12 @@ class MT3TranscriptionPipeline(ChunkPipeline):
         if real.any():
             generated = self.model.generate(input_features=features[real.to(features.device)], **(generate_kwargs or {}))
             generated = getattr(generated, "sequences", generated).cpu()  # return_dict_in_generate: a ModelOutput
+            if len(generated) != int(real.sum()):
+                raise ValueError(
+                    f"generate() returned {len(generated)} rows for {int(real.sum())} segments: the pipeline gives one "
+                    "transcription per input (num_return_sequences must be 1); for several, call model.generate and "
+                    "processor.batch_decode"
+                )
             tokens = tokens.new_zeros(len(start_frame), generated.shape[1])
             tokens[real] = generated
         return {"tokens": tokens, "start_frame": start_frame, "is_last": model_inputs["is_last"]}

@@ -13,7 +13,7 @@ from transformers.utils import TensorType, logging
 from .feature_extraction_mt3 import MT3BatchFeature, MT3FeatureExtractor, is_batch_of_clips
 from .loss_mt3 import IGNORE_INDEX
 from .midi_mt3 import midi_to_notes
-from .note_sequences_mt3 import MT3Note
+from .note_sequences_mt3 import MT3Note, as_note
 from .tokenization_mt3 import MT3Tokenizer
 
 logger = logging.get_logger(__name__)
@@ -41,7 +41,8 @@ class MT3Processor(ProcessorMixin):
     (`input_features`, ready for `model.generate(input_features=...)`) and their `segment_start_times`;
     `processor.batch_decode(generated_ids, inputs, return_midi=True)` turns the generated rows back into notes and
     a `pretty_midi.PrettyMIDI`, exactly as MT3's colab does. For training, `processor(audio=..., midi="x.mid")` (or
-    `notes=[MT3Note, ...]`) also returns each segment's targets as `labels`, and `processor.collate` batches
+    `notes=`: a list of (program, is_drum, pitch, velocity, start, end) tuples, or of note dicts as the pipeline and
+    `batch_decode` give them) also returns each segment's targets as `labels`, and `processor.collate` batches
     segments for a DataLoader or `Trainer`.
 
     Args:
@@ -83,9 +84,12 @@ class MT3Processor(ProcessorMixin):
                 "once per clip for labels."
             )
         inputs = self.feature_extractor(audio, sampling_rate=sampling_rate, **kwargs)
-        notes = midi_to_notes(midi) if midi is not None else list(notes)
+        if isinstance(notes, (str, bytes, os.PathLike)):
+            raise ValueError(f"Expected `notes` as a list of notes; found {type(notes).__name__}: for a MIDI file, "
+                             "pass `midi=`.")
+        notes = midi_to_notes(midi) if midi is not None else [as_note(note) for note in notes]
         duration = len(audio) / self.feature_extractor.sampling_rate  # a 1-D array or list: the extractor checked
-        late = sum(1 for note in notes if MT3Note(*note).start >= duration)
+        late = sum(1 for note in notes if note.start >= duration)
         if late:
             # MT3's preprocessing puts events after the last frame into the last segment: most likely the wrong file
             logger.warning(

@@ -32,6 +32,7 @@ from .note_sequences_mt3 import (
     DEFAULT_NOTE_DURATION,
     DEFAULT_VELOCITY,
     MT3Note,
+    as_note,
     sort_notes,
 )
 from .run_length_encoding_mt3 import encode_notes, event_predictions_to_notes
@@ -265,7 +266,7 @@ class MT3Tokenizer(PreTrainedTokenizer):
         """
         checked = []
         for note in notes:
-            note = MT3Note(*note)
+            note = as_note(note)
             if not 1 <= note.velocity <= 127 or not note.start < note.end:
                 raise ValueError(f"Expected notes with velocity 1..127 and start < end; found {note}.")
             checked.append(note)

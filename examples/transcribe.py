@@ -45,22 +45,21 @@ def load_audio(path: Path, sampling_rate: int) -> np.ndarray:
 
 
 def check_model(model: str) -> None:
-    """A MODEL that can only be a local path (absolute, relative with ./ or ~, or with more than one /) must be a
-    folder; anything else may be a Hub repo id, left to transformers."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"MODEL {model}: is not a folder (expected a converted MT3 folder or a Hub repo id)")
-    elif path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or os.sep in model.replace("/", ""):
-        raise ValueError(f"MODEL {model}: no such folder")
+    """A MODEL that cannot be a Hub repo id (absolute, starting with . or ~, more than one /, a backslash) must be
+    a folder (transformers does not expand ~); anything else may be a repo id, left to transformers."""
+    path = Path(model)
+    if path.is_dir() or not (path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or "\\" in model):
+        return
+    raise ValueError(f"MODEL {model}: " + ("is not a folder" if path.exists() else "no such folder"))
 
 
 def write_beside(path: Path, write: Callable) -> None:
     """`write(file)` into a new file beside `path`, then renamed onto it: never half-written. Created with the
     umask's permissions (as `open` does; tempfile's files are private)."""
     temporary = path.absolute().parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    file = open(temporary, "xb")  # before the try: only a file made here is removed
     try:
-        with open(temporary, "xb") as file:
+        with file:
             write(file)
         os.replace(temporary, path)
     finally:

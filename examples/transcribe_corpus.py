@@ -8,7 +8,7 @@ Each process takes its contiguous share of the dataset (`PartialState().split_be
 `Dataset.map(batched=True)` with the folder's own pipeline on its device (one GPU per process under accelerate),
 and writes its rows; the main process then joins the shares in dataset order into OUT.jsonl: one line per file,
 `{"path": ..., "notes": [...], "error": null}`, the same as one process writes. A file that cannot be read gets
-`"notes": null` and the reason in `error`, and the others go on. Needs: transformers, torch, datasets, accelerate,
+`"notes": null` and the reason in `error`, the others go on, and the exit status is 1. Needs: transformers, torch, datasets, accelerate,
 soundfile, soxr. No import of convert_mt3: what a Hub user runs.
 """
 
@@ -39,6 +39,8 @@ def find_files(args: argparse.Namespace) -> list[str]:
         raise ValueError("--batch-size must be at least 1")
     if not out.absolute().parent.is_dir():
         raise ValueError(f"OUT {args.out}: folder {out.absolute().parent} does not exist")
+    if not os.access(out.absolute().parent, os.W_OK):
+        raise ValueError(f"OUT {args.out}: folder {out.absolute().parent} is not writable")
     if not Path(args.audio_dir).is_dir():
         raise ValueError(f"AUDIO_DIR {args.audio_dir}: no such folder")
     files = sorted(str(p) for p in Path(args.audio_dir).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
@@ -98,6 +100,7 @@ def main() -> int:
         failed = sum(row["failed"] for row in share)
         print(f"process {state.process_index}/{state.num_processes}: {len(share)} files"
               + (f", {failed} not read (see their error in {args.out})" if failed else ""))
+        status = 1 if failed else 0
     state.wait_for_everyone()
     if state.is_main_process:
         parts = [out.with_name(f".{out.name}.part{rank}") for rank in range(state.num_processes)]
@@ -108,7 +111,7 @@ def main() -> int:
         os.replace(joined, out)  # complete or absent: never half-written
         for path in parts:
             path.unlink()
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ encoding `trim_overlapping_notes`, `note_sequence_to_onsets_and_offsets_and_prog
 """
 
 import dataclasses
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -31,26 +30,49 @@ class MT3Note(NamedTuple):
 
 
 def as_note(note: Any) -> MT3Note:
-    """An `MT3Note` from itself, a sequence of its six fields in order, or a dict with them (a note record as the
-    pipeline and `notes_to_json` give them; its other keys, such as `instrument`, are not read)."""
+    """An `MT3Note` of plain Python values from an MT3Note, a sequence of its six fields in order (a row of a numeric
+    array too: whole floats are taken as integers), or a dict with them (a note record as the pipeline and
+    `notes_to_json` give them; its other keys, such as `instrument`, are not read)."""
     if isinstance(note, Mapping):
         missing = [field for field in MT3Note._fields if field not in note]
         if missing:
             raise ValueError(f"Expected a note dict with the keys {', '.join(MT3Note._fields)}; missing {', '.join(missing)}")
         note = [note[field] for field in MT3Note._fields]
-    elif isinstance(note, (str, bytes)) or not hasattr(note, "__len__") or len(note) != len(MT3Note._fields):
+    try:
+        length = None if isinstance(note, (str, bytes)) else len(note)
+    except TypeError:  # no length, or a 0-d array
+        length = None
+    if length != len(MT3Note._fields):
         raise ValueError(
             f"Expected a note as MT3Note, a ({', '.join(MT3Note._fields)}) tuple or a dict with those keys; found "
-            f"{type(note).__name__}" + (f" of {len(note)} items" if hasattr(note, "__len__") else "")
+            f"{type(note).__name__}" + (f" of {length} items" if length is not None else "")
         )
-    program, is_drum, pitch, velocity, start, end = note
-    wrong = [name for name, value, kind in (("program", program, numbers.Integral), ("pitch", pitch, numbers.Integral),
-             ("velocity", velocity, numbers.Integral), ("start", start, numbers.Real), ("end", end, numbers.Real))
-             if not isinstance(value, kind) or isinstance(value, bool)]
+    values, wrong = [], []
+    for field, value in zip(MT3Note._fields, note):
+        try:
+            values.append(_note_field(field, value))
+        except (TypeError, ValueError):
+            wrong.append(f"{field}={value!r:.40}")
     if wrong:
-        found = ", ".join(f"{name}={value!r:.40}" for name, value in zip(MT3Note._fields, note) if name in wrong)
-        raise ValueError(f"Expected integer program, pitch and velocity, and times in seconds; found {found}")
-    return MT3Note(program, bool(is_drum), pitch, velocity, start, end)
+        raise ValueError(f"Expected whole numbers for program, pitch and velocity, True/False or 0/1 for is_drum and "
+                         f"times in seconds; found {', '.join(wrong)}")
+    return MT3Note(*values)
+
+
+def _note_field(field: str, value: Any) -> int | bool | float:
+    """One field as a plain Python value; TypeError / ValueError if it is not one."""
+    if isinstance(value, (str, bytes)) or getattr(value, "ndim", 0) != 0:
+        raise TypeError(field)
+    if field == "is_drum":
+        if value not in (0, 1):
+            raise ValueError(field)
+        return bool(value)
+    number = float(value)
+    if field in ("start", "end"):
+        return number
+    if isinstance(value, bool) or not number.is_integer():
+        raise ValueError(field)
+    return int(number)
 
 
 def sort_notes(notes: Sequence[MT3Note]) -> list[MT3Note]:

@@ -78,15 +78,15 @@ class MT3Processor(ProcessorMixin):
             raise ValueError("Expected `notes` or `midi`, not both.")
         if notes is None and midi is None:
             return self.feature_extractor(audio, sampling_rate=sampling_rate, return_tensors=return_tensors, **kwargs)
+        if isinstance(notes, (str, bytes, os.PathLike)):
+            raise ValueError(f"Expected `notes` as a list of notes; found {type(notes).__name__}: for a MIDI file, "
+                             "pass `midi=`.")
         if is_batch_of_clips(audio):
             raise ValueError(
                 f"Expected one clip with `notes` or `midi`; found a list of {len(audio)} clips: call the processor "
                 "once per clip for labels."
             )
         inputs = self.feature_extractor(audio, sampling_rate=sampling_rate, **kwargs)
-        if isinstance(notes, (str, bytes, os.PathLike)):
-            raise ValueError(f"Expected `notes` as a list of notes; found {type(notes).__name__}: for a MIDI file, "
-                             "pass `midi=`.")
         notes = midi_to_notes(midi) if midi is not None else [as_note(note) for note in notes]
         duration = len(audio) / self.feature_extractor.sampling_rate  # a 1-D array or list: the extractor checked
         late = sum(1 for note in notes if note.start >= duration)

@@ -200,6 +200,17 @@ def test_saved_model_and_processor_make_a_working_folder(tiny_folder, tmp_path, 
     reloaded = pipeline("music-transcription", model=str(local), trust_remote_code=True, device="cpu")(audio, **kwargs)
     assert reloaded == want
 
+    # a folder with the model only: the processor comes as `processor=`, or as its two parts, or the error says so
+    model_only = tmp_path / "model_only"
+    AutoModel.from_pretrained(str(tiny_folder), trust_remote_code=True).save_pretrained(model_only)
+    assert not (model_only / "tokenizer_config.json").exists()
+    for parts in ({"processor": processor},
+                  {"tokenizer": processor.tokenizer, "feature_extractor": processor.feature_extractor}):
+        pipe = pipeline("music-transcription", model=str(model_only), trust_remote_code=True, device="cpu", **parts)
+        assert pipe(audio, **kwargs) == want
+    with pytest.raises(ValueError, match="needs MT3's tokenizer and feature extractor.*pass processor="):
+        pipeline("music-transcription", model=str(model_only), trust_remote_code=True, device="cpu")
+
 
 def test_decoded_datasets_audio_row(tiny_pipe):
     """A `datasets` Audio column decodes to torchcodec AudioDecoders (get_all_samples() -> data (channels, samples),

@@ -85,13 +85,21 @@ class MT3TranscriptionPipeline(ChunkPipeline):
     Each note is a dict: program, instrument (GM name, "Drums" for drums), is_drum, pitch, velocity, start, end (s).
     """
 
-    _load_processor = False
+    # None: loaded from the model's folder where they are, so that a folder saved with the model only takes
+    # `processor=` (transformers' processor-only mode) or `tokenizer=` + `feature_extractor=`
+    _load_processor = None
     _load_image_processor = False
-    _load_feature_extractor = True
-    _load_tokenizer = True
+    _load_feature_extractor = None
+    _load_tokenizer = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.tokenizer is None or self.feature_extractor is None:
+            raise ValueError(
+                "The music-transcription pipeline needs MT3's tokenizer and feature extractor, and they could not be "
+                "loaded from the model's folder: pass processor= (AutoProcessor.from_pretrained of a folder that has "
+                "them, which also says why one fails to load)"
+            )
         if self._batch_size is None:
             self._batch_size = self.model.default_segment_batch_size
 

@@ -80,9 +80,13 @@ def main() -> int:
             rows = []
             for audio in batch["audio"]:
                 try:
-                    rows.append((pipe(audio, batch_size=args.batch_size, return_midi=False)["notes"], None))
+                    samples = pipe.load_audio(audio)  # only a read error is the file's; others still stop the run
                 except ValueError as err:
                     rows.append((None, str(err)))
+                    continue
+                result = pipe(samples, sampling_rate=pipe.feature_extractor.sampling_rate, batch_size=args.batch_size,
+                              return_midi=False)
+                rows.append((result["notes"], None))
         # each file's line as JSON text: the notes and errors do not go through Arrow's typed columns
         lines = [json.dumps({"path": audio["path"], "notes": notes, "error": error})
                  for audio, (notes, error) in zip(batch["audio"], rows)]

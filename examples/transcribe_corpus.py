@@ -8,8 +8,8 @@ Each process takes its contiguous share of the dataset (`PartialState().split_be
 `Dataset.map(batched=True)` with the folder's own pipeline on its device (one GPU per process under accelerate),
 and writes its rows; the main process then joins the shares in dataset order into OUT.jsonl: one line per file,
 `{"path": ..., "notes": [...], "error": null}`, the same as one process writes. A file that cannot be read gets
-`"notes": null` and the reason in `error`, the others go on, and the exit status is 1. Needs: transformers, torch, datasets, accelerate,
-soundfile, soxr. No import of convert_mt3: what a Hub user runs.
+`"notes": null` and the reason in `error`, the others go on, and the exit status is 1. Needs: transformers, torch,
+datasets, accelerate, soundfile, soxr. No import of convert_mt3: what a Hub user runs.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 
 def find_files(args: argparse.Namespace) -> list[str]:
     """The corpus's audio files, after refusing what would fail only at the end (OUT) or give nothing."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
     out = Path(args.out)
     if out.is_dir():
         raise ValueError(f"OUT {args.out}: is a directory, expected a file to write")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
     if not out.absolute().parent.is_dir():
         raise ValueError(f"OUT {args.out}: folder {out.absolute().parent} does not exist")
     if not os.access(out.absolute().parent, os.W_OK):

@@ -32,8 +32,6 @@ def load_audio(path: Path, sampling_rate: int) -> np.ndarray:
     import soundfile
     import soxr
 
-    if not path.exists():
-        raise ValueError(f"{path}: no such file")
     try:
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (n, channels)
     except (RuntimeError, OSError) as err:  # soundfile.LibsndfileError is a RuntimeError
@@ -42,6 +40,15 @@ def load_audio(path: Path, sampling_rate: int) -> np.ndarray:
     if rate != sampling_rate and mono.size:
         mono = soxr.resample(mono, rate, sampling_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def check_output_file(option: str, target: str) -> None:
+    """A file to be written: not a folder, and in a folder that exists."""
+    path = Path(target)
+    if path.is_dir():
+        raise ValueError(f"{option} {target}: is a directory, expected a file to write")
+    if not path.absolute().parent.is_dir():
+        raise ValueError(f"{option} {target}: folder {path.absolute().parent} does not exist")
 
 
 def check_model(model: str) -> None:
@@ -93,13 +100,8 @@ def plot_piano_roll(notes: list[dict], path: Path) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     """Everything that can be refused is refused before the model or the audio is read."""
     for option, target in [("OUT.mid", args.out), ("--plot", args.plot)]:
-        if target is None:
-            continue
-        path = Path(target)
-        if path.is_dir():
-            raise ValueError(f"{option} {target}: is a directory, expected a file to write")
-        if not path.absolute().parent.is_dir():
-            raise ValueError(f"{option} {target}: folder {path.absolute().parent} does not exist")
+        if target is not None:
+            check_output_file(option, target)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib: pip install matplotlib")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -25,7 +25,7 @@ from datasets import Audio, Dataset
 from transformers import pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from transcribe import check_model  # noqa: E402  (the sibling example's check)
+from transcribe import check_model, check_output_file  # noqa: E402  (the sibling example's checks)
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 
@@ -34,13 +34,10 @@ def find_files(args: argparse.Namespace) -> list[str]:
     """The corpus's audio files, after refusing what would fail only at the end (OUT) or give nothing."""
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    out = Path(args.out)
-    if out.is_dir():
-        raise ValueError(f"OUT {args.out}: is a directory, expected a file to write")
-    if not out.absolute().parent.is_dir():
-        raise ValueError(f"OUT {args.out}: folder {out.absolute().parent} does not exist")
-    if not os.access(out.absolute().parent, os.W_OK):
-        raise ValueError(f"OUT {args.out}: folder {out.absolute().parent} is not writable")
+    check_output_file("OUT", args.out)
+    folder = Path(args.out).absolute().parent
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"OUT {args.out}: folder {folder} is not writable")
     if not Path(args.audio_dir).is_dir():
         raise ValueError(f"AUDIO_DIR {args.audio_dir}: no such folder")
     files = sorted(str(p) for p in Path(args.audio_dir).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)

@@ -91,9 +91,11 @@ class MT3SlotLayer(CacheLayerMixin):
         """(rows, heads, 1, d_kv) of this step -> (rows, heads, cache.length, d_kv) keys and values."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        rows, positions = self.owner.row_index, self.owner.positions
-        self.keys[rows, :, positions] = key_states[:, :, -1].to(self.keys.dtype)  # (rows, heads, d_kv)
-        self.values[rows, :, positions] = value_states[:, :, -1].to(self.values.dtype)
+        index = self.owner.write_index()  # (rows * heads,): each row's position, as vectors of the storage
+        head_dim = key_states.shape[-1]
+        for storage, states in zip(self.storage, (key_states, value_states)):
+            new = states[:, :, -1].reshape(-1, head_dim).to(storage.dtype)  # (rows * heads, d_kv)
+            storage.view(-1, head_dim).index_copy_(0, index, new)
         length = self.owner.length
         return self.keys[:, :, :length], self.values[:, :, :length]
 
@@ -161,6 +163,7 @@ class MT3SlotCache(EncoderDecoderCache):
         self.bucket = bucket or type(self).bucket
         self.capacity, self.length = 2 * self.bucket, self.bucket
         self.groups: list[tuple[int, int, int]] | None = None  # (first row, end row, key length); None: one group
+        self._write_index: torch.Tensor | None = None  # `write_index`, once per step
         super().__init__(
             Cache(layers=[MT3SlotLayer(self) for _ in range(num_layers)]),
             Cache(layers=[MT3SlotLayer(self) for _ in range(num_layers)]),
@@ -207,6 +210,7 @@ class MT3SlotCache(EncoderDecoderCache):
         if furthest >= self.max_positions:
             raise ValueError(f"MT3 has {self.max_positions} positions (max_position_embeddings), but position "
                              f"{furthest} was requested")
+        self._write_index = None  # positions move on in every step
         self.length = self.keys_for(furthest, self.bucket)
         if self.length > self.capacity:
             self.capacity = max(2 * self.capacity, self.length)
@@ -230,6 +234,16 @@ class MT3SlotCache(EncoderDecoderCache):
     def keys_for(position: int, bucket: int) -> int:
         """Key positions a row at `position` reads: position + 1, rounded up to a multiple of `bucket`."""
         return -(-(position + 1) // bucket) * bucket
+
+    def write_index(self) -> torch.Tensor:
+        """(rows * heads,) where this step's keys/values go in the self-attention storage, seen as (rows * heads *
+        capacity, d_kv) vectors: computed by the step's first layer, on the device (a CUDA graph replays it), and
+        used by all (one `index_copy_` a layer instead of an indexed assignment: fewer dispatches and copies)."""
+        if self._write_index is None:
+            heads = self.self_attention_cache.layers[0].storage[0].shape[1]
+            slots = self.row_index[:, None] * heads + torch.arange(heads, device=self.positions.device)
+            self._write_index = (slots * self.capacity + self.positions[:, None]).view(-1)
+        return self._write_index
 
     def self_attention_mask(self) -> torch.Tensor:
         """(rows, 1, 1, length) boolean, True = attend: each row sees its own past and present only."""

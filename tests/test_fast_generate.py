@@ -372,6 +372,25 @@ def test_cache_grows_past_first_capacity():
     torch.testing.assert_close(model.generate(input_features=x, segment_batch_size=2), reference(model, x))
 
 
+def test_slot_cache_writes_at_each_steps_positions():
+    """Keys/values go to every row's position at the start of each step, also when two steps run without `reserve`
+    in between (a CUDA graph's capture runs the step once more after its warm-up run, and its replays compute the
+    write positions again only if the capture did: `begin_step` forgets the last step's)."""
+    cache = MT3SlotCache(1, 2, torch.device("cpu"), 64)
+    cache.reserve([0, 5])
+    cache.positions[1] = 5
+    layer = cache.self_attention_cache.layers[0]
+    for step in range(2):
+        cache.begin_step()
+        states = torch.full((2, 3, 1, 4), float(step + 1))  # (rows, heads, 1, d_kv)
+        keys, values = layer.update(states, -states)
+        cache.positions += 1
+    for row, first in enumerate((0, 5)):
+        assert keys[row, :, first : first + 2, 0].tolist() == [[1.0, 2.0]] * 3
+        assert values[row, :, first : first + 2, 0].tolist() == [[-1.0, -2.0]] * 3
+    assert int(keys.count_nonzero()) == 2 * 2 * 3 * 4  # nothing written anywhere else
+
+
 @pytest.mark.parametrize("module", ["modeling_mt3.py", "layers_mt3.py", "generation_mt3.py"])
 def test_module_has_no_extra_imports(module):
     source = (Path(modeling_mt3.__file__).parent / module).read_text()

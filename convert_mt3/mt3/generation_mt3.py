@@ -163,7 +163,7 @@ class MT3SlotCache(EncoderDecoderCache):
         self.bucket = bucket or type(self).bucket
         self.capacity, self.length = 2 * self.bucket, self.bucket
         self.groups: list[tuple[int, int, int]] | None = None  # (first row, end row, key length); None: one group
-        self._write_index: torch.Tensor | None = None  # `write_index`, once per step
+        self._write_index: torch.Tensor | None = None  # `write_index`, once per step (`begin_step`)
         super().__init__(
             Cache(layers=[MT3SlotLayer(self) for _ in range(num_layers)]),
             Cache(layers=[MT3SlotLayer(self) for _ in range(num_layers)]),
@@ -210,7 +210,6 @@ class MT3SlotCache(EncoderDecoderCache):
         if furthest >= self.max_positions:
             raise ValueError(f"MT3 has {self.max_positions} positions (max_position_embeddings), but position "
                              f"{furthest} was requested")
-        self._write_index = None  # positions move on in every step
         self.length = self.keys_for(furthest, self.bucket)
         if self.length > self.capacity:
             self.capacity = max(2 * self.capacity, self.length)
@@ -237,16 +236,19 @@ class MT3SlotCache(EncoderDecoderCache):
 
     def write_index(self) -> torch.Tensor:
         """(rows * heads,) where this step's keys/values go in the self-attention storage, seen as (rows * heads *
-        capacity, d_kv) vectors: computed by the step's first layer, on the device (a CUDA graph replays it), and
-        used by all (one `index_copy_` a layer instead of an indexed assignment: fewer dispatches and copies)."""
+        capacity, d_kv) vectors: computed by the step's first layer, on the device, and used by all (one
+        `index_copy_` a layer instead of an indexed assignment: fewer dispatches and copies)."""
         if self._write_index is None:
             heads = self.self_attention_cache.layers[0].storage[0].shape[1]
             slots = self.row_index[:, None] * heads + torch.arange(heads, device=self.positions.device)
             self._write_index = (slots * self.capacity + self.positions[:, None]).view(-1)
         return self._write_index
 
-    def self_attention_mask(self) -> torch.Tensor:
-        """(rows, 1, 1, length) boolean, True = attend: each row sees its own past and present only."""
+    def begin_step(self) -> torch.Tensor:
+        """Called by the decoder at the start of every step, inside it (so a CUDA graph of the step recomputes both
+        from the positions): forgets the last step's `write_index`, and returns the self-attention mask, (rows, 1,
+        1, length) boolean, True = attend: each row sees its own past and present only."""
+        self._write_index = None
         keys = torch.arange(self.length, device=self.positions.device)
         return (keys <= self.positions[:, None])[:, None, None, :]
 

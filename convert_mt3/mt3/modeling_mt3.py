@@ -223,7 +223,7 @@ class MT3Decoder(_Packable, nn.Module):
         dtype = self.token_embedder.weight.dtype
         if isinstance(cache, MT3SlotCache):  # the scheduler keeps positions within the table
             positions = self.position_embedding.table[cache.positions[:, None]]  # (rows, 1, d_model)
-            self_mask, is_causal = cache.self_attention_mask(), False
+            self_mask, is_causal = cache.begin_step(), False
         else:
             past_len = cache.get_seq_length() if cache is not None else 0
             if position_ids is None:

@@ -80,6 +80,15 @@ def parse_formats(text: str) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
+def check_model(model: str) -> None:
+    """A MODEL that cannot be a Hub repo id (absolute, starting with . or ~, more than one /, a backslash) must be a
+    folder: said here, before transformers answers with its repo-id rules. Anything else may be a repo id."""
+    path = Path(model)
+    if path.is_dir() or not (path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or "\\" in model):
+        return
+    raise UsageError(f"MODEL {model}: " + ("is not a folder" if path.exists() else "no such folder"))
+
+
 def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o {out_dir}: exists and is not a directory")
@@ -172,6 +181,7 @@ def load_pipeline(args: argparse.Namespace, device: str, programs: set[int] | No
 
 def run(args: argparse.Namespace) -> int:
     # Every argument is checked before a model or any audio is read.
+    check_model(args.model)
     formats = parse_formats(args.format)
     spec, option = (args.programs, "--programs") if args.programs is not None else (args.instruments, "--instruments")
     try:

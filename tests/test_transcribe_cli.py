@@ -166,6 +166,25 @@ def test_bad_arguments_refused_before_model_and_audio(tmp_path, monkeypatch, cap
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("model", "message"), [
+    ("./missing", "MODEL ./missing: no such folder"),
+    ("afile", "MODEL afile: is not a folder"),  # made absolute below
+    ("~/missing-mt3", "MODEL ~/missing-mt3: no such folder"),  # transformers does not expand ~, nor is this done here
+    ("a/b/c", "MODEL a/b/c: no such folder"),
+])
+def test_a_model_that_is_no_folder_nor_repo_id_is_named(tmp_path, monkeypatch, capsys, model, message):
+    """A MODEL that cannot be a Hub repo id must be a folder: refused in words before any loading (transformers would
+    answer with its repo-id naming rules)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    if model == "afile":
+        model, message = str(tmp_path / "afile"), f"MODEL {tmp_path / 'afile'}: is not a folder"
+    monkeypatch.setattr("convert_mt3.transcribe.load_pipeline", lambda *a: pytest.fail("loaded a model"))
+    assert main([model, "a.wav", "-o", "out"]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_subprocess_error_has_no_traceback(tmp_path):
     result = run_cli(["no-such-model", "a.wav", "-o", str(tmp_path / "x" / "y")], tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -154,6 +154,20 @@ def test_sdpa_matches_eager():
     torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
 
 
+def test_one_encoder_output_for_many_decoder_rows():
+    """The decoder broadcasts one encoder output over a batch of token rows in either attention, as SDPA does."""
+    model = tiny_model()
+    states = model.encoder(frames(1)).last_hidden_state  # (1, frames, d_model)
+    ids = torch.randint(0, 128, (3, 5))
+    with torch.no_grad():
+        model.config._attn_implementation = "sdpa"
+        sdpa = model.decoder(ids, states).last_hidden_state
+        model.config._attn_implementation = "eager"
+        eager = model.decoder(ids, states, output_attentions=True)
+    torch.testing.assert_close(eager.last_hidden_state, sdpa, atol=1e-5, rtol=1e-5)
+    assert eager.cross_attentions[0].shape == (3, model.config.num_heads, 5, states.shape[1])
+
+
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_all_ones_masks_change_nothing(implementation):
     model = tiny_model()

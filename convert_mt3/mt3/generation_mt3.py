@@ -237,7 +237,9 @@ class MT3SlotCache(EncoderDecoderCache):
     def write_index(self) -> torch.Tensor:
         """(rows * heads,) where this step's keys/values go in the self-attention storage, seen as (rows * heads *
         capacity, d_kv) vectors: computed by the step's first layer, on the device, and used by all (one
-        `index_copy_` a layer instead of an indexed assignment: fewer dispatches and copies)."""
+        `index_copy_` a layer instead of an indexed assignment: fewer dispatches and copies). Unchecked on the
+        device: `reserve` keeps every position below `length` <= `capacity` (a position past it would land in the
+        next head's vectors)."""
         if self._write_index is None:
             heads = self.self_attention_cache.layers[0].storage[0].shape[1]
             slots = self.row_index[:, None] * heads + torch.arange(heads, device=self.positions.device)

@@ -232,6 +232,8 @@ class MT3Attention(_Packable, nn.Module):
             # bmm over (batch * heads) matrices: matmul on 4-d tensors adds ~10 dispatches a call (32 calls a step)
             batch, heads, _, head_dim = query.shape
             kv_len = key.shape[2]
+            if key.shape[0] != batch:  # one encoder output for many queries: broadcast, as matmul did
+                key, value = key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
             scores = torch.bmm(query.reshape(-1, q_len, head_dim), key.reshape(-1, kv_len, head_dim).transpose(1, 2))
             scores = scores.view(batch, heads, q_len, kv_len)
             if attention_mask is None and is_causal and q_len > 1:

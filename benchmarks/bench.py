@@ -797,12 +797,23 @@ def dense_floor(config: dict, rate: dict, generated_per_segment: list[int]) -> d
 # --------------------------------------------------------------------------------------------- table
 
 
+def hub_code_sha256(folder: Path) -> str:
+    """One hash of the Hub code files in `folder` (`*_mt3.py`, by name and content)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*_mt3.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def fmt_table(res: dict) -> str:
     lines = []
     m = res["machine"]
     lines.append(f"convert-mt3 benchmark  |  os.cpu_count()={m['cpu_count']}  torch threads={m.get('torch_threads', '?')}  "
                  f"torch {m.get('torch', '?')}  transformers {m.get('transformers', '?')}  python {m['python']}  "
-                 f"{'QUICK' if res['quick'] else 'full'} run, {res['reps']} rep(s)  modeling_mt3.py sha256 {m.get('modeling_mt3_sha256', '?')}")
+                 f"{'QUICK' if res['quick'] else 'full'} run, {res['reps']} rep(s)  Hub code sha256 {m.get('hub_code_sha256', '?')}")
+    if m.get("hub_code_matches_checkout") is False:
+        lines.append("WARNING: the measured folder's Hub code differs from this checkout's convert_mt3/mt3/ (convert again to "
+                     "measure the checkout)")
     lines.append(f"load average (1 min) at start / end: {m['loadavg_start']:.2f} / {m.get('loadavg_end', float('nan')):.2f}"
                  f"  (above {m['cpu_count']} = other processes shared the cores; compare ratios within this table)")
     if res.get("threads_env"):
@@ -1030,8 +1041,11 @@ def main(argv=None) -> int:
                 convert = [sys.executable, "-m", "convert_mt3", str(checkpoint), str(model_dir), "--quiet", "--overwrite"]
                 first_wall, _ = run_process(convert, "convert (row 1 sample #1)", expect_json=False)
             res["machine"]["model_dir"] = str(model_dir)
-            # Which model code was measured: the converted folder holds a copy of convert_mt3/mt3/ as it was now.
-            res["machine"]["modeling_mt3_sha256"] = hashlib.sha256((model_dir / "modeling_mt3.py").read_bytes()).hexdigest()[:16]
+            # Which model code was measured: the folder's own copy of convert_mt3/mt3/, as it was when converted (the
+            # workers load that copy, not the checkout's).
+            measured = hub_code_sha256(model_dir)
+            res["machine"]["hub_code_sha256"] = measured
+            res["machine"]["hub_code_matches_checkout"] = measured == hub_code_sha256(REPO / "convert_mt3" / "mt3")
             _, info = run_process(worker_cmd("import"), "versions / torch threads")
             res["machine"].update({k: info[k] for k in ("torch", "transformers", "torch_threads")})
 

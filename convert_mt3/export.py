@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,11 @@ def write_folder(folder: Path, model: MT3ForConditionalGeneration, dtype: str, v
     feature_extractor.save_pretrained(folder)  # also preprocessor_config.json, which AutoFeatureExtractor reads first
     for file in _hub_code_files():  # verbatim, so the folder runs with transformers alone
         shutil.copyfile(file, folder / file.name)
+    # safetensors writes its file private (0600, through a temporary file): the weights get the permissions every
+    # other file here got from the umask, so that a folder shared with or served to other users loads
+    mode = stat.S_IMODE((folder / "config.json").stat().st_mode)
+    for weights in folder.glob("*.safetensors"):
+        weights.chmod(mode)
 
 
 def convert(

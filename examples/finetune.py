@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import secrets
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,10 @@ def save_folder(model, source: Path, out_dir: Path, note: str) -> None:
                 shutil.copyfile(file, staging / file.name)
         model.save_pretrained(staging, safe_serialization=True)
         (staging / "README.md").write_text(note)
+        # safetensors writes its file private (0600): the weights get the umask's permissions, as the README did
+        mode = stat.S_IMODE((staging / "README.md").stat().st_mode)
+        for weights in staging.glob("*.safetensors"):
+            weights.chmod(mode)
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)

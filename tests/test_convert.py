@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -71,6 +72,15 @@ def test_folder_contents_and_config(converted):
     assert json.loads((converted / "tokenizer_config.json").read_text())["model_max_length"] == 1024
     for file in ["configuration_mt3.py", "modeling_mt3.py"]:  # copied verbatim
         assert (converted / file).read_bytes() == (Path("convert_mt3/mt3") / file).read_bytes()
+
+
+def test_every_file_gets_the_umasks_permissions(converted):
+    """The weights too: safetensors writes its file private (0600), which another user serving the folder could not
+    read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in converted.iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_model_card(converted):

@@ -60,6 +60,7 @@ def test_finetune_runs_and_saves_a_loadable_folder(tiny_folder, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # as a folder made by mkdir, not tempfile's private one
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # safetensors alone writes 0600
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
     before, after = load_file(tiny_folder / "model.safetensors"), load_file(out / "model.safetensors")
     assert before.keys() == after.keys() and any(not np.array_equal(before[k], after[k]) for k in before)

@@ -3,8 +3,8 @@
 The converter only ever deletes what it wrote itself. Every folder it writes carries a manifest
 (`MANIFEST`) listing its files with their sizes and SHA-256; `--overwrite` replaces an existing OUT_DIR only
 when it is empty or when every entry in it is listed in its manifest and unchanged. A lock file beside OUT_DIR
-keeps a second conversion to the same folder out, and the checks are repeated under that lock just before the move. Standard library only:
-`__main__` runs these checks before torch and transformers import.
+keeps a second conversion to the same folder out, and the checks are repeated under that lock just before the move.
+Standard library only: `__main__` runs these checks before torch and transformers import.
 """
 
 from __future__ import annotations

@@ -95,10 +95,11 @@ def main() -> int:
         share = dataset.select(indices).map(
             transcribe, batched=True, batch_size=args.files_per_map_batch, remove_columns=["audio"]
         )
+        failed = 0
         with open(part, "w") as f:
-            for row in share:
+            for row in share:  # one pass over the share's rows: its lines and its failures
                 f.write(row["line"] + "\n")
-        failed = sum(row["failed"] for row in share)
+                failed += row["failed"]
         print(f"process {state.process_index}/{state.num_processes}: {len(share)} files"
               + (f", {failed} not read (see their error in {args.out})" if failed else ""))
         status = 1 if failed else 0

@@ -146,6 +146,41 @@ def test_profile_step_compiled_mode_on_cpu(tmp_path):
     assert refused.returncode == 2 and "unknown fast" in refused.stderr.splitlines()[-1]
 
 
+
+STUDY = Path(__file__).resolve().parent.parent / "benchmarks" / "precision_study.py"
+
+
+def test_precision_study_rounds_each_part_and_restores_the_model(tiny_folder):
+    """benchmarks/precision_study.py on the tiny folder: every part's rounding runs inside generate() (the study
+    fails a part that never ran), a rounded forward moves the logits by about half precision's step, and the model
+    (weights, `_linear`, `torch.bmm`) is as before afterwards; a malformed mode is refused, naming the item."""
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    spec = importlib.util.spec_from_file_location("precision_study", STUDY)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    model = AutoModel.from_pretrained(tiny_folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(tiny_folder, trust_remote_code=True)
+    audio = np.random.default_rng(0).standard_normal(3 * 16000).astype(np.float32) * 0.1
+    inputs = {"noise": processor(audio=audio, sampling_rate=16000, return_tensors="pt")}
+    packable, bmm = study._packable_class(model), torch.bmm
+    linear = packable._linear
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    modes = ["linears-float16+attention-bfloat16", "mlp-float16", "attention_inputs-float16", "kv-bfloat16"]
+    results = study.compare(model, processor, inputs, modes, max_new_tokens=24)
+    assert results["float32"]["noise"]["segments_identical"] == results["float32"]["noise"]["segments"] == 2
+    assert all(results[mode]["noise"]["segments"] == 2 for mode in modes)
+    gaps = study.margins(model, inputs, ["linears-float16"], max_new_tokens=24)["linears-float16"]
+    assert len(gaps) == 2 and all(0 < g["largest_error"] < 1e-2 for g in gaps)  # float16: 11 bits, logits ~0.1
+    assert packable._linear is linear and torch.bmm is bmm
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    with pytest.raises(ValueError, match="found 'qkv-float16'"):
+        study.parse_mode("linears-float16+qkv-float16")
+    with pytest.raises(RuntimeError, match=r"\['kv'\] was never applied"):
+        study._check_applied("kv-float16", study.Counter())
+
 def test_row_5_floor_counts_the_bytes_a_decode_must_read():
     """Row 5's floor on a toy configuration, by hand: a step reads the decoder's weights once (3 steps: the longest
     segment), and a row at token t 256 cross-attention and t self-attention keys and values per layer; the decoder

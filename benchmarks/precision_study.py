@@ -8,8 +8,8 @@ each value such a kernel would round is rounded (`x.to(half).float()`) and the a
 rounding can be switched on alone, on any machine, at about float32's speed (a CPU without half-precision
 instructions runs real float16 products 4-6x slower). A mode is one or more PART-DTYPE joined by "+":
 
-  linears           inputs, weights and outputs of every projection (attention q/k/v/out, MLP), encoder and decoder;
-                    not the logits, which the mixed mode keeps in float32
+  linears           inputs, weights and outputs of every projection (the frames' input projection, attention
+                    q/k/v/out, MLP); not the logits, which the mixed mode keeps in float32
   mlp               the same, for the gated MLP's projections only
   attention         inputs and outputs of the decoder's attention products (query, keys, weights, values; scores and
                     result), as a half-precision `bmm` gives them (the encoder's attention, SDPA, is not rounded)
@@ -74,6 +74,7 @@ def rounding(model, mode: str, counts: Counter | None = None):
     saved = {name: p.detach().clone() for name, p in model.named_parameters()}
     counts = Counter() if counts is None else counts
     decoder = {id(module) for module in model.decoder.modules()}
+    hooks = []
 
     def rounded(dtype, tensors):
         return tuple(t.to(dtype).float() for t in tensors)
@@ -82,10 +83,17 @@ def rounding(model, mode: str, counts: Counter | None = None):
         for part, dtype in parse_mode(mode):
             if part in ("linears", "mlp"):
                 groups = ("wi", "wo") if part == "mlp" else None
-                with torch.no_grad():
-                    for name, p in model.named_parameters():
-                        if p.dim() == 2 and "logits_dense" not in name and (groups is None or ".mlp." in name):
-                            p.copy_(p.to(dtype).float())
+                with torch.no_grad():  # the weights of the projections `_linear` runs (not the embeddings, logits)
+                    for module in model.modules():
+                        for group, names in getattr(module, "fusable", {}).items():
+                            for name in names if groups is None or group in groups else ():
+                                weight = getattr(module, name).weight
+                                weight.copy_(weight.to(dtype).float())
+                    if part == "linears":  # and the frames' input projection, an nn.Linear of its own
+                        frames = model.encoder.continuous_inputs_projection
+                        frames.weight.copy_(frames.weight.to(dtype).float())
+                        hooks += [frames.register_forward_pre_hook(lambda m, args, dtype=dtype: rounded(dtype, args)),
+                                  frames.register_forward_hook(lambda m, args, out, dtype=dtype: rounded(dtype, (out,))[0])]
 
                 def half_linear(self, group, states, dtype=dtype, groups=groups, inner=packable._linear, part=part):
                     if groups is not None and group not in groups:
@@ -122,6 +130,8 @@ def rounding(model, mode: str, counts: Counter | None = None):
         yield counts
     finally:
         packable._linear, torch.bmm = linear, bmm
+        for hook in hooks:
+            hook.remove()
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(saved[name])

@@ -113,7 +113,7 @@ the cast model 57-77%; on an H200, over an hour of audio, autocast float16 kept 
 notes (its `generate()` 1.5x faster than float32's), autocast bfloat16 79.6% (an earlier run).
 No half mode can keep them all: greedy decoding meets near-ties (in half of those clips' segments
 the two highest logits come within 0.01 of each other), closer than float16 rounding moves the
-logits (up to 0.07, or 0.013 with only the cached keys and values in float16).
+logits (up to 0.06, or 0.013 with only the cached keys and values in float16).
 
 ## Parity with the original
 

@@ -153,7 +153,7 @@ STUDY = Path(__file__).resolve().parent.parent / "benchmarks" / "precision_study
 def test_precision_study_rounds_each_part_and_restores_the_model(tiny_folder):
     """benchmarks/precision_study.py on the tiny folder: every part's rounding runs inside generate() (the study
     fails a part that never ran), a rounded forward moves the logits by about half precision's step, and the model
-    (weights, `_linear`, `torch.bmm`) is as before afterwards; a malformed mode is refused, naming the item."""
+    (weights, `_linear`, `torch.bmm`, no hooks) is as before afterwards; a malformed mode is refused, naming the item."""
     import numpy as np
     import torch
     from transformers import AutoModel, AutoProcessor
@@ -175,6 +175,8 @@ def test_precision_study_rounds_each_part_and_restores_the_model(tiny_folder):
     gaps = study.margins(model, inputs, ["linears-float16"], max_new_tokens=24)["linears-float16"]
     assert len(gaps) == 2 and all(0 < g["largest_error"] < 1e-2 for g in gaps)  # float16: 11 bits, logits ~0.1
     assert packable._linear is linear and torch.bmm is bmm
+    frames = model.encoder.continuous_inputs_projection
+    assert not frames._forward_hooks and not frames._forward_pre_hooks
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
     with pytest.raises(ValueError, match="found 'qkv-float16'"):
         study.parse_mode("linears-float16+qkv-float16")

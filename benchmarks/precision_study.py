@@ -71,13 +71,17 @@ def rounding(model, mode: str, counts: Counter | None = None):
     restored on exit. `counts` (part -> calls) shows that each part's rounding was applied."""
     packable, bmm = _packable_class(model), torch.bmm
     linear = packable._linear  # the class attribute, restored on exit
-    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (weight, its float32 values): the rounded only
     counts = Counter() if counts is None else counts
     decoder = {id(module) for module in model.decoder.modules()}
     hooks = []
 
     def rounded(dtype, tensors):
         return tuple(t.to(dtype).float() for t in tensors)
+
+    def round_weight(weight, dtype):
+        saved.setdefault(id(weight), (weight, weight.detach().clone()))
+        weight.copy_(weight.to(dtype).float())
 
     try:
         for part, dtype in parse_mode(mode):
@@ -87,11 +91,10 @@ def rounding(model, mode: str, counts: Counter | None = None):
                     for module in model.modules():
                         for group, names in getattr(module, "fusable", {}).items():
                             for name in names if groups is None or group in groups else ():
-                                weight = getattr(module, name).weight
-                                weight.copy_(weight.to(dtype).float())
+                                round_weight(getattr(module, name).weight, dtype)
                     if part == "linears":  # and the frames' input projection, an nn.Linear of its own
                         frames = model.encoder.continuous_inputs_projection
-                        frames.weight.copy_(frames.weight.to(dtype).float())
+                        round_weight(frames.weight, dtype)
                         hooks += [frames.register_forward_pre_hook(lambda m, args, dtype=dtype: rounded(dtype, args)),
                                   frames.register_forward_hook(lambda m, args, out, dtype=dtype: rounded(dtype, (out,))[0])]
 
@@ -133,8 +136,8 @@ def rounding(model, mode: str, counts: Counter | None = None):
         for hook in hooks:
             hook.remove()
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(saved[name])
+            for weight, original in saved.values():
+                weight.copy_(original)
 
 
 def _check_applied(mode: str, counts: Counter) -> None:
@@ -145,15 +148,17 @@ def _check_applied(mode: str, counts: Counter) -> None:
                            "torch.bmm, the projections through _Packable._linear)")
 
 
-def compare(model, processor, inputs: dict, modes: list[str], **generate_kwargs) -> dict:
-    """Per mode and input: segments with float32's ids, notes equal to float32's."""
-    reference, out = {}, {}
+def compare(model, processor, inputs: dict, modes: list[str], **generate_kwargs) -> tuple[dict, dict]:
+    """Per mode and input: segments with float32's ids, notes equal to float32's; and float32's generated ids per
+    input (for `margins`)."""
+    reference, out, float32 = {}, {}, {}
     for mode in ["float32", *modes]:
         for name, features in inputs.items():
             with rounding(model, mode) as counts, torch.inference_mode():
                 tokens = model.generate(input_features=features["input_features"], **generate_kwargs)
             _check_applied(mode, counts)
             tokens = getattr(tokens, "sequences", tokens)
+            float32.setdefault(name, tokens)
             ids = [_cut(row)[0] for row in tokens.tolist()]
             notes = Counter(processor.batch_decode(tokens, features, return_midi=False)["notes"])
             reference.setdefault(name, (ids, notes))
@@ -161,19 +166,16 @@ def compare(model, processor, inputs: dict, modes: list[str], **generate_kwargs)
             out.setdefault(mode, {})[name] = {
                 "segments": len(ids), "segments_identical": sum(a == b for a, b in zip(ids, ref_ids)),
                 "notes_float32": sum(ref_notes.values()), "notes_equal": sum((notes & ref_notes).values())}
-    return out
+    return out, float32
 
 
-def margins(model, inputs: dict, modes: list[str], **generate_kwargs) -> dict:
-    """float32's ids teacher-forced through float32 and each mode (the decoder's attention as matmuls, as in
+def margins(model, inputs: dict, float32: dict, modes: list[str]) -> dict:
+    """float32's ids (`float32`, per input, from `compare`) teacher-forced through float32 and each mode (the decoder's attention as matmuls, as in
     `generate()`, so that `bmm` rounds): per segment, the largest logit error and the smallest top-2 gap of float32's
     logits."""
     out = {mode: [] for mode in modes}
-    for features in inputs.values():
-        frames = features["input_features"]
-        with torch.inference_mode():
-            tokens = model.generate(input_features=frames, **generate_kwargs)
-        tokens = getattr(tokens, "sequences", tokens)
+    for name, features in inputs.items():
+        frames, tokens = features["input_features"], float32[name]
         model.pack(rows=1, onednn=False, matmul_attention=True, fuse=False)
         try:
             for segment, row in enumerate(tokens.tolist()):
@@ -217,12 +219,13 @@ def main() -> None:
         n = int(args.seconds * SAMPLE_RATE)
         audio = {f"{args.seconds:g} s": np.tile(one, -(-n // len(one)))[:n]}
     inputs = {name: processor(audio=x, sampling_rate=SAMPLE_RATE, return_tensors="pt") for name, x in audio.items()}
-    for mode, cases in compare(model, processor, inputs, modes).items():
+    results, float32 = compare(model, processor, inputs, modes)
+    for mode, cases in results.items():
         for name, r in cases.items():
             print(f"{mode:40s} {name[:12]:12s} segments {r['segments_identical']}/{r['segments']}  notes "
                   f"{r['notes_equal']}/{r['notes_float32']} = {100 * r['notes_equal'] / max(1, r['notes_float32']):.1f}%")
     if args.margins:
-        for mode, segments in margins(model, inputs, modes).items():
+        for mode, segments in margins(model, inputs, float32, modes).items():
             errors = [s["largest_error"] for s in segments]
             gaps = [s["smallest_gap"] for s in segments]
             if mode == modes[0]:

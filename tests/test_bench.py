@@ -168,10 +168,10 @@ def test_precision_study_rounds_each_part_and_restores_the_model(tiny_folder):
     linear = packable._linear
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     modes = ["linears-float16+attention-bfloat16", "mlp-float16", "attention_inputs-float16", "kv-bfloat16"]
-    results = study.compare(model, processor, inputs, modes, max_new_tokens=24)
+    results, float32 = study.compare(model, processor, inputs, modes, max_new_tokens=24)
     assert results["float32"]["noise"]["segments_identical"] == results["float32"]["noise"]["segments"] == 2
     assert all(results[mode]["noise"]["segments"] == 2 for mode in modes)
-    gaps = study.margins(model, inputs, ["linears-float16"], max_new_tokens=24)["linears-float16"]
+    gaps = study.margins(model, inputs, float32, ["linears-float16"])["linears-float16"]
     assert len(gaps) == 2 and all(0 < g["largest_error"] < 1e-2 for g in gaps)  # float16 keeps 11 significant bits
     assert packable._linear is linear and torch.bmm is bmm
     frames = model.encoder.continuous_inputs_projection

@@ -5,6 +5,7 @@ import copy
 import csv
 import json
 import shutil
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -129,6 +130,20 @@ def test_options(tiny_pipe):
     assert "midi" not in tiny_pipe(audio, return_midi=False)
     with pytest.raises(ValueError, match="returned 4 rows for 2 segments.*num_return_sequences must be 1"):
         tiny_pipe(audio, generate_kwargs={"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 8})
+
+
+def test_missing_pretty_midi_is_reported_before_decoding(tiny_pipe, monkeypatch):
+    """MIDI is asked for by default, and pretty_midi is optional: without it, the pipeline says so before the
+    first generate() call, not after transcribing every input; notes alone still work."""
+    generate, calls = tiny_pipe.model.generate, []
+    monkeypatch.setattr(tiny_pipe.model, "generate", lambda *args, **kwargs: calls.append(1) or generate(*args, **kwargs))
+    monkeypatch.setitem(sys.modules, "pretty_midi", None)  # what `import pretty_midi` finds when it is not installed
+    audio = {"array": tone(2.5, 16000), "sampling_rate": 16000}
+    for return_midi in ({}, {"return_midi": True}, {"return_midi": "bytes"}):
+        with pytest.raises(ImportError, match="needs pretty_midi: pip install pretty_midi"):
+            tiny_pipe(audio, **return_midi)
+    assert calls == []
+    assert "midi" not in tiny_pipe(audio, return_midi=False) and calls  # generate() runs when no MIDI is asked
 
 
 def test_asr_pipeline_conventions(tiny_pipe):
@@ -262,7 +277,10 @@ def test_long_audio_is_cut_lazily_and_exactly(tiny_pipe):
         ("broken.ogg", {}, "broken.ogg: cannot read audio"),
         (np.zeros((100, 2), np.float32), {"sampling_rate": 16000}, "1-D array"),
         (np.zeros(100, np.float32), {}, "sampling_rate"),
-        (np.zeros(100, np.float32), {"sampling_rate": 0}, "positive `sampling_rate`"),
+        (np.zeros(100, np.float32), {"sampling_rate": 0}, "positive whole `sampling_rate`"),
+        (np.zeros(100, np.float32), {"sampling_rate": "44100"}, "found '44100'"),
+        (np.zeros(100, np.float32), {"sampling_rate": 44100.5}, "found 44100.5"),
+        (np.zeros(100, np.float32), {"sampling_rate": float("inf")}, "found inf"),
         (np.zeros(100, np.int16), {"sampling_rate": 16000}, "floating-point samples"),
         (5, {}, "found int"),
         (np.zeros(100, np.float32), {"sampling_rate": 16000, "max_new_tokens": 4, "generate_kwargs": {"max_new_tokens": 4}},

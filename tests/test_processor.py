@@ -244,8 +244,16 @@ def test_a_list_of_clips_without_golden_data(processor):
     times = inputs["segment_start_times"]
     out = processor.batch_decode(as_generate_output([[], [], row]), segment_start_times=times, segments_per_clip=[2, 1])
     assert out["notes"] == [[], [note]]
-    with pytest.raises(ValueError, match="going back at segment 2 \\(several clips\\?\\)"):
+    with pytest.raises(ValueError, match=r"segment 2 starting at 0.0 s, after 2.048 s \(several clips\?\)"):
         processor.batch_decode(as_generate_output([[], [], row]), segment_start_times=times)
+    # clips of one segment each start at 0 too: [0, 0] does not go back, yet is two clips
+    short = processor(audio=[np.zeros(100, np.float32)] * 2, sampling_rate=16000)
+    with pytest.raises(ValueError, match=r"segment 1 starting at 0.0 s, after 0.0 s \(several clips\?\)"):
+        processor.batch_decode(as_generate_output([row, row]), segment_start_times=short["segment_start_times"])
+    out = processor.batch_decode(as_generate_output([row, row]), short, return_midi=False)
+    assert out["notes"] == [[note], [note]]
+    # rows as a list of tensors (several generate() calls' rows), as a CUDA model's would be: each row to the host
+    assert processor.batch_decode(list(as_generate_output([row, row])), short, return_midi=False) == out
     with pytest.raises(ValueError, match="`segment_start_times`.*with `segments_per_clip`"):
         processor.tokenizer.batch_decode(as_generate_output([[]]), segments_per_clip=[1])
     with pytest.raises(ValueError, match="one clip with `notes` or `midi`; found a list of 2 clips"):
@@ -300,6 +308,8 @@ def test_notes_as_tuples_or_the_pipelines_dicts(processor):
         ([(0, "False", 60, 100, 0.5, 1.0)], "found is_drum='False'"),
         ([(0, np.array([0, 1]), 60, 100, 0.5, 1.0)], "found is_drum=array([0, 1])"),
         ([np.float64(3.0)], "found float64"),
+        ([(0, False, 200, 100, 0.5, 1.0)], "pitch and program 0..127"),
+        ([(128, False, 60, 100, 0.5, 1.0)], "pitch and program 0..127"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             processor(audio=audio, sampling_rate=16000, notes=bad)
@@ -314,6 +324,12 @@ def test_inputs_that_are_not_samples_are_named(processor, caplog):
         processor(audio={"array": [0.0]}, sampling_rate=16000)
     for rate in (np.int64(16000), torch.tensor(16000), 16000.0):  # numbers of other types still pass
         assert processor(audio=np.zeros(100, np.float32), sampling_rate=rate)["input_features"].shape[0] == 1
+    samples = torch.linspace(-0.5, 0.5, 4000)
+    expected = processor(audio=samples.numpy(), sampling_rate=16000)["input_features"]
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):  # numpy has no bfloat16: converted, not refused
+        found = processor(audio=samples.to(dtype), sampling_rate=16000)["input_features"]
+        assert found.shape == expected.shape and np.isfinite(found).all()
+    np.testing.assert_array_equal(processor(audio=samples.double(), sampling_rate=16000)["input_features"], expected)
     with pytest.raises(ValueError, match="sampling_rate in Hz as a number; found str '16000'"):
         processor(audio=np.zeros(100, np.float32), sampling_rate="16000")
     inputs = processor(audio=np.zeros(40000, np.float32), sampling_rate=16000)

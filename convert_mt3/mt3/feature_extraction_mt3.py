@@ -151,7 +151,8 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         """Turn the input into a finite 1-D float32 array or raise a ValueError saying what was found (also the
         pipeline's check of array inputs, before it resamples them)."""
         if is_torch_available() and isinstance(audio, torch.Tensor):
-            audio = audio.detach().cpu().numpy()
+            audio = audio.detach().cpu()
+            audio = (audio.float() if audio.is_floating_point() else audio).numpy()  # numpy has no bfloat16
         if isinstance(audio, (str, bytes, os.PathLike)):
             raise ValueError(
                 f"Expected audio samples (a 1-D float array); found {type(audio).__name__}. The feature extractor "

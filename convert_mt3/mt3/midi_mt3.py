@@ -14,11 +14,14 @@ DEFAULT_MIDI_TICKS_PER_QUARTER = 220
 DEFAULT_MIDI_QPM = 120.0
 
 
-def _import_pretty_midi():
+def import_pretty_midi():
+    """pretty_midi, or an ImportError that says how to get it (it is optional, as in Pop2Piano)."""
     try:
         import pretty_midi
     except ImportError as error:
-        raise ImportError("Writing or reading MIDI needs pretty_midi: pip install pretty_midi") from error
+        raise ImportError(
+            "Writing or reading MIDI needs pretty_midi: pip install pretty_midi (or return_midi=False: notes only)"
+        ) from error
     return pretty_midi
 
 
@@ -34,7 +37,7 @@ def notes_to_pretty_midi(
     the drum channel. The first track (instrument 0) always exists and is unnamed, the others are named, as in
     note_seq. Notes are written as they are (drums already last `note_duration`).
     """
-    pretty_midi = _import_pretty_midi()
+    pretty_midi = import_pretty_midi()
     midi = pretty_midi.PrettyMIDI(resolution=ticks_per_quarter, initial_tempo=qpm)
     first_instrument = pretty_midi.Instrument(0)
     midi.instruments.append(first_instrument)
@@ -61,7 +64,7 @@ def midi_to_notes(midi) -> list[MT3Note]:
     """A MIDI file's notes (pretty_midi's reading: tempo map applied, no sustain pedal), sorted by start, pitch.
 
     `midi`: a path, the file's bytes, a binary file object, or a `pretty_midi.PrettyMIDI`."""
-    pretty_midi = _import_pretty_midi()
+    pretty_midi = import_pretty_midi()
     if not isinstance(midi, pretty_midi.PrettyMIDI):
         if isinstance(midi, (bytes, bytearray)):
             source, name = io.BytesIO(midi), f"MIDI bytes ({len(midi)})"
@@ -87,4 +90,4 @@ def midi_to_notes(midi) -> list[MT3Note]:
     return sorted(notes, key=lambda n: (n.start, n.pitch, n.program))
 
 
-__all__ = ["midi_to_notes", "notes_to_pretty_midi"]
+__all__ = ["import_pretty_midi", "midi_to_notes", "notes_to_pretty_midi"]

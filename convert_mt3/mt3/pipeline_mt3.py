@@ -9,12 +9,14 @@ so long audio needs memory for its samples and tokens only; with `batch_size=` s
 from __future__ import annotations
 
 import io
+import numbers
 import os
 
 import numpy as np
 import torch
 from transformers.pipelines.base import ChunkPipeline
 
+from .midi_mt3 import import_pretty_midi
 from .note_sequences_mt3 import sort_notes
 from .notes_mt3 import note_record, parse_programs
 
@@ -122,7 +124,8 @@ class MT3TranscriptionPipeline(ChunkPipeline):
         if return_midi is not None:
             if return_midi not in (True, False, "bytes"):
                 raise ValueError(f"return_midi={return_midi!r}: expected True, False or 'bytes'")
-            postprocess["return_midi"] = return_midi
+            # preprocess too: it checks that pretty_midi is there before any decoding, not after all of it
+            preprocess["return_midi"] = postprocess["return_midi"] = return_midi
         return preprocess, forward, postprocess
 
     def load_audio(self, inputs, sampling_rate: int | None = None) -> np.ndarray:
@@ -150,15 +153,22 @@ class MT3TranscriptionPipeline(ChunkPipeline):
                 f"'bytes'), or a list of those; found {type(inputs).__name__}"
             )
         samples = self.feature_extractor._validate_audio(inputs)  # 1-D, finite, float32, or a ValueError
-        if sampling_rate is None or not sampling_rate > 0:
+        if (
+            not isinstance(sampling_rate, numbers.Real)
+            or isinstance(sampling_rate, bool)
+            or not sampling_rate > 0
+            or not float(sampling_rate).is_integer()  # also inf
+        ):
             raise ValueError(
-                f"Expected a positive `sampling_rate` with an audio array (the model expects {rate} Hz); "
-                f"found {sampling_rate}"
+                f"Expected a positive whole `sampling_rate` in Hz with an audio array (the model expects {rate} Hz); "
+                f"found {sampling_rate!r}"
             )
         return resample(samples, int(sampling_rate), rate)
 
-    def preprocess(self, inputs, sampling_rate: int | None = None):
+    def preprocess(self, inputs, sampling_rate: int | None = None, return_midi: bool | str = True):
         """Yield one item per segment: its features (1, frames, mel bins) and its first frame in the input."""
+        if return_midi:
+            import_pretty_midi()  # an ImportError now, not after the whole input is transcribed
         audio = self.load_audio(inputs, sampling_rate)
         extractor = self.feature_extractor
         device = self._feature_device()

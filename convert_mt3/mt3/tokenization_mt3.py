@@ -57,7 +57,7 @@ def _to_int_rows(token_ids: Any) -> list[np.ndarray]:
     rows = list(token_ids)
     if rows and np.isscalar(rows[0]):
         rows = [rows]
-    return [np.asarray(row, dtype=np.int64).reshape(-1) for row in rows]
+    return [np.asarray(_host_array(row), dtype=np.int64).reshape(-1) for row in rows]  # rows may be tensors
 
 
 def _to_counts(segments_per_clip: Any) -> list[int]:
@@ -267,8 +267,12 @@ class MT3Tokenizer(PreTrainedTokenizer):
         checked = []
         for note in notes:
             note = as_note(note)
-            if not 1 <= note.velocity <= 127 or not note.start < note.end:
-                raise ValueError(f"Expected notes with velocity 1..127 and start < end; found {note}.")
+            if not (0 <= note.pitch <= 127 and 0 <= note.program <= 127 and 1 <= note.velocity <= 127) or not (
+                note.start < note.end
+            ):
+                raise ValueError(
+                    f"Expected notes with pitch and program 0..127, velocity 1..127 and start < end; found {note}."
+                )
             checked.append(note)
         segments = encode_notes(
             checked,
@@ -401,11 +405,14 @@ class MT3Tokenizer(PreTrainedTokenizer):
             ends = np.cumsum(counts)
             parts = [(rows[end - count : end], start_times[end - count : end]) for count, end in zip(counts, ends)]
         else:
-            back = np.flatnonzero(np.diff(start_times) < 0)
-            if back.size:  # segments of several clips, each from 0: decoded as one clip, their notes would overlap
+            # One clip's segments start strictly later each; several clips' each start from 0 (clips of one segment
+            # too: [0, 0]), and decoded as one clip their notes would overlap.
+            back = np.flatnonzero(np.diff(start_times) <= 0)
+            if back.size:
                 raise ValueError(
-                    f"Expected one clip's segment start times, in order; found them going back at segment "
-                    f"{back[0] + 1} (several clips?): pass the processor's output, or `segments_per_clip`."
+                    f"Expected one clip's segment start times, increasing; found segment {back[0] + 1} starting at "
+                    f"{start_times[back[0] + 1]} s, after {start_times[back[0]]} s (several clips?): pass the "
+                    "processor's output, or `segments_per_clip`."
                 )
             parts = [(rows, start_times)]  # decode_to_notes checks that they match
         if has_decoder_start:  # one warning for the whole call

@@ -14,6 +14,7 @@ import torch
 from test_modeling import frames, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
+    BatchFeature,
     GenerationMixin,
     LogitsProcessor,
     LogitsProcessorList,
@@ -401,7 +402,7 @@ def test_module_has_no_extra_imports(module):
 def test_generate_without_features_says_what_it_needs(model):
     with pytest.raises(ValueError, match="needs `input_features`"):
         model.generate()
-    with pytest.raises(ValueError, match="needs `input_features`"):
+    with pytest.raises(ValueError, match="needs `input_features`.*found `input_ids`"):
         model.generate(input_ids=torch.zeros(1, 1, dtype=torch.long))
 
 
@@ -409,6 +410,11 @@ def test_features_must_be_a_tensor(model):
     """The processor's default (numpy) output gives one clear error, not an AttributeError deep in the encoder."""
     with pytest.raises(ValueError, match='found ndarray: call the processor with return_tensors="pt"'):
         model.generate(input_features=frames(2).numpy())
+    inputs = BatchFeature({"input_features": frames(2), "segment_start_times": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"found a BatchFeature with keys \['input_features', 'segment_start_times'\]: "
+                                         r"pass its entries as keywords, `generate\(\*\*inputs\)`"):
+        model.generate(inputs)  # positionally, as for a tensor
+    assert torch.equal(model.generate(**inputs, max_new_tokens=2), model.generate(frames(2), max_new_tokens=2))
 
 
 def test_no_segments_give_the_asked_output_type(model):

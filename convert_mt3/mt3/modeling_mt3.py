@@ -487,8 +487,14 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         kwargs.pop("segments_per_clip", None)
         features = kwargs.get(self.main_input_name, inputs)
         if features is None and kwargs.get("encoder_outputs") is None:
+            found = "`input_ids` (token ids are the output, not the input)" if "input_ids" in kwargs else "none"
             raise ValueError(
-                "generate() needs `input_features` (segments, frames, mel bins), e.g. from the processor; found none"
+                f"generate() needs `input_features` (segments, frames, mel bins), e.g. from the processor; found {found}"
+            )
+        if hasattr(features, "keys"):  # a mapping: the processor's whole output, given as the first argument
+            raise ValueError(
+                f"generate() needs `input_features` as a torch tensor; found a {type(features).__name__} with keys "
+                f"{sorted(features)}: pass its entries as keywords, `generate(**inputs)`"
             )
         if features is not None and not isinstance(features, torch.Tensor):
             raise ValueError(

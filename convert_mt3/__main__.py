@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,7 +45,7 @@ OVERRIDES = {
     "input_depth": (SIZE, "log-mel bins per encoder frame (default: from continuous_inputs_projection)"),
     "max_position_embeddings": (SIZE, "rows of the sinusoid position table (default 2048)"),
     "dropout_rate": (_checked(float, lambda r: 0 <= r < 1, "a number from 0 to below 1"), "dropout for fine-tuning (default: config.gin, else 0.1)"),
-    "layer_norm_epsilon": (_checked(float, lambda e: e > 0, "a number > 0"), "RMS-norm epsilon (default 1e-6)"),
+    "layer_norm_epsilon": (_checked(float, lambda e: 0 < e < math.inf, "a finite number > 0"), "RMS-norm epsilon (default 1e-6)"),
 }
 
 
@@ -94,12 +97,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a job scheduler): cleaned up as Ctrl-C is, so no lock or staging folder stays."""
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from .output import check_out_dir, out_dir_lock  # standard library only
 
     out_dir = Path(args.out_dir).absolute()
     pool = ThreadPoolExecutor(1)
+    # Only the main thread may set a handler (main() may also be called from another thread, or from tests).
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         # Refuse a bad or busy OUT_DIR before any work; the lock is held until the folder is in place.
         check_out_dir(out_dir, Path(args.checkpoint_dir), args.overwrite)
@@ -110,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         message = "out of memory" if isinstance(err, MemoryError) else str(err)
         print(f"error: {message}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         # Staging folder and lock are already gone (finally clauses); a reading thread may still run.
-        print("interrupted; nothing written", file=sys.stderr)
-        return 130
+        print(f"{'terminated' if isinstance(interrupt, Terminated) else 'interrupted'}; nothing written", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor) -> int:

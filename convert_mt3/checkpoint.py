@@ -39,8 +39,9 @@ _EXT_NPSCALAR = 3
 SUPPORTED_DTYPES = {"<f4": np.dtype("<f4"), "<f2": np.dtype("<f2"), "bfloat16": "bfloat16"}
 # zlib window bits per compressor: 16 + 15 = gzip header, 15 = zlib header.
 SUPPORTED_COMPRESSORS = {"gzip": 31, "zlib": 15, None: None}
-# Bounds on what is read before anything is allocated (the real MT3: an 0.9 MB msgpack file, 46 M parameters).
-MAX_MSGPACK_BYTES = 1 << 31
+# Bounds on what is read before anything is allocated (the real MT3: an 0.9 MB msgpack file, 46 M parameters;
+# T5X puts the large arrays in zarr folders, so its msgpack file holds small ones and the tree).
+MAX_MSGPACK_BYTES = 1 << 28
 MAX_METADATA_BYTES = 1 << 16
 MAX_ELEMENTS = 1 << 30  # all arrays together: 4 GB of float32
 

@@ -9,7 +9,9 @@ be overridden (CLI flags); shapes and gin must agree with each other.
 from __future__ import annotations
 
 import ast
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from .mt3.configuration_mt3 import MT3Config
 
 GIN_FILE = "config.gin"
 GIN_SEARCH_DEPTH = 3  # the checkpoint folder and up to this many parents
+MAX_GIN_BYTES = 1 << 20  # T5X's config.gin for MT3: ~20 KB
 # gin `network.T5Config` name -> MT3Config field
 GIN_FIELDS = {
     "vocab_size": "vocab_size",
@@ -49,9 +52,23 @@ def find_gin(checkpoint_dir: Path) -> Path | None:
 
 
 def read_gin(path: Path) -> list[str]:
-    """The lines of a gin file, comments cut."""
+    """The lines of a gin file, comments cut: a regular file itself (no symbolic link followed), of at most
+    MAX_GIN_BYTES."""
+    if path.is_symlink():
+        raise ConfigError(f"{path}: is a symbolic link; expected T5X's config.gin as a regular file")
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read as a gin file ({err.strerror or err})") from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path}: not a regular file; expected T5X's config.gin")
+        if info.st_size > MAX_GIN_BYTES:
+            raise ConfigError(f"{path}: {info.st_size} bytes; expected a gin file of at most {MAX_GIN_BYTES}")
+        data = file.read(MAX_GIN_BYTES + 1)
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a gin file (not UTF-8 text)") from None
     return [line.split("#", 1)[0].rstrip() for line in text.splitlines()]
@@ -90,9 +107,11 @@ def parse_gin(path: Path) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             raise ConfigError(f"{path}: cannot read T5Config.{match.group(1)} = {match.group(2)}") from None
         field = GIN_FIELDS[match.group(1)]
-        number = (int, float) if field == "dropout_rate" else int
-        if isinstance(parsed, bool) or not isinstance(parsed, number):
-            kind = "a number" if field == "dropout_rate" else "an integer"
+        if field == "dropout_rate":
+            valid, kind = isinstance(parsed, (int, float)) and 0 <= parsed < 1, "a number from 0 to below 1"
+        else:
+            valid, kind = isinstance(parsed, int) and parsed >= 1, "an integer >= 1"
+        if isinstance(parsed, bool) or not valid:
             raise ConfigError(f"{path}: T5Config.{match.group(1)} = {match.group(2)}: expected {kind}")
         values[field] = parsed
     return values

@@ -177,7 +177,7 @@ def _convert_locked(
 ) -> ConversionResult:
     gin = find_gin(checkpoint.path)
     config = derive_config(checkpoint.arrays, gin, overrides)
-    variant = derive_variant(config.vocab_size, gin, variant_overrides)
+    variant = derive_variant(config.vocab_size, gin, variant_overrides, config.max_position_embeddings)
     model = build_model(checkpoint, config)
     num_parameters = sum(p.numel() for p in model.parameters())
     parity = measure_golden_parity(model, Path(golden_dir), quiet=quiet) if golden_dir else {}

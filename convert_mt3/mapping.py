@@ -55,12 +55,13 @@ def t5x_to_state_dict(arrays: dict[str, np.ndarray], expected: dict[str, torch.S
     """Map every checkpoint array onto exactly one model parameter, checking names and shapes.
 
     `expected` is the model's `{name: shape}`. Any array without a parameter, parameter without
-    an array (a norm scale left at its initial value, say) or shape mismatch is an error that
-    lists all of them, so nothing is silently dropped or left at initialisation.
+    an array (a norm scale left at its initial value, say), shape mismatch or NaN/infinite value is an error
+    that lists all of them, so nothing is silently dropped or left at initialisation. Half-precision arrays
+    are widened (exactly) to float32, the model's dtype: MT3 was trained in float32.
     """
     state: dict[str, torch.Tensor] = {}
     source_of: dict[str, str] = {}
-    unused, mismatched = [], []
+    unused, mismatched, nonfinite = [], [], []
     for path, array in arrays.items():
         name = hf_name(path)
         if name in source_of:
@@ -73,7 +74,9 @@ def t5x_to_state_dict(arrays: dict[str, np.ndarray], expected: dict[str, torch.S
         if tuple(array.shape) != tuple(expected[name]):
             mismatched.append(f"{path} {list(array.shape)} vs {name} {list(expected[name])}")
             continue
-        state[name] = torch.from_numpy(np.ascontiguousarray(array))
+        if not np.isfinite(array).all():
+            nonfinite.append(f"{path} ({array.size - int(np.isfinite(array).sum())} of {array.size})")
+        state[name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     missing = [name for name in expected if name not in source_of]
     problems = []
     if missing:
@@ -82,6 +85,8 @@ def t5x_to_state_dict(arrays: dict[str, np.ndarray], expected: dict[str, torch.S
         problems.append(f"{len(unused)} checkpoint array(s) with no model parameter: {', '.join(unused)}")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched)}")
+    if nonfinite:
+        problems.append(f"{len(nonfinite)} array(s) holding NaN or infinite values: {', '.join(nonfinite)}")
     if problems:
         raise MappingError("checkpoint does not match the model: " + " | ".join(problems))
     return state

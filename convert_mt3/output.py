@@ -226,6 +226,14 @@ def move_into_place(staging: Path, out_dir: Path, checkpoint_dir: Path, overwrit
     if not out_dir.exists():
         staging.rename(out_dir)
         return
+    # The folder is replaced, not written into (atomic): it keeps the permissions it was given (a private folder
+    # stays private) and, where the user may set it, its group.
+    info = out_dir.stat()
+    staging.chmod(stat.S_IMODE(info.st_mode))
+    try:
+        os.chown(staging, -1, info.st_gid)
+    except OSError:
+        pass  # a group this user is not in: the folder gets the user's, as any new folder would
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     written = set(manifest_files(out_dir) or ())  # empty folder: nothing to remove but the folder
     out_dir.rename(old)

@@ -30,22 +30,49 @@ def _load(case: Path, name: str) -> Any:
         raise GoldenError(f"{path}: unreadable golden file ({str(err).strip().splitlines()[0]})") from None
 
 
+def _check_array(case: Path, name: str, array: np.ndarray, shape: tuple[int | None, ...], what: str) -> None:
+    """A GoldenError naming the file unless `array` is numeric with `shape` (None: any size >= 1)."""
+    found = tuple(array.shape)
+    fits = len(found) == len(shape) and all(n >= 1 and m in (None, n) for n, m in zip(found, shape))
+    if not fits or not np.issubdtype(array.dtype, np.number):
+        expected = ", ".join("N" if m is None else str(m) for m in shape)
+        raise GoldenError(f"{case / name}: expected {what} of shape ({expected}); found {array.dtype} {list(found)}")
+
+
+def _check_tokens(case: Path, tokens: Any, count: int, vocab_size: int) -> list[list[int]]:
+    """tokens.json's rows for the first `count` segments, or a GoldenError naming the file."""
+    rows = tokens.get("segments") if isinstance(tokens, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+        raise GoldenError(f"{case / 'tokens.json'}: expected {{\"segments\": [[ids, ...], ...]}}")
+    if len(rows) < count:
+        raise GoldenError(f"{case / 'tokens.json'}: expected ids for at least the {count} segments of encoder_out.npy; "
+                          f"found {len(rows)} rows")
+    for row in rows[:count]:
+        bad = [i for i in row if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size]
+        if bad:
+            raise GoldenError(f"{case / 'tokens.json'}: expected ids from 0 to {vocab_size - 1}; found {bad[0]!r}")
+    return rows[:count]
+
+
 @torch.no_grad()
 def measure_case(model: torch.nn.Module, case: Path) -> dict[str, Any]:
     """Max abs errors of encoder output and teacher-forced logits; greedy tokens of the same segments."""
+    config = model.config
     frames, encoder_out, logits = _load(case, "frames.npy"), _load(case, "encoder_out.npy"), _load(case, "logits.npy")
-    golden_tokens = _load(case, "tokens.json")
-    if not isinstance(golden_tokens, dict) or not isinstance(golden_tokens.get("segments"), list):
-        raise GoldenError(f"{case / 'tokens.json'}: expected {{\"segments\": [[ids, ...], ...]}}")
-    golden_tokens = golden_tokens["segments"]
-    count, positions = encoder_out.shape[0], logits.shape[1]
+    _check_array(case, "frames.npy", frames, (None, None, config.input_depth), "(segments, frames, mel bins)")
+    count, length = encoder_out.shape[0] if encoder_out.ndim else 0, frames.shape[1]
+    _check_array(case, "encoder_out.npy", encoder_out, (min(count, len(frames)), length, config.d_model),
+                 "(segments <= those of frames.npy, their frames, d_model)")
+    _check_array(case, "logits.npy", logits, (count, None, config.vocab_size), "(segments, positions, vocabulary)")
+    golden_tokens = _check_tokens(case, _load(case, "tokens.json"), count, config.vocab_size)
+    positions = logits.shape[1]
     dtype = next(model.parameters()).dtype
     features = torch.from_numpy(frames[:count]).to(dtype)
 
     encoded = model.get_encoder()(input_features=features).last_hidden_state.float()
     # Teacher forcing as the golden run did: [0] + tokens[:63], tokens = greedy ids, EOS, then 0s.
     targets = np.zeros((count, positions), dtype=np.int64)
-    for row, tokens in enumerate(golden_tokens[:count]):
+    for row, tokens in enumerate(golden_tokens):
         ids = (list(tokens) + [model.config.eos_token_id])[:positions]
         targets[row, : len(ids)] = ids
     decoder_ids = np.concatenate([np.full((count, 1), model.config.decoder_start_token_id), targets[:, :-1]], axis=1)
@@ -53,7 +80,7 @@ def measure_case(model: torch.nn.Module, case: Path) -> dict[str, Any]:
 
     generated = model.generate(input_features=features).tolist()
     identical = 0
-    for row, tokens in enumerate(golden_tokens[:count]):
+    for row, tokens in enumerate(golden_tokens):
         ids = generated[row][1:]  # drop the decoder start id
         ids = ids[: ids.index(model.config.eos_token_id)] if model.config.eos_token_id in ids else ids
         identical += ids == list(tokens)

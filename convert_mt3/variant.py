@@ -38,6 +38,8 @@ GIN_MACROS = {
     "USE_TIES": "use_ties",
     "PROGRAM_GRANULARITY": "program_granularity",
 }
+GIN_NAMES = {field: macro for macro, field in GIN_MACROS.items()}
+MAX_VELOCITY_BINS = 127
 
 
 class VariantError(ValueError):
@@ -85,15 +87,16 @@ def parse_variant_gin(path: Path) -> dict[str, Any]:
     return values
 
 
-def derive_variant(vocab_size: int, gin: Path | None = None, overrides: dict[str, Any] | None = None) -> Variant:
-    """The layout of a checkpoint whose token embedder has `vocab_size` rows (see module docstring)."""
+def derive_variant(
+    vocab_size: int, gin: Path | None = None, overrides: dict[str, Any] | None = None, max_frames: int | None = None
+) -> Variant:
+    """The layout of a checkpoint whose token embedder has `vocab_size` rows (see module docstring); `max_frames`:
+    the most frames a segment may have (the encoder's position table)."""
     known = {name: vocab_size_of(layout["num_velocity_bins"]) for name, layout in LAYOUTS.items()}
     matched = next((name for name, size in known.items() if size == vocab_size), None)
-    values = {
-        **(LAYOUTS[matched] if matched else {}),
-        **(parse_variant_gin(gin) if gin else {}),
-        **{k: v for k, v in (overrides or {}).items() if k in FIELDS and v is not None},
-    }
+    from_gin = parse_variant_gin(gin) if gin else {}
+    from_flags = {k: v for k, v in (overrides or {}).items() if k in FIELDS and v is not None}
+    values = {**(LAYOUTS[matched] if matched else {}), **from_gin, **from_flags}
     sizes = ", ".join(f"{size} ({name})" for name, size in known.items())
     missing = [field for field in FIELDS if field not in values]
     if missing:
@@ -102,22 +105,34 @@ def derive_variant(vocab_size: int, gin: Path | None = None, overrides: dict[str
             "for another layout pass --frames-per-segment, --num-velocity-bins, --use-ties or --no-use-ties and "
             "--program-granularity"
         )
-    if values["program_granularity"] not in PROGRAM_GRANULARITIES:
-        raise VariantError(f"program granularity {values['program_granularity']!r}: expected one of {PROGRAM_GRANULARITIES}")
-    if not isinstance(values["num_velocity_bins"], int) or values["num_velocity_bins"] < 1:
-        raise VariantError(f"num_velocity_bins {values['num_velocity_bins']!r}: expected an integer >= 1")
-    if not isinstance(values["use_ties"], bool):
-        raise VariantError(f"use_ties {values['use_ties']!r}: expected True or False")
-    if not isinstance(values["frames_per_segment"], int) or values["frames_per_segment"] < 1:
-        raise VariantError(f"frames_per_segment {values['frames_per_segment']!r}: expected an integer >= 1")
-    expected = vocab_size_of(values["num_velocity_bins"])
+
+    def check(field: str, valid: bool, expected: str) -> None:
+        """A ValueError naming where the value came from (flag, config.gin) unless `valid`."""
+        if not valid:
+            source = f"--{field.replace('_', '-')}" if field in from_flags else (
+                f"{gin}: {GIN_NAMES[field]}" if field in from_gin else f"the {matched} layout")
+            raise VariantError(f"{source}: {field} {values[field]!r}: expected {expected}")
+
+    bins, frames = values["num_velocity_bins"], values["frames_per_segment"]
+    check("program_granularity", values["program_granularity"] in PROGRAM_GRANULARITIES,
+          f"one of {PROGRAM_GRANULARITIES}")
+    # MIDI velocities are 1..127: more bins could not differ (and the codec holds one entry per bin)
+    check("num_velocity_bins", _is_int(bins) and 1 <= bins <= MAX_VELOCITY_BINS,
+          f"an integer from 1 to {MAX_VELOCITY_BINS}")
+    check("use_ties", isinstance(values["use_ties"], bool), "True or False")
+    check("frames_per_segment", _is_int(frames) and 1 <= frames <= (max_frames or frames),
+          f"an integer from 1 to {max_frames} (the encoder's positions)" if max_frames else "an integer >= 1")
+    expected = vocab_size_of(bins)
     if expected != vocab_size:
         raise VariantError(
-            f"{values['num_velocity_bins']} velocity bins give a vocabulary of {expected}, but "
+            f"{bins} velocity bins give a vocabulary of {expected}, but "
             f"decoder/token_embedder/embedding has {vocab_size} rows"
         )
     name = next((n for n, layout in LAYOUTS.items() if all(values[f] == layout[f] for f in FIELDS)), "custom")
     return Variant(name=name, **{field: values[field] for field in FIELDS})
 
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 __all__ = ["LAYOUTS", "Variant", "VariantError", "derive_variant", "parse_variant_gin", "vocab_size_of"]

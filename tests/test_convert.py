@@ -104,6 +104,20 @@ def test_overrides_win_over_gin(mt3_ckpt, tmp_path):
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
 
 
+def test_half_precision_arrays_are_widened_to_float32(tmp_path):
+    """T5X may store arrays in float16 or bfloat16, inline or in zarr: the model gets them widened (exactly) to
+    float32, its dtype, so that a half-precision export and the golden check run on one dtype throughout."""
+    arrays = tiny_arrays(**TINY)
+    for key in ("decoder/decoder_norm/scale", "encoder/layers_0/mlp/wi_0/kernel"):  # inline, zarr
+        arrays[key] = arrays[key].astype(np.float16)
+    ckpt = write_t5x_checkpoint(tmp_path / "model" / "checkpoint_1000", arrays, gin=GIN)
+    for dtype in ("float32", "bfloat16"):
+        assert main([str(ckpt), str(tmp_path / dtype), "--quiet", "--dtype", dtype]) == 0
+    weights = load_file(tmp_path / "float32" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {np.dtype(np.float32)}
+    np.testing.assert_array_equal(weights["decoder.decoder_norm.weight"], arrays["decoder/decoder_norm/scale"])
+
+
 def test_overwrite(mt3_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -114,8 +128,11 @@ def test_overwrite(mt3_ckpt, tmp_path, capsys):
     assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 1
     assert "no .convert-mt3.json" in capsys.readouterr().err and (out / "keep.txt").read_text() == "user data"
     (out / "keep.txt").unlink()
+    out.chmod(0o700)  # a private folder stays private: replaced, it keeps its permissions
     assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 0  # an empty folder is taken
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
     assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 0  # and so is a folder it wrote
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
     assert (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]  # no staging, backup or lock left
     # a file it wrote, edited since, is the user's now
@@ -293,6 +310,46 @@ def break_gin_value_type(mt3_ckpt):
     return "config.gin: T5Config.num_heads = 2.0: expected an integer"
 
 
+def break_gin_dropout(mt3_ckpt):
+    with open(mt3_ckpt.parent / "config.gin", "a") as gin:
+        gin.write("network.T5Config.dropout_rate = 5\n")
+    return "config.gin: T5Config.dropout_rate = 5: expected a number from 0 to below 1"
+
+
+def break_gin_negative_heads(mt3_ckpt):
+    with open(mt3_ckpt.parent / "config.gin", "a") as gin:
+        gin.write("network.T5Config.num_heads = -2\nnetwork.T5Config.head_dim = -8\n")
+    return "config.gin: T5Config.num_heads = -2: expected an integer >= 1"
+
+
+def break_gin_symlink(mt3_ckpt):
+    gin = mt3_ckpt.parent / "config.gin"
+    elsewhere = mt3_ckpt.parent.parent / "elsewhere.gin"
+    gin.rename(elsewhere)
+    gin.symlink_to(elsewhere)
+    return "config.gin: is a symbolic link; expected T5X's config.gin as a regular file"
+
+
+def break_gin_size(mt3_ckpt):
+    with open(mt3_ckpt.parent / "config.gin", "a") as gin:
+        gin.truncate(2 << 20)  # sparse: 2 MB of NUL, never read
+    return f"config.gin: {2 << 20} bytes; expected a gin file of at most {1 << 20}"
+
+
+def break_gin_velocity_bins(mt3_ckpt):
+    with open(mt3_ckpt.parent / "config.gin", "a") as gin:
+        gin.write("NUM_VELOCITY_BINS = 1000000000\n")
+    return "config.gin: NUM_VELOCITY_BINS: num_velocity_bins 1000000000: expected an integer from 1 to 127"
+
+
+def break_nan_scale(mt3_ckpt):
+    arrays = tiny_arrays(**TINY)
+    arrays["decoder/decoder_norm/scale"][3] = np.nan
+    shutil.rmtree(mt3_ckpt)
+    write_t5x_checkpoint(mt3_ckpt, arrays, gin=GIN)
+    return "1 array(s) holding NaN or infinite values: decoder/decoder_norm/scale (1 of 32)"
+
+
 def break_gin_use_ties(mt3_ckpt):
     with open(mt3_ckpt.parent / "config.gin", "a") as gin:
         gin.write("USE_TIES = 'no'\n")
@@ -312,6 +369,8 @@ BREAKERS = [
     break_missing_folder, break_gzip, break_zarray_shape, break_truncated_msgpack, break_missing_msgpack,
     break_escaping_spec, break_missing_norm, break_dtype, break_compressor, break_empty_dir, break_not_a_dir,
     break_chunks_larger_than_the_array, break_binary_gin, break_gin_value_type, break_gin_use_ties, break_1d_kernel,
+    break_gin_dropout, break_gin_negative_heads, break_gin_symlink, break_gin_size, break_gin_velocity_bins,
+    break_nan_scale,
 ]
 
 
@@ -330,20 +389,44 @@ def test_bad_checkpoint_is_refused_cleanly(breaker, mt3_ckpt, tmp_path, capsys):
 
 
 def test_bad_golden_folder_and_flags_are_named(mt3_ckpt, tmp_path, capsys):
-    """A golden tokens.json of the wrong form is named; a size flag below 1 or a dropout rate of 1 or more is refused
-    by the argument parser, naming the flag."""
+    """Golden files of the wrong form, shape or range are named in one line (no traceback from deep in the model);
+    a size flag below 1, a dropout rate of 1 or more or an infinite epsilon is refused by the argument parser,
+    naming the flag."""
     case = tmp_path / "golden" / "case"
     case.mkdir(parents=True)
-    for name in ("frames.npy", "encoder_out.npy", "logits.npy"):
-        np.save(case / name, np.zeros((1, 2), np.float32))
-    (case / "tokens.json").write_text("{}")
-    assert main([str(mt3_ckpt), str(tmp_path / "out"), "--quiet", "--golden", str(tmp_path / "golden")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f'error: {case / "tokens.json"}: expected {{"segments": [[ids, ...], ...]}}'], err
-    assert not (tmp_path / "out").exists()
+    d_model, vocab = TINY["d_model"], TINY["vocab"]
+    good = {"frames.npy": np.zeros((2, 4, 512), np.float32), "encoder_out.npy": np.zeros((1, 4, d_model), np.float32),
+            "logits.npy": np.zeros((1, 3, vocab), np.float32), "tokens.json": {"segments": [[5, 6]]}}
+    frames_shape = "expected (segments, frames, mel bins) of shape (N, N, 512)"
+    for name, bad, message in [
+        ("tokens.json", {}, 'expected {"segments": [[ids, ...], ...]}'),
+        ("tokens.json", {"segments": [5, 6]}, 'expected {"segments": [[ids, ...], ...]}'),
+        ("tokens.json", {"segments": [[99999]]}, "expected ids from 0 to 1535; found 99999"),
+        ("tokens.json", {"segments": [[-5]]}, "found -5"),
+        ("tokens.json", {"segments": [["a"]]}, "found 'a'"),
+        ("tokens.json", {"segments": []}, "expected ids for at least the 1 segments of encoder_out.npy; found 0 rows"),
+        ("frames.npy", np.zeros(4, np.float32), f"{frames_shape}; found float32 [4]"),
+        ("frames.npy", np.zeros((2, 4, 7), np.float32), f"{frames_shape}; found float32 [2, 4, 7]"),
+        ("encoder_out.npy", np.zeros((1, 5, d_model), np.float32), f"of shape (1, 4, {d_model}); found float32 [1, 5"),
+        ("encoder_out.npy", np.zeros((3, 4, d_model), np.float32), "<= those of frames.npy"),
+        ("encoder_out.npy", np.zeros((0, 4, d_model), np.float32), "found float32 [0, 4"),
+        ("logits.npy", np.zeros(vocab, np.float32), f"(segments, positions, vocabulary) of shape (1, N, {vocab})"),
+        ("logits.npy", np.zeros((1, 3, 7), np.float32), "found float32 [1, 3, 7]"),
+        ("logits.npy", np.zeros((1, 3, vocab), bool), "found bool"),
+    ]:
+        for file, value in {**good, name: bad}.items():
+            if file.endswith(".json"):
+                (case / file).write_text(json.dumps(value))
+            else:
+                np.save(case / file, value)
+        assert main([str(mt3_ckpt), str(tmp_path / "out"), "--quiet", "--golden", str(tmp_path / "golden")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {case / name}: ") and message in err[0], (name, err)
+        assert not (tmp_path / "out").exists()
     for flag, value, message in [("--num-heads", "-2", "expected an integer >= 1, found '-2'"),
                                  ("--max-position-embeddings", "x", "expected an integer >= 1, found 'x'"),
-                                 ("--dropout-rate", "2", "expected a number from 0 to below 1, found '2'")]:
+                                 ("--dropout-rate", "2", "expected a number from 0 to below 1, found '2'"),
+                                 ("--layer-norm-epsilon", "inf", "expected a finite number > 0, found 'inf'")]:
         with pytest.raises(SystemExit) as exit_:
             main([str(mt3_ckpt), str(tmp_path / "out"), flag, value])
         err = capsys.readouterr().err.splitlines()

@@ -261,17 +261,23 @@ def test_msgpack_symlinked_outside_is_refused(mt3_ckpt, tmp_path):
 # --- clean edges -------------------------------------------------------------------------------
 
 
-def test_ctrl_c_prints_one_line_and_leaves_nothing(mt3_ckpt, tmp_path):
+@pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_kill_prints_one_line_and_leaves_nothing(mt3_ckpt, tmp_path, signum, status, word):
+    """Ctrl-C, and SIGTERM (`kill`, `timeout`, a scheduler) alike: no lock file, staging folder or OUT_DIR left."""
     out = tmp_path / "out"
     process = subprocess.Popen(
         [sys.executable, "-m", "convert_mt3", str(mt3_ckpt), str(out), "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    time.sleep(1.5)  # inside the imports / conversion
-    process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / ".out.lock").exists():  # the lock taken: a kill from now on used to leave it behind
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.5)  # inside the imports / conversion
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert stderr.strip() == "interrupted; nothing written"
+    assert process.returncode == status, stderr
+    assert stderr.strip() == f"{word}; nothing written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 

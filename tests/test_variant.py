@@ -105,8 +105,20 @@ def test_flags_and_gin_precedence(tmp_path):
     assert derive_variant(1664, gin, {"num_velocity_bins": 127, "program_granularity": "flat"}).name == "ismir2021"
     with pytest.raises(VariantError, match="1 velocity bins give a vocabulary of 1536"):
         derive_variant(1664, None, {"num_velocity_bins": 1})
-    with pytest.raises(VariantError, match="program granularity"):
+    with pytest.raises(VariantError, match="^--program-granularity: program_granularity 'coarse': expected one of"):
         derive_variant(1536, None, {"program_granularity": "coarse"})
+    # bounded before the codec is built (it holds one entry per bin): a billion bins would take minutes and GBs
+    for bins in (0, 128, 10**9):
+        with pytest.raises(VariantError, match=f"^--num-velocity-bins: num_velocity_bins {bins}: expected an integer "
+                                               "from 1 to 127$"):
+            derive_variant(1664, None, {"num_velocity_bins": bins})
+    gin.write_text("NUM_VELOCITY_BINS = 1000000000\n")
+    with pytest.raises(VariantError, match=f"^{gin}: NUM_VELOCITY_BINS: num_velocity_bins 1000000000: expected"):
+        derive_variant(1664, gin)
+    with pytest.raises(VariantError, match="^--frames-per-segment: frames_per_segment 2049: expected an integer from "
+                                           "1 to 2048 \\(the encoder's positions\\)$"):
+        derive_variant(1536, None, {"frames_per_segment": 2049}, max_frames=2048)
+    assert derive_variant(1536, None, {"frames_per_segment": 2048}, max_frames=2048).frames_per_segment == 2048
     gin.write_text("TASK_FEATURE_LENGTHS = 512\n")
     with pytest.raises(VariantError, match="TASK_FEATURE_LENGTHS"):
         derive_variant(1536, gin)

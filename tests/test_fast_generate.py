@@ -173,6 +173,26 @@ def test_special_tokens_and_output_format(model):
             assert all(token == 7 for token in row[end + 1 :])
 
 
+def test_unusual_but_valid_calls_match_hf_greedy(model, count_fast):
+    """A start id per segment goes to GenerationMixin (the pool has one); a limit that means "until EOS" does not
+    size the pool's buffers (2**40 tried to allocate 61 TB); features given positionally next to
+    `input_features=None` are used; segments of no frames are refused in words."""
+    x = frames(7, seed=3)
+    starts = [3, 4, 3, 4, 3, 4, 3]
+    got = model.generate(input_features=x, decoder_start_token_id=starts, max_new_tokens=5)
+    assert count_fast == [] and got[:, 0].tolist() == starts
+    torch.testing.assert_close(got, reference(model, x, decoder_start_token_id=starts, max_new_tokens=5), atol=0, rtol=0)
+    eos = sorted(set(reference(model, x, eos_token_id=None)[:, 4].tolist()))  # every row ends by its 4th token
+    want = reference(model, x, eos_token_id=eos)  # (the model's default limit: 40)
+    got = model.generate(input_features=x, eos_token_id=eos, max_new_tokens=2**40)
+    assert len(count_fast) == 1 and got.shape[1] <= 5
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(model.generate(x, input_features=None, max_new_tokens=4),
+                               model.generate(input_features=x, max_new_tokens=4), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"segments of at least one frame; found input_features of shape \(2, 0, 16\)"):
+        model.generate(input_features=torch.zeros(2, 0, 16), max_new_tokens=3)
+
+
 class BanPrevious(LogitsProcessor):
     """Forbids repeating the previous token and, on even lengths, token 2: needs each row's own `input_ids`."""
 

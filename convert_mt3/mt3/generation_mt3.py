@@ -337,6 +337,9 @@ class MT3GreedyPool:
         graphs = self.cuda_graphs and not logits_processor
         # a row that ended waits at its last position, which must be in the position table
         max_positions = model.decoder.position_embedding.max_len
+        # No row passes the position table without an error (as in GenerationMixin): the id buffers need room for
+        # that many ids, not for a limit such as 2**40 that only means "until EOS".
+        max_new_tokens = min(max_new_tokens, max_positions + 1)
         interval = 1 if logits_processor or max_new_tokens >= max_positions else self.eos_check_interval
         # Under autocast the linears stay unfused: autocast casts each parameter once (its weight cache), a fused
         # copy would be cast again on every step. Not with graphs: they run without that cache, so every weight is

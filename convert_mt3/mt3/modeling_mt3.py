@@ -475,7 +475,8 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         processors, if any, work row by row (`ROW_INDEPENDENT_PROCESSORS`, or `row_independent = True` on their
         class), decoding runs in `MT3GreedyPool` (the model's own layers, at most `segment_batch_size` segments at
         once, a finished one making room for the next) and returns what `GenerationMixin.generate` returns: (segments, 1 + longest)
-        ids, decoder start first, EOS then padding after each finished row. Anything else goes to
+        ids, decoder start first, EOS then padding after each finished row (the same ids in float32; in half
+        precision, other kernels round differently and may flip near-ties). Anything else goes to
         `GenerationMixin.generate` (beam search, sampling, dict outputs, streamers, masks, ...).
         On CUDA the decode steps replay as CUDA graphs unless `cuda_graphs=False` (or false in the generation
         config); `eos_check_interval=k` looks for finished segments every k steps only (default 1).
@@ -485,7 +486,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         # works.
         kwargs.pop("segment_start_times", None)
         kwargs.pop("segments_per_clip", None)
-        features = kwargs.get(self.main_input_name, inputs)
+        features = inputs if kwargs.get(self.main_input_name) is None else kwargs[self.main_input_name]
         if features is None and kwargs.get("encoder_outputs") is None:
             found = "`input_ids` (token ids are the output, not the input)" if "input_ids" in kwargs else "none"
             raise ValueError(
@@ -501,6 +502,9 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
                 "generate() needs `input_features` as a torch tensor (segments, frames, mel bins); found "
                 f"{type(features).__name__}: call the processor with return_tensors=\"pt\""
             )
+        if features is not None and features.dim() == 3 and features.shape[1] == 0 < features.shape[0]:
+            raise ValueError(f"generate() needs segments of at least one frame; found input_features of shape "
+                             f"{tuple(features.shape)}")
         if features is not None and features.dim() == 3 and features.shape[0] == 0:
             # audio of length 0: no segment to decode (GenerationMixin cannot take an empty batch)
             rest = {name: value for name, value in kwargs.items() if name != self.main_input_name}
@@ -567,8 +571,8 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
         start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
-        if start is None:
-            return None  # GenerationMixin raises the error
+        if start is None or isinstance(start, bool) or not isinstance(start, int):
+            return None  # GenerationMixin raises the error, or takes one start id per segment
         # GenerationMixin._prepare_generated_length: max_new_tokens wins; a default max_length counts new tokens
         if config.max_new_tokens is not None:
             if not has_default_max_length and config.max_length is not None:

@@ -332,7 +332,7 @@ def _generate_mode(torch, model, features, mode: str, device: str, pool: int | N
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(mode.split("-")[-1], torch.float32)
     kwargs = {} if pool is None else {"segment_batch_size": pool}
     kwargs["cuda_graphs"] = graphs  # without "+graphs": eager, though graphs are generate()'s CUDA default
-    if interval > 1:
+    if interval is not None:  # else generation_config's, per device type (8 on CUDA, 1 on CPU)
         kwargs["eos_check_interval"] = interval
     if mode.startswith("autocast"):
         with torch.autocast(device, dtype=dtype), _sdpa_decoding(model, sdpa):
@@ -362,16 +362,16 @@ def _sdpa_decoding(model, enabled: bool):
             model.pack = own
 
 
-def _mode_options(mode: str) -> tuple[str, bool, int, bool]:
+def _mode_options(mode: str) -> tuple[str, bool, int | None, bool]:
     """"autocast-bfloat16+graphs+eos8" -> ("autocast-bfloat16", True, 8, False): the precision, whether CUDA graphs
-    are asked, the steps between the host's looks for finished segments (1 without "+eosN"), and whether attention
-    runs through SDPA ("+sdpa")."""
+    are asked, the steps between the host's looks for finished segments (None without "+eosN": the model's
+    default), and whether attention runs through SDPA ("+sdpa")."""
     precision, *extras = mode.split("+")
-    graphs, interval, sdpa = False, 1, False
+    graphs, interval, sdpa = False, None, False
     for extra in extras:
         if extra == "graphs" and not graphs:
             graphs = True
-        elif extra.startswith("eos") and extra[3:].isdigit() and int(extra[3:]) >= 1 and interval == 1:
+        elif extra.startswith("eos") and extra[3:].isdigit() and int(extra[3:]) >= 1 and interval is None:
             interval = int(extra[3:])
         elif extra == "sdpa" and not sdpa:
             sdpa = True
@@ -670,10 +670,10 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
 
 DEFAULT_ROWS = "1,2,3,4,5,6,7,8"
 # row 7's modes besides float32 (eager): CUDA graphs (generate()'s CUDA default) and EOS checks every 8 steps
-GPU_MODES = ("float32+graphs", "float32+graphs+eos8", "autocast-bfloat16", "autocast-float16",
+GPU_MODES = ("float32+graphs", "float32+graphs+eos1", "autocast-bfloat16", "autocast-float16",
              "autocast-bfloat16+graphs", "autocast-float16+graphs")
 E2E_MODES = ("float32", "autocast-bfloat16", "autocast-float16", "bfloat16", "float16", "float32+graphs",
-             "float32+graphs+eos8", "autocast-bfloat16+graphs", "autocast-float16+graphs", "bfloat16+graphs")
+             "float32+graphs+eos1", "autocast-bfloat16+graphs", "autocast-float16+graphs", "bfloat16+graphs")
 
 
 def row_end_to_end(model_dir: Path, shared: Path, seconds: float, device: str, modes: tuple[str, ...],

@@ -67,8 +67,8 @@ def test_only_the_experimental_graph_modes_may_fail():
         module._experimental_failed("autocast-bfloat16", error)
     assert module._experimental_failed("float32+eos8", error) == {"failed": "capture failed"}
     assert module._mode_options("autocast-float16+graphs+eos8") == ("autocast-float16", True, 8, False)
-    assert module._mode_options("float32+graphs+sdpa") == ("float32", True, 1, True)
-    assert module._mode_options("bfloat16") == ("bfloat16", False, 1, False)
+    assert module._mode_options("float32+graphs+sdpa") == ("float32", True, None, True)  # the model's default
+    assert module._mode_options("bfloat16+eos1") == ("bfloat16", False, 1, False)
     for wrong in ("float32+compile", "float32+graphs+graphs", "float32+eos0", "float32+eos", "float32+sdpa+sdpa"):
         with pytest.raises(ValueError, match="suffix"):
             module._mode_options(wrong)

@@ -69,8 +69,9 @@ def test_graphs_across_storage_growth(captures):
     assert captures and got.shape[1] > 257
 
 
-def test_graphs_are_the_cuda_default(model, captures):
-    """On unless the generation config or the call turns them off; logits processors keep the eager step."""
+def test_graphs_are_the_cuda_default(model, captures, monkeypatch):
+    """On unless the generation config or the call turns them off; logits processors keep the eager step. The
+    host looks for finished segments every 8 steps on CUDA by default."""
     from transformers import LogitsProcessorList, MinLengthLogitsProcessor
 
     x = frames(4, seed=3).cuda()
@@ -85,6 +86,15 @@ def test_graphs_are_the_cuda_default(model, captures):
     config.cuda_graphs = False
     model.generate(input_features=x, generation_config=config)
     assert not captures
+    original_init, intervals = MT3GreedyPool.__init__, []
+
+    def recording_init(self, *args, **kwargs):
+        intervals.append(kwargs["eos_check_interval"])
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(MT3GreedyPool, "__init__", recording_init)
+    torch.testing.assert_close(model.generate(input_features=x), eager, atol=0, rtol=0)
+    assert intervals == [8]
 
 
 def test_decoding_attends_by_matmuls_where_measured_faster(model, monkeypatch):

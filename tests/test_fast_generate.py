@@ -24,7 +24,7 @@ from transformers import (
 from transformers.cache_utils import Cache
 
 from convert_mt3.mt3 import modeling_mt3
-from convert_mt3.mt3.generation_mt3 import SEGMENT_BATCH_SIZE, MT3SlotCache
+from convert_mt3.mt3.generation_mt3 import EOS_CHECK_INTERVAL, SEGMENT_BATCH_SIZE, MT3SlotCache
 from convert_mt3.mt3.modeling_mt3 import MT3GreedyPool
 
 
@@ -110,9 +110,9 @@ def test_eos_check_interval_at_the_last_position():
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-def test_eos_check_interval_setting(model, count_fast, monkeypatch):
-    """From generation_config.json or generate(); a positive number of steps; 1 with logits processors (they need
-    each row's position on every step)."""
+def test_eos_check_interval_setting(model, count_fast, monkeypatch, tmp_path):
+    """From generation_config.json (per device type, saved there: 8 on CUDA, 1 on CPU) or generate(); a positive
+    number of steps; 1 with logits processors (they need each row's position on every step)."""
     seen = []
     original = MT3GreedyPool._decode
 
@@ -122,15 +122,20 @@ def test_eos_check_interval_setting(model, count_fast, monkeypatch):
 
     monkeypatch.setattr(MT3GreedyPool, "_decode", recording)
     x = frames(3, seed=9)
+    default = model.generation_config.eos_check_interval
+    assert default == EOS_CHECK_INTERVAL == {"cpu": 1, "cuda": 8}
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_check_interval"] == EOS_CHECK_INTERVAL
     model.generate(input_features=x, max_new_tokens=3)
-    model.generation_config.eos_check_interval = 4
     try:
-        model.generate(input_features=x, max_new_tokens=3)
+        for setting in (4, {"cpu": 5, "cuda": 8}, None):  # None (a folder saved before the setting): the defaults
+            model.generation_config.eos_check_interval = setting
+            model.generate(input_features=x, max_new_tokens=3)
         model.generate(input_features=x, max_new_tokens=3, eos_check_interval=2)
         model.generate(input_features=x, max_new_tokens=3, logits_processor=[BanPrevious()])
     finally:
-        del model.generation_config.eos_check_interval
-    assert seen == [1, 4, 2, 1] and len(count_fast) == 4
+        model.generation_config.eos_check_interval = default
+    assert seen == [1, 4, 5, 1, 2, 1] and len(count_fast) == 6
     with pytest.raises(ValueError, match="eos_check_interval"):
         model.generate(input_features=x, max_new_tokens=3, eos_check_interval=0)
 

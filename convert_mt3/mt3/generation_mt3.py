@@ -56,6 +56,11 @@ def row_independent(processors: LogitsProcessorList) -> bool:
 # 60 s clip 12-28% faster than 16 in three `make bench` runs on 2 cores (row 5), for 1.1-1.3 GB peak; CUDA: 256
 # decoded an hour of audio in 7.1 s with CUDA graphs, 10.2 GB peak, on an H200 (row 8; other sizes not measured).
 SEGMENT_BATCH_SIZE = {"cpu": 32, "cuda": 256}
+# Steps between the host's looks for finished segments, per device type (generation_config.json
+# `eos_check_interval`). CUDA: 8 let the GPU run queued steps without waiting for the host; an hour of audio's
+# generate() took 3%, 8% and 8% less time in three sessions on an H200 (6.60 against 7.19 s in the last), the 60 s
+# clip 0.42-0.48 s against 0.44-0.50 s, the same ids. CPU: each step already waits for its kernels, nothing to gain.
+EOS_CHECK_INTERVAL = {"cpu": 1, "cuda": 8}
 
 
 class MT3SlotLayer(CacheLayerMixin):
@@ -277,8 +282,7 @@ class MT3GreedyPool:
     ids as eager, a quarter of the time for a 60 s clip (0.44 against 1.80 s). `eos_check_interval` k: the host
     looks for finished rows every k steps only (a row that ends stops where it is and waits), so a GPU can run k
     queued steps without waiting for the host in between; k - 1 steps of a finished row are spent idle. Without
-    logits processors; 1 (every step) by default: 8 saved 3% and 8% of an hour's generate() on an H200 in two
-    sessions, while the 60 s clip took 0.42 and 0.48 s with it against 0.44 s without: not made the default.
+    logits processors; `generate()`'s default per device type is `EOS_CHECK_INTERVAL`.
     """
 
     def __init__(

@@ -28,7 +28,14 @@ from transformers.models.t5.modeling_t5 import T5DenseGatedActDense, T5LayerNorm
 from transformers.utils import logging
 
 from .configuration_mt3 import MT3Config
-from .generation_mt3 import FAST_GREEDY_SETTINGS, SEGMENT_BATCH_SIZE, MT3GreedyPool, MT3SlotCache, row_independent
+from .generation_mt3 import (
+    EOS_CHECK_INTERVAL,
+    FAST_GREEDY_SETTINGS,
+    SEGMENT_BATCH_SIZE,
+    MT3GreedyPool,
+    MT3SlotCache,
+    row_independent,
+)
 from .layers_mt3 import (
     MT3Attention,
     MT3DecoderLayer,
@@ -277,6 +284,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             do_sample=False,
         )
         self.generation_config.segment_batch_size = dict(SEGMENT_BATCH_SIZE)
+        self.generation_config.eos_check_interval = dict(EOS_CHECK_INTERVAL)
         self.generation_config.cuda_graphs = True  # CUDA only (ignored elsewhere): same ids, faster
         # No longer the model config's copy: with the flag, loading generation_config.json drops the keys that
         # GenerationConfig does not define (segment_batch_size, cuda_graphs, eos_check_interval).
@@ -457,7 +465,8 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
     @property
     def default_segment_batch_size(self) -> int:
         """Segments `generate()` decodes at once on this model's device (generation_config.json, per device type)."""
-        return _pool_size(getattr(self.generation_config, "segment_batch_size", None), self.device.type)
+        return _per_device(getattr(self.generation_config, "segment_batch_size", None), SEGMENT_BATCH_SIZE,
+                           self.device.type)
 
     def generate(
         self,
@@ -479,7 +488,8 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         precision, other kernels round differently and may flip near-ties). Anything else goes to
         `GenerationMixin.generate` (beam search, sampling, dict outputs, streamers, masks, ...).
         On CUDA the decode steps replay as CUDA graphs unless `cuda_graphs=False` (or false in the generation
-        config); `eos_check_interval=k` looks for finished segments every k steps only (default 1).
+        config); `eos_check_interval=k` looks for finished segments every k steps only (default: 8 on CUDA, 1
+        elsewhere, generation_config.json).
         """
         # The processor's output also holds each segment's start time (and, for a list of clips, their segment
         # counts), which only decoding to notes needs: accept them so that `model.generate(**processor(audio=...))`
@@ -526,9 +536,9 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             logits_processor = LogitsProcessorList(logits_processor)
         return MT3GreedyPool(
             self,
-            _pool_size(settings["segment_batch_size"], self.device.type),
+            _per_device(settings["segment_batch_size"], SEGMENT_BATCH_SIZE, self.device.type),
             cuda_graphs=self._can_capture() and (settings["cuda_graphs"] is None or bool(settings["cuda_graphs"])),
-            eos_check_interval=1 if settings["eos_check_interval"] is None else settings["eos_check_interval"],
+            eos_check_interval=_per_device(settings["eos_check_interval"], EOS_CHECK_INTERVAL, self.device.type),
         ).generate(features, max_new_tokens, eos, pad, start, logits_processor=logits_processor)
 
     def _can_capture(self) -> bool:
@@ -591,13 +601,14 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         return features, max_new_tokens, eos, pad, start, {name: getattr(config, name, None) for name in pool_settings}
 
 
-def _pool_size(setting: int | dict | None, device_type: str) -> int | None:
-    """A `segment_batch_size` setting (a number, or per device type as generation_config.json holds it) -> rows."""
+def _per_device(setting: int | dict | None, defaults: dict[str, int], device_type: str) -> int:
+    """A `segment_batch_size` / `eos_check_interval` setting (a number, or per device type as generation_config.json
+    holds it; None: `defaults`) -> the number for this device type (other devices: the CPU's)."""
     if setting is None:
-        setting = SEGMENT_BATCH_SIZE
+        setting = defaults
     if not isinstance(setting, dict):
         return setting
-    return setting.get(device_type, setting.get("cpu", SEGMENT_BATCH_SIZE["cpu"]))  # other devices: the CPU's
+    return setting.get(device_type, setting.get("cpu", defaults["cpu"]))
 
 
 __all__ = ["MT3PreTrainedModel", "MT3ForConditionalGeneration", "mt3_sinusoid_table"]

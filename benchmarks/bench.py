@@ -944,7 +944,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="naive path on 2 segments, extrapolated; 1 repetition")
     p.add_argument("--rows", default=DEFAULT_ROWS,
                    help="comma-separated rows to run (default all; 7 runs only with CUDA, 8 with CUDA or --e2e-device)")
-    p.add_argument("--reps", type=int, help="repetitions of rows 1 and 2 (default 3, 1 with --quick)")
+    p.add_argument("--reps", type=int, help="repetitions of rows 1, 2, 5 and 7 (default 3, 1 with --quick)")
     p.add_argument("--long-seconds", type=float, default=300.0, help="length of the row-3 input (default 300)")
     p.add_argument("--dense-seconds", type=float, default=60.0, help="length of the row-5/7 clip (default 60)")
     p.add_argument("--pools", default="16",

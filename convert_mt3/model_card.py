@@ -102,7 +102,7 @@ time (32 on CPU, 256 on CUDA): a finished segment makes room for the next, so me
 grow with the length of the audio. Other settings (beam search, scores, ...) use transformers'
 own `generate()`. On CUDA each decode step is replayed as a CUDA graph (`cuda_graphs=False` for
 eager launches: the same ids, about four times as long for a minute of audio on an H200), and
-`eos_check_interval=k` looks for finished segments every k steps only (default 1).
+`eos_check_interval=k` looks for finished segments every k steps only (default 8 on CUDA, 1 elsewhere).
 
 Precision: use float32, which reproduces the original's tokens. Half precision runs (a model
 cast with `.to(torch.bfloat16)`, or the mixed mode: float32 weights with
@@ -158,19 +158,19 @@ transcriber("song.wav")["midi"].write("song.mid")'''
 
 # `make bench` rows 5 and 6 on the project's CI machine kind (2-core CPU VM, torch 2.13.0+cpu, transformers 5.24.0;
 # see convert-mt3's README, 2026-11-26): the 60 s clip is golden case b repeated. GPU: an NVIDIA H200 (torch 2.11,
-# transformers 5.17, jax 0.11.2 with CUDA; benchmarks/results_gpu_h200_2df8d81.json, 2026-11-27).
+# transformers 5.17, jax 0.11.2 with CUDA; benchmarks/results_gpu_h200_79c9ef5.json, 2026-11-28).
 SPEED = """### Speed and precision (measured with convert-mt3's `make bench`)
 
 A 60 s dense multi-instrument clip (30 segments) on a 2-core CPU VM (torch 2.13, transformers 5.24, float32),
 against the original JAX/Flax MT3 network (jax 0.10.2, its jitted greedy loop, batch 8) decoding the same frames in
-the same run, fifteen runs on 2026-11-26/27:
+the same run, seventeen runs on 2026-11-26/27:
 
 | | port | original | port's speed-up | identical segments | port peak memory |
 |---|---|---|---|---|---|
-| last run | 12.4 s (0.21 s per audio s) | 57.5 s (0.96 s per audio s) | 4.6x | 30/30 | 1.25 GB |
-| fifteen runs | 12.4-20.2 s | 45.8-90.1 s | 3.7-5.9x (median 4.4x) | 30/30 in every run | 1.23-1.26 GB (\\*) |
+| last run | 14.6 s (0.24 s per audio s) | 54.4 s (0.91 s per audio s) | 3.7x | 30/30 | 1.24 GB |
+| seventeen runs | 12.4-20.2 s | 45.8-90.1 s | 3.7-5.9x (median 4.4x) | 30/30 in every run | 1.23-1.26 GB (\\*) |
 
-(\\*) the fourteen runs after a fix that frees the decoding caches when `generate()` returns.
+(\\*) the sixteen runs after a fix that frees the decoding caches when `generate()` returns.
 
 An hour of audio took 17.6 minutes end to end on that VM (0.29 s per audio second), peak 3.05 GB with the whole
 hour's spectrogram in memory (the pipeline computes it 16 segments at a time).
@@ -180,13 +180,13 @@ float32 is the trained precision and reproduces the original's notes exactly on 
 weights, `torch.autocast(device, dtype=torch.bfloat16)` around `generate()`) keeps 77%, 96% and 89% of the notes,
 `.to(torch.bfloat16)` 57%, 77% and 77%; on a CPU both are also slower than float32.
 
-On one NVIDIA H200 (torch 2.11, 2026-11-27), float32 with CUDA graphs (the default on CUDA): the hour's ids equal
-the CPU float32 run's in every segment, the clip's equal eager float32's:
+On one NVIDIA H200 (torch 2.11, 2026-11-28), float32 with CUDA graphs and `eos_check_interval=8` (the defaults on
+CUDA): the hour's ids equal the CPU float32 run's in every segment, the clip's equal eager float32's:
 
 | | float32 | autocast float16 | the original (Flax, jax 0.11.2 on the GPU, batch 8) |
 |---|---|---|---|
-| 60 s dense clip, `generate()` | 0.44 s (0.42-0.48 s with `eos_check_interval=8`) | 0.44 s (27/30 segments as float32) | 0.66 s |
-| one hour end to end (features, `generate()`, notes) | 9.2 s (8.6-8.9 s with `eos_check_interval` 8 or 32), 10.2 GB GPU memory | 6.5 s (95.9% of the notes), 5.8 GB | not run |
+| 60 s dense clip, `generate()` | 0.42-0.44 s (three runs) | 0.41 s (28/30 segments as float32) | 0.66-0.67 s |
+| one hour end to end (features, `generate()`, notes) | 7.4 and 7.6 s (two runs), 10.2 GB GPU memory | 5.5 s (95.9% of the notes), 5.8 GB | not run |
 
 Autocast bfloat16 kept 79.6% of the hour's notes in an earlier run. Use float32 to transcribe; float16 autocast
 where speed matters more than the last notes."""

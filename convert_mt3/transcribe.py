@@ -2,14 +2,16 @@
 
 Runs the model the way a Hub user does: `transformers.pipeline(model=MODEL, trust_remote_code=True)` (the folder's
 own pipeline_mt3.py). Directories and globs are expanded; files whose outputs all exist are skipped, so an
-interrupted run resumes; an unreadable file gets one error line and the others carry on; exit status 1 if any
-input failed. Every output is written to a temporary file beside it and renamed into place.
+interrupted run resumes (without --overwrite only the missing outputs are written: a file already there is never
+replaced); an unreadable file, or an output that cannot be written, gets one error line and the others carry on;
+exit status 1 if any input failed. Every output is written to a temporary file beside it and renamed into place.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import logging
 import os
 import sys
 from collections import deque
@@ -147,13 +149,22 @@ def write_atomic(path: Path, write) -> None:
             os.remove(temporary)
 
 
-def write_outputs(job: Job, result: dict) -> None:
-    for fmt, path in job.outputs.items():
-        if fmt == "midi":
-            write_atomic(path, result["midi"].write)
-        else:
-            text = notes_to_json(result["notes"]) if fmt == "json" else notes_to_csv(result["notes"])
-            write_atomic(path, lambda temporary, text=text: Path(temporary).write_text(text))
+def missing_outputs(job: Job) -> dict[str, Path]:
+    """The outputs of `job` that are not there yet (a folder in an output's place counts as missing: writing fails)."""
+    return {fmt: path for fmt, path in job.outputs.items() if not path.is_file()}
+
+
+def write_outputs(outputs: dict[str, Path], result: dict) -> None:
+    """Write `outputs` (format -> file); an OSError names the output that could not be written."""
+    for fmt, path in outputs.items():
+        try:
+            if fmt == "midi":
+                write_atomic(path, result["midi"].write)
+            else:
+                text = notes_to_json(result["notes"]) if fmt == "json" else notes_to_csv(result["notes"])
+                write_atomic(path, lambda temporary, text=text: Path(temporary).write_text(text))
+        except OSError as err:
+            raise OSError(f"cannot write {path} ({err.strerror or err})") from None
 
 
 def load_pipeline(args: argparse.Namespace, device: str, programs: set[int] | None):
@@ -164,6 +175,8 @@ def load_pipeline(args: argparse.Namespace, device: str, programs: set[int] | No
     if args.quiet:
         transformers_logging.disable_progress_bar()
         transformers_logging.set_verbosity_error()
+        # the folder's own code logs under transformers_modules.<hash>, outside transformers' logger
+        logging.getLogger("transformers_modules").setLevel(logging.ERROR)
     try:
         return pipeline(
             "music-transcription",
@@ -194,10 +207,14 @@ def run(args: argparse.Namespace) -> int:
     files, errors = expand_inputs(args.inputs)
     jobs, duplicate_errors = plan_jobs(files, out_dir, formats)
     errors += duplicate_errors
+    pending = [job for job in jobs if args.overwrite or missing_outputs(job)]
+    skipped = len(jobs) - len(pending)
+    # inputs that are no files fail here, before the model loads (nothing to do: no model, no OUT_DIR)
+    errors += [(str(job.source), "no such file" if not job.source.exists() else "not a file")
+               for job in pending if not job.source.is_file()]
+    pending = [job for job in pending if job.source.is_file()]
     for source, error in errors:
         print(f"error: {source}: {error}", file=sys.stderr)
-    pending = [j for j in jobs if args.overwrite or not all(p.exists() for p in j.outputs.values())]
-    skipped = len(jobs) - len(pending)
     failures = [source for source, _ in errors]
     done = 0
 
@@ -223,8 +240,14 @@ def run(args: argparse.Namespace) -> int:
                     yield {"array": samples, "sampling_rate": pipe.feature_extractor.sampling_rate}
 
             for result in pipe(audio_stream(), return_midi="midi" in formats):
-                write_outputs(queued.popleft(), result)
-                done += 1
+                job = queued.popleft()
+                try:
+                    write_outputs(job.outputs if args.overwrite else missing_outputs(job), result)
+                except OSError as err:
+                    bar.write(f"error: {job.source}: {err}", file=sys.stderr)
+                    failures.append(str(job.source))
+                else:
+                    done += 1
                 bar.update(1)
     if not args.quiet or failures:
         failed = f"{len(failures)} failed" + (f" ({some_names(failures)})" if failures else "")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -107,6 +108,37 @@ def test_many_files_on_tiny_model(tiny_folder, tmp_path, monkeypatch, capsys):
     (tmp_path / "out" / "three.csv").unlink()  # half done: transcribed again
     assert main([str(tiny_folder), "set", "three.wav", "-o", "out", "--format", "json,csv", "--quiet"]) == 0
     assert (tmp_path / "out" / "three.csv").exists()
+
+
+def test_outputs_already_there_or_unwritable(tiny_folder, tmp_path, monkeypatch, capsys):
+    """Without --overwrite an output file already there is never replaced (the missing ones are written); an output
+    that cannot be written is one error line naming the input and the output, and the other files carry on; with
+    --quiet, only error lines (the folder's own code logs outside transformers' logger); inputs that are no files
+    fail before the model is loaded, and leave no OUT_DIR."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    tone = (0.3 * np.sin(np.arange(20000) / 10)).astype(np.float32)
+    for name in ("a", "b"):
+        soundfile.write(tmp_path / f"{name}.wav", tone, 16000)
+    (tmp_path / "out" / "b.json").mkdir(parents=True)  # a folder where b's output goes
+    (tmp_path / "out" / "a.mid").write_text("MY OWN FILE")
+    assert main([str(tiny_folder), "a.wav", "b.wav", "-o", "out", "--format", "midi,json", "--quiet"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("error: b.wav: cannot write out/b.json (Is a directory)"), lines
+    assert lines[1:] == ["mt3-transcribe: 1 transcribed, 0 skipped (outputs exist), 1 failed (b.wav); outputs in out"]
+    assert (tmp_path / "out" / "a.mid").read_text() == "MY OWN FILE" and (tmp_path / "out" / "a.json").is_file()
+    assert (tmp_path / "out" / "b.mid").is_file() and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a.json", "a.mid", "b.json", "b.mid"]  # no temporary file left
+    folder_logger = logging.getLogger(f"transformers_modules.{tiny_folder.name}.tokenization_mt3")
+    try:
+        assert not folder_logger.isEnabledFor(logging.WARNING)  # e.g. "segments end without EOS", under --quiet
+    finally:
+        logging.getLogger("transformers_modules").setLevel(logging.NOTSET)
+
+    monkeypatch.setattr("convert_mt3.transcribe.load_pipeline", lambda *args: pytest.fail("the model was loaded"))
+    assert main([str(tiny_folder), "missing.wav", "-o", "new", "--quiet"]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == "error: missing.wav: no such file"
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_file_with_nan_samples_fails_alone(tiny_folder, tmp_path, monkeypatch, capsys):

@@ -18,6 +18,7 @@ Needs: transformers, torch, soundfile, soxr, pretty_midi.
 from __future__ import annotations
 
 import argparse
+import logging
 import secrets
 import shutil
 import stat
@@ -76,9 +77,22 @@ def source_files(model: str) -> Path:
     return Path(snapshot_download(model, ignore_patterns=["*.safetensors", "*.bin"]))
 
 
-def check_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path, probe: bool = False) -> None:
+    """OUT_DIR must be new or an empty folder; with `probe`, the nearest existing folder on its path must take a new
+    folder (one is made there and removed), so that an unwritable OUT_DIR is refused before training, not after."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"{out_dir}: exists and is not an empty folder")
+    if not probe:
+        return
+    existing = next(folder for folder in out_dir.absolute().parents if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{out_dir}: {existing} is not a folder")
+    trial = existing / f".{out_dir.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        trial.mkdir()
+    except OSError as err:
+        raise ValueError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
+    trial.rmdir()
 
 
 def save_folder(model, source: Path, out_dir: Path, note: str) -> None:
@@ -107,7 +121,7 @@ def save_folder(model, source: Path, out_dir: Path, note: str) -> None:
 
 
 def finetune(args: argparse.Namespace) -> int:
-    check_out_dir(Path(args.out_dir))  # before hours of training, not after
+    check_out_dir(Path(args.out_dir), probe=True)  # before hours of training, not after
     for name, path in (("AUDIO", args.audio), ("MIDI", args.midi)):
         if not Path(path).is_file():
             raise ValueError(f"{name} {path}: no such file")
@@ -123,6 +137,16 @@ def finetune(args: argparse.Namespace) -> int:
     reference = processor.batch_decode(labels.tolist(), segment_start_times=start_times, has_decoder_start=False, return_midi=False)["notes"]
     log = (lambda text: None) if args.quiet else print
     log(f"{len(features)} segments, {int((labels != -100).sum())} target tokens, {len(reference)} reference notes")
+    # Segments whose targets are longer than the model takes (the processor warned) are left out of training, as
+    # MT3's own training skips them; the evaluation still covers every segment.
+    ends = torch.where(labels != -100, torch.arange(1, labels.shape[1] + 1), 0).amax(1)  # (segments,) target length
+    limit = processor.tokenizer.model_max_length
+    kept = (ends <= limit).nonzero()[:, 0]
+    if not len(kept):
+        raise ValueError(f"MIDI {args.midi}: every segment's targets are longer than the model's {limit} ids")
+    if len(kept) < len(features):
+        log(f"{len(features) - len(kept)} of {len(features)} segments left out of training: targets over {limit} ids")
+    train_features, train_labels = features[kept], labels[kept, : int(ends[kept].max())]
 
     if args.eval == "both":
         before = note_f1(transcribe_notes(model, processor, features, start_times, args.device), reference)
@@ -132,7 +156,7 @@ def finetune(args: argparse.Namespace) -> int:
     if args.freeze_encoder:
         model.get_encoder().requires_grad_(False)
         with torch.no_grad():  # (segments, frames, d_model), eval mode: no dropout in the frozen encoder
-            encoded = model.eval().get_encoder()(features.to(args.device)).last_hidden_state
+            encoded = model.eval().get_encoder()(train_features.to(args.device)).last_hidden_state
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
@@ -143,9 +167,9 @@ def finetune(args: argparse.Namespace) -> int:
     with tqdm(range(args.steps), unit="step", disable=args.quiet) as bar:
         for step in bar:
             if len(order) < args.batch_size:
-                order += torch.randperm(len(features), generator=generator).tolist()
+                order += torch.randperm(len(train_features), generator=generator).tolist()
             picked, order = order[: args.batch_size], order[args.batch_size :]
-            batch = processor.collate([{"input_features": features[i], "labels": labels[i]} for i in picked])
+            batch = processor.collate([{"input_features": train_features[i], "labels": train_labels[i]} for i in picked])
             batch = {k: v.to(args.device) for k, v in batch.items()}
             if encoded is not None:
                 batch = {"encoder_outputs": (encoded[picked],), "labels": batch["labels"]}
@@ -200,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         transformers_logging.disable_progress_bar()
         transformers_logging.set_verbosity_error()
+        logging.getLogger("transformers_modules").setLevel(logging.ERROR)  # the folder's own code logs there
     try:
         return finetune(args)
     except (ValueError, OSError) as err:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import secrets
 import sys
@@ -43,12 +44,19 @@ def load_audio(path: Path, sampling_rate: int) -> np.ndarray:
 
 
 def check_output_file(option: str, target: str) -> None:
-    """A file to be written: not a folder, and in a folder that exists."""
+    """A file to be written: not a folder, in a folder that exists and takes new files (tried: a file is made
+    there and removed, as `write_beside` will make one)."""
     path = Path(target)
     if path.is_dir():
         raise ValueError(f"{option} {target}: is a directory, expected a file to write")
     if not path.absolute().parent.is_dir():
         raise ValueError(f"{option} {target}: folder {path.absolute().parent} does not exist")
+    probe = path.absolute().parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        open(probe, "xb").close()
+    except OSError as err:
+        raise ValueError(f"{option} {target}: cannot be written ({err.strerror or err})") from None
+    probe.unlink()
 
 
 def check_model(model: str) -> None:
@@ -73,8 +81,19 @@ def write_beside(path: Path, write: Callable) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def plot_format(path: str) -> str:
+    """The image format `path`'s suffix names, if matplotlib writes it."""
+    from matplotlib.figure import Figure
+
+    supported = Figure().canvas.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in supported:
+        raise ValueError(f"--plot {path}: matplotlib writes {', '.join(sorted(supported))}; found {suffix or 'no suffix'!r}")
+    return suffix
+
+
 def plot_piano_roll(notes: list[dict], path: Path) -> None:
-    """One bar per note, coloured by program; drums as black ticks."""
+    """One bar per note, coloured by program; drums as black ticks; written beside `path`, then renamed onto it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,17 +112,20 @@ def plot_piano_roll(notes: list[dict], path: Path) -> None:
     ax.legend(handles, [f"program {p}" for p in programs], loc="upper right", fontsize="small", ncol=2)
     ax.set(xlabel="time (s)", ylabel="MIDI pitch", title=f"{len(notes)} notes")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_beside(path, lambda file: fig.savefig(file, dpi=100, format=plot_format(str(path))))
     plt.close(fig)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Everything that can be refused is refused before the model or the audio is read."""
+    """Everything that can be refused is refused before the model or the audio is read (`--programs`: by the
+    folder's pipeline as it is built, before the audio is read)."""
     for option, target in [("OUT.mid", args.out), ("--plot", args.plot)]:
         if target is not None:
             check_output_file(option, target)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib: pip install matplotlib")
+    if args.plot:
+        plot_format(args.plot)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda: CUDA is not available (torch {torch.__version__}); use --device cpu")
     if not Path(args.audio).exists():
@@ -114,8 +136,14 @@ def check_arguments(args: argparse.Namespace) -> None:
 def transcribe(args: argparse.Namespace) -> int:
     check_arguments(args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    pipe = pipeline("music-transcription", model=args.model, trust_remote_code=True, device=args.device, dtype=dtype)
-    result = pipe(args.audio, batch_size=args.batch_size, programs=args.programs, return_midi=True)
+    try:
+        pipe = pipeline("music-transcription", model=args.model, trust_remote_code=True, device=args.device,
+                        dtype=dtype, programs=args.programs)
+    except ValueError as err:
+        if args.programs is not None and str(err).startswith("programs"):  # the folder's own parser refused it
+            raise ValueError(f"--{err}") from None
+        raise
+    result = pipe(args.audio, batch_size=args.batch_size, return_midi=True)
     write_beside(Path(args.out), result["midi"].write)
     if args.plot:
         plot_piano_roll(result["notes"], Path(args.plot))
@@ -144,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         transformers_logging.disable_progress_bar()
         transformers_logging.set_verbosity_error()
+        logging.getLogger("transformers_modules").setLevel(logging.ERROR)  # the folder's own code logs there
     try:
         return transcribe(args)
     except (ValueError, ImportError, OSError) as err:

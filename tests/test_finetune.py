@@ -88,6 +88,34 @@ def test_finetune_runs_and_saves_a_loadable_folder(tiny_folder, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and lines == [f"error: {message}"], result.stderr[-2000:]
     assert not (tmp_path / "new").exists()
+    # an OUT_DIR that cannot be made is refused before training, not after it
+    result = run_example([str(tiny_folder), "clip.wav", "clip.mid", "clip.wav/new", "--steps", "1", "--quiet"], tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"error: clip.wav/new: {tmp_path / 'clip.wav'} is not a folder"], result.stderr[-2000:]
+
+
+def test_segments_with_targets_too_long_are_left_out(tiny_folder, tmp_path):
+    """A note held for hours (its tie section repeats in every later segment) makes segments whose targets exceed
+    the model's 1024 ids; they are left out of training, with a line that says so, instead of failing mid-run."""
+    soundfile.write(tmp_path / "clip.wav", np.zeros(4 * 16000, np.float32), 16000)
+    midi = pretty_midi.PrettyMIDI()
+    # 700 notes of 8 programs starting in the first 1.5 s, held for a minute: 1552 and 1425 target ids in the two
+    # segments (the second ties them all)
+    midi.instruments = [pretty_midi.Instrument(8 * k) for k in range(8)]
+    for i in range(700):
+        midi.instruments[i // 88].notes.append(pretty_midi.Note(90, 21 + i % 88, 0.01 * (i % 150), 60.0))
+    midi.write(str(tmp_path / "long.mid"))
+    result = run_example([str(tiny_folder), "clip.wav", "long.mid", "out", "--steps", "2", "--batch-size", "2"], tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        "error: MIDI long.mid: every segment's targets are longer than the model's 1024 ids"), result.stderr[-2000:]
+    audio = np.zeros(6 * 16000, np.float32)  # a third segment, after the notes end: short targets, kept
+    soundfile.write(tmp_path / "clip.wav", audio, 16000)
+    for note in midi.instruments[0].notes:
+        note.end = 4.5
+    midi.write(str(tmp_path / "long.mid"))
+    result = run_example([str(tiny_folder), "clip.wav", "long.mid", "out", "--steps", "2", "--batch-size", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 of 3 segments left out of training: targets over 1024 ids" in result.stdout, result.stdout[-2000:]
 
 
 def test_note_f1():

@@ -88,6 +88,8 @@ def test_labels_are_checked_against_the_segments():
         labels[1, 2] = bad
         with pytest.raises(ValueError, match=f"label ids in \\[0, {model.config.vocab_size}\\) or -100; found {bad}"):
             model(input_features=x, labels=labels)
+    with pytest.raises(ValueError, match="Expected integer label ids \\(torch.long\\); found torch.float32"):
+        model(input_features=x, labels=torch.ones(2, 5))
     labels = torch.ones(2, 5, dtype=torch.long)
     labels[:, 3:] = -100
     assert torch.isfinite(model(input_features=x, labels=labels).loss)

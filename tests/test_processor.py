@@ -310,6 +310,7 @@ def test_notes_as_tuples_or_the_pipelines_dicts(processor):
         ([np.float64(3.0)], "found float64"),
         ([(0, False, 200, 100, 0.5, 1.0)], "pitch and program 0..127"),
         ([(128, False, 60, 100, 0.5, 1.0)], "pitch and program 0..127"),
+        ([(0, False, 60, 100, 0.5, float("inf"))], "finite times, start < end"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             processor(audio=audio, sampling_rate=16000, notes=bad)

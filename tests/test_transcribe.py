@@ -95,8 +95,9 @@ def test_example_options_and_bad_input(real_folder, tmp_path):
     result = run_example([str(real_folder), "broken.ogg", "x.mid", "--quiet"], tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: broken.ogg: cannot read audio") and len(result.stderr.strip().splitlines()) == 1
-    result = run_example([str(real_folder), "tone.flac", "x.mid", "--programs", "7-x", "--quiet"], tmp_path)
-    assert result.returncode == 1 and "programs '7-x'" in result.stderr
+    result = run_example([str(real_folder), "tone.flac", "y.mid", "--programs", "7-x", "--quiet"], tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().startswith("error: --programs '7-x'")
+    assert not (tmp_path / "y.mid").exists()
 
 
 def test_example_refuses_bad_arguments_before_reading_audio(tmp_path):
@@ -109,6 +110,9 @@ def test_example_refuses_bad_arguments_before_reading_audio(tmp_path):
         (["a.wav", "outdir.mid"], "", "OUT.mid outdir.mid: is a directory"),
         (["a.wav", "x.mid", "--plot", "nowhere/roll.png"], "", "--plot nowhere/roll.png: folder"),
         (["a.wav", "x.mid", "--plot", "roll.png"], "sys.modules['matplotlib'] = None\n", "--plot needs matplotlib"),
+        (["a.wav", "x.mid", "--plot", "roll.xyz"], "", "--plot roll.xyz: matplotlib writes"),
+        (["a.wav", "x.mid", "--plot", "roll"], "", "found 'no suffix'"),
+        (["a.wav", "/proc/x.mid"], "", "OUT.mid /proc/x.mid: cannot be written"),
         (["missing.wav", "x.mid"], "", "missing.wav: no such file"),
     ]
     if not torch.cuda.is_available():

@@ -95,6 +95,8 @@ class MT3PreTrainedModel(PreTrainedModel):
         """Label ids must be in the vocabulary or -100: the embedding and the loss would fail deep inside otherwise
         (on CUDA with a device-side assert). Reads one flag back from the device; skipped while compiling and for
         tensors without data."""
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"Expected integer label ids (torch.long); found {labels.dtype}.")
         if labels.device.type == "meta" or torch.compiler.is_compiling():
             return
         outside = (labels >= self.config.vocab_size) | ((labels < 0) & (labels != -100))

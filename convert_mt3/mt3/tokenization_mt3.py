@@ -268,10 +268,11 @@ class MT3Tokenizer(PreTrainedTokenizer):
         for note in notes:
             note = as_note(note)
             if not (0 <= note.pitch <= 127 and 0 <= note.program <= 127 and 1 <= note.velocity <= 127) or not (
-                note.start < note.end
+                -np.inf < note.start < note.end < np.inf
             ):
                 raise ValueError(
-                    f"Expected notes with pitch and program 0..127, velocity 1..127 and start < end; found {note}."
+                    f"Expected notes with pitch and program 0..127, velocity 1..127 and finite times, start < end; "
+                    f"found {note}."
                 )
             checked.append(note)
         segments = encode_notes(

@@ -8,7 +8,9 @@ Each process takes its contiguous share of the dataset (`PartialState().split_be
 `Dataset.map(batched=True)` with the folder's own pipeline on its device (one GPU per process under accelerate),
 and writes its rows; the main process then joins the shares in dataset order into OUT.jsonl: one line per file,
 `{"path": ..., "notes": [...], "error": null}`, the same as one process writes. A file that cannot be read gets
-`"notes": null` and the reason in `error`, the others go on, and the exit status is 1. Needs: transformers, torch,
+`"notes": null` and the reason in `error`, the others go on, and the exit status is 1 (the main process's, counting
+every process's files; the others exit 0). AUDIO_DIR's .wav, .flac, .ogg and .mp3 files are transcribed (the
+pipeline reads any format libsndfile reads: convert other files first). Needs: transformers, torch,
 datasets, accelerate, soundfile, soxr. No import of convert_mt3: what a Hub user runs.
 """
 
@@ -54,7 +56,7 @@ def main() -> int:
     parser.add_argument("out", help="JSON lines file to write")
     parser.add_argument("--batch-size", type=int, help="segments per generate call (default: the model's "
                         "segment_batch_size for the device, generation_config.json)")
-    parser.add_argument("--files-per-map-batch", type=int, default=8, help="files handed to the pipeline at once")
+    parser.add_argument("--files-per-map-batch", type=int, default=8, help="files handed to the pipeline at once (default 8)")
     parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo); needed for several CPU processes")
     args = parser.parse_args()
     try:
@@ -102,18 +104,24 @@ def main() -> int:
                 failed += row["failed"]
         print(f"process {state.process_index}/{state.num_processes}: {len(share)} files"
               + (f", {failed} not read (see their error in {args.out})" if failed else ""))
-        status = 1 if failed else 0
     state.wait_for_everyone()
-    if state.is_main_process:
-        parts = [out.with_name(f".{out.name}.part{rank}") for rank in range(state.num_processes)]
-        joined = out.with_name(f".{out.name}.tmp")
-        with open(joined, "w") as f:
-            for path in parts:
-                f.write(path.read_text())
-        os.replace(joined, out)  # complete or absent: never half-written
+    if not state.is_main_process:
+        return 0  # the main process reports the whole corpus
+    parts = [out.with_name(f".{out.name}.part{rank}") for rank in range(state.num_processes)]
+    joined = out.with_name(f".{out.name}.tmp")
+    failed = 0
+    with open(joined, "w") as f:
         for path in parts:
-            path.unlink()
-    return status
+            text = path.read_text()
+            failed += sum(json.loads(line)["error"] is not None for line in text.splitlines())
+            f.write(text)
+    os.replace(joined, out)  # complete or absent: never half-written
+    for path in parts:
+        path.unlink()
+    if state.num_processes > 1:
+        print(f"all {state.num_processes} processes: {len(dataset)} files"
+              + (f", {failed} not read (see their error in {args.out})" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

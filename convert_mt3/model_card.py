@@ -163,14 +163,14 @@ SPEED = """### Speed and precision (measured with convert-mt3's `make bench`)
 
 A 60 s dense multi-instrument clip (30 segments) on a 2-core CPU VM (torch 2.13, transformers 5.24, float32),
 against the original JAX/Flax MT3 network (jax 0.10.2, its jitted greedy loop, batch 8) decoding the same frames in
-the same run, seventeen runs on 2026-11-26/27:
+the same run, eighteen runs on 2026-11-26 to 28:
 
 | | port | original | port's speed-up | identical segments | port peak memory |
 |---|---|---|---|---|---|
-| last run | 14.6 s (0.24 s per audio s) | 54.4 s (0.91 s per audio s) | 3.7x | 30/30 | 1.24 GB |
-| seventeen runs | 12.4-20.2 s | 45.8-90.1 s | 3.7-5.9x (median 4.4x) | 30/30 in every run | 1.23-1.26 GB (\\*) |
+| last run | 13.1 s (0.22 s per audio s) | 57.1 s (0.95 s per audio s) | 4.4x | 30/30 | 1.23 GB |
+| eighteen runs | 12.4-20.2 s | 45.8-90.1 s | 3.7-5.9x (median 4.4x) | 30/30 in every run | 1.23-1.26 GB (\\*) |
 
-(\\*) the sixteen runs after a fix that frees the decoding caches when `generate()` returns.
+(\\*) the seventeen runs after a fix that frees the decoding caches when `generate()` returns.
 
 An hour of audio took 17.6 minutes end to end on that VM (0.29 s per audio second), peak 3.05 GB with the whole
 hour's spectrogram in memory (the pipeline computes it 16 segments at a time).

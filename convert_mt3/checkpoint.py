@@ -86,22 +86,29 @@ def _read_regular(path: Path, root: Path, limit: int) -> bytes:
         raise CheckpointError(f"{path}: cannot be resolved (symlink loop or unreadable)") from None
     if not real.is_relative_to(root):
         raise CheckpointError(f"{path}: resolves outside the checkpoint folder {root}")
+    return read_bounded(real, limit, CheckpointError, path, f", more than the {limit} its metadata allows")
+
+
+def read_bounded(path: Path, limit: int, error: type[ValueError], name: Path, too_big: str) -> bytes:
+    """The bytes of `path` itself (a symlink is not followed), a regular file of at most `limit` bytes, else
+    `error` naming `name`: devices, FIFOs and sockets are refused before a byte is read. `too_big` ends the message
+    for a larger file."""
     try:
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # NONBLOCK: opening a FIFO must not hang
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # NONBLOCK: opening a FIFO must not hang
     except OSError as err:
-        raise CheckpointError(f"{path}: cannot be opened ({err.strerror or type(err).__name__})") from None
+        raise error(f"{name}: cannot be opened ({err.strerror or type(err).__name__})") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"{path}: not a regular file")
+            raise error(f"{name}: not a regular file")
         if info.st_size > limit:
-            raise CheckpointError(f"{path}: {info.st_size} bytes, more than the {limit} its metadata allows")
+            raise error(f"{name}: {info.st_size} bytes{too_big}")
         with os.fdopen(fd, "rb", closefd=False) as file:
             data = file.read(limit + 1)
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise CheckpointError(f"{path}: grew past the {limit} bytes its metadata allows while being read")
+        raise error(f"{name}: grew past {limit} bytes while being read")
     return data
 
 

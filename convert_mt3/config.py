@@ -9,14 +9,13 @@ be overridden (CLI flags); shapes and gin must agree with each other.
 from __future__ import annotations
 
 import ast
-import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .checkpoint import read_bounded
 from .mt3.configuration_mt3 import MT3Config
 
 GIN_FILE = "config.gin"
@@ -56,17 +55,7 @@ def read_gin(path: Path) -> list[str]:
     MAX_GIN_BYTES."""
     if path.is_symlink():
         raise ConfigError(f"{path}: is a symbolic link; expected T5X's config.gin as a regular file")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot be read as a gin file ({err.strerror or err})") from None
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{path}: not a regular file; expected T5X's config.gin")
-        if info.st_size > MAX_GIN_BYTES:
-            raise ConfigError(f"{path}: {info.st_size} bytes; expected a gin file of at most {MAX_GIN_BYTES}")
-        data = file.read(MAX_GIN_BYTES + 1)
+    data = read_bounded(path, MAX_GIN_BYTES, ConfigError, path, f"; expected a gin file of at most {MAX_GIN_BYTES}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -135,4 +135,5 @@ def derive_variant(
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
+
 __all__ = ["LAYOUTS", "Variant", "VariantError", "derive_variant", "parse_variant_gin", "vocab_size_of"]

@@ -36,10 +36,7 @@ def find_files(args: argparse.Namespace) -> list[str]:
     """The corpus's audio files, after refusing what would fail only at the end (OUT) or give nothing."""
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    check_output_file("OUT", args.out)
-    folder = Path(args.out).absolute().parent
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"OUT {args.out}: folder {folder} is not writable")
+    check_output_file("OUT", args.out)  # also tries a file in its folder
     if not Path(args.audio_dir).is_dir():
         raise ValueError(f"AUDIO_DIR {args.audio_dir}: no such folder")
     files = sorted(str(p) for p in Path(args.audio_dir).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)

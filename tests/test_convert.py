@@ -299,26 +299,28 @@ def break_chunks_larger_than_the_array(mt3_ckpt):
     return "chunks no larger than the array"
 
 
+def append_to_gin(mt3_ckpt, lines: str) -> None:
+    with open(mt3_ckpt.parent / "config.gin", "a") as gin:
+        gin.write(lines)
+
+
 def break_binary_gin(mt3_ckpt):
     (mt3_ckpt.parent / "config.gin").write_bytes(b"\xff\xfe\x00binary")
     return "config.gin: not a gin file (not UTF-8 text)"
 
 
 def break_gin_value_type(mt3_ckpt):
-    with open(mt3_ckpt.parent / "config.gin", "a") as gin:
-        gin.write("network.T5Config.num_heads = 2.0\n")
+    append_to_gin(mt3_ckpt, "network.T5Config.num_heads = 2.0\n")
     return "config.gin: T5Config.num_heads = 2.0: expected an integer"
 
 
 def break_gin_dropout(mt3_ckpt):
-    with open(mt3_ckpt.parent / "config.gin", "a") as gin:
-        gin.write("network.T5Config.dropout_rate = 5\n")
+    append_to_gin(mt3_ckpt, "network.T5Config.dropout_rate = 5\n")
     return "config.gin: T5Config.dropout_rate = 5: expected a number from 0 to below 1"
 
 
 def break_gin_negative_heads(mt3_ckpt):
-    with open(mt3_ckpt.parent / "config.gin", "a") as gin:
-        gin.write("network.T5Config.num_heads = -2\nnetwork.T5Config.head_dim = -8\n")
+    append_to_gin(mt3_ckpt, "network.T5Config.num_heads = -2\nnetwork.T5Config.head_dim = -8\n")
     return "config.gin: T5Config.num_heads = -2: expected an integer >= 1"
 
 
@@ -337,8 +339,7 @@ def break_gin_size(mt3_ckpt):
 
 
 def break_gin_velocity_bins(mt3_ckpt):
-    with open(mt3_ckpt.parent / "config.gin", "a") as gin:
-        gin.write("NUM_VELOCITY_BINS = 1000000000\n")
+    append_to_gin(mt3_ckpt, "NUM_VELOCITY_BINS = 1000000000\n")
     return "config.gin: NUM_VELOCITY_BINS: num_velocity_bins 1000000000: expected an integer from 1 to 127"
 
 
@@ -351,8 +352,7 @@ def break_nan_scale(mt3_ckpt):
 
 
 def break_gin_use_ties(mt3_ckpt):
-    with open(mt3_ckpt.parent / "config.gin", "a") as gin:
-        gin.write("USE_TIES = 'no'\n")
+    append_to_gin(mt3_ckpt, "USE_TIES = 'no'\n")
     return "use_ties 'no': expected True or False"
 
 

@@ -29,6 +29,18 @@ def test_loss_parts_and_ignore_index():
     torch.testing.assert_close(loss, cross_entropy + z_term)
 
 
+def test_loss_is_computed_in_at_least_float32():
+    """Half-precision logits are widened to float32 (the softmax normaliser of 1536 logits would round in half);
+    float64 logits stay float64, so a float64 model's gradients can be checked by finite differences."""
+    labels = torch.tensor([[1, 2, -100]])
+    for dtype, expected in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                            (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        logits = torch.randn(1, 3, 7, generator=torch.Generator().manual_seed(0)).to(dtype)
+        assert all(part.dtype == expected for part in mt3_loss(logits, labels, z_loss=1e-4)), dtype
+    logits = torch.randn(1, 3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: mt3_loss(x, labels, z_loss=1e-4)[0], (logits,))
+
+
 def test_gradient_accumulation_adds_up_to_the_batch_loss():
     """Trainer under gradient accumulation passes the step's counted tokens as `num_items_in_batch`: the
     micro-batches' losses (and so their gradients) then add up to the whole batch's mean loss."""

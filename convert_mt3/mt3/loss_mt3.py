@@ -25,7 +25,7 @@ def mt3_loss(
     `num_items_in_batch`: the counted tokens of the whole optimizer step, which transformers' `Trainer` passes under
     gradient accumulation: the sums are divided by it, so that the micro-batches' losses add up to the step's mean.
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32; float64 stays
     counted = labels != ignore_index  # (batch, tokens)
     log_z = torch.logsumexp(logits, dim=-1)  # (batch, tokens)
     target_logits = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)

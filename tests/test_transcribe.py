@@ -69,19 +69,26 @@ def test_example_reproduces_golden_notes(shared, real_folder, tmp_path, case_nam
 
 
 def test_example_options_and_bad_input(real_folder, tmp_path):
-    """--programs restricts instruments, --plot draws, silence gives an empty MIDI, bad files one error line."""
+    """--programs keeps exactly the unfiltered run's notes of those programs (and drums), --plot draws, silence
+    gives an empty MIDI, bad files one error line."""
     rng = np.random.default_rng(0)
     t = np.arange(3 * 44100) / 44100
     tone = 0.3 * np.sin(2 * np.pi * 440 * t) * (t % 0.5 < 0.25)
     stereo = np.stack([tone, tone + 0.01 * rng.standard_normal(t.size)], axis=1).astype(np.float32)
     soundfile.write(tmp_path / "tone.flac", stereo, 44100)
-    result = run_example([str(real_folder), "tone.flac", "tone.mid", "--programs", "40-41", "--plot", "roll.png", "--quiet"], tmp_path)
+    result = run_example([str(real_folder), "tone.flac", "all.mid", "--quiet"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_example([str(real_folder), "tone.flac", "tone.mid", "--programs", "4", "--plot", "roll.png", "--quiet"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "tone.mid").stat().st_mode & 0o777 == 0o666 & ~umask  # as `open` makes it, not private
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    assert {n[0] for n in midi_notes(tmp_path / "tone.mid") if not n[1]} <= {40, 41}
+    unfiltered, kept = midi_notes(tmp_path / "all.mid"), midi_notes(tmp_path / "tone.mid")
+    print(f"programs of the tone's {len(unfiltered)} notes: {sorted({int(n[0]) for n in unfiltered if not n[1]})}; "
+          f"{len(kept)} kept by --programs 4")
+    assert kept and len(kept) < len(unfiltered)  # the tone must give notes of program 4 and of others
+    assert kept == [n for n in unfiltered if n[1] or n[0] == 4]
     assert (tmp_path / "roll.png").stat().st_size > 1000
 
     soundfile.write(tmp_path / "silence.wav", np.zeros(16000 * 3, np.float32), 16000)

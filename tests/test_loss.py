@@ -9,7 +9,10 @@ from torch.nn import functional as F
 
 from convert_mt3.mt3.loss_mt3 import mt3_loss
 
-TOL_CE = 1e-4  # port's teacher-forced cross entropy vs the one computed from the original's logits.npy
+# Port's teacher-forced cross entropy and z-loss vs those computed from the original's logits.npy, each with a ~10x
+# margin over what was measured: 1.1e-7 for the cross entropy (of 0.41), 1.0e-7 relative for the z-loss (of 2.3e-4).
+TOL_CE = 1e-6
+RTOL_Z = 1e-6
 
 
 def log_softmax64(logits: np.ndarray) -> np.ndarray:
@@ -75,10 +78,11 @@ def test_teacher_forced_loss_matches_original(real_model, shared):
         out = real_model(input_features=frames, labels=torch.from_numpy(labels))
     loss, cross_entropy, z_term = mt3_loss(out.logits, torch.from_numpy(labels), real_model.config.z_loss)
     print(f"\n[loss] port cross entropy {cross_entropy.item():.6f} vs original's logits {reference_ce:.6f} "
-          f"(|diff| {abs(cross_entropy.item() - reference_ce):.2e}); z-loss port {z_term.item():.6f}, "
-          f"from original's logits {reference_z:.6f}; total loss {out.loss.item():.6f}")
+          f"(|diff| {abs(cross_entropy.item() - reference_ce):.2e}); z-loss port {z_term.item():.6g}, "
+          f"from original's logits {reference_z:.6g} (relative diff {abs(z_term.item() / reference_z - 1):.2e}); "
+          f"total loss {out.loss.item():.6f}")
     assert abs(cross_entropy.item() - reference_ce) <= TOL_CE
-    assert abs(z_term.item() - reference_z) <= TOL_CE
+    assert abs(z_term.item() - reference_z) <= RTOL_Z * reference_z
     torch.testing.assert_close(out.loss, loss)
 
 

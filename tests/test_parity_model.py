@@ -18,8 +18,9 @@ from transformers import GenerationMixin
 from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration
 
 ENCODER_ATOL = 1e-4
-LOGITS_ATOL = 1e-3  # logits reach about +-30
-LOGITS_RTOL = 1e-4  # max |error| / max |golden logit|
+# Measured 6.9e-5 to 8.0e-5 (the three cases, CI's machine kind; float32 rounding over 16 layers): 3x margin. The golden logits
+# reach 58-62 in magnitude, so this is also ~4e-6 relative to the largest.
+LOGITS_ATOL = 2.5e-4
 
 
 CASES = ["a_brahms_string_orchestra", "b_multi_instrument_drums_synth", "c_ragtime_piano_recording"]
@@ -78,7 +79,7 @@ def test_teacher_forced_logits(real_model, case_data, case):
     err = np.abs(ours - golden).max()
     rel = err / np.abs(golden).max()
     print(f"\n[{case}] logits max abs err {err:.3g}, relative to max |logit| {rel:.3g}")
-    assert err <= LOGITS_ATOL and rel <= LOGITS_RTOL
+    assert err <= LOGITS_ATOL
     assert np.array_equal(ours.argmax(-1), golden.argmax(-1))
 
 

@@ -44,7 +44,7 @@ def early_eos(model, x: torch.Tensor, past: int = 0) -> int:
         if spread > best_spread and min(ends) < free.shape[1] // 2 and max(ends) > past:
             best, best_spread = token, spread
     if best is None or best_spread < 3:
-        pytest.skip("random model produced no usable early token")
+        pytest.fail("the seeded random model produced no usable early token: choose another seed")  # deterministic
     return best
 
 

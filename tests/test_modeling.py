@@ -231,7 +231,7 @@ def pick_early_eos(model: MT3ForConditionalGeneration, x: torch.Tensor) -> int:
         rows_with_it = [token in row[:12].tolist() for row in free]
         if not all(rows_with_it):
             return token
-    pytest.skip("random model produced no usable early token")
+    pytest.fail("the seeded random model produced no usable early token: choose another seed")  # deterministic
 
 
 def test_cached_and_uncached_generation_agree():

@@ -189,6 +189,8 @@ def load_pipeline(args: argparse.Namespace, device: str, programs: set[int] | No
         )
     except (OSError, ValueError, RuntimeError, KeyError) as err:  # KeyError: a folder of another model (no such task)
         reason = str(err).strip().strip("\"'").splitlines()[0] if str(err).strip() else type(err).__name__
+        if not Path(args.model).exists():  # "a/b" with no such folder was tried as a Hub repo id: say both
+            raise UsageError(f"MODEL {args.model}: no such folder, nor a loadable Hub repo id ({reason})") from None
         raise UsageError(f"{args.model}: cannot load the MT3 pipeline ({reason})") from None
 
 
@@ -251,8 +253,8 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(1)
     if not args.quiet or failures:
         failed = f"{len(failures)} failed" + (f" ({some_names(failures)})" if failures else "")
-        print(f"mt3-transcribe: {done} transcribed, {skipped} skipped (outputs exist), {failed}; outputs in {out_dir}",
-              file=sys.stderr)
+        where = f"; outputs in {out_dir}" if done or skipped else ""  # no folder named when nothing is in it
+        print(f"mt3-transcribe: {done} transcribed, {skipped} skipped (outputs exist), {failed}{where}", file=sys.stderr)
     return 1 if failures else 0
 
 

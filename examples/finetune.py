@@ -33,7 +33,7 @@ from transformers import AutoModel, AutoProcessor
 from transformers.utils import logging as transformers_logging
 
 sys.path.insert(0, str(Path(__file__).parent))
-from transcribe import check_model, load_audio  # noqa: E402  (the sibling example's checks and audio loader)
+from transcribe import check_model, load_audio, loading  # noqa: E402  (the sibling example's checks and audio loader)
 
 ONSET_TOLERANCE = 0.05  # seconds (mir_eval's default onset tolerance)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json")
@@ -127,8 +127,9 @@ def finetune(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} {path}: no such file")
     check_model(args.model)
     torch.manual_seed(args.seed)
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32).to(args.device)
+    with loading(args.model):
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+        model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32).to(args.device)
     audio = load_audio(Path(args.audio), processor.feature_extractor.sampling_rate)
     if not len(audio):
         raise ValueError(f"AUDIO {args.audio}: no samples to train on")

@@ -13,6 +13,7 @@ For many files, JSON/CSV notes and resuming, use `mt3-transcribe` (pip install c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import os
@@ -66,6 +67,19 @@ def check_model(model: str) -> None:
     if path.is_dir() or not (path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or "\\" in model):
         return
     raise ValueError(f"MODEL {model}: " + ("is not a folder" if path.exists() else "no such folder"))
+
+
+@contextlib.contextmanager
+def loading(model: str):
+    """Around loading MODEL: a name that is no folder here was tried as a Hub repo id, and transformers' OSError
+    then speaks of the Hub only (often "couldn't connect"): the error says both."""
+    try:
+        yield
+    except OSError as err:
+        if Path(model).exists():
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"MODEL {model}: no such folder, nor a loadable Hub repo id ({reason})") from None
 
 
 def write_beside(path: Path, write: Callable) -> None:
@@ -137,8 +151,9 @@ def transcribe(args: argparse.Namespace) -> int:
     check_arguments(args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     try:
-        pipe = pipeline("music-transcription", model=args.model, trust_remote_code=True, device=args.device,
-                        dtype=dtype, programs=args.programs)
+        with loading(args.model):
+            pipe = pipeline("music-transcription", model=args.model, trust_remote_code=True, device=args.device,
+                            dtype=dtype, programs=args.programs)
     except ValueError as err:
         if args.programs is not None and str(err).startswith("programs"):  # the folder's own parser refused it
             raise ValueError(f"--{err}") from None

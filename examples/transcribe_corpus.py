@@ -27,7 +27,7 @@ from datasets import Audio, Dataset
 from transformers import pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from transcribe import check_model, check_output_file  # noqa: E402  (the sibling example's checks)
+from transcribe import check_model, check_output_file, loading  # noqa: E402  (the sibling example's checks)
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 
@@ -66,7 +66,12 @@ def main() -> int:
     # decode=False: the column holds {"path", "bytes"} and the pipeline reads the files itself (soundfile + soxr),
     # so no datasets audio backend is needed and each process decodes only its own share.
     dataset = Dataset.from_dict({"audio": files}).cast_column("audio", Audio(decode=False))
-    pipe = pipeline("music-transcription", model=args.model, trust_remote_code=True, device=state.device)
+    try:
+        with loading(args.model):
+            pipe = pipeline("music-transcription", model=args.model, trust_remote_code=True, device=state.device)
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
     def transcribe(batch: dict) -> dict:
         try:

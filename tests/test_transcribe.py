@@ -134,3 +134,8 @@ def test_example_refuses_bad_arguments_before_reading_audio(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and message in lines[0], (args, result.stderr[-2000:])
         assert not (tmp_path / "x.mid").exists()
+    # a name that may be a Hub repo id and is no folder here: transformers' offline/connection error, and both said
+    result = run_example(["nowhere/mt4", "a.wav", "x.mid", "--quiet"], tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("error: MODEL nowhere/mt4: no such folder, nor a loadable Hub repo id ("), lines

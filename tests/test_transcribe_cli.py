@@ -140,7 +140,8 @@ def test_outputs_already_there_or_unwritable(tiny_folder, tmp_path, monkeypatch,
 
     monkeypatch.setattr("convert_mt3.transcribe.load_pipeline", lambda *args: pytest.fail("the model was loaded"))
     assert main([str(tiny_folder), "missing.wav", "-o", "new", "--quiet"]) == 1
-    assert capsys.readouterr().err.splitlines()[0] == "error: missing.wav: no such file"
+    assert capsys.readouterr().err.splitlines() == [  # the summary names no folder, as none was made
+        "error: missing.wav: no such file", "mt3-transcribe: 0 transcribed, 0 skipped (outputs exist), 1 failed (missing.wav)"]
     assert not (tmp_path / "new").exists()
 
 
@@ -218,6 +219,17 @@ def test_a_model_that_is_no_folder_nor_repo_id_is_named(tmp_path, monkeypatch, c
     assert main([model, "a.wav", "-o", "out"]) == 1
     assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_folder_tried_as_repo_id_is_named(tmp_path, monkeypatch, capsys):
+    """"nowhere/mt4" may be a Hub repo id, so transformers tries the Hub (offline here) and speaks of the Hub only:
+    the error says that no such folder exists either."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    soundfile.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
+    assert main(["nowhere/mt4", "a.wav", "-o", "out", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: MODEL nowhere/mt4: no such folder, nor a loadable Hub repo id ("), err
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):

@@ -65,7 +65,7 @@ A model object (cast or fine-tuned in memory) runs in the same pipeline with `mo
 - Audio is cut into $seconds s segments whose spectrograms are computed 16 at a time while the model runs, so memory
   holds the input's samples and tokens, not its spectrogram: an hour is ~0.23 GB of 16 kHz float32 samples (a file
   is decoded whole first: ~1.3 GB for an hour of 44.1 kHz stereo). On a CUDA model they are computed on its GPU
-  (in float64, as numpy does on CPU: within 5e-07 of it on an H200, 0.9-1.4 s for an hour).
+  (in float64, as numpy does on CPU: within 5e-07 of it on an H200, 0.3 s for an hour on 2026-11-28, 0.9-1.4 s before).
 - `batch_size=N` is the number of segments per `generate()` call, taken across inputs when you pass a list or a
   `datasets` column (`dataset.map(lambda b: {"notes": [r["notes"] for r in transcriber(b["audio"], return_midi=False)]}, batched=True)`);
   the default is `segment_batch_size` of `generation_config.json` (32 on CPU, 256 on CUDA). Inside one call at most
@@ -110,7 +110,7 @@ cast with `.to(torch.bfloat16)`, or the mixed mode: float32 weights with
 the residual stream, norms and logits in float32) but changes notes: measured on CPU over the
 three golden clips of convert-mt3, the mixed mode kept 77-96% of the float32 notes exactly,
 the cast model 57-77%; on an H200, over an hour of audio, autocast float16 kept 95.9% of the
-notes (its `generate()` 1.5x faster than float32's), autocast bfloat16 79.6% (an earlier run).
+notes (its `generate()` 1.4x faster than float32's default), autocast bfloat16 79.6% (an earlier run).
 No half mode tried keeps 99% of them: greedy decoding meets near-ties (in half of those clips' segments
 the two highest logits come within 0.01 of each other), closer than float16 rounding moves the
 logits (up to 0.06, or 0.013 with only the cached keys and values in float16).

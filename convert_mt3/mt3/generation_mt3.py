@@ -53,7 +53,7 @@ def row_independent(processors: LogitsProcessorList) -> bool:
 
 
 # Rows decoded at once by default, per device type (generation_config.json `segment_batch_size`). CPU: 32 decoded a
-# 60 s clip 12-28% faster than 16 in three `make bench` runs on 2 cores (row 5), for 1.1-1.3 GB peak; CUDA: 256
+# 60 s clip 11-12% faster than 16 in two `make bench` runs on 2 cores (row 5), for 1.1-1.3 GB peak; CUDA: 256
 # decoded an hour of audio in 7.1 s with CUDA graphs, 10.2 GB peak, on an H200 (row 8; other sizes not measured).
 SEGMENT_BATCH_SIZE = {"cpu": 32, "cuda": 256}
 # Steps between the host's looks for finished segments, per device type (generation_config.json

@@ -41,6 +41,8 @@ AUTO_MAP = {
     "AutoConfig": "configuration_mt3.MT3Config",
     "AutoModel": "modeling_mt3.MT3ForConditionalGeneration",
     "AutoModelForSeq2SeqLM": "modeling_mt3.MT3ForConditionalGeneration",
+    # audio in, tokens out: where transformers registers Pop2Piano and Whisper
+    "AutoModelForSpeechSeq2Seq": "modeling_mt3.MT3ForConditionalGeneration",
 }
 # What `Pipeline.save_pretrained` writes for a pipeline registered with `PIPELINE_REGISTRY.register_pipeline`:
 # `pipeline(model=...)` reads it to find the task and its class in the folder's remote code.

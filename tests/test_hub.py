@@ -47,11 +47,13 @@ def run_standalone(folder: Path, script: str, tmp_path: Path) -> subprocess.Comp
 AUTO_SCRIPT = textwrap.dedent(
     """
     import os, numpy as np, torch
-    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForSeq2SeqLM, AutoProcessor
+    from transformers import (AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForSeq2SeqLM,
+                              AutoModelForSpeechSeq2Seq, AutoProcessor)
     path = os.environ["MODEL"]
     kw = dict(trust_remote_code=True)
     names = [type(AutoConfig.from_pretrained(path, **kw)).__name__, type(AutoModel.from_pretrained(path, **kw)).__name__,
              type(AutoModelForSeq2SeqLM.from_pretrained(path, **kw)).__name__,
+             type(AutoModelForSpeechSeq2Seq.from_pretrained(path, **kw)).__name__,
              type(AutoFeatureExtractor.from_pretrained(path, **kw)).__name__, type(AutoProcessor.from_pretrained(path, **kw)).__name__]
     print(",".join(names))
     model = AutoModel.from_pretrained(path, **kw)
@@ -66,7 +68,7 @@ AUTO_SCRIPT = textwrap.dedent(
 def check_standalone(folder: Path, tmp_path: Path) -> None:
     result = run_standalone(folder, AUTO_SCRIPT, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "MT3Config,MT3ForConditionalGeneration,MT3ForConditionalGeneration,MT3FeatureExtractor,MT3Processor" in result.stdout
+    assert "MT3Config," + "MT3ForConditionalGeneration," * 3 + "MT3FeatureExtractor,MT3Processor" in result.stdout
     assert re.search(r"generated \(2, \d+\)", result.stdout), result.stdout
 
 

@@ -514,14 +514,19 @@ class WorkerFailed(RuntimeError):
 
 
 THREAD_ENV: dict[str, str] = {}  # --threads N: the same thread count for torch (OpenMP) and the original (XLA)
+# --threads N: every process pinned to N cores. XLA's CPU client sizes its pools by the cores it may run on, not by
+# its flags (jax 0.10: a jitted matmul used 1.9 cores with the single-thread flag set, 1.0 pinned to one core).
+PINNED_CPUS: set[int] | None = None
 LOADAVG: list[dict] = []  # the 1-minute load average at the start and end of every process: other agents share the cores
 MODULES_CACHE: Path | None = None  # set in main(): a private HF_MODULES_CACHE inside the temporary folder
 
 
-def run_process(cmd: list[str], label: str, expect_json: bool = True) -> tuple[float, dict | None]:
-    """Run one whole process; (wall seconds, its JSON line or None). Raises WorkerFailed on a non-zero exit
-    or on a worker that printed no JSON line."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1", **THREAD_ENV)
+def run_process(cmd: list[str], label: str, expect_json: bool = True, env: dict[str, str] | None = None
+                ) -> tuple[float, dict | None]:
+    """Run one whole process (`env`: variables added to its environment); (wall seconds, its JSON line or None).
+    Raises WorkerFailed on a non-zero exit or on a worker that printed no JSON line."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1", **THREAD_ENV,
+               **(env or {}))
     if MODULES_CACHE is not None:
         # transformers copies a local folder's remote code to HF_MODULES_CACHE/transformers_modules/<folder name>;
         # shared with other processes loading another folder named `mt3`, it could run their copy of the code.
@@ -529,7 +534,8 @@ def run_process(cmd: list[str], label: str, expect_json: bool = True) -> tuple[f
     print(f"  [{time.strftime('%H:%M:%S')}] {label} ...", file=sys.stderr, flush=True)
     load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    pin = (lambda: os.sched_setaffinity(0, PINNED_CPUS)) if PINNED_CPUS else None
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, preexec_fn=pin)
     wall = time.perf_counter() - t0
     LOADAVG.append({"process": label, "loadavg_1min_start": load_start, "loadavg_1min_end": os.getloadavg()[0],
                     "wall_s": wall})
@@ -628,10 +634,24 @@ def _same_segments(a: Path, b: Path) -> int:
     return sum(x == y for x, y in zip(*(json.loads(f.read_text())["segments"] for f in (a, b))))
 
 
+def original_settings(device: str, batches: tuple[int, ...]) -> list[tuple[int, str | None]]:
+    """(batch, JAX_DEFAULT_MATMUL_PRECISION or None for JAX's default) of each run of the original. On a GPU JAX's
+    default float32 matmul rounds its inputs (TF32 on an H100/H200) where the port's float32 does not, so it also
+    runs at "highest"; on CPU XLA's float32 is float32 either way."""
+    precisions = (None, "highest") if device.startswith("cuda") else (None,)
+    return [(batch, precision) for batch in batches for precision in precisions]
+
+
 def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps: int, device: str = "cpu",
-                 pools: tuple[int, ...] = (), gpu_modes: tuple[str, ...] = ()) -> dict:
+                 pools: tuple[int, ...] = (), gpu_modes: tuple[str, ...] = (), original_batches: tuple[int, ...] = (8,)
+                 ) -> dict:
     """Rows 5 / 7: the port's generate() and the original network on the same frames, in this run; the original is
-    given the port's tokens as its `--golden`, so `segments_identical` counts segments where both agree."""
+    given the port's tokens as its `--golden`, so `segments_identical` counts segments where both agree.
+
+    The original runs once per `original_settings` (static batch sizes: a batch of 8 decodes 30 segments in four
+    loops one after the other, one of 32 in one), and the ratio is taken against its fastest run. The port's float32
+    runs again after the original's runs, and its best of both processes is compared: the VM's speed drifts during
+    a run, and the second process shows by how much."""
     frames = tmp / f"dense_{seconds:.0f}s.npy"
     if not frames.exists():
         run_process(worker_cmd("frames", "--model", str(model_dir), "--shared", str(shared), "--seconds", str(seconds),
@@ -658,13 +678,26 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
                                           "--out", str(tmp / f"port_{device}_pool{pool}.json")), label)
         same = _same_segments(tmp / f"port_{device}_float32.json", tmp / f"port_{device}_pool{pool}.json")
         out[f"port_float32_pool{pool}"] = {**js, "process_wall_s": wall, "segments_identical_to_default": same}
-    wall, js = run_process([sys.executable, str(shared / ORIGINAL_TOOL), str(model_dir), str(frames), "--batch", "8",
-                            "--repeat", str(reps), "--golden", str(tmp / f"port_{device}_float32.json")],
-                           f"original MT3 (flax) {device}, {seconds:.0f} s clip, best of {reps}")
+    runs = []
+    for batch, precision in original_settings(device, original_batches):
+        wall, js = run_process([sys.executable, str(shared / ORIGINAL_TOOL), str(model_dir), str(frames), "--batch",
+                                str(batch), "--repeat", str(reps), "--golden", str(tmp / f"port_{device}_float32.json")],
+                               f"original MT3 (flax) {device}, batch {batch}, matmul precision "
+                               f"{precision or 'default'}, {seconds:.0f} s clip, best of {reps}",
+                               env={"JAX_DEFAULT_MATMUL_PRECISION": precision} if precision else None)
+        runs.append({**js, "process_wall_s": wall, "matmul_precision": precision or "default"})
     port = out["port_float32"]
-    out["original"] = {**js, "process_wall_s": wall}
-    out.update(audio_s=seconds, ratio=js["decode_s"] / port["generate_s"],
-               port_s_per_s=port["generate_s"] / seconds, original_s_per_s=js["decode_s"] / seconds)
+    again = tmp / f"port_{device}_float32_again.json"
+    wall, js = run_process(worker_cmd("port", "--model", str(model_dir), "--frames", str(frames), "--device", device,
+                                      "--mode", "float32", "--reps", str(reps), "--out", str(again)),
+                           f"port generate() {device} float32 again, after the original, best of {reps}")
+    if json.loads(again.read_text()) != json.loads((tmp / f"port_{device}_float32.json").read_text()):
+        raise WorkerFailed("the port's float32 ids differ between its two processes")
+    port.update(generate_s_per_process=[port["generate_s"], js["generate_s"]],
+                generate_s=min(port["generate_s"], js["generate_s"]), process_wall_s_again=wall)
+    best = min(runs, key=lambda run: run["decode_s"])
+    out.update(original=best, original_runs=runs, audio_s=seconds, ratio=best["decode_s"] / port["generate_s"],
+               port_s_per_s=port["generate_s"] / seconds, original_s_per_s=best["decode_s"] / seconds)
     return out
 
 
@@ -874,8 +907,15 @@ def fmt_table(res: dict) -> str:
         add(row, f"{r['audio_s']:.0f} s dense clip (case b repeated), {label}: port f32 generate()",
             f"{p['generate_s']:.2f} s", f"original {o['decode_s']:.2f} s", f"{r['ratio']:.2f}x",
             f">= {TARGET_DENSE_RATIO:.0f}x" if row == "5" else ">= 3x")
-        add("", f"  s per audio s: port / original ({o['device']}, jax {o['jax']}, batch {o['batch']})",
-            f"{r['port_s_per_s']:.4f} / {r['original_s_per_s']:.4f}")
+        add("", f"  s per audio s: port / original ({o['device']}, jax {o['jax']}, batch {o['batch']}, "
+                f"matmul {o.get('matmul_precision', 'default')})", f"{r['port_s_per_s']:.4f} / {r['original_s_per_s']:.4f}")
+        if "generate_s_per_process" in p:
+            add("", "  port f32 in its two processes (before / after the original)",
+                " / ".join(f"{t:.2f} s" for t in p["generate_s_per_process"]))
+        for run in r.get("original_runs", []):
+            if run is not o:
+                add("", f"  original, batch {run['batch']}, matmul {run['matmul_precision']} (segments = port's: "
+                    f"{run['segments_identical']}/{run['segments_golden']})", f"{run['decode_s']:.2f} s")
         add("", "  segments with identical tokens, port vs original", f"{o['segments_identical']}/{o['segments_golden']}")
         add("", "  port peak resident memory (ru_maxrss)", f"{p['ru_maxrss_kb'] * 1024 / 1e9:.2f} GB")
         f = r.get("floor")
@@ -950,8 +990,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pools", default="16",
                    help="row 5: segment_batch_size values timed besides the default (comma-separated, default 16)")
     p.add_argument("--threads", type=int,
-                   help="run every process (port and original) on N threads (OMP_NUM_THREADS; XLA's Eigen pool): "
-                        "on a VM shared with other jobs, 1 avoids OpenMP threads waiting on each other")
+                   help="run every process (port and original) on N threads, pinned to N cores (OMP_NUM_THREADS; "
+                        "XLA follows the pinning): on a VM shared with other jobs, 1 avoids OpenMP threads waiting on "
+                        "each other")
+    p.add_argument("--original-batches", default="8,32",
+                   help="rows 5 and 7: static batch sizes the original runs with, the ratio taken against its fastest "
+                        "(default %(default)s: the colab's 8, and the 60 s clip's 30 segments in one batch)")
     p.add_argument("--gpu-modes", default=",".join(GPU_MODES),
                    help="row 7's modes besides float32 (default: all of %(default)s)")
     p.add_argument("--e2e-device", help="device of row 8 (default cuda, and row 8 is skipped without CUDA; cpu to run it here)")
@@ -1018,11 +1062,22 @@ def main(argv=None) -> int:
         print(f"error: --e2e-reference {reference}: no such file", file=sys.stderr)
         return 2
 
+    batches = [b.strip() for b in args.original_batches.split(",") if b.strip()]
+    if not batches or not all(b.isdigit() and int(b) >= 1 for b in batches):
+        print(f"error: --original-batches {args.original_batches!r}: expected batch sizes >= 1, e.g. 8,32",
+              file=sys.stderr)
+        return 2
+    original_batches = tuple(int(b) for b in batches)
     if args.threads:
-        THREAD_ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-                          XLA_FLAGS=f"--xla_cpu_multi_thread_eigen={'true' if args.threads > 1 else 'false'} "
-                                    f"intra_op_parallelism_threads={args.threads}")
+        global PINNED_CPUS
+        available = sorted(os.sched_getaffinity(0))
+        if args.threads > len(available):
+            print(f"error: --threads {args.threads}: this process may run on {len(available)} cores", file=sys.stderr)
+            return 2
+        PINNED_CPUS = set(available[: args.threads])
+        THREAD_ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     res = {"quick": args.quick, "reps": args.reps, "complete": False, "rows": {}, "threads_env": dict(THREAD_ENV),
+           "pinned_cpus": sorted(PINNED_CPUS) if PINNED_CPUS else None,
            "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                        "loadavg_start": os.getloadavg()[0]}}
@@ -1072,7 +1127,8 @@ def main(argv=None) -> int:
                 res["rows"]["4"] = row_floor(config, rate, runs)
             if "5" in rows:
                 pools = tuple(int(p) for p in args.pools.split(",") if p.strip())
-                r5 = res["rows"]["5"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, pools=pools)
+                r5 = res["rows"]["5"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, pools=pools,
+                                                     original_batches=original_batches)
                 if "4" not in rows:
                     _, rate = run_process(worker_cmd("matmul"), "row 5 floor: matmul and memory read rates")
                 port = r5["port_float32"]
@@ -1092,7 +1148,7 @@ def main(argv=None) -> int:
             if "7" in rows and cuda:
                 gpu_modes = tuple(m.strip() for m in args.gpu_modes.split(",") if m.strip())
                 res["rows"]["7"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, device="cuda",
-                                                gpu_modes=gpu_modes)
+                                                gpu_modes=gpu_modes, original_batches=original_batches)
                 save()
             if "8" in rows:
                 device = args.e2e_device or ("cuda" if cuda else None)

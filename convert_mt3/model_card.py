@@ -162,15 +162,15 @@ transcriber("song.wav")["midi"].write("song.mid")'''
 SPEED = """### Speed and precision (measured with convert-mt3's `make bench`)
 
 A 60 s dense multi-instrument clip (30 segments) on a 2-core CPU VM (torch 2.13, transformers 5.24, float32),
-against the original JAX/Flax MT3 network (jax 0.10.2, its jitted greedy loop, batch 8) decoding the same frames in
-the same run, eighteen runs on 2026-11-26 to 28:
+against the original JAX/Flax MT3 network (jax 0.10.2, its jitted greedy loop, batch 8; in the last run also batch 32,
+which was faster and is the one compared) decoding the same frames in the same run, nineteen runs on 2026-11-26 to 28:
 
 | | port | original | port's speed-up | identical segments | port peak memory |
 |---|---|---|---|---|---|
-| last run | 13.1 s (0.22 s per audio s) | 57.1 s (0.95 s per audio s) | 4.4x | 30/30 | 1.23 GB |
-| eighteen runs | 12.4-20.2 s | 45.8-90.1 s | 3.7-5.9x (median 4.4x) | 30/30 in every run | 1.23-1.26 GB (\\*) |
+| last run | 13.5 s (0.23 s per audio s) | 55.4 s (0.92 s per audio s) | 4.1x | 30/30 | 1.24 GB |
+| nineteen runs | 12.4-20.2 s | 45.8-90.1 s | 3.7-5.9x (median 4.4x) | 30/30 in every run | 1.23-1.26 GB (\\*) |
 
-(\\*) the seventeen runs after a fix that frees the decoding caches when `generate()` returns.
+(\\*) the eighteen runs after a fix that frees the decoding caches when `generate()` returns.
 
 An hour of audio took 17.6 minutes end to end on that VM (0.29 s per audio second), peak 3.05 GB with the whole
 hour's spectrogram in memory (the pipeline computes it 16 segments at a time).
@@ -183,7 +183,7 @@ weights, `torch.autocast(device, dtype=torch.bfloat16)` around `generate()`) kee
 On one NVIDIA H200 (torch 2.11, 2026-11-28), float32 with CUDA graphs and `eos_check_interval=8` (the defaults on
 CUDA): the hour's ids equal the CPU float32 run's in every segment, the clip's equal eager float32's:
 
-| | float32 | autocast float16 | the original (Flax, jax 0.11.2 on the GPU, batch 8) |
+| | float32 | autocast float16 | the original (Flax, jax 0.11.2 on the GPU, batch 8 only: its batch of 32, which may be faster on a GPU, was not timed) |
 |---|---|---|---|
 | 60 s dense clip, `generate()` | 0.42-0.44 s (three runs) | 0.41 s (28/30 segments as float32) | 0.66-0.67 s |
 | one hour end to end (features, `generate()`, notes) | 7.4 and 7.6 s (two runs), 10.2 GB GPU memory | 5.5 s (95.9% of the notes), 5.8 GB | not run |

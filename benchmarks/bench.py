@@ -630,8 +630,8 @@ def _experimental_failed(mode: str, error: Exception) -> dict:
 
 
 def _same_segments(a: Path, b: Path) -> int:
-    """Segments with identical ids in two token files (tokens.json's format)."""
-    return sum(x == y for x, y in zip(*(json.loads(f.read_text())["segments"] for f in (a, b))))
+    """Segments with identical ids in two token files of the same frames (tokens.json's format)."""
+    return sum(x == y for x, y in zip(*(json.loads(f.read_text())["segments"] for f in (a, b)), strict=True))
 
 
 def original_settings(device: str, batches: tuple[int, ...]) -> list[tuple[int, str | None]]:

@@ -189,7 +189,7 @@ def load_pipeline(args: argparse.Namespace, device: str, programs: set[int] | No
         )
     except (OSError, ValueError, RuntimeError, KeyError) as err:  # KeyError: a folder of another model (no such task)
         reason = str(err).strip().strip("\"'").splitlines()[0] if str(err).strip() else type(err).__name__
-        if not Path(args.model).exists():  # "a/b" with no such folder was tried as a Hub repo id: say both
+        if isinstance(err, OSError) and not Path(args.model).exists():  # "a/b", no such folder: tried on the Hub
             raise UsageError(f"MODEL {args.model}: no such folder, nor a loadable Hub repo id ({reason})") from None
         raise UsageError(f"{args.model}: cannot load the MT3 pipeline ({reason})") from None
 

@@ -213,21 +213,21 @@ def test_row_5_floor_counts_the_bytes_a_decode_must_read():
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_row_original_is_compared_with_its_fastest_setting(tmp_path, monkeypatch, device):
     """Rows 5 / 7 without running anything (the processes faked): the original runs once per static batch size,
-    on a GPU also with float32 matmuls at JAX's "highest" precision (its default rounds to TF32 there), and the
-    ratio is taken against its fastest run; the port's float32 runs a second time after the original, its best of
-    the two processes compared, and ids that differ between them stop the row."""
+    where JAX runs on a GPU also with float32 matmuls at "highest" precision (its default rounds to TF32 there), and
+    the ratio is taken against its fastest run; the port's float32 runs a second time after the original, its best
+    of the two processes compared and the segments equal between them counted."""
     module = load_bench()
     decode_s = {(8, None): 40.0, (32, None): 30.0, (8, "highest"): 50.0, (32, "highest"): 45.0}
-    port_seconds = iter([10.0, 9.0])
+    port_seconds, port_ids = iter([10.0, 9.0]), iter([[[5, 6], [7]], [[5, 6], [8]]])  # the second differs in one
     calls = []
 
     def fake_process(cmd, label, expect_json=True, env=None):
         calls.append((cmd, env))
         if "--worker" in cmd:  # the port's generate()
-            Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"segments": [[5, 6], [7]]}))
-            return 1.0, {"generate_s": next(port_seconds), "generated_per_segment": [3, 2]}
-        batch, precision = int(cmd[cmd.index("--batch") + 1]), (env or {}).get("JAX_DEFAULT_MATMUL_PRECISION")
-        return 1.0, {"decode_s": decode_s[batch, precision], "batch": batch, "device": device, "jax": "0",
+            Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"segments": next(port_ids)}))
+            return 1.0, {"generate_s": next(port_seconds), "generated_per_segment": [3, 2], "segments": 2}
+        batch, precision = int(cmd[cmd.index("--batch") + 1]), env["JAX_DEFAULT_MATMUL_PRECISION"]
+        return 1.0, {"decode_s": decode_s[batch, precision], "batch": batch, "device": f"{device}:0", "jax": "0",
                      "segments_identical": 2, "segments_golden": 2}
 
     (tmp_path / "dense_60s.npy").write_bytes(b"")  # the frames, made earlier
@@ -238,27 +238,19 @@ def test_row_original_is_compared_with_its_fastest_setting(tmp_path, monkeypatch
         assert runs == [(8, "default"), (32, "default")]
     else:
         assert runs == [(8, "default"), (8, "highest"), (32, "default"), (32, "highest")]
-    assert [env for cmd, env in calls if "--batch" in cmd] == [
-        {"JAX_DEFAULT_MATMUL_PRECISION": "highest"} if precision == "highest" else None for _, precision in runs]
+    assert [env for cmd, env in calls if "--batch" in cmd] == [  # None unsets a variable of the caller's
+        {"JAX_DEFAULT_MATMUL_PRECISION": "highest" if precision == "highest" else None} for _, precision in runs]
     assert row["original"]["decode_s"] == 30.0 and row["original"]["batch"] == 32
-    assert row["port_float32"]["generate_s_per_process"] == [10.0, 9.0] and row["port_float32"]["generate_s"] == 9.0
+    port = row["port_float32"]
+    assert port["generate_s_per_process"] == [10.0, 9.0] and port["generate_s"] == 9.0
+    assert port["segments_identical_between_processes"] == 1
     assert row["ratio"] == 30.0 / 9.0 and "--worker" in calls[-1][0]  # the port's second process comes last
-    row["port_float32"]["ru_maxrss_kb"] = 1
+    port["ru_maxrss_kb"] = 1
     table = module.fmt_table({"machine": {"cpu_count": 2, "python": "3", "loadavg_start": 0.0}, "quick": False,
                               "reps": 2, "rows": {"5" if device == "cpu" else "7": row}})
     assert "batch 32, matmul default" in table and "original, batch 8, matmul default" in table
-    assert any("before / after the original" in line and "10.00 s / 9.00 s" in line for line in table.splitlines())
-
-    def differing_ids(cmd, label, expect_json=True, env=None):
-        js = fake_process(cmd, label, expect_json, env)
-        if "--worker" in cmd and cmd[cmd.index("--out") + 1].endswith("_again.json"):
-            Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"segments": [[5, 6], [8]]}))
-        return js
-
-    port_seconds = iter([10.0, 9.0])
-    monkeypatch.setattr(module, "run_process", differing_ids)
-    with pytest.raises(module.WorkerFailed, match="ids differ between its two processes"):
-        module.row_original(Path("model"), Path("shared"), tmp_path, 60.0, 2, device=device, original_batches=(8,))
+    assert "original, batch 32, matmul default" not in table  # the compared run is not listed twice
+    assert any("same ids: 1/2" in line and "10.00 s / 9.00 s" in line for line in table.splitlines())
 
 
 def test_threads_pin_every_process(tmp_path, monkeypatch):
@@ -269,5 +261,9 @@ def test_threads_pin_every_process(tmp_path, monkeypatch):
     probe = [sys.executable, "-c", "import json, os; print(json.dumps({'cpus': sorted(os.sched_getaffinity(0))}))"]
     _, js = module.run_process(probe, "affinity probe")
     assert js == {"cpus": [min(os.sched_getaffinity(0))]}
-    done = bench("--threads", "999", "--rows", "4", "--json", str(tmp_path / "r.json"))
-    assert done.returncode == 2 and done.stderr.strip().startswith("error: --threads 999: this process may run on")
+    monkeypatch.setenv("JAX_DEFAULT_MATMUL_PRECISION", "float32")  # the caller's own setting
+    probe = [sys.executable, "-c", "import json, os; print(json.dumps({'set': 'JAX_DEFAULT_MATMUL_PRECISION' in os.environ}))"]
+    assert module.run_process(probe, "env probe", env={"JAX_DEFAULT_MATMUL_PRECISION": None})[1] == {"set": False}
+    for threads in ("999", "0"):
+        done = bench("--threads", threads, "--rows", "4", "--json", str(tmp_path / "r.json"))
+        assert done.returncode == 2 and done.stderr.strip().startswith(f"error: --threads {threads}: expected 1 to the")

@@ -44,7 +44,10 @@ def early_eos(model, x: torch.Tensor, past: int = 0) -> int:
         if spread > best_spread and min(ends) < free.shape[1] // 2 and max(ends) > past:
             best, best_spread = token, spread
     if best is None or best_spread < 3:
-        pytest.fail("the seeded random model produced no usable early token: choose another seed")  # deterministic
+        message = "the seeded random model produced no usable early token"
+        if free.device.type != "cpu":  # another device's arithmetic may give other ids: no fault of the code tested
+            pytest.skip(f"{message} on {free.device.type}")
+        pytest.fail(f"{message}: choose another seed")  # deterministic on CPU: a skip would hide the tests
     return best
 
 

@@ -9,10 +9,11 @@ from torch.nn import functional as F
 
 from convert_mt3.mt3.loss_mt3 import mt3_loss
 
-# Port's teacher-forced cross entropy and z-loss vs those computed from the original's logits.npy, each with a ~10x
-# margin over what was measured: 1.1e-7 for the cross entropy (of 0.41), 1.0e-7 relative for the z-loss (of 2.3e-4).
+# Port's teacher-forced cross entropy and z-loss vs those computed from the original's logits.npy: measured 1.1e-7
+# for the cross entropy (of 0.41; 10x margin) and 1.0e-7 relative for the z-loss (of 2.3e-4; about one float32 ulp,
+# so a 100x margin for other CPUs' rounding, still far below what a wrong coefficient or normaliser would move).
 TOL_CE = 1e-6
-RTOL_Z = 1e-6
+RTOL_Z = 1e-5
 
 
 def log_softmax64(logits: np.ndarray) -> np.ndarray:

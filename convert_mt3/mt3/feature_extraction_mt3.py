@@ -167,7 +167,8 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
             )
         audio = np.asarray(audio)
         if audio.ndim != 1:
-            hint = " (channels last? mix them to mono first, e.g. audio.mean(axis=1))" if audio.ndim == 2 else ""
+            channels = int(np.argmin(audio.shape)) if audio.ndim == 2 else None  # the shorter axis
+            hint = f" (mix the channels to mono first, e.g. audio.mean(axis={channels}))" if channels is not None else ""
             raise ValueError(f"Expected mono audio as a 1-D array (num_samples,); found shape {audio.shape}{hint}.")
         if audio.size and not np.issubdtype(audio.dtype, np.floating):
             raise ValueError(f"Expected floating-point samples (about [-1, 1]); found dtype {audio.dtype}.")

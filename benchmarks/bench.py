@@ -915,7 +915,7 @@ def fmt_table(res: dict) -> str:
                 f"matmul {o.get('matmul_precision', 'default')})", f"{r['port_s_per_s']:.4f} / {r['original_s_per_s']:.4f}")
         if "generate_s_per_process" in p:
             add("", f"  port f32, two processes (before / after the original; same ids: "
-                    f"{p['segments_identical_between_processes']}/{p['segments']})",
+                    f"{p.get('segments_identical_between_processes', '?')}/{p['segments']})",
                 " / ".join(f"{t:.2f} s" for t in p["generate_s_per_process"]))
         for run in r.get("original_runs", []):
             if (run["batch"], run["matmul_precision"]) != (o["batch"], o.get("matmul_precision")):

@@ -678,17 +678,15 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
         out[f"port_float32_pool{pool}"] = {**js, "process_wall_s": wall, "segments_identical_to_default": same}
     runs = []
     for batch in original_batches:
-        precisions = [None]
-        while precisions:
-            precision = precisions.pop(0)
+        for precision in (None, "highest"):  # "highest" only where JAX runs on a GPU: XLA's CPU float32 is float32
+            if precision and str(runs[-1]["device"]).lower().startswith("cpu"):
+                break
             wall, js = run_process(
                 [sys.executable, str(shared / ORIGINAL_TOOL), str(model_dir), str(frames), "--batch", str(batch),
                  "--repeat", str(reps), "--golden", str(tmp / f"port_{device}_float32.json")],
                 f"original MT3 (flax), batch {batch}, matmul precision {precision or 'default'}, {seconds:.0f} s clip, "
                 f"best of {reps}", env={"JAX_DEFAULT_MATMUL_PRECISION": precision})  # None: JAX's default, unset
             runs.append({**js, "process_wall_s": wall, "matmul_precision": precision or "default"})
-            if precision is None and not str(js["device"]).lower().startswith("cpu"):
-                precisions.append("highest")  # XLA's CPU float32 is float32 at any setting
     port = out["port_float32"]
     again = tmp / f"port_{device}_float32_again.json"
     wall, js = run_process(worker_cmd("port", "--model", str(model_dir), "--frames", str(frames), "--device", device,

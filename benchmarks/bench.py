@@ -12,7 +12,7 @@ Rows (see benchmarks/README.md):
      default generate() in float32 and bfloat16, seconds of compute per audio second
   3. a 300 s input: seconds per audio second and peak resident memory
   4. compute floor: FLOPs of the generated tokens / measured matmul rate, vs the fast path
-  5. a 60 s dense clip (case b repeated): the port's generate() vs the ORIGINAL network
+  5. a 60 s dense clip (case b repeated; --dense-case): the port's generate() vs the ORIGINAL network
      (shared/tools/original_mt3.py, jax[cpu] + flax: the `bench` extra) on the same frames
   6. precision modes (autocast bfloat16, .to(bfloat16)) vs float32: segments and notes per golden case
   7. row 5 on CUDA, only when a GPU is present
@@ -301,7 +301,8 @@ def worker_matmul(args: argparse.Namespace) -> None:
            "torch_threads": threads, "rounds": rounds, "matmuls_per_round": inner})
 
 
-DENSE_CASE = "b_multi_instrument_drums_synth"  # drums, bass, synths: the densest golden case
+# rows 5 / 7: the golden case repeated to --dense-seconds, by its letter; b (drums, bass, synths) unless said
+DENSE_CASES = {name[0]: name for name in LONG_CASES}
 PRECISION_MODES = ("float32", "autocast-bfloat16", "bfloat16")
 # row 6 on CUDA: also float16, and each mode with CUDA graphs
 GPU_PRECISION_MODES = ("float32", "float32+graphs", "autocast-bfloat16", "autocast-bfloat16+graphs", "autocast-float16",
@@ -309,12 +310,13 @@ GPU_PRECISION_MODES = ("float32", "float32+graphs", "autocast-bfloat16", "autoca
 
 
 def worker_frames(args: argparse.Namespace) -> None:
-    """Row 5's input: golden case b repeated to `--seconds`, through the processor, saved as (segments, 256, 512)."""
+    """Rows 5 / 7's input: golden case `--case` repeated to `--seconds`, through the processor, saved as (segments,
+    256, 512)."""
     import numpy as np
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    one = np.load(Path(args.shared) / "golden" / DENSE_CASE / "samples.npy")
+    one = np.load(Path(args.shared) / "golden" / args.case / "samples.npy")
     n = int(args.seconds * SAMPLE_RATE)
     samples = np.tile(one, -(-n // len(one)))[:n].astype(np.float32)
     features = processor(audio=samples, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"]
@@ -639,8 +641,8 @@ def _same_segments(a: Path, b: Path) -> int:
 
 
 def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps: int, device: str = "cpu",
-                 pools: tuple[int, ...] = (), gpu_modes: tuple[str, ...] = (), original_batches: tuple[int, ...] = (8,)
-                 ) -> dict:
+                 pools: tuple[int, ...] = (), gpu_modes: tuple[str, ...] = (), original_batches: tuple[int, ...] = (8,),
+                 case: str = "b") -> dict:
     """Rows 5 / 7: the port's generate() and the original network on the same frames, in this run; the original is
     given the port's tokens as its `--golden`, so `segments_identical` counts segments where both agree.
 
@@ -650,11 +652,11 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
     against its fastest run. The port's float32 runs again after the original's runs, and its best of both
     processes is compared: the VM's speed drifts during a run, and the second process shows by how much (its ids
     should equal the first's; the count is recorded, not enforced, since GPUs need not repeat bitwise)."""
-    frames = tmp / f"dense_{seconds:.0f}s.npy"
+    frames = tmp / f"dense_{case}_{seconds:.0f}s.npy"
     if not frames.exists():
-        run_process(worker_cmd("frames", "--model", str(model_dir), "--shared", str(shared), "--seconds", str(seconds),
-                               "--out", str(frames)), f"dense {seconds:.0f} s clip: features")
-    out = {}
+        run_process(worker_cmd("frames", "--model", str(model_dir), "--shared", str(shared), "--case", DENSE_CASES[case],
+                               "--seconds", str(seconds), "--out", str(frames)), f"dense {seconds:.0f} s clip: features")
+    out = {"case": case}
     modes = ("float32",) if device == "cpu" else ("float32", *gpu_modes)
     for mode in modes:
         tokens = tmp / f"port_{device}_{mode}.json"
@@ -906,7 +908,7 @@ def fmt_table(res: dict) -> str:
         if not r:
             continue
         o, p = r["original"], r["port_float32"]
-        add(row, f"{r['audio_s']:.0f} s dense clip (case b repeated), {label}: port f32 generate()",
+        add(row, f"{r['audio_s']:.0f} s dense clip (case {r.get('case', 'b')} repeated), {label}: port f32 generate()",
             f"{p['generate_s']:.2f} s", f"original {o['decode_s']:.2f} s", f"{r['ratio']:.2f}x",
             f">= {TARGET_DENSE_RATIO:.0f}x" if row == "5" else ">= 3x")
         add("", f"  s per audio s: port / original ({o['device']}, jax {o['jax']}, batch {o['batch']}, "
@@ -990,6 +992,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="repetitions of rows 1, 2, 5 and 7 (default 3, 1 with --quick)")
     p.add_argument("--long-seconds", type=float, default=300.0, help="length of the row-3 input (default 300)")
     p.add_argument("--dense-seconds", type=float, default=60.0, help="length of the row-5/7 clip (default 60)")
+    p.add_argument("--dense-case", choices=sorted(DENSE_CASES), default="b",
+                   help="rows 5 and 7: the golden case repeated to --dense-seconds (default b: drums, bass, synths)")
     p.add_argument("--pools", default="16",
                    help="row 5: segment_batch_size values timed besides the default (comma-separated, default 16)")
     p.add_argument("--threads", type=int,
@@ -1132,7 +1136,7 @@ def main(argv=None) -> int:
             if "5" in rows:
                 pools = tuple(int(p) for p in args.pools.split(",") if p.strip())
                 r5 = res["rows"]["5"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, pools=pools,
-                                                     original_batches=original_batches)
+                                                     original_batches=original_batches, case=args.dense_case)
                 if "4" not in rows:
                     _, rate = run_process(worker_cmd("matmul"), "row 5 floor: matmul and memory read rates")
                 port = r5["port_float32"]
@@ -1152,7 +1156,8 @@ def main(argv=None) -> int:
             if "7" in rows and cuda:
                 gpu_modes = tuple(m.strip() for m in args.gpu_modes.split(",") if m.strip())
                 res["rows"]["7"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, device="cuda",
-                                                gpu_modes=gpu_modes, original_batches=original_batches)
+                                                gpu_modes=gpu_modes, original_batches=original_batches,
+                                                case=args.dense_case)
                 save()
             if "8" in rows:
                 device = args.e2e_device or ("cuda" if cuda else None)

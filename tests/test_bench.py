@@ -215,14 +215,18 @@ def test_row_original_is_compared_with_its_fastest_setting(tmp_path, monkeypatch
     """Rows 5 / 7 without running anything (the processes faked): the original runs once per static batch size,
     where JAX runs on a GPU also with float32 matmuls at "highest" precision (its default rounds to TF32 there), and
     the ratio is taken against its fastest run; the port's float32 runs a second time after the original, its best
-    of the two processes compared and the segments equal between them counted."""
+    of the two processes compared and the segments equal between them counted. On the GPU, of golden case a: its
+    frames are made first."""
     module = load_bench()
+    case = "b" if device == "cpu" else "a"
     decode_s = {(8, None): 40.0, (32, None): 30.0, (8, "highest"): 50.0, (32, "highest"): 45.0}
     port_seconds, port_ids = iter([10.0, 9.0]), iter([[[5, 6], [7]], [[5, 6], [8]]])  # the second differs in one
     calls = []
 
     def fake_process(cmd, label, expect_json=True, env=None):
         calls.append((cmd, env))
+        if "frames" in cmd:
+            return 1.0, {"audio_s": 60.0, "segments": 2}
         if "--worker" in cmd:  # the port's generate()
             Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"segments": next(port_ids)}))
             return 1.0, {"generate_s": next(port_seconds), "generated_per_segment": [3, 2], "segments": 2}
@@ -230,9 +234,14 @@ def test_row_original_is_compared_with_its_fastest_setting(tmp_path, monkeypatch
         return 1.0, {"decode_s": decode_s[batch, precision], "batch": batch, "device": f"{device}:0", "jax": "0",
                      "segments_identical": 2, "segments_golden": 2}
 
-    (tmp_path / "dense_60s.npy").write_bytes(b"")  # the frames, made earlier
+    if device == "cpu":
+        (tmp_path / "dense_b_60s.npy").write_bytes(b"")  # the frames, made earlier
     monkeypatch.setattr(module, "run_process", fake_process)
-    row = module.row_original(Path("model"), Path("shared"), tmp_path, 60.0, 2, device=device, original_batches=(8, 32))
+    row = module.row_original(Path("model"), Path("shared"), tmp_path, 60.0, 2, device=device, original_batches=(8, 32),
+                              case=case)
+    frames = [cmd for cmd, _ in calls if "frames" in cmd]
+    assert [cmd[cmd.index("--case") + 1] for cmd in frames] == ([] if device == "cpu" else ["a_brahms_string_orchestra"])
+    assert row["case"] == case
     runs = [(run["batch"], run["matmul_precision"]) for run in row["original_runs"]]
     if device == "cpu":
         assert runs == [(8, "default"), (32, "default")]
@@ -248,6 +257,7 @@ def test_row_original_is_compared_with_its_fastest_setting(tmp_path, monkeypatch
     port["ru_maxrss_kb"] = 1
     table = module.fmt_table({"machine": {"cpu_count": 2, "python": "3", "loadavg_start": 0.0}, "quick": False,
                               "reps": 2, "rows": {"5" if device == "cpu" else "7": row}})
+    assert f"(case {case} repeated)" in table
     assert "batch 32, matmul default" in table and "original, batch 8, matmul default" in table
     assert "original, batch 32, matmul default" not in table  # the compared run is not listed twice
     assert any("same ids: 1/2" in line and "10.00 s / 9.00 s" in line for line in table.splitlines())

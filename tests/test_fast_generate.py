@@ -24,7 +24,7 @@ from transformers import (
 from transformers.cache_utils import Cache
 
 from convert_mt3.mt3 import modeling_mt3
-from convert_mt3.mt3.generation_mt3 import EOS_CHECK_INTERVAL, SEGMENT_BATCH_SIZE, MT3SlotCache
+from convert_mt3.mt3.generation_mt3 import DRAFT_TOKENS, EOS_CHECK_INTERVAL, SEGMENT_BATCH_SIZE, MT3SlotCache
 from convert_mt3.mt3.modeling_mt3 import MT3GreedyPool
 
 
@@ -103,6 +103,53 @@ def test_eos_checked_every_k_steps_matches_hf_greedy(model, count_fast, pool, in
         )
 
 
+@pytest.mark.parametrize("pool", [1, 3, 16])
+@pytest.mark.parametrize("drafts", [1, 3, 6])
+def test_drafts_give_greedy_ids(model, monkeypatch, pool, drafts):
+    """`draft_tokens=k`: once at most `draft_rows` rows decode (here from the first step), each row also feeds k
+    guessed ids and keeps those its own predictions confirm: greedy search's ids, EOS and length limits included,
+    in fewer steps than ids where guesses hold."""
+    x = frames(7, seed=3)
+    eos = early_eos(model, x)
+    aheads = []
+    original = MT3GreedyPool._step
+
+    def recording(self, cache, *args):
+        aheads.append(cache.ahead)
+        return original(self, cache, *args)
+
+    monkeypatch.setattr(MT3GreedyPool, "_step", recording)
+    config = model.generation_config
+    for eos_ids, limit in (([eos], 40), ([eos], 7), ([eos], 1), ([], 40)):
+        aheads.clear()
+        got = MT3GreedyPool(model, pool, draft_tokens=drafts, draft_rows=16).generate(
+            x, limit, eos_ids, config.pad_token_id, config.decoder_start_token_id)
+        want = reference(model, x, eos_token_id=eos_ids[0] if eos_ids else None, max_new_tokens=limit)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert set(aheads) <= {drafts, *range(drafts)} and drafts in aheads
+    # without EOS every segment runs to the limit: 40 ids each, 7 segments through `pool` rows
+    assert len(aheads) < 40 * -(-7 // pool), "no guess was ever confirmed"
+
+
+def test_draft_guesses_what_followed_the_last_ids():
+    """`_draft` writes k guesses after each row's position: what followed the latest earlier occurrence of its last
+    two ids (else of its last id), repeated with that period; from the row's start where neither occurred."""
+    tokens = torch.tensor([
+        [0, 5, 6, 7, 5, 6, 0, 0, 0, 0, 0],  # (5, 6) ended at 2: 7 5 6, then again
+        [0, 3, 4, 9, 8, 4, 0, 0, 0, 0, 0],  # (8, 4) never before, 4 ended at 2: 9 8 4, then again
+        [0, 1, 2, 3, 4, 5, 0, 0, 0, 0, 0],  # nothing repeats: the row from its start
+        [0, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0],  # (2, 2) ended at 2, one before the position: 2 2 2 2
+        [0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # position 0
+    ])
+    positions = torch.tensor([5, 5, 5, 3, 0])
+    before = tokens.clone()
+    MT3GreedyPool._draft(tokens, positions, 4)
+    assert tokens[:, 6:10].tolist()[:3] == [[7, 5, 6, 7], [9, 8, 4, 9], [0, 1, 2, 3]]
+    assert tokens[3, 4:8].tolist() == [2, 2, 2, 2] and tokens[4, 1:5].tolist() == [0, 0, 0, 0]
+    for row, position in enumerate(positions.tolist()):  # a row's ids up to its position stay as they were
+        assert torch.equal(tokens[row, : position + 1], before[row, : position + 1])
+
+
 def test_eos_check_interval_at_the_last_position():
     """max_new_tokens = max_position_embeddings: a row that ends on the limit sits at a position the table lacks, so
     it may not wait for the host (checked every step then); the ids are greedy search's."""
@@ -113,34 +160,39 @@ def test_eos_check_interval_at_the_last_position():
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-def test_eos_check_interval_setting(model, count_fast, monkeypatch, tmp_path):
-    """From generation_config.json (per device type, saved there: 8 on CUDA, 1 on CPU) or generate(); a positive
-    number of steps; 1 with logits processors (they need each row's position on every step)."""
+@pytest.mark.parametrize(("name", "defaults", "argument", "invalid"), [
+    ("eos_check_interval", {"cpu": 1, "cuda": 8}, -2, 0),
+    ("draft_tokens", {"cpu": 4, "cuda": 0}, -1, -1),
+])
+def test_pool_setting_per_device(model, count_fast, monkeypatch, tmp_path, name, defaults, argument, invalid):
+    """`eos_check_interval` and `draft_tokens` come from generation_config.json (per device type, saved there) or
+    generate(); with logits processors, 1 and 0 (processors need each row's position and one id a step)."""
     seen = []
     original = MT3GreedyPool._decode
 
     def recording(self, *args):
-        seen.append(args[-1])
+        seen.append(args[argument])
         return original(self, *args)
 
     monkeypatch.setattr(MT3GreedyPool, "_decode", recording)
     x = frames(3, seed=9)
-    default = model.generation_config.eos_check_interval
-    assert default == EOS_CHECK_INTERVAL == {"cpu": 1, "cuda": 8}
+    default = getattr(model.generation_config, name)
+    assert default == defaults == {"eos_check_interval": EOS_CHECK_INTERVAL, "draft_tokens": DRAFT_TOKENS}[name]
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_check_interval"] == EOS_CHECK_INTERVAL
+    assert json.loads((tmp_path / "generation_config.json").read_text())[name] == defaults
     model.generate(input_features=x, max_new_tokens=3)
     try:
         for setting in (4, {"cpu": 5, "cuda": 8}, None):  # None (a folder saved before the setting): the defaults
-            model.generation_config.eos_check_interval = setting
+            setattr(model.generation_config, name, setting)
             model.generate(input_features=x, max_new_tokens=3)
-        model.generate(input_features=x, max_new_tokens=3, eos_check_interval=2)
+        model.generate(input_features=x, max_new_tokens=3, **{name: 2})
         model.generate(input_features=x, max_new_tokens=3, logits_processor=[BanPrevious()])
     finally:
-        model.generation_config.eos_check_interval = default
-    assert seen == [1, 4, 5, 1, 2, 1] and len(count_fast) == 6
-    with pytest.raises(ValueError, match="eos_check_interval"):
-        model.generate(input_features=x, max_new_tokens=3, eos_check_interval=0)
+        setattr(model.generation_config, name, default)
+    cpu = defaults["cpu"]
+    assert seen == [cpu, 4, 5, cpu, 2, 1 if name == "eos_check_interval" else 0] and len(count_fast) == 6
+    with pytest.raises(ValueError, match=name):
+        model.generate(input_features=x, max_new_tokens=3, **{name: invalid})
 
 
 @pytest.mark.parametrize("use_onednn", [False, True])

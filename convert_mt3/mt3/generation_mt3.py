@@ -32,7 +32,7 @@ from transformers.generation import (
 # `generate()` to `GenerationMixin` (a contract, not a list of what is refused).
 FAST_GREEDY_SETTINGS = frozenset(
     {"max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id",
-     "segment_batch_size", "cuda_graphs", "eos_check_interval"}
+     "segment_batch_size", "cuda_graphs", "eos_check_interval", "draft_tokens"}
 )
 # Logits processors the fast path runs: each row's scores depend on that row's own ids only, so they may see the busy
 # rows in groups of equal length (`MT3GreedyPool._process`), in any order. transformers' processors of that kind (these
@@ -61,6 +61,12 @@ SEGMENT_BATCH_SIZE = {"cpu": 32, "cuda": 256}
 # generate() took 3%, 8% and 8% less time in three sessions on an H200 (6.60 against 7.19 s in the last), the 60 s
 # clip 0.42-0.48 s against 0.44-0.50 s, the same ids. CPU: each step already waits for its kernels, nothing to gain.
 EOS_CHECK_INTERVAL = {"cpu": 1, "cuda": 8}
+# Ids each row guesses ahead once at most `MT3GreedyPool.draft_rows` rows decode (`MT3GreedyPool._draft`), per device
+# type (generation_config.json `draft_tokens`; 0: none). CPU (2 cores): golden case a repeated to 60 s, whose 30
+# segments end after 46 to 1024 ids, decoded in 22.5-23.8 s with 2, 3 or 4 guesses (4 rows) against 28.6-28.9 s
+# without, the same ids (two runs each, alternating in one process); the 1024-id segment took 695 steps with 4.
+# CUDA: 0 (not measured; drafts need the host to read every row's position each step, and no CUDA graph).
+DRAFT_TOKENS = {"cpu": 4, "cuda": 0}
 
 
 class MT3SlotLayer(CacheLayerMixin):
@@ -93,13 +99,13 @@ class MT3SlotLayer(CacheLayerMixin):
         self._allocate(key_states, self.owner.capacity)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """(rows, heads, 1, d_kv) of this step -> (rows, heads, cache.length, d_kv) keys and values."""
+        """(rows, heads, 1 + cache.ahead, d_kv) of this step -> (rows, heads, cache.length, d_kv) keys and values."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        index = self.owner.write_index()  # (rows * heads,): each row's position, as vectors of the storage
+        index = self.owner.write_index()  # (rows * heads * (1 + ahead),): each row's positions, as storage vectors
         head_dim = key_states.shape[-1]
         for storage, states in zip(self.storage, (key_states, value_states)):
-            new = states[:, :, -1].reshape(-1, head_dim).to(storage.dtype)  # (rows * heads, d_kv)
+            new = states.reshape(-1, head_dim).to(storage.dtype)  # (rows * heads * (1 + ahead), d_kv)
             storage.view(-1, head_dim).index_copy_(0, index, new)
         length = self.owner.length
         return self.keys[:, :, :length], self.values[:, :, :length]
@@ -145,7 +151,8 @@ class MT3SlotCache(EncoderDecoderCache):
     Every row in use decodes a segment. A decode step reads `length` key positions, a multiple of `bucket` (32 unless
     the pool asks for another, `MT3GreedyPool.key_bucket`): between two multiples, a step has the same shapes (a
     capturable step on GPUs). `positions` (rows,) is each row's current input position, below `max_positions` (the
-    decoder's position table). With `group_rows`, self-attention runs in `groups` of rows, each over its own longest
+    decoder's position table); a step with `ahead` > 0 also feeds each row's `ahead` drafted tokens, at the
+    positions after it (`MT3GreedyPool._draft`). With `group_rows`, self-attention runs in `groups` of rows, each over its own longest
     row (`reserve`): with continuous refill, a segment just admitted sits beside one ~1000 tokens old.
     """
 
@@ -169,6 +176,7 @@ class MT3SlotCache(EncoderDecoderCache):
         self.capacity, self.length = 2 * self.bucket, self.bucket
         self.groups: list[tuple[int, int, int]] | None = None  # (first row, end row, key length); None: one group
         self._write_index: torch.Tensor | None = None  # `write_index`, once per step (`begin_step`)
+        self.set_ahead(0, device)
         super().__init__(
             Cache(layers=[MT3SlotLayer(self) for _ in range(num_layers)]),
             Cache(layers=[MT3SlotLayer(self) for _ in range(num_layers)]),
@@ -176,6 +184,12 @@ class MT3SlotCache(EncoderDecoderCache):
         self.is_updated = dict.fromkeys(range(num_layers), True)  # cross keys/values come from `admit`
         self.row_index = torch.arange(rows, device=device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def set_ahead(self, ahead: int, device: torch.device | None = None) -> None:
+        """The next steps feed each row's input token and `ahead` drafted ones (0: the input token only)."""
+        if ahead != getattr(self, "ahead", None):
+            self.ahead = ahead
+            self.offsets = torch.arange(1 + ahead, device=device or self.positions.device)
 
     @property
     def slot_layers(self) -> list[MT3SlotLayer]:
@@ -211,7 +225,7 @@ class MT3SlotCache(EncoderDecoderCache):
         """Row r is at position `positions[r]` this step: read `length` key positions (the longest row's, rounded
         up to a bucket multiple), growing the storage; with `group_rows`, `groups` are runs of that many rows with
         their own lengths, neighbours merged where one length costs little more (`group_merge`)."""
-        furthest = max(positions)
+        furthest = max(positions) + self.ahead
         if furthest >= self.max_positions:
             raise ValueError(f"MT3 has {self.max_positions} positions (max_position_embeddings), but position "
                              f"{furthest} was requested")
@@ -225,7 +239,7 @@ class MT3SlotCache(EncoderDecoderCache):
             groups = []
             for first in range(0, self.rows, self.group_rows):
                 end = min(first + self.group_rows, self.rows)
-                length = self.keys_for(max(positions[first:end]), self.bucket)
+                length = self.keys_for(max(positions[first:end]) + self.ahead, self.bucket)
                 if groups:  # merged with the previous group where that reads few more keys than it saves ops
                     start, middle, previous = groups[-1]
                     longest = max(previous, length)
@@ -240,24 +254,26 @@ class MT3SlotCache(EncoderDecoderCache):
         return -(-(position + 1) // bucket) * bucket
 
     def write_index(self) -> torch.Tensor:
-        """(rows * heads,) where this step's keys/values go in the self-attention storage, seen as (rows * heads *
-        capacity, d_kv) vectors: computed by the step's first layer, on the device, and used by all (one
+        """(rows * heads * (1 + ahead),) where this step's keys/values go in the self-attention storage, seen as (rows
+        * heads * capacity, d_kv) vectors: computed by the step's first layer, on the device, and used by all (one
         `index_copy_` a layer instead of an indexed assignment: fewer dispatches and copies). Unchecked on the
         device: `reserve` keeps every position below `length` <= `capacity` (a position past it would land in the
         next head's vectors)."""
         if self._write_index is None:
             heads = self.self_attention_cache.layers[0].storage[0].shape[1]
-            slots = self.row_index[:, None] * heads + torch.arange(heads, device=self.positions.device)
-            self._write_index = (slots * self.capacity + self.positions[:, None]).view(-1)
+            slots = self.row_index[:, None, None] * heads + torch.arange(heads, device=self.positions.device)[:, None]
+            self._write_index = (slots * self.capacity + self.steps[:, None]).view(-1)  # (rows, heads, 1 + ahead)
         return self._write_index
 
     def begin_step(self) -> torch.Tensor:
-        """Called by the decoder at the start of every step, inside it (so a CUDA graph of the step recomputes both
-        from the positions): forgets the last step's `write_index`, and returns the self-attention mask, (rows, 1,
-        1, length) boolean, True = attend: each row sees its own past and present only."""
+        """Called by the decoder at the start of every step, inside it (so a CUDA graph of the step recomputes them
+        from the positions): sets `steps` (rows, 1 + ahead), the positions this step feeds, forgets the last step's
+        `write_index`, and returns the self-attention mask, (rows, 1, 1 + ahead, length) boolean, True = attend:
+        each position sees its own row's past and itself only."""
         self._write_index = None
+        self.steps = self.positions[:, None] + self.offsets
         keys = torch.arange(self.length, device=self.positions.device)
-        return (keys <= self.positions[:, None])[:, None, None, :]
+        return (keys <= self.steps[:, :, None])[:, None]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -294,11 +310,15 @@ class MT3GreedyPool:
         cuda_graphs: bool = False,
         eos_check_interval: int = 1,
         group_rows: int | None = None,
+        draft_tokens: int = 0,
+        draft_rows: int = 4,
     ):
         if not isinstance(pool_size, int) or pool_size < 1:
             raise ValueError(f"`segment_batch_size` must be a positive number of rows, found {pool_size!r}")
         if not isinstance(eos_check_interval, int) or eos_check_interval < 1:
             raise ValueError(f"`eos_check_interval` must be a positive number of steps, found {eos_check_interval!r}")
+        if not isinstance(draft_tokens, int) or draft_tokens < 0:
+            raise ValueError(f"`draft_tokens` must be a number of tokens >= 0, found {draft_tokens!r}")
         self.model = model
         self.pool_size = pool_size
         weight = model.decoder.token_embedder.weight
@@ -321,6 +341,10 @@ class MT3GreedyPool:
         # (600 s of audio, 293 segments: 8% faster, same ids, in two alternating runs each). GPUs: none (not
         # measured; more launches per step, and graphs would need a capture per combination of lengths).
         self.group_rows = group_rows if group_rows is not None else 4 if cpu else None
+        # Drafts once at most `draft_rows` rows decode: the tail of a decode, where a few long segments are left and a
+        # step costs mostly its weights' reading and its dispatch (the 49 linears on 2 cores: ~7 ms for 1 row, ~8.5
+        # for 5); at 8 rows the same clip took 23.4 and 28.0 s against 22.7 and 23.8 s at 4.
+        self.draft_tokens, self.draft_rows = draft_tokens, draft_rows
 
     @torch.no_grad()
     def generate(
@@ -363,11 +387,15 @@ class MT3GreedyPool:
         # a later backward in the same region refuses. (`inference_mode(False)` would turn gradients back on.)
         try:
             with torch.inference_mode() if not autocast else torch.no_grad():  # no_grad: already on, a no-op
-                model.pack(rows, self.use_onednn and not autocast, matmul, fuse=graphs or not autocast)
+                # drafts (a row's guesses checked in one step): not with graphs or processors; oneDNN weights packed
+                # for 1 row take twice as long on 2-5 rows (2 CPU cores), so a step with drafts is packed for 2
+                drafts = self.draft_tokens if not logits_processor and not graphs else 0
+                model.pack(max(rows, 2) if drafts else rows, self.use_onednn and not autocast, matmul,
+                           fuse=graphs or not autocast)
                 # streams, graphs and their memory pool belong to the current CUDA device: make it the model's
                 with torch.cuda.device(device if device.type == "cuda" else -1):  # -1: no CUDA device
                     ids = self._decode(cache, input_features, max_new_tokens, eos_token_ids, pad_token_id,
-                                       decoder_start_token_id, logits_processor or None, graphs, interval)
+                                       decoder_start_token_id, logits_processor or None, graphs, interval, drafts)
         finally:
             model.unpack()
             cache.release()
@@ -401,12 +429,15 @@ class MT3GreedyPool:
         return 128 if graphs and rows <= 64 else MT3SlotCache.bucket
 
     def _decode(self, cache, features, max_new_tokens, eos_token_ids, pad_token_id, start, processors, graphs,
-                interval):
+                interval, drafts):
         rows, device = cache.rows, cache.positions.device
         segments = features.shape[0]
         eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
         out = torch.full((segments, max_new_tokens + 1), pad_token_id, dtype=torch.long)
-        tokens = torch.full((rows, max_new_tokens + 1), start, dtype=torch.long, device=device)
+        # with drafts, rows advance by the ids they confirm, so the host reads their positions; the id buffer has
+        # room for a step's guesses past the limit
+        width = max_new_tokens + 1 + (drafts + 1 if drafts else 0)
+        tokens = torch.full((rows, width), start, dtype=torch.long, device=device)
         active = torch.ones(rows, dtype=torch.bool, device=device)  # the row decodes (not idle, not ended)
         done = torch.zeros(rows, dtype=torch.bool, device=device)  # set by a step: the row's segment ended
         segment_of: list[int | None] = list(range(rows))  # segment decoded in each row, None: idle
@@ -417,9 +448,14 @@ class MT3GreedyPool:
         next_segment, step, generated, busy = rows, 0, 0, rows
 
         while busy:
-            # an ended row waits at its last position (at most max_new_tokens) until the host collects it; idle: 0
-            row_positions = [0 if segment is None else min(step - at, max_new_tokens)
-                             for at, segment in zip(admitted_at, segment_of)]
+            if drafts:
+                row_positions = cache.positions.tolist()
+                ahead = min(drafts, cache.max_positions - 1 - max(row_positions)) if cache.rows <= self.draft_rows else 0
+                cache.set_ahead(max(ahead, 0))
+            else:
+                # an ended row waits at its last position (at most max_new_tokens) until the host collects it; idle: 0
+                row_positions = [0 if segment is None else min(step - at, max_new_tokens)
+                                 for at, segment in zip(admitted_at, segment_of)]
             cache.reserve(row_positions)  # raises if a row passed the position table
             positions = None
             if processors is not None:
@@ -482,6 +518,8 @@ class MT3GreedyPool:
         sync, fixed shapes for a given (rows, key length): what a CUDA graph can capture (without `processors`,
         which get each busy row's position, {row: position})."""
         decoder = self.model.decoder
+        if cache.ahead:
+            return self._draft_step(cache, tokens, active, done, eos, max_new_tokens)
         current = tokens.gather(1, cache.positions[:, None])  # (rows, 1)
         hidden = decoder(current, None, cache=cache).last_hidden_state
         logits = decoder.logits(hidden[:, -1])  # (rows, vocab)
@@ -493,6 +531,55 @@ class MT3GreedyPool:
         ended = ((next_tokens[:, None] == eos).any(-1) | (cache.positions >= max_new_tokens)) & active
         done.logical_or_(ended)
         active.masked_fill_(ended, False)
+
+    def _draft_step(self, cache, tokens, active, done, eos, max_new_tokens) -> None:
+        """`_step` with drafts: each row also feeds its `cache.ahead` guessed next tokens (`_draft`) and keeps those
+        that its own predictions confirm, plus the prediction after them: greedy decoding's ids, in fewer steps
+        where a segment repeats itself. The keys/values of rejected guesses lie past the row's new position,
+        masked until the next step writes over them."""
+        ahead = cache.ahead
+        self._draft(tokens, cache.positions, ahead)
+        fed = cache.positions[:, None] + cache.offsets  # (rows, 1 + ahead)
+        current = tokens.gather(1, fed)  # each row's last token, then its guesses
+        hidden = self.model.decoder(current, None, cache=cache).last_hidden_state
+        predicted = self.model.decoder.logits(hidden).argmax(-1)  # (rows, 1 + ahead): the id after each fed one
+        confirmed = (predicted[:, :-1] == current[:, 1:]).cumprod(1).sum(1)  # (rows,) leading guesses confirmed
+        is_eos = (predicted[..., None] == eos).any(-1)  # (rows, 1 + ahead)
+        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), ahead + 1)
+        # ids kept: the confirmed guesses and the next prediction, up to an EOS and the length limit
+        kept = torch.minimum(torch.minimum(confirmed, first_eos) + 1, max_new_tokens - cache.positions) * active
+        tokens.scatter_(1, fed + 1, predicted)  # past a row's new position: junk, overwritten before it is read
+        ended = ((first_eos < kept) | (cache.positions + kept >= max_new_tokens)) & active
+        cache.positions += kept
+        done.logical_or_(ended)
+        active.masked_fill_(ended, False)
+
+    @staticmethod
+    def _draft(tokens: torch.Tensor, positions: torch.Tensor, ahead: int) -> None:
+        """Guess each row's next `ahead` ids, written after its position (prompt lookup decoding): the ids that
+        followed the latest earlier occurrence of its last two ids (else of its last id), repeated with that period
+        where they run out (MT3 often loops through a few events). A row with neither guesses ids that will be
+        rejected."""
+        found = None
+        for n in (2, 1):
+            # (rows,) where the latest earlier occurrence of the row's last n ids ends, -1: none
+            last = MT3GreedyPool._latest_occurrence(tokens, positions, n)
+            found = last if found is None else torch.where(found < 0, last, found)
+        period = (positions - found).clamp(min=1)
+        steps = torch.arange(ahead, device=tokens.device)
+        guesses = tokens.gather(1, found[:, None] + 1 + steps % period[:, None])  # (rows, ahead)
+        tokens.scatter_(1, positions[:, None] + 1 + steps, guesses)
+
+    @staticmethod
+    def _latest_occurrence(tokens: torch.Tensor, positions: torch.Tensor, n: int) -> torch.Tensor:
+        """(rows,) the index where the latest occurrence of each row's last `n` ids (those ending at its position)
+        ends, before that position; -1 where there is none."""
+        device = tokens.device
+        key = tokens.gather(1, (positions[:, None] - n + 1 + torch.arange(n, device=device)).clamp(min=0))  # (rows, n)
+        ends = torch.arange(n - 1, tokens.shape[1], device=device)  # the last index of each n-id window
+        match = (tokens.unfold(1, n, 1) == key[:, None, :]).all(-1)  # (rows, windows)
+        match &= (ends < positions[:, None]) & (positions >= n - 1)[:, None]
+        return torch.where(match, ends + 1, 0).amax(1) - 1
 
     @staticmethod
     def _process(

@@ -64,7 +64,8 @@ EOS_CHECK_INTERVAL = {"cpu": 1, "cuda": 8}
 # Ids each row guesses ahead once at most `MT3GreedyPool.draft_rows` rows decode (`MT3GreedyPool._draft`), per device
 # type (generation_config.json `draft_tokens`; 0: none). CPU (2 cores): golden case a repeated to 60 s, whose 30
 # segments end after 46 to 1024 ids, decoded in 22.5-23.8 s with 2, 3 or 4 guesses (4 rows) against 28.6-28.9 s
-# without, the same ids (two runs each, alternating in one process); the 1024-id segment took 695 steps with 4.
+# without, the same ids (two runs each, alternating in one process); with 4, its 1024-id segment takes 571 steps on
+# its own, the clip 657 instead of 1024. `make bench` row 5 on that clip: 21.68 s, against 23.56 s before drafts an hour earlier.
 # CUDA: 0 (not measured; drafts need the host to read every row's position each step, and no CUDA graph).
 DRAFT_TOKENS = {"cpu": 4, "cuda": 0}
 
@@ -176,7 +177,7 @@ class MT3SlotCache(EncoderDecoderCache):
         self.capacity, self.length = 2 * self.bucket, self.bucket
         self.groups: list[tuple[int, int, int]] | None = None  # (first row, end row, key length); None: one group
         self._write_index: torch.Tensor | None = None  # `write_index`, once per step (`begin_step`)
-        self.set_ahead(0, device)
+        self.ahead, self.offsets = 0, torch.arange(1, device=device)  # `set_ahead`
         super().__init__(
             Cache(layers=[MT3SlotLayer(self) for _ in range(num_layers)]),
             Cache(layers=[MT3SlotLayer(self) for _ in range(num_layers)]),
@@ -185,11 +186,10 @@ class MT3SlotCache(EncoderDecoderCache):
         self.row_index = torch.arange(rows, device=device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
 
-    def set_ahead(self, ahead: int, device: torch.device | None = None) -> None:
+    def set_ahead(self, ahead: int) -> None:
         """The next steps feed each row's input token and `ahead` drafted ones (0: the input token only)."""
-        if ahead != getattr(self, "ahead", None):
-            self.ahead = ahead
-            self.offsets = torch.arange(1 + ahead, device=device or self.positions.device)
+        if ahead != self.ahead:
+            self.ahead, self.offsets = ahead, torch.arange(1 + ahead, device=self.positions.device)
 
     @property
     def slot_layers(self) -> list[MT3SlotLayer]:
@@ -298,7 +298,9 @@ class MT3GreedyPool:
     ids as eager, a quarter of the time for a 60 s clip (0.44 against 1.80 s). `eos_check_interval` k: the host
     looks for finished rows every k steps only (a row that ends stops where it is and waits), so a GPU can run k
     queued steps without waiting for the host in between; k - 1 steps of a finished row are spent idle. Without
-    logits processors; `generate()`'s default per device type is `EOS_CHECK_INTERVAL`.
+    logits processors; `generate()`'s default per device type is `EOS_CHECK_INTERVAL`. `draft_tokens` k: once at
+    most `draft_rows` rows decode, each feeds k ids guessed from its own (`_draft`) and keeps what its predictions
+    confirm (`_draft_step`); without graphs and processors; `generate()`'s default is `DRAFT_TOKENS`.
     """
 
     def __init__(

@@ -580,7 +580,7 @@ class MT3GreedyPool:
         key = tokens.gather(1, (positions[:, None] - n + 1 + torch.arange(n, device=device)).clamp(min=0))  # (rows, n)
         ends = torch.arange(n - 1, tokens.shape[1], device=device)  # the last index of each n-id window
         match = (tokens.unfold(1, n, 1) == key[:, None, :]).all(-1)  # (rows, windows)
-        match &= (ends < positions[:, None]) & (positions >= n - 1)[:, None]
+        match &= ends < positions[:, None]  # before the key itself (and so, after a full key)
         return torch.where(match, ends + 1, 0).amax(1) - 1
 
     @staticmethod

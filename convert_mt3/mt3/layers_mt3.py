@@ -194,7 +194,7 @@ class MT3Attention(_Packable, nn.Module):
                     cache.is_updated[self.layer_idx] = True
 
         if isinstance(cache, MT3SlotCache) and cache.groups is not None and not self.is_cross_attention:
-            # runs of rows, each over its own key length (the cache's groups): (rows, heads, 1, d_kv)
+            # runs of rows, each over its own key length (the cache's groups): (rows, heads, 1 + ahead, d_kv)
             attn = torch.cat([self._attend(query[a:b], key[a:b, :, :n], value[a:b, :, :n], attention_mask[a:b, ..., :n])[0]
                               for a, b, n in cache.groups])
             weights = None

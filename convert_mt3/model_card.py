@@ -176,7 +176,8 @@ batch 32, the faster of the two compared) decoding the same frames in the same r
 (\\*) the twenty runs after a fix that frees the decoding caches when `generate()` returns.
 
 A string orchestra repeated to 60 s, one of whose segments loops to the 1024-id limit (in the original too): 21.7 s
-against 118.1 s, 5.4x, the same ids in all 30 segments (4.9x before `draft_tokens`).
+against 118.1 s, 5.4x, and 23.6 s against 120.9 s, 5.1x, in a second run; the same ids in all 30 segments (4.9x in
+one run before `draft_tokens`).
 
 An hour of audio took 17.6 minutes end to end on that VM (0.29 s per audio second), peak 3.05 GB with the whole
 hour's spectrogram in memory (the pipeline computes it 16 segments at a time).

@@ -654,8 +654,9 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
     should equal the first's; the count is recorded, not enforced, since GPUs need not repeat bitwise)."""
     frames = tmp / f"dense_{case}_{seconds:.0f}s.npy"
     if not frames.exists():
-        run_process(worker_cmd("frames", "--model", str(model_dir), "--shared", str(shared), "--case", DENSE_CASES[case],
-                               "--seconds", str(seconds), "--out", str(frames)), f"dense {seconds:.0f} s clip: features")
+        run_process(worker_cmd("frames", "--model", str(model_dir), "--shared", str(shared), "--case",
+                               DENSE_CASES[case], "--seconds", str(seconds), "--out", str(frames)),
+                    f"dense {seconds:.0f} s clip: features")
     out = {"case": case}
     modes = ("float32",) if device == "cpu" else ("float32", *gpu_modes)
     for mode in modes:

@@ -154,8 +154,9 @@ class MT3SlotCache(EncoderDecoderCache):
     the pool asks for another, `MT3GreedyPool.key_bucket`): between two multiples, a step has the same shapes (a
     capturable step on GPUs). `positions` (rows,) is each row's current input position, below `max_positions` (the
     decoder's position table); a step with `ahead` > 0 also feeds each row's `ahead` drafted tokens, at the
-    positions after it (`MT3GreedyPool._draft`). With `group_rows`, self-attention runs in `groups` of rows, each over its own longest
-    row (`reserve`): with continuous refill, a segment just admitted sits beside one ~1000 tokens old.
+    positions after it (`MT3GreedyPool._draft`). With `group_rows`, self-attention runs in `groups` of rows, each
+    over its own longest row (`reserve`): with continuous refill, a segment just admitted sits beside one ~1000
+    tokens old.
     """
 
     bucket = 32
@@ -453,8 +454,9 @@ class MT3GreedyPool:
         while busy:
             if drafts:
                 row_positions = cache.positions.tolist()
-                ahead = min(drafts, cache.max_positions - 1 - max(row_positions)) if cache.rows <= self.draft_rows else 0
-                cache.set_ahead(max(ahead, 0))
+                # guesses once few rows are left, and only at positions of the table
+                few = cache.rows <= self.draft_rows
+                cache.set_ahead(max(min(drafts, cache.max_positions - 1 - max(row_positions)), 0) if few else 0)
             else:
                 # an ended row waits at its last position (at most max_new_tokens) until the host collects it; idle: 0
                 row_positions = [0 if segment is None else min(step - at, max_new_tokens)

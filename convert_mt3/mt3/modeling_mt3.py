@@ -558,8 +558,8 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, kwargs: dict
     ) -> tuple[torch.Tensor, int, list[int], int, int, dict] | None:
         """(features, max_new_tokens, eos ids, pad id, start id, the pool's settings from the generation config:
-        segment_batch_size, cuda_graphs, eos_check_interval, draft_tokens, None where unset) when the settings are greedy search
-        changed only in `FAST_GREEDY_SETTINGS` (what `MT3GreedyPool` reproduces), else None."""
+        segment_batch_size, cuda_graphs, eos_check_interval, draft_tokens, None where unset) when the settings are
+        greedy search changed only in `FAST_GREEDY_SETTINGS` (what `MT3GreedyPool` reproduces), else None."""
         rest = dict(kwargs)
         features = rest.pop(self.main_input_name, None)
         if (inputs is None) == (features is None) or self.training:
@@ -610,8 +610,9 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
 
 
 def _per_device(setting: int | dict | None, defaults: dict[str, int], device_type: str) -> int:
-    """A `segment_batch_size` / `eos_check_interval` / `draft_tokens` setting (a number, or per device type as generation_config.json
-    holds it; None: `defaults`) -> the number for this device type (other devices: the CPU's)."""
+    """A `segment_batch_size` / `eos_check_interval` / `draft_tokens` setting (a number, or per device type as
+    generation_config.json holds it; None: `defaults`) -> the number for this device type (other devices: the
+    CPU's)."""
     if setting is None:
         setting = defaults
     if not isinstance(setting, dict):

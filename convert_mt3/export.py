@@ -120,12 +120,14 @@ def write_folder(folder: Path, model: MT3ForConditionalGeneration, dtype: str, v
     """save_pretrained of model, processor (set up for the checkpoint's variant) and remote code into `folder`."""
     model.config.auto_map = dict(AUTO_MAP)
     model.config.custom_pipelines = dict(CUSTOM_PIPELINES)
+    # model_max_length: the longest targets the decoder has positions for (EOS included); the processor warns above it
+    tokenizer = MT3Tokenizer(**variant.tokenizer_kwargs(), model_max_length=model.config.max_target_length)
+    # the time shifts' ids, which drafts move on in time when they guess a loop (generation_mt3.MT3GreedyPool._draft)
+    model.generation_config.draft_shift_ids = tokenizer.event_type_ids("shift")
     model.to(DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
     feature_extractor = MT3FeatureExtractor(
         feature_size=model.config.input_depth, frames_per_segment=variant.frames_per_segment
     )
-    # model_max_length: the longest targets the decoder has positions for (EOS included); the processor warns above it
-    tokenizer = MT3Tokenizer(**variant.tokenizer_kwargs(), model_max_length=model.config.max_target_length)
     MT3Processor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(folder)
     feature_extractor.save_pretrained(folder)  # also preprocessor_config.json, which AutoFeatureExtractor reads first
     for file in _hub_code_files():  # verbatim, so the folder runs with transformers alone

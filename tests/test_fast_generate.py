@@ -105,10 +105,11 @@ def test_eos_checked_every_k_steps_matches_hf_greedy(model, count_fast, pool, in
 
 @pytest.mark.parametrize("pool", [1, 3, 16])
 @pytest.mark.parametrize("drafts", [1, 3, 6])
-def test_drafts_give_greedy_ids(model, monkeypatch, pool, drafts):
+@pytest.mark.parametrize("shifts", [None, (3, 60)])
+def test_drafts_give_greedy_ids(model, monkeypatch, pool, drafts, shifts):
     """`draft_tokens=k`: once at most `draft_rows` rows decode (here from the first step), each row also feeds k
     guessed ids and keeps those its own predictions confirm: greedy search's ids, EOS and length limits included,
-    in fewer steps than ids where guesses hold."""
+    in fewer steps than ids where guesses hold; also with guessed time shifts (`draft_shift_ids`)."""
     x = frames(7, seed=3)
     eos = early_eos(model, x)
     aheads = []
@@ -122,7 +123,7 @@ def test_drafts_give_greedy_ids(model, monkeypatch, pool, drafts):
     config = model.generation_config
     for eos_ids, limit in (([eos], 40), ([eos], 7), ([eos], 1), ([], 40)):
         aheads.clear()
-        got = MT3GreedyPool(model, pool, draft_tokens=drafts, draft_rows=16).generate(
+        got = MT3GreedyPool(model, pool, draft_tokens=drafts, draft_rows=16, draft_shift_ids=shifts).generate(
             x, limit, eos_ids, config.pad_token_id, config.decoder_start_token_id)
         want = reference(model, x, eos_token_id=eos_ids[0] if eos_ids else None, max_new_tokens=limit)
         torch.testing.assert_close(got, want, atol=0, rtol=0)
@@ -152,6 +153,24 @@ def test_draft_guesses_what_followed_the_last_ids():
         assert torch.equal(tokens[row, : position + 1], before[row, : position + 1])
 
 
+def test_draft_moves_copied_time_shifts_on():
+    """With `shift_ids` (here 10..20: time 0 to 10), a time shift is matched and copied as the time it advances:
+    a loop through the same events at a steady pace is guessed at the times ahead, up to the last shift id."""
+    tokens = torch.tensor([
+        [0, 11, 5, 6, 13, 5, 6, 0, 0, 0, 0],  # (5, 6) ended at 3, then +2, 5, 6: at time 3, shifts to 5 and 7
+        [0, 12, 5, 15, 5, 18, 5, 0, 0, 0, 0],  # (+3, 5) ended at 4: +3, 5 twice, from time 8: past 10, the last id
+        [0, 11, 5, 12, 5, 13, 6, 0, 0, 0, 0],  # (+1, 6) never before, 6 neither: the row from its start, moved on
+    ])
+    positions = torch.tensor([6, 6, 6])
+    plain = tokens.clone()
+    MT3GreedyPool._draft(plain, positions, 4)
+    assert plain[0, 7:].tolist() == [13, 5, 6, 13]  # without: the shift copied as it was
+    MT3GreedyPool._draft(tokens, positions, 4, (10, 20))
+    assert tokens[0, 7:].tolist() == [15, 5, 6, 17]
+    assert tokens[1, 7:].tolist() == [20, 5, 20, 5]
+    assert tokens[2, 7:].tolist() == [0, 14, 5, 15]
+
+
 def test_draft_step_keeps_confirmed_guesses_up_to_eos_and_the_limit():
     """`_draft_step` with fixed predictions (a stub decoder; guesses written beforehand): a row keeps its leading
     confirmed guesses and the prediction after them, stops at an EOS among them even when later guesses were
@@ -178,7 +197,7 @@ def test_draft_step_keeps_confirmed_guesses_up_to_eos_and_the_limit():
 
     pool = MT3GreedyPool.__new__(MT3GreedyPool)  # only `model.decoder` and `_draft` are used
     pool.model = SimpleNamespace(decoder=Decoder())
-    pool._draft = lambda *args: None  # the guesses above stay
+    pool._draft, pool.draft_shift_ids = lambda *args: None, None  # the guesses above stay
     cache = SimpleNamespace(ahead=ahead, positions=positions.clone(), offsets=torch.arange(1 + ahead))
     active = torch.tensor([True, True, True, False, True])
     done = torch.zeros(5, dtype=torch.bool)

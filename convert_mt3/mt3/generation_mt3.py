@@ -32,7 +32,7 @@ from transformers.generation import (
 # `generate()` to `GenerationMixin` (a contract, not a list of what is refused).
 FAST_GREEDY_SETTINGS = frozenset(
     {"max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id",
-     "segment_batch_size", "cuda_graphs", "eos_check_interval", "draft_tokens"}
+     "segment_batch_size", "cuda_graphs", "eos_check_interval", "draft_tokens", "draft_shift_ids"}
 )
 # Logits processors the fast path runs: each row's scores depend on that row's own ids only, so they may see the busy
 # rows in groups of equal length (`MT3GreedyPool._process`), in any order. transformers' processors of that kind (these
@@ -303,6 +303,7 @@ class MT3GreedyPool:
     logits processors; `generate()`'s default per device type is `EOS_CHECK_INTERVAL`. `draft_tokens` k: once at
     most `draft_rows` rows decode, each feeds k ids guessed from its own (`_draft`) and keeps what its predictions
     confirm (`_draft_step`); without graphs and processors; `generate()`'s default is `DRAFT_TOKENS`.
+    `draft_shift_ids` (first, last): the ids of MT3's time shifts, which the guesses move on in time (`_draft`).
     """
 
     def __init__(
@@ -316,6 +317,7 @@ class MT3GreedyPool:
         group_rows: int | None = None,
         draft_tokens: int = 0,
         draft_rows: int = 4,
+        draft_shift_ids: tuple[int, int] | list[int] | None = None,
     ):
         if not isinstance(pool_size, int) or pool_size < 1:
             raise ValueError(f"`segment_batch_size` must be a positive number of rows, found {pool_size!r}")
@@ -323,6 +325,12 @@ class MT3GreedyPool:
             raise ValueError(f"`eos_check_interval` must be a positive number of steps, found {eos_check_interval!r}")
         if not isinstance(draft_tokens, int) or draft_tokens < 0:
             raise ValueError(f"`draft_tokens` must be a number of tokens >= 0, found {draft_tokens!r}")
+        if draft_shift_ids is not None and not (
+            isinstance(draft_shift_ids, (tuple, list)) and len(draft_shift_ids) == 2
+            and all(isinstance(i, int) and i >= 0 for i in draft_shift_ids) and draft_shift_ids[0] <= draft_shift_ids[1]
+        ):
+            raise ValueError(f"`draft_shift_ids` must be None or the first and last id of the time shifts, [first, "
+                             f"last] with 0 <= first <= last; found {draft_shift_ids!r}")
         self.model = model
         self.pool_size = pool_size
         weight = model.decoder.token_embedder.weight
@@ -349,6 +357,7 @@ class MT3GreedyPool:
         # step costs mostly its weights' reading and its dispatch (the 49 linears on 2 cores: ~7 ms for 1 row, ~8.5
         # for 5); at 8 rows the same clip took 23.4 and 28.0 s against 22.7 and 23.8 s at 4.
         self.draft_tokens, self.draft_rows = draft_tokens, draft_rows
+        self.draft_shift_ids = None if draft_shift_ids is None else tuple(draft_shift_ids)
 
     @torch.no_grad()
     def generate(
@@ -543,7 +552,7 @@ class MT3GreedyPool:
         where a segment repeats itself. The keys/values of rejected guesses lie past the row's new position,
         masked until the next step writes over them."""
         ahead = cache.ahead
-        self._draft(tokens, cache.positions, ahead)
+        self._draft(tokens, cache.positions, ahead, self.draft_shift_ids)
         fed = cache.positions[:, None] + cache.offsets  # (rows, 1 + ahead)
         current = tokens.gather(1, fed)  # each row's last token, then its guesses
         hidden = self.model.decoder(current, None, cache=cache).last_hidden_state
@@ -560,19 +569,33 @@ class MT3GreedyPool:
         active.masked_fill_(ended, False)
 
     @staticmethod
-    def _draft(tokens: torch.Tensor, positions: torch.Tensor, ahead: int) -> None:
+    def _draft(tokens: torch.Tensor, positions: torch.Tensor, ahead: int,
+               shift_ids: tuple[int, int] | None = None) -> None:
         """Guess each row's next `ahead` ids, written after its position (prompt lookup decoding): the ids that
         followed the latest earlier occurrence of its last two ids (else of its last id), repeated with that period
         where they run out (MT3 often loops through a few events). A row with neither guesses ids that will be
-        rejected."""
+        rejected. With `shift_ids` (first, last), ids in that range are MT3's time shifts, each the absolute time in
+        its segment: they are matched and copied as the time they advance, so that a loop played at a steady pace
+        (repeated notes, a tremolo) is guessed with its shifts moved on to the times ahead."""
+        ids = tokens
+        if shift_ids is not None:
+            first, last = shift_ids
+            is_shift = (tokens >= first) & (tokens <= last)
+            time = torch.where(is_shift, tokens - first, 0).cummax(1).values  # (rows, width) the time at each index
+            advance = time - torch.nn.functional.pad(time[:, :-1], (1, 0))
+            ids = torch.where(is_shift, -1 - advance, tokens)  # a shift as -1 - its advance: never an id
         found = None
         for n in (2, 1):
             # (rows,) where the latest earlier occurrence of the row's last n ids ends, -1: none
-            last = MT3GreedyPool._latest_occurrence(tokens, positions, n)
-            found = last if found is None else torch.where(found < 0, last, found)
+            last_seen = MT3GreedyPool._latest_occurrence(ids, positions, n)
+            found = last_seen if found is None else torch.where(found < 0, last_seen, found)
         period = (positions - found).clamp(min=1)
         steps = torch.arange(ahead, device=tokens.device)
-        guesses = tokens.gather(1, found[:, None] + 1 + steps % period[:, None])  # (rows, ahead)
+        guesses = ids.gather(1, found[:, None] + 1 + steps % period[:, None])  # (rows, ahead)
+        if shift_ids is not None:  # each guessed shift: the row's time now plus the advances guessed up to it
+            shifted = guesses < 0
+            times = torch.where(shifted, -1 - guesses, 0).cumsum(1) + time.gather(1, positions[:, None])
+            guesses = torch.where(shifted, (first + times).clamp(max=last), guesses)
         tokens.scatter_(1, positions[:, None] + 1 + steps, guesses)
 
     @staticmethod

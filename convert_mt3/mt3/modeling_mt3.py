@@ -291,7 +291,8 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         self.generation_config.draft_tokens = dict(DRAFT_TOKENS)
         self.generation_config.cuda_graphs = True  # CUDA only (ignored elsewhere): same ids, faster
         # No longer the model config's copy: with the flag, loading generation_config.json drops the keys that
-        # GenerationConfig does not define (segment_batch_size, cuda_graphs, eos_check_interval, draft_tokens).
+        # GenerationConfig does not define (segment_batch_size, cuda_graphs, eos_check_interval, draft_tokens, and
+        # draft_shift_ids, which the converter sets from the tokenizer's vocabulary).
         self.generation_config._from_model_config = False
 
     def get_encoder(self, modality: str | None = None) -> MT3Encoder:
@@ -547,6 +548,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             cuda_graphs=self._can_capture() and (settings["cuda_graphs"] is None or bool(settings["cuda_graphs"])),
             eos_check_interval=_per_device(settings["eos_check_interval"], EOS_CHECK_INTERVAL, self.device.type),
             draft_tokens=_per_device(settings["draft_tokens"], DRAFT_TOKENS, self.device.type),
+            draft_shift_ids=configured["draft_shift_ids"],
         ).generate(features, max_new_tokens, eos, pad, start, logits_processor=logits_processor)
 
     def _can_capture(self) -> bool:
@@ -558,8 +560,9 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, kwargs: dict
     ) -> tuple[torch.Tensor, int, list[int], int, int, dict] | None:
         """(features, max_new_tokens, eos ids, pad id, start id, the pool's settings from the generation config:
-        segment_batch_size, cuda_graphs, eos_check_interval, draft_tokens, None where unset) when the settings are
-        greedy search changed only in `FAST_GREEDY_SETTINGS` (what `MT3GreedyPool` reproduces), else None."""
+        segment_batch_size, cuda_graphs, eos_check_interval, draft_tokens, draft_shift_ids, None where unset) when
+        the settings are greedy search changed only in `FAST_GREEDY_SETTINGS` (what `MT3GreedyPool` reproduces),
+        else None."""
         rest = dict(kwargs)
         features = rest.pop(self.main_input_name, None)
         if (inputs is None) == (features is None) or self.training:
@@ -605,7 +608,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             max_new_tokens = config.max_length - 1
         if max_new_tokens < 1:
             return None
-        pool_settings = ("segment_batch_size", "cuda_graphs", "eos_check_interval", "draft_tokens")
+        pool_settings = ("segment_batch_size", "cuda_graphs", "eos_check_interval", "draft_tokens", "draft_shift_ids")
         return features, max_new_tokens, eos, pad, start, {name: getattr(config, name, None) for name in pool_settings}
 
 

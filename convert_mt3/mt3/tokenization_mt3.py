@@ -245,6 +245,10 @@ class MT3Tokenizer(PreTrainedTokenizer):
         """Event -> model id (codec index + number of special ids)."""
         return self.codec.encode_event(event) + self.num_special_tokens
 
+    def event_type_ids(self, event_type: str) -> list[int]:
+        """[first, last] model ids of one event type (e.g. "shift"); ValueError for an unknown type."""
+        return [index + self.num_special_tokens for index in self.codec.event_type_range(event_type)]
+
     def id_to_event(self, token_id: int) -> Event | None:
         """Model id -> Event, or None for special / extra / unused ids."""
         codec_ids = decode_model_ids([token_id], self.num_regular_tokens, self.num_special_tokens, eos_id=-1)

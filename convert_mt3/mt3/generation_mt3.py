@@ -66,7 +66,8 @@ EOS_CHECK_INTERVAL = {"cpu": 1, "cuda": 8}
 # segments end after 46 to 1024 ids, decoded in 22.5-23.8 s with 2, 3 or 4 guesses (4 rows) against 28.6-28.9 s
 # without, the same ids (two runs each, alternating in one process); with 4, its 1024-id segment takes 571 steps on
 # its own, the clip 657 instead of 1024. `make bench` row 5 on that clip (whole processes, runs apart): 21.68 and
-# 23.62 s, against 23.56 s in one run before drafts, a gain within this VM's run-to-run noise.
+# 23.62 s, against 23.56 s in one run before drafts, a gain within this VM's run-to-run noise. With the time shifts
+# moved on (`draft_shift_ids`) the clip takes 577 steps, its tail 7.6-9.0 s against 9.8-10.9 s (alternating).
 # CUDA: 0 (not measured; drafts need the host to read every row's position each step, and no CUDA graph).
 DRAFT_TOKENS = {"cpu": 4, "cuda": 0}
 

@@ -841,10 +841,22 @@ def hub_code_sha256(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def cpu_model() -> str:
+    """The CPU's name (Linux: /proc/cpuinfo's first "model name"): VMs of one kind run on different CPUs, whose
+    ratios differ."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
 def fmt_table(res: dict) -> str:
     lines = []
     m = res["machine"]
-    lines.append(f"convert-mt3 benchmark  |  os.cpu_count()={m['cpu_count']}  torch threads={m.get('torch_threads', '?')}  "
+    lines.append(f"convert-mt3 benchmark  |  {m.get('cpu_model', '?')}  os.cpu_count()={m['cpu_count']}  torch threads={m.get('torch_threads', '?')}  "
                  f"torch {m.get('torch', '?')}  transformers {m.get('transformers', '?')}  python {m['python']}  "
                  f"{'QUICK' if res['quick'] else 'full'} run, {res['reps']} rep(s)  Hub code sha256 {m.get('hub_code_sha256', '?')}")
     if res.get("pinned_cpus"):
@@ -1087,7 +1099,8 @@ def main(argv=None) -> int:
         THREAD_ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     res = {"quick": args.quick, "reps": args.reps, "complete": False, "rows": {}, "threads_env": dict(THREAD_ENV),
            "pinned_cpus": sorted(PINNED_CPUS) if PINNED_CPUS else None,
-           "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+           "machine": {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(),
+                       "platform": platform.platform(),
                        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                        "loadavg_start": os.getloadavg()[0]}}
     def save() -> None:

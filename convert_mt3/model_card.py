@@ -103,7 +103,7 @@ grow with the length of the audio. Other settings (beam search, scores, ...) use
 own `generate()`. On CUDA each decode step is replayed as a CUDA graph (`cuda_graphs=False` for
 eager launches: the same ids, about four times as long for a minute of audio on an H200), and
 `eos_check_interval=k` looks for finished segments every k steps only (default 8 on CUDA, 1 elsewhere).
-`draft_tokens=k` (default 4 on CPU, 0 on CUDA): once at most 4 segments are left, each guesses its next k ids
+`draft_tokens=k` (default 4 on CPU, 0 on GPUs): once at most 4 segments are left, each guesses its next k ids
 from its own earlier ones and keeps those its predictions confirm: the same ids in fewer steps where a segment
 loops through a few events (not with CUDA graphs); `draft_shift_ids` (the time shifts' first and last id) lets a
 guessed loop move on in time.

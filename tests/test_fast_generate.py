@@ -221,7 +221,7 @@ def test_eos_check_interval_at_the_last_position():
 
 @pytest.mark.parametrize(("name", "defaults", "argument", "invalid"), [
     ("eos_check_interval", {"cpu": 1, "cuda": 8}, -2, 0),
-    ("draft_tokens", {"cpu": 4, "cuda": 0}, -1, -1),
+    ("draft_tokens", {"cpu": 4, "cuda": 0, "mps": 0, "xpu": 0}, -1, -1),
 ])
 def test_pool_setting_per_device(model, count_fast, monkeypatch, tmp_path, name, defaults, argument, invalid):
     """`eos_check_interval` and `draft_tokens` come from generation_config.json (per device type, saved there) or

@@ -68,8 +68,9 @@ EOS_CHECK_INTERVAL = {"cpu": 1, "cuda": 8}
 # its own, the clip 657 instead of 1024. `make bench` row 5 on that clip (whole processes, runs apart): 21.68 and
 # 23.62 s, against 23.56 s in one run before drafts, a gain within this VM's run-to-run noise. With the time shifts
 # moved on (`draft_shift_ids`) the clip takes 577 steps, its tail 7.6-9.0 s against 9.8-10.9 s (alternating).
-# CUDA: 0 (not measured; drafts need the host to read every row's position each step, and no CUDA graph).
-DRAFT_TOKENS = {"cpu": 4, "cuda": 0}
+# CUDA, MPS, XPU: 0 (not measured; drafts need the host to read every row's position each step, no CUDA graph, and
+# integer scans, cumprod/cummax, that MPS long lacked).
+DRAFT_TOKENS = {"cpu": 4, "cuda": 0, "mps": 0, "xpu": 0}
 
 
 class MT3SlotLayer(CacheLayerMixin):

@@ -497,7 +497,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         config); `eos_check_interval=k` looks for finished segments every k steps only (default: 8 on CUDA, 1
         elsewhere, generation_config.json). `draft_tokens=k`: once few segments are left, each guesses its next k
         ids from its own earlier ones and checks them in one step (the same ids in fewer steps; default 4 on CPU,
-        0 on CUDA; other devices take the CPU's settings, as for `segment_batch_size`).
+        0 on CUDA, MPS and XPU; devices not named in these settings take the CPU's, as for `segment_batch_size`).
         """
         # The processor's output also holds each segment's start time (and, for a list of clips, their segment
         # counts), which only decoding to notes needs: accept them so that `model.generate(**processor(audio=...))`

@@ -155,20 +155,48 @@ def test_draft_guesses_what_followed_the_last_ids():
 
 def test_draft_moves_copied_time_shifts_on():
     """With `shift_ids` (here 10..20: time 0 to 10), a time shift is matched and copied as the time it advances:
-    a loop through the same events at a steady pace is guessed at the times ahead, up to the last shift id."""
+    a loop through the same events at a steady pace is guessed at the times ahead, up to the last shift id. Ids
+    after a row's position (19 here: junk of earlier steps) play no part."""
     tokens = torch.tensor([
-        [0, 11, 5, 6, 13, 5, 6, 0, 0, 0, 0],  # (5, 6) ended at 3, then +2, 5, 6: at time 3, shifts to 5 and 7
-        [0, 12, 5, 15, 5, 18, 5, 0, 0, 0, 0],  # (+3, 5) ended at 4: +3, 5 twice, from time 8: past 10, the last id
-        [0, 11, 5, 12, 5, 13, 6, 0, 0, 0, 0],  # (+1, 6) never before, 6 neither: the row from its start, moved on
+        [0, 11, 5, 6, 13, 5, 6, 19, 0, 0, 0, 0, 0, 0, 0],  # (5, 6) ended at 3, then +2, 5, 6: at time 3, 15 and 17
+        [0, 12, 5, 15, 5, 18, 5, 19, 0, 0, 0, 0, 0, 0, 0],  # (+3, 5) ended at 4: +3, 5 twice from time 8: past 10, 20
+        [0, 11, 5, 12, 5, 13, 6, 19, 0, 0, 0, 0, 0, 0, 0],  # (+1, 6), 6 never before: the row from its start, moved on
+        [0, 11, 5, 6, 13, 5, 7, 5, 8, 15, 5, 19, 0, 0, 0],  # (+2, 5) ended at 5 (as shifts 13 5, not 15 5): 7 5 8 +2
     ])
-    positions = torch.tensor([6, 6, 6])
+    positions = torch.tensor([6, 6, 6, 10])
     plain = tokens.clone()
     MT3GreedyPool._draft(plain, positions, 4)
-    assert plain[0, 7:].tolist() == [13, 5, 6, 13]  # without: the shift copied as it was
+    assert plain[0, 7:11].tolist() == [13, 5, 6, 13]  # without: the shift copied as it was
+    before = tokens.clone()
     MT3GreedyPool._draft(tokens, positions, 4, (10, 20))
-    assert tokens[0, 7:].tolist() == [15, 5, 6, 17]
-    assert tokens[1, 7:].tolist() == [20, 5, 20, 5]
-    assert tokens[2, 7:].tolist() == [0, 14, 5, 15]
+    assert tokens[:3, 7:11].tolist() == [[15, 5, 6, 17], [20, 5, 20, 5], [0, 14, 5, 15]]
+    assert tokens[3, 11:15].tolist() == [7, 5, 8, 17]
+    for row, position in enumerate(positions.tolist()):
+        assert torch.equal(tokens[row, : position + 1], before[row, : position + 1])
+
+
+def test_generate_passes_draft_shift_ids(model, monkeypatch, tmp_path):
+    """`draft_shift_ids` reaches the pool from generation_config.json or generate(); absent (a model not made by
+    the converter): None, plain guesses; ids outside the vocabulary: a ValueError naming the setting."""
+    seen = []
+    original = MT3GreedyPool._decode
+
+    def recording(self, *args):
+        seen.append(self.draft_shift_ids)
+        return original(self, *args)
+
+    monkeypatch.setattr(MT3GreedyPool, "_decode", recording)
+    x = frames(2, seed=4)
+    model.generate(input_features=x, max_new_tokens=4)
+    model.generate(input_features=x, max_new_tokens=4, draft_shift_ids=[4, 50])
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**saved, "draft_shift_ids": [3, 60]}))
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    loaded.generate(input_features=x, max_new_tokens=4)
+    assert seen == [None, (4, 50), (3, 60)]
+    with pytest.raises(ValueError, match=r"`draft_shift_ids` must be .* < 128 \(the vocabulary\); found \[3, 500\]"):
+        model.generate(input_features=x, max_new_tokens=4, draft_shift_ids=[3, 500])
 
 
 def test_draft_step_keeps_confirmed_guesses_up_to_eos_and_the_limit():

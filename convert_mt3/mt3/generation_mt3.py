@@ -327,15 +327,16 @@ class MT3GreedyPool:
             raise ValueError(f"`eos_check_interval` must be a positive number of steps, found {eos_check_interval!r}")
         if not isinstance(draft_tokens, int) or draft_tokens < 0:
             raise ValueError(f"`draft_tokens` must be a number of tokens >= 0, found {draft_tokens!r}")
+        weight = model.decoder.token_embedder.weight
+        vocab = weight.shape[0]
         if draft_shift_ids is not None and not (
             isinstance(draft_shift_ids, (tuple, list)) and len(draft_shift_ids) == 2
-            and all(isinstance(i, int) and i >= 0 for i in draft_shift_ids) and draft_shift_ids[0] <= draft_shift_ids[1]
+            and all(type(i) is int for i in draft_shift_ids) and 0 <= draft_shift_ids[0] <= draft_shift_ids[1] < vocab
         ):
             raise ValueError(f"`draft_shift_ids` must be None or the first and last id of the time shifts, [first, "
-                             f"last] with 0 <= first <= last; found {draft_shift_ids!r}")
+                             f"last] with 0 <= first <= last < {vocab} (the vocabulary); found {draft_shift_ids!r}")
         self.model = model
         self.pool_size = pool_size
-        weight = model.decoder.token_embedder.weight
         cpu = weight.device.type == "cpu"
         if use_onednn is None:  # bfloat16 only where oneDNN has the instructions for it
             use_onednn = cpu and (

@@ -482,6 +482,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         cuda_graphs: bool | None = None,
         eos_check_interval: int | None = None,
         draft_tokens: int | None = None,
+        draft_shift_ids: list[int] | None = None,
         **kwargs,
     ) -> torch.LongTensor:
         """Greedy decoding of all segments: `generate(input_features=x)`, x (segments, frames, input_depth).
@@ -497,7 +498,9 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         config); `eos_check_interval=k` looks for finished segments every k steps only (default: 8 on CUDA, 1
         elsewhere, generation_config.json). `draft_tokens=k`: once few segments are left, each guesses its next k
         ids from its own earlier ones and checks them in one step (the same ids in fewer steps; default 4 on CPU,
-        0 on CUDA, MPS and XPU; devices not named in these settings take the CPU's, as for `segment_batch_size`).
+        0 on CUDA, MPS and XPU; devices not named in these settings take the CPU's, as for `segment_batch_size`);
+        `draft_shift_ids=[first, last]`, the time shifts' ids (the converter writes them to generation_config.json),
+        lets a guessed loop move on in time.
         """
         # The processor's output also holds each segment's start time (and, for a list of clips, their segment
         # counts), which only decoding to notes needs: accept them so that `model.generate(**processor(audio=...))`
@@ -538,7 +541,8 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             )
         features, max_new_tokens, eos, pad, start, configured = fast
         given = {"segment_batch_size": segment_batch_size, "cuda_graphs": cuda_graphs,
-                 "eos_check_interval": eos_check_interval, "draft_tokens": draft_tokens}
+                 "eos_check_interval": eos_check_interval, "draft_tokens": draft_tokens,
+                 "draft_shift_ids": draft_shift_ids}
         settings = {name: configured[name] if value is None else value for name, value in given.items()}
         if logits_processor is not None and not isinstance(logits_processor, LogitsProcessorList):
             logits_processor = LogitsProcessorList(logits_processor)
@@ -548,7 +552,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             cuda_graphs=self._can_capture() and (settings["cuda_graphs"] is None or bool(settings["cuda_graphs"])),
             eos_check_interval=_per_device(settings["eos_check_interval"], EOS_CHECK_INTERVAL, self.device.type),
             draft_tokens=_per_device(settings["draft_tokens"], DRAFT_TOKENS, self.device.type),
-            draft_shift_ids=configured["draft_shift_ids"],
+            draft_shift_ids=settings["draft_shift_ids"],
         ).generate(features, max_new_tokens, eos, pad, start, logits_processor=logits_processor)
 
     def _can_capture(self) -> bool:

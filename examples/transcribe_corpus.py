@@ -9,9 +9,10 @@ Each process takes its contiguous share of the dataset (`PartialState().split_be
 and writes its rows; the main process then joins the shares in dataset order into OUT.jsonl: one line per file,
 `{"path": ..., "notes": [...], "error": null}`, the same as one process writes. A file that cannot be read gets
 `"notes": null` and the reason in `error`, the others go on, and the exit status is 1 (the main process's, counting
-every process's files; the others exit 0). AUDIO_DIR's .wav, .flac, .ogg and .mp3 files are transcribed (the
-pipeline reads any format libsndfile reads: convert other files first). Needs: transformers, torch,
-datasets, accelerate, soundfile, soxr. No import of convert_mt3: what a Hub user runs.
+every process's files; the others exit 0). AUDIO_DIR's files with a suffix of a format libsndfile reads are
+transcribed (`AUDIO_SUFFIXES`, as mt3-transcribe takes them: the pipeline reads them with soundfile; convert other
+files first). Needs: transformers, torch, datasets, accelerate, soundfile, soxr. No import of convert_mt3: what a
+Hub user runs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from transformers import pipeline
 sys.path.insert(0, str(Path(__file__).parent))
 from transcribe import check_model, check_output_file, loading  # noqa: E402  (the sibling example's checks)
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".caf", ".w64"}
 
 
 def find_files(args: argparse.Namespace) -> list[str]:
@@ -39,7 +40,7 @@ def find_files(args: argparse.Namespace) -> list[str]:
     check_output_file("OUT", args.out)  # also tries a file in its folder
     if not Path(args.audio_dir).is_dir():
         raise ValueError(f"AUDIO_DIR {args.audio_dir}: no such folder")
-    files = sorted(str(p) for p in Path(args.audio_dir).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+    files = sorted(str(p) for p in Path(args.audio_dir).rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
     if not files:
         raise ValueError(f"AUDIO_DIR {args.audio_dir}: no {', '.join(sorted(AUDIO_SUFFIXES))} files")
     check_model(args.model)

@@ -48,23 +48,25 @@ def test_unreadable_files_are_reported_and_bad_paths_refused(tiny_folder, tmp_pa
     or MODEL is refused in one line before any work, writing nothing."""
     audio = tmp_path / "corpus"
     audio.mkdir()
-    for name in ("a.wav", "c.wav"):
+    for name in ("a.wav", "c.aiff"):  # any suffix of a format libsndfile reads; a folder named like one is no file
         soundfile.write(audio / name, (0.3 * np.sin(np.arange(24000) / 10)).astype(np.float32), 16000)
     (audio / "b.ogg").write_bytes(b"OggS not really")
+    (audio / "folder.wav").mkdir()
     result = run([sys.executable, str(RECIPE), str(tiny_folder), str(audio), "out.jsonl", "--files-per-map-batch", "3"],
                  tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]  # the results written, the failure in the status
     assert "process 0/1: 3 files, 1 not read (see their error in out.jsonl)" in result.stdout, result.stdout
     rows = {Path(r["path"]).name: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert sorted(rows) == ["a.wav", "b.ogg", "c.aiff"]
     assert rows["b.ogg"]["notes"] is None and ": cannot read audio" in rows["b.ogg"]["error"]
-    assert all(isinstance(rows[name]["notes"], list) and rows[name]["error"] is None for name in ("a.wav", "c.wav"))
+    assert all(isinstance(rows[name]["notes"], list) and rows[name]["error"] is None for name in ("a.wav", "c.aiff"))
 
     (tmp_path / "empty").mkdir()
     for args, message in [
         ([str(tiny_folder), str(audio), "corpus"], "OUT corpus: is a directory"),
         ([str(tiny_folder), str(audio), "nowhere/x.jsonl"], "OUT nowhere/x.jsonl: folder"),
         ([str(tiny_folder), "missing", "x.jsonl"], "AUDIO_DIR missing: no such folder"),
-        ([str(tiny_folder), "empty", "x.jsonl"], "AUDIO_DIR empty: no .flac, .mp3, .ogg, .wav files"),
+        ([str(tiny_folder), "empty", "x.jsonl"], "AUDIO_DIR empty: no .aif, .aifc, .aiff, .au, .caf, .flac, .mp3, .oga, .ogg, .opus, .w64, .wav files"),
         ([str(tmp_path / "no-model"), str(audio), "x.jsonl"], "no-model: no such folder"),
     ]:
         result = run([sys.executable, str(RECIPE), *args], tmp_path)

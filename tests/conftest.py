@@ -1,5 +1,6 @@
 """Shared fixtures: the path to ../shared (golden data, real checkpoint) when CI provides it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -77,3 +78,53 @@ def run_isolated(code: str, cwd: Path, timeout: int = 1200) -> subprocess.Comple
     code = "import sys\nsys.modules['convert_mt3'] = None\n" + code
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(cwd / "modules")}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# Runs a script as __main__ once per argv. sys.stdout/sys.stderr become stand-ins writing to the current run's
+# buffers, so what binds them in one run (logging handlers, tqdm) writes to whichever run is in progress.
+_SCRIPT_RUNS = """
+import io, json, runpy, traceback
+
+
+class Current(io.TextIOBase):
+    def __init__(self):
+        self.text = io.StringIO()
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        return self.text.write(text)
+
+
+real_stdout = sys.stdout
+sys.stdout, sys.stderr = Current(), Current()
+results = []
+for argv in ARGVS:
+    sys.stdout.text, sys.stderr.text = io.StringIO(), io.StringIO()
+    sys.argv = [SCRIPT, *argv]
+    try:
+        runpy.run_path(SCRIPT, run_name="__main__")
+        status = 0
+    except SystemExit as stop:  # as the interpreter maps it to an exit status
+        status = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+        if not isinstance(stop.code, int | None):
+            print(stop.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    results.append([status, sys.stdout.text.getvalue(), sys.stderr.text.getvalue()])
+real_stdout.write("\\n" + MARK + json.dumps(results))
+"""
+_MARK = "results of the runs: "
+
+
+def run_isolated_script(script: Path, argvs: list[list[str]], cwd: Path, timeout: int = 1200) -> list[subprocess.CompletedProcess]:
+    """`script ARGV` for each argv, as `run_isolated` runs code, all in one process: torch's and transformers'
+    imports (~10 s a process on CI) are paid once. Each run gets its own exit status, stdout and stderr; a run starts
+    with the modules earlier runs imported, so a run that changes sys.modules gets a process of its own."""
+    code = f"ARGVS, SCRIPT, MARK = {argvs!r}, {str(script)!r}, {_MARK!r}\n" + _SCRIPT_RUNS
+    process = run_isolated(code, cwd, timeout)
+    assert process.returncode == 0 and _MARK in process.stdout, process.stderr[-3000:]
+    runs = json.loads(process.stdout.rsplit(_MARK, 1)[1])
+    return [subprocess.CompletedProcess([str(script), *argv], *run) for argv, run in zip(argvs, runs, strict=True)]

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+from conftest import run_isolated_script
+
 RECIPE = Path(__file__).parents[1] / "examples" / "transcribe_corpus.py"
 
 
@@ -52,25 +54,25 @@ def test_unreadable_files_are_reported_and_bad_paths_refused(tiny_folder, tmp_pa
         soundfile.write(audio / name, (0.3 * np.sin(np.arange(24000) / 10)).astype(np.float32), 16000)
     (audio / "b.ogg").write_bytes(b"OggS not really")
     (audio / "folder.wav").mkdir()
-    result = run([sys.executable, str(RECIPE), str(tiny_folder), str(audio), "out.jsonl", "--files-per-map-batch", "3"],
-                 tmp_path)
+    (tmp_path / "empty").mkdir()
+    refused = [
+        ([str(tiny_folder), str(audio), "corpus"], "OUT corpus: is a directory"),
+        ([str(tiny_folder), str(audio), "nowhere/x.jsonl"], "OUT nowhere/x.jsonl: folder"),
+        ([str(tiny_folder), "missing", "x.jsonl"], "AUDIO_DIR missing: no such folder"),
+        ([str(tiny_folder), "empty", "x.jsonl"], "AUDIO_DIR empty: no .aif, .aifc, .aiff, .au, .caf, .flac, .mp3, .oga, .ogg, .opus, .w64, .wav files"),
+        ([str(tmp_path / "no-model"), str(audio), "x.jsonl"], "no-model: no such folder"),
+    ]
+    result, *results = run_isolated_script(
+        RECIPE, [[str(tiny_folder), str(audio), "out.jsonl", "--files-per-map-batch", "3"], *(args for args, _ in refused)],
+        tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]  # the results written, the failure in the status
     assert "process 0/1: 3 files, 1 not read (see their error in out.jsonl)" in result.stdout, result.stdout
     rows = {Path(r["path"]).name: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
     assert sorted(rows) == ["a.wav", "b.ogg", "c.aiff"]
     assert rows["b.ogg"]["notes"] is None and ": cannot read audio" in rows["b.ogg"]["error"]
     assert all(isinstance(rows[name]["notes"], list) and rows[name]["error"] is None for name in ("a.wav", "c.aiff"))
-
-    (tmp_path / "empty").mkdir()
-    for args, message in [
-        ([str(tiny_folder), str(audio), "corpus"], "OUT corpus: is a directory"),
-        ([str(tiny_folder), str(audio), "nowhere/x.jsonl"], "OUT nowhere/x.jsonl: folder"),
-        ([str(tiny_folder), "missing", "x.jsonl"], "AUDIO_DIR missing: no such folder"),
-        ([str(tiny_folder), "empty", "x.jsonl"], "AUDIO_DIR empty: no .aif, .aifc, .aiff, .au, .caf, .flac, .mp3, .oga, .ogg, .opus, .w64, .wav files"),
-        ([str(tmp_path / "no-model"), str(audio), "x.jsonl"], "no-model: no such folder"),
-    ]:
-        result = run([sys.executable, str(RECIPE), *args], tmp_path)
+    for (args, message), result in zip(refused, results, strict=True):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
             args, result.stderr[-2000:])
-        assert not (tmp_path / "x.jsonl").exists()
+    assert not (tmp_path / "x.jsonl").exists()

@@ -1,7 +1,6 @@
 """examples/finetune.py end to end on a tiny converted model, in a process where convert_mt3 cannot be imported."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,23 +12,12 @@ from safetensors.numpy import load_file
 
 from convert_mt3.__main__ import main
 
+from conftest import run_isolated_script
 from t5x_writer import tiny_arrays, write_t5x_checkpoint
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 TINY = dict(d_model=32, heads=2, d_kv=8, d_ff=48, layers=2, decoder_layers=2, vocab=1536, input_depth=512)
 GIN = "network.T5Config.num_heads = 2\nnetwork.T5Config.head_dim = 8\n"
-
-
-def run_example(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    script = EXAMPLES / "finetune.py"
-    code = (
-        "import sys, runpy\n"
-        "sys.modules['convert_mt3'] = None\n"
-        f"sys.argv = {[str(script)] + args!r}\n"
-        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(cwd / "modules")}
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +39,19 @@ def test_finetune_runs_and_saves_a_loadable_folder(tiny_folder, tmp_path):
     midi.instruments = [piano, drums]
     midi.write(str(tmp_path / "clip.mid"))
 
-    result = run_example([str(tiny_folder), "clip.wav", "clip.mid", "out", "--steps", "3", "--lr", "1e-2", "--quiet"], tmp_path)
+    soundfile.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    refused = [  # missing inputs and MODEL, and audio without samples: one line each, before any training
+        ([str(tiny_folder), "nope.wav", "clip.mid"], "AUDIO nope.wav: no such file"),
+        ([str(tiny_folder), "clip.wav", "nope.mid"], "MIDI nope.mid: no such file"),
+        ([str(tmp_path / "no-model"), "clip.wav", "clip.mid"], f"MODEL {tmp_path / 'no-model'}: no such folder"),
+        ([str(tiny_folder), "empty.wav", "clip.mid"], "AUDIO empty.wav: no samples to train on"),
+    ]
+    result, overwrite, *results, unmakeable = run_isolated_script(EXAMPLES / "finetune.py", [
+        [str(tiny_folder), "clip.wav", "clip.mid", "out", "--steps", "3", "--lr", "1e-2", "--quiet"],
+        [str(tiny_folder), "clip.wav", "clip.mid", "out", "--steps", "1", "--quiet"],  # "out" is there now
+        *([*args, "new", "--steps", "1", "--quiet"] for args, _ in refused),
+        [str(tiny_folder), "clip.wav", "clip.mid", "clip.wav/new", "--steps", "1", "--quiet"],
+    ], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
     assert {"config.json", "model.safetensors", "tokenizer_config.json", "preprocessor_config.json",
@@ -74,24 +74,14 @@ def test_finetune_runs_and_saves_a_loadable_folder(tiny_folder, tmp_path):
     assert "notes" in processor.batch_decode(tokens, inputs)
 
     # refuses to overwrite a folder that is not empty, in one line
-    result = run_example([str(tiny_folder), "clip.wav", "clip.mid", "out", "--steps", "1", "--quiet"], tmp_path)
-    assert result.returncode == 1 and result.stderr.strip().startswith("error:") and "not an empty folder" in result.stderr
-    # missing inputs and MODEL, and audio without samples: one line each, before any training
-    soundfile.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
-    for args, message in [
-        ([str(tiny_folder), "nope.wav", "clip.mid"], "AUDIO nope.wav: no such file"),
-        ([str(tiny_folder), "clip.wav", "nope.mid"], "MIDI nope.mid: no such file"),
-        ([str(tmp_path / "no-model"), "clip.wav", "clip.mid"], f"MODEL {tmp_path / 'no-model'}: no such folder"),
-        ([str(tiny_folder), "empty.wav", "clip.mid"], "AUDIO empty.wav: no samples to train on"),
-    ]:
-        result = run_example([*args, "new", "--steps", "1", "--quiet"], tmp_path)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 1 and lines == [f"error: {message}"], result.stderr[-2000:]
+    assert overwrite.returncode == 1 and overwrite.stderr.strip().startswith("error:")
+    assert "not an empty folder" in overwrite.stderr
+    for (_, message), refusal in zip(refused, results, strict=True):
+        assert refusal.returncode == 1 and refusal.stderr.strip().splitlines() == [f"error: {message}"], refusal.stderr[-2000:]
     assert not (tmp_path / "new").exists()
     # an OUT_DIR that cannot be made is refused before training, not after it
-    result = run_example([str(tiny_folder), "clip.wav", "clip.mid", "clip.wav/new", "--steps", "1", "--quiet"], tmp_path)
-    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
-        f"error: clip.wav/new: {tmp_path / 'clip.wav'} is not a folder"], result.stderr[-2000:]
+    assert unmakeable.returncode == 1 and unmakeable.stderr.strip().splitlines() == [
+        f"error: clip.wav/new: {tmp_path / 'clip.wav'} is not a folder"], unmakeable.stderr[-2000:]
 
 
 def test_segments_with_targets_too_long_are_left_out(tiny_folder, tmp_path):
@@ -105,17 +95,18 @@ def test_segments_with_targets_too_long_are_left_out(tiny_folder, tmp_path):
     for i in range(700):
         midi.instruments[i // 88].notes.append(pretty_midi.Note(90, 21 + i % 88, 0.01 * (i % 150), 60.0))
     midi.write(str(tmp_path / "long.mid"))
-    result = run_example([str(tiny_folder), "clip.wav", "long.mid", "out", "--steps", "2", "--batch-size", "2"], tmp_path)
-    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
-        "error: MIDI long.mid: every segment's targets are longer than the model's 1024 ids"), result.stderr[-2000:]
-    audio = np.zeros(6 * 16000, np.float32)  # a third segment, after the notes end: short targets, kept
-    soundfile.write(tmp_path / "clip.wav", audio, 16000)
-    for note in midi.instruments[0].notes:
+    soundfile.write(tmp_path / "clip6.wav", np.zeros(6 * 16000, np.float32), 16000)  # a third segment, after
+    for note in midi.instruments[0].notes:  # the notes end: short targets, kept
         note.end = 4.5
-    midi.write(str(tmp_path / "long.mid"))
-    result = run_example([str(tiny_folder), "clip.wav", "long.mid", "out", "--steps", "2", "--batch-size", "2"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 of 3 segments left out of training: targets over 1024 ids" in result.stdout, result.stdout[-2000:]
+    midi.write(str(tmp_path / "shorter.mid"))
+    too_long, kept = run_isolated_script(EXAMPLES / "finetune.py", [
+        [str(tiny_folder), "clip.wav", "long.mid", "out", "--steps", "2", "--batch-size", "2"],
+        [str(tiny_folder), "clip6.wav", "shorter.mid", "out", "--steps", "2", "--batch-size", "2"],
+    ], tmp_path)
+    assert too_long.returncode == 1 and too_long.stderr.strip().splitlines()[-1] == (
+        "error: MIDI long.mid: every segment's targets are longer than the model's 1024 ids"), too_long.stderr[-2000:]
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert "2 of 3 segments left out of training: targets over 1024 ids" in kept.stdout, kept.stdout[-2000:]
 
 
 def test_note_f1():

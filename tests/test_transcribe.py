@@ -12,7 +12,7 @@ import pytest
 import soundfile
 import torch
 
-from conftest import run_isolated
+from conftest import run_isolated, run_isolated_script
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "transcribe.py"
 # MIDI stores times in ticks (220 per quarter at 120 qpm = 440 per second): 1/440 s resolution.
@@ -76,10 +76,19 @@ def test_example_options_and_bad_input(real_folder, tmp_path):
     tone = 0.3 * np.sin(2 * np.pi * 440 * t) * (t % 0.5 < 0.25)
     stereo = np.stack([tone, tone + 0.01 * rng.standard_normal(t.size)], axis=1).astype(np.float32)
     soundfile.write(tmp_path / "tone.flac", stereo, 44100)
-    result = run_example([str(real_folder), "tone.flac", "all.mid", "--quiet"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run_example([str(real_folder), "tone.flac", "tone.mid", "--programs", "4", "--plot", "roll.png", "--quiet"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    soundfile.write(tmp_path / "silence.wav", np.zeros(16000 * 3, np.float32), 16000)
+    soundfile.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    (tmp_path / "broken.ogg").write_bytes(b"OggS not really")
+    *transcribed, broken, bad_programs = run_isolated_script(EXAMPLE, [
+        [str(real_folder), "tone.flac", "all.mid", "--quiet"],
+        [str(real_folder), "tone.flac", "tone.mid", "--programs", "4", "--plot", "roll.png", "--quiet"],
+        [str(real_folder), "silence.wav", "silence.mid", "--quiet"],
+        [str(real_folder), "empty.wav", "empty.mid", "--quiet"],
+        [str(real_folder), "broken.ogg", "x.mid", "--quiet"],
+        [str(real_folder), "tone.flac", "y.mid", "--programs", "7-x", "--quiet"],
+    ], tmp_path)
+    for result in transcribed:
+        assert result.returncode == 0, result.stderr[-3000:]
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "tone.mid").stat().st_mode & 0o777 == 0o666 & ~umask  # as `open` makes it, not private
@@ -90,21 +99,12 @@ def test_example_options_and_bad_input(real_folder, tmp_path):
     assert any(n[0] == 4 and not n[1] for n in kept) and len(kept) < len(unfiltered)  # program 4 and others
     assert kept == [n for n in unfiltered if n[1] or n[0] == 4]
     assert (tmp_path / "roll.png").stat().st_size > 1000
+    assert midi_notes(tmp_path / "silence.mid") == [] and midi_notes(tmp_path / "empty.mid") == []
 
-    soundfile.write(tmp_path / "silence.wav", np.zeros(16000 * 3, np.float32), 16000)
-    soundfile.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
-    for name in ["silence.wav", "empty.wav"]:
-        result = run_example([str(real_folder), name, "x.mid", "--quiet"], tmp_path)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert midi_notes(tmp_path / "x.mid") == []
-
-    (tmp_path / "broken.ogg").write_bytes(b"OggS not really")
-    result = run_example([str(real_folder), "broken.ogg", "x.mid", "--quiet"], tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.strip().startswith("error: broken.ogg: cannot read audio") and len(result.stderr.strip().splitlines()) == 1
-    result = run_example([str(real_folder), "tone.flac", "y.mid", "--programs", "7-x", "--quiet"], tmp_path)
-    assert result.returncode == 1 and result.stderr.strip().startswith("error: --programs '7-x'")
-    assert not (tmp_path / "y.mid").exists()
+    assert broken.returncode == 1 and len(broken.stderr.strip().splitlines()) == 1
+    assert broken.stderr.strip().startswith("error: broken.ogg: cannot read audio")
+    assert bad_programs.returncode == 1 and bad_programs.stderr.strip().startswith("error: --programs '7-x'")
+    assert not (tmp_path / "x.mid").exists() and not (tmp_path / "y.mid").exists()
 
 
 def test_example_refuses_bad_arguments_before_reading_audio(tmp_path):
@@ -113,29 +113,30 @@ def test_example_refuses_bad_arguments_before_reading_audio(tmp_path):
     soundfile.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
     (tmp_path / "outdir.mid").mkdir()
     cases = [
-        (["a.wav", "missing/x.mid"], "", "OUT.mid missing/x.mid: folder"),
-        (["a.wav", "outdir.mid"], "", "OUT.mid outdir.mid: is a directory"),
-        (["a.wav", "x.mid", "--plot", "nowhere/roll.png"], "", "--plot nowhere/roll.png: folder"),
-        (["a.wav", "x.mid", "--plot", "roll.png"], "sys.modules['matplotlib'] = None\n", "--plot needs matplotlib"),
-        (["a.wav", "x.mid", "--plot", "roll.xyz"], "", "--plot roll.xyz: matplotlib writes"),
-        (["a.wav", "x.mid", "--plot", "roll"], "", "found 'no suffix'"),
-        (["a.wav", "/proc/x.mid"], "", "OUT.mid /proc/x.mid: cannot be written"),
-        (["missing.wav", "x.mid"], "", "missing.wav: no such file"),
+        (["a.wav", "missing/x.mid"], "OUT.mid missing/x.mid: folder"),
+        (["a.wav", "outdir.mid"], "OUT.mid outdir.mid: is a directory"),
+        (["a.wav", "x.mid", "--plot", "nowhere/roll.png"], "--plot nowhere/roll.png: folder"),
+        (["a.wav", "x.mid", "--plot", "roll.xyz"], "--plot roll.xyz: matplotlib writes"),
+        (["a.wav", "x.mid", "--plot", "roll"], "found 'no suffix'"),
+        (["a.wav", "/proc/x.mid"], "OUT.mid /proc/x.mid: cannot be written"),
+        (["missing.wav", "x.mid"], "missing.wav: no such file"),
     ]
     if not torch.cuda.is_available():
-        cases.append((["a.wav", "x.mid", "--device", "cuda"], "", "--device cuda: CUDA is not available"))
+        cases.append((["a.wav", "x.mid", "--device", "cuda"], "--device cuda: CUDA is not available"))
     # then MODEL, when it can only be a local path: a missing folder, or a file
     (tmp_path / "model.txt").write_text("")
-    cases += [([], "", f"MODEL {tmp_path / 'no-model'}: no such folder"),
-              ([], "", "MODEL ./model.txt: is not a folder")]
-    for args, prelude, message in cases:
-        model = "./model.txt" if "model.txt" in message else str(tmp_path / "no-model")
-        result = run_example([model, *(args or ["a.wav", "x.mid"]), "--quiet"], tmp_path, prelude)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 1 and len(lines) == 1 and message in lines[0], (args, result.stderr[-2000:])
-        assert not (tmp_path / "x.mid").exists()
+    cases += [([], f"MODEL {tmp_path / 'no-model'}: no such folder"), ([], "MODEL ./model.txt: is not a folder")]
+    argvs = [["./model.txt" if "model.txt" in message else str(tmp_path / "no-model"), *(args or ["a.wav", "x.mid"]),
+              "--quiet"] for args, message in cases]
     # a name that may be a Hub repo id and is no folder here: transformers' offline/connection error, and both said
-    result = run_example(["nowhere/mt4", "a.wav", "x.mid", "--quiet"], tmp_path)
+    *results, result = run_isolated_script(EXAMPLE, [*argvs, ["nowhere/mt4", "a.wav", "x.mid", "--quiet"]], tmp_path)
+    # matplotlib made unimportable, in a process of its own
+    results.append(run_example([str(tmp_path / "no-model"), "a.wav", "x.mid", "--plot", "roll.png", "--quiet"], tmp_path,
+                               "sys.modules['matplotlib'] = None\n"))
+    for (_, message), run in zip([*cases, (None, "--plot needs matplotlib")], results, strict=True):
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 1 and len(lines) == 1 and message in lines[0], (run.args, run.stderr[-2000:])
+    assert not (tmp_path / "x.mid").exists()
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith("error: MODEL nowhere/mt4: no such folder, nor a loadable Hub repo id ("), lines

@@ -50,15 +50,26 @@ def share_matched(mine: list[tuple], golden: list[tuple], tolerance: float) -> f
     return matched / max(len(golden), 1)
 
 
-@pytest.mark.parametrize("case_name", ["a_brahms_string_orchestra", "b_multi_instrument_drums_synth", "c_ragtime_piano_recording"])
-def test_example_reproduces_golden_notes(shared, real_folder, tmp_path, case_name):
+GOLDEN_CASES = ["a_brahms_string_orchestra", "b_multi_instrument_drums_synth", "c_ragtime_piano_recording"]
+
+
+@pytest.fixture(scope="module")
+def golden_midi(shared, real_folder, tmp_path_factory) -> dict[str, Path]:
+    """The example run on each golden case's samples (one process for the three)."""
+    root = tmp_path_factory.mktemp("golden_midi")
+    for name in GOLDEN_CASES:
+        soundfile.write(root / f"{name}.wav", np.load(shared / "golden" / name / "samples.npy"), 16000, subtype="FLOAT")
+    runs = run_isolated_script(EXAMPLE, [[str(real_folder), f"{name}.wav", f"{name}.mid", "--quiet", "--batch-size", "8"]
+                                         for name in GOLDEN_CASES], root)
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return {name: root / f"{name}.mid" for name in GOLDEN_CASES}
+
+
+@pytest.mark.parametrize("case_name", GOLDEN_CASES)
+def test_example_reproduces_golden_notes(shared, golden_midi, case_name):
     case = shared / "golden" / case_name
-    wav = tmp_path / "audio.wav"
-    soundfile.write(wav, np.load(case / "samples.npy"), 16000, subtype="FLOAT")
-    out = tmp_path / "out.mid"
-    result = run_example([str(real_folder), str(wav), str(out), "--quiet", "--batch-size", "8"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    mine, golden = midi_notes(out), golden_notes(case)
+    mine, golden = midi_notes(golden_midi[case_name]), golden_notes(case)
     share = share_matched(mine, golden, MIDI_TIME_TOLERANCE)
     reference = Counter(midi_notes(case / "transcription.mid"))
     same_as_original_midi = sum((Counter(mine) & reference).values()) / max(len(golden), 1)

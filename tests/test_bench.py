@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_isolated_script
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 
 
@@ -23,24 +25,24 @@ def test_row_8_end_to_end_on_cpu_against_a_reference(tiny_folder, shared, tmp_pa
     first.parent.mkdir()
     common = ["--model-dir", str(tiny_folder), "--shared", str(shared), "--rows", "8", "--e2e-device", "cpu",
               "--e2e-seconds", "4"]
-    done = bench(*common, "--e2e-modes", "float32,bfloat16,float32+graphs+eos4", "--json", str(first))
+    done = bench(*common, "--e2e-modes", "float32,bfloat16", "--json", str(first))
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(first.read_text())["rows"]["8"]
     f32, bf16 = row["modes"]["float32"], row["modes"]["bfloat16"]
     assert f32["segments"] == bf16["segments"] == 2  # 4 s = two 2.048 s segments
     assert f32["segments_identical_to_first"] == 2 and f32["notes_equal_pct_to_first"] == 100.0
     assert 0 <= bf16["segments_identical_to_first"] <= 2 and "segments_identical_to_reference" not in f32
-    assert row["modes"]["float32+graphs+eos4"]["segments_identical_to_first"] == 2  # graphs: ignored on CPU; eos4: same ids
     reference = first.parent / "e2e_tokens_cpu_float32.json"
     assert json.loads(reference.read_text())["segments"] and (first.parent / "e2e_tokens_cpu_bfloat16.json").exists()
 
     second = tmp_path / "second" / "results.json"
     second.parent.mkdir()
-    done = bench(*common, "--e2e-modes", "float32", "--e2e-reference", str(reference), "--json", str(second))
+    # graphs: ignored on CPU; eos4: EOS looked for every 4 steps, the same ids
+    done = bench(*common, "--e2e-modes", "float32+graphs+eos4", "--e2e-reference", str(reference), "--json", str(second))
     assert done.returncode == 0, done.stderr[-3000:]
-    f32 = json.loads(second.read_text())["rows"]["8"]["modes"]["float32"]
-    assert f32["segments_identical_to_reference"] == f32["reference_segments"] == 2
-    assert "8   4 s end to end, cpu float32" in json.loads(second.read_text())["table"]
+    mode = json.loads(second.read_text())["rows"]["8"]["modes"]["float32+graphs+eos4"]
+    assert mode["segments_identical_to_reference"] == mode["reference_segments"] == 2
+    assert "8   4 s end to end, cpu float32+graphs+eos4" in json.loads(second.read_text())["table"]
 
 
 def test_model_dir_cannot_time_the_conversion(tiny_folder, tmp_path):
@@ -112,38 +114,47 @@ def test_row_8_targets_follow_the_precision_with_or_without_graphs():
 PROFILE = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_step.py"
 
 
-def test_profile_step_runs_on_cpu(tmp_path):
+@pytest.fixture(scope="module")
+def profile_runs(tmp_path_factory) -> tuple[Path, list[subprocess.CompletedProcess]]:
+    """benchmarks/profile_step.py's runs of the two tests below, in one process: eager at position 40, a window
+    across a key length, the compiled modes (Dynamo's eager backend), an unknown mode."""
+    out = tmp_path_factory.mktemp("profile")
+    common = ["--device", "cpu", "--rows", "2", "--steps", "3"]
+    return out, run_isolated_script(PROFILE, [
+        [*common, "--at", "40", "--out", str(out / "eager")],
+        [*common, "--at", "32", "--out", str(out / "refused")],
+        [*common, "--at", "40", "--out", str(out / "compiled"), "--modes", "compiled,compiled+graphs",
+         "--compile-backend", "eager"],
+        [*common, "--at", "40", "--out", str(out / "refused"), "--modes", "eager,fast"],
+    ], out, hub_user=False)
+
+
+def test_profile_step_runs_on_cpu(profile_runs):
     """benchmarks/profile_step.py (for the sessions with a GPU) on the CPU: per position, seconds per step and the
     bytes a step reads (the published config's weights, 2 rows' keys/values), and the profiler's table; a window
     that crosses a key length is refused in one line."""
-    run = [sys.executable, str(PROFILE), "--device", "cpu", "--rows", "2", "--steps", "3", "--out", str(tmp_path)]
-    done = subprocess.run([*run, "--at", "40"], capture_output=True, text=True)
+    out, (done, refused, _, _) = profile_runs
     assert done.returncode == 0, done.stderr
-    (line,) = json.loads((tmp_path / "summary.json").read_text())
+    (line,) = json.loads((out / "eager" / "summary.json").read_text())
     assert (line["mode"], line["position"], line["keys"]) == ("eager", 40, 64) and line["ms_per_step"] > 0
     inner = 6 * 64
     weights = 8 * (6 * 512 * inner + 3 * 512 * 1024) + 512 * 1536  # q/k/v/out, cross q/out, wi_0/wi_1/wo; logits
     assert line["bytes_per_step"] == {"weights": 4 * weights, "cross_attention": 4 * 2 * 8 * 2 * 256 * inner,
                                       "self_attention": 4 * 2 * 8 * 2 * 64 * inner}
-    assert "aten::bmm" in (tmp_path / "profile_eager_40.txt").read_text()  # CPU attention runs as matmuls
-    refused = subprocess.run([*run, "--at", "32"], capture_output=True, text=True)
+    assert "aten::bmm" in (out / "eager" / "profile_eager_40.txt").read_text()  # CPU attention runs as matmuls
     assert refused.returncode == 2 and "within positions 33..63" in refused.stderr.splitlines()[-1]
 
 
-def test_profile_step_compiled_mode_on_cpu(tmp_path):
+def test_profile_step_compiled_mode_on_cpu(profile_runs):
     """The compiled mode (for a GPU's inductor) through Dynamo's eager backend on the CPU: the step is compiled
     before the timed steps, runs its linears without oneDNN's packed layout (inductor cannot lower it) and reports the
     graphs it compiled; an unknown mode is refused in one line."""
-    run = [sys.executable, str(PROFILE), "--device", "cpu", "--rows", "2", "--steps", "3", "--at", "40",
-           "--out", str(tmp_path)]
-    done = subprocess.run([*run, "--modes", "compiled,compiled+graphs", "--compile-backend", "eager"],
-                          capture_output=True, text=True)
+    out, (_, _, done, refused) = profile_runs
     assert done.returncode == 0, done.stderr
-    (line,) = json.loads((tmp_path / "summary.json").read_text())  # compiled+graphs: skipped off CUDA
+    (line,) = json.loads((out / "compiled" / "summary.json").read_text())  # compiled+graphs: skipped off CUDA
     assert (line["mode"], line["compile_backend"]) == ("compiled", "eager") and line["compiled_graphs"] >= 1
-    table = (tmp_path / "profile_compiled_40.txt").read_text()
+    table = (out / "compiled" / "profile_compiled_40.txt").read_text()
     assert "aten::mm" in table and "mkldnn::_linear_pointwise" not in table
-    refused = subprocess.run([*run, "--modes", "eager,fast"], capture_output=True, text=True)
     assert refused.returncode == 2 and "unknown fast" in refused.stderr.splitlines()[-1]
 
 

@@ -60,7 +60,8 @@ def real_model(real_folder: Path):
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
-    """A converted folder of a tiny random MT3 (real vocabulary and mel depth, 2+2 layers of width 32)."""
+    """A converted folder of a tiny random MT3 (real vocabulary and mel depth, 2+2 layers of width 32), decoding at
+    most 64 ids a segment."""
     from convert_mt3.__main__ import main
 
     from t5x_writer import tiny_arrays, write_t5x_checkpoint
@@ -70,6 +71,9 @@ def tiny_folder(tmp_path_factory) -> Path:
     gin = "network.T5Config.num_heads = 2\nnetwork.T5Config.head_dim = 8\nnetwork.T5Config.dropout_rate = 0.0\n"
     ckpt = write_t5x_checkpoint(root / "model" / "checkpoint_1000", arrays, gin=gin)
     assert main([str(ckpt), str(root / "tiny"), "--quiet"]) == 0
+    # The random model rarely writes EOS: 64 ids a segment, not MT3's 1024, as a user may set it in the folder.
+    settings = json.loads((root / "tiny" / "generation_config.json").read_text())
+    (root / "tiny" / "generation_config.json").write_text(json.dumps({**settings, "max_new_tokens": 64}))
     return root / "tiny"
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -77,61 +78,34 @@ def tiny_folder(tmp_path_factory) -> Path:
     return root / "tiny"
 
 
-def run_isolated(code: str, cwd: Path, timeout: int = 1200) -> subprocess.CompletedProcess:
-    """Run Python `code` as a Hub user would: every import of convert_mt3 fails, HF_HUB_OFFLINE=1, own module cache."""
-    code = "import sys\nsys.modules['convert_mt3'] = None\n" + code
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(cwd / "modules")}
+def run_isolated(code: str, cwd: Path, timeout: int = 1200, hub_user: bool = True) -> subprocess.CompletedProcess:
+    """Run Python `code` as a Hub user would (if `hub_user`): every import of convert_mt3 fails, HF_HUB_OFFLINE=1,
+    own module cache."""
+    env = dict(os.environ)
+    if hub_user:
+        code = "import sys\nsys.modules['convert_mt3'] = None\n" + code
+        env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(cwd / "modules"))
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-# Runs a script as __main__ once per argv. sys.stdout/sys.stderr become stand-ins writing to the current run's
-# buffers, so what binds them in one run (logging handlers, tqdm) writes to whichever run is in progress.
-_SCRIPT_RUNS = """
-import io, json, runpy, sys, traceback
+SCRIPT_RUNS = Path(__file__).parent / "script_runs.py"
 
 
-class Current(io.TextIOBase):
-    def __init__(self):
-        self.text = io.StringIO()
-
-    def writable(self):
-        return True
-
-    def write(self, text):
-        return self.text.write(text)
-
-
-real_stdout = sys.stdout
-sys.stdout, sys.stderr = Current(), Current()
-results = []
-for argv in ARGVS:
-    sys.stdout.text, sys.stderr.text = io.StringIO(), io.StringIO()
-    sys.argv = [SCRIPT, *argv]
-    try:
-        runpy.run_path(SCRIPT, run_name="__main__")
-        status = 0
-    except SystemExit as stop:  # as the interpreter maps it to an exit status
-        status = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
-        if not isinstance(stop.code, int | None):
-            print(stop.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-        status = 1
-    results.append([status, sys.stdout.text.getvalue(), sys.stderr.text.getvalue()])
-real_stdout.write("\\n" + MARK + json.dumps(results))
-"""
-_MARK = "results of the runs: "
-
-
-def run_isolated_script(script: Path, argvs: list[list[str]], cwd: Path, timeout: int = 1200,
+def run_isolated_script(script: Path, argvs: list[list[str]], cwd: Path, timeout: int = 600,
                         hub_user: bool = True) -> list[subprocess.CompletedProcess]:
-    """`script ARGV` for each argv, all in one process (as `run_isolated` runs code if `hub_user`): torch's and
+    """`script ARGV` for each argv, in turn in one process set up as `run_isolated`'s (`timeout` a run): torch's and
     transformers' imports (~10 s a process on CI) are paid once. Each run gets its own exit status, stdout and
-    stderr; a run starts with the modules earlier runs imported, so a run that changes sys.modules gets a process of
-    its own."""
-    code = f"ARGVS, SCRIPT, MARK = {argvs!r}, {str(script)!r}, {_MARK!r}\n" + _SCRIPT_RUNS
-    process = (run_isolated(code, cwd, timeout) if hub_user else
-               subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout))
-    assert process.returncode == 0 and _MARK in process.stdout, process.stderr[-3000:]
-    runs = json.loads(process.stdout.rsplit(_MARK, 1)[1])
-    return [subprocess.CompletedProcess([str(script), *argv], *run) for argv, run in zip(argvs, runs, strict=True)]
+    stderr. A run starts with what earlier runs left in the process: imported modules (so output at import, and
+    warnings given once, go to the first run that causes them: put the runs whose stderr is checked first), log
+    levels set by --quiet. A run that must start bare, or changes sys.modules, gets a process of its own."""
+    with tempfile.TemporaryDirectory() as folder:
+        runs, results = Path(folder) / "runs.json", Path(folder) / "results.json"
+        runs.write_text(json.dumps(argvs))
+        argv = [str(SCRIPT_RUNS), str(script), str(runs), str(results)]
+        code = f"import runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path({str(SCRIPT_RUNS)!r}, run_name='__main__')\n"
+        process = run_isolated(code, cwd, timeout * len(argvs), hub_user)
+        assert process.returncode == 0, process.stderr[-3000:]
+        # the process's own stderr holds only the harness's lines: the runs wrote theirs to their own files
+        assert all(line.startswith("run: ") for line in process.stderr.splitlines()), process.stderr[-3000:]
+        outcomes = json.loads(results.read_text())
+    return [subprocess.CompletedProcess([str(script), *argv], *outcome) for argv, outcome in zip(argvs, outcomes, strict=True)]

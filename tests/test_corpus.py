@@ -62,8 +62,8 @@ def test_unreadable_files_are_reported_and_bad_paths_refused(tiny_folder, tmp_pa
         ([str(tiny_folder), "empty", "x.jsonl"], "AUDIO_DIR empty: no .aif, .aifc, .aiff, .au, .caf, .flac, .mp3, .oga, .ogg, .opus, .w64, .wav files"),
         ([str(tmp_path / "no-model"), str(audio), "x.jsonl"], "no-model: no such folder"),
     ]
-    result, *results = run_isolated_script(
-        RECIPE, [[str(tiny_folder), str(audio), "out.jsonl", "--files-per-map-batch", "3"], *(args for args, _ in refused)],
+    *results, result = run_isolated_script(  # the refusals first: their stderr is checked
+        RECIPE, [*(args for args, _ in refused), [str(tiny_folder), str(audio), "out.jsonl", "--files-per-map-batch", "3"]],
         tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]  # the results written, the failure in the status
     assert "process 0/1: 3 files, 1 not read (see their error in out.jsonl)" in result.stdout, result.stdout

@@ -46,11 +46,11 @@ def test_finetune_runs_and_saves_a_loadable_folder(tiny_folder, tmp_path):
         ([str(tmp_path / "no-model"), "clip.wav", "clip.mid"], f"MODEL {tmp_path / 'no-model'}: no such folder"),
         ([str(tiny_folder), "empty.wav", "clip.mid"], "AUDIO empty.wav: no samples to train on"),
     ]
-    result, overwrite, *results, unmakeable = run_isolated_script(EXAMPLES / "finetune.py", [
+    *results, unmakeable, result, overwrite = run_isolated_script(EXAMPLES / "finetune.py", [
+        *([*args, "new", "--steps", "1", "--quiet"] for args, _ in refused),  # first: their stderr is checked
+        [str(tiny_folder), "clip.wav", "clip.mid", "clip.wav/new", "--steps", "1", "--quiet"],
         [str(tiny_folder), "clip.wav", "clip.mid", "out", "--steps", "3", "--lr", "1e-2", "--quiet"],
         [str(tiny_folder), "clip.wav", "clip.mid", "out", "--steps", "1", "--quiet"],  # "out" is there now
-        *([*args, "new", "--steps", "1", "--quiet"] for args, _ in refused),
-        [str(tiny_folder), "clip.wav", "clip.mid", "clip.wav/new", "--steps", "1", "--quiet"],
     ], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
@@ -95,8 +95,9 @@ def test_segments_with_targets_too_long_are_left_out(tiny_folder, tmp_path):
     for i in range(700):
         midi.instruments[i // 88].notes.append(pretty_midi.Note(90, 21 + i % 88, 0.01 * (i % 150), 60.0))
     midi.write(str(tmp_path / "long.mid"))
-    soundfile.write(tmp_path / "clip6.wav", np.zeros(6 * 16000, np.float32), 16000)  # a third segment, after
-    for note in midi.instruments[0].notes:  # the notes end: short targets, kept
+    # a third segment, after the notes end: short targets, kept
+    soundfile.write(tmp_path / "clip6.wav", np.zeros(6 * 16000, np.float32), 16000)
+    for note in midi.instruments[0].notes:
         note.end = 4.5
     midi.write(str(tmp_path / "shorter.mid"))
     too_long, kept = run_isolated_script(EXAMPLES / "finetune.py", [

@@ -54,22 +54,22 @@ GOLDEN_CASES = ["a_brahms_string_orchestra", "b_multi_instrument_drums_synth", "
 
 
 @pytest.fixture(scope="module")
-def golden_midi(shared, real_folder, tmp_path_factory) -> dict[str, Path]:
-    """The example run on each golden case's samples (one process for the three)."""
+def golden_midi(shared, real_folder, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """The example run on each golden case's samples (one process for the three): each case's run and MIDI file."""
     root = tmp_path_factory.mktemp("golden_midi")
     for name in GOLDEN_CASES:
         soundfile.write(root / f"{name}.wav", np.load(shared / "golden" / name / "samples.npy"), 16000, subtype="FLOAT")
     runs = run_isolated_script(EXAMPLE, [[str(real_folder), f"{name}.wav", f"{name}.mid", "--quiet", "--batch-size", "8"]
                                          for name in GOLDEN_CASES], root)
-    for run in runs:
-        assert run.returncode == 0, run.stderr[-3000:]
-    return {name: root / f"{name}.mid" for name in GOLDEN_CASES}
+    return {name: (run, root / f"{name}.mid") for name, run in zip(GOLDEN_CASES, runs, strict=True)}
 
 
 @pytest.mark.parametrize("case_name", GOLDEN_CASES)
 def test_example_reproduces_golden_notes(shared, golden_midi, case_name):
     case = shared / "golden" / case_name
-    mine, golden = midi_notes(golden_midi[case_name]), golden_notes(case)
+    run, midi = golden_midi[case_name]
+    assert run.returncode == 0, run.stderr[-3000:]
+    mine, golden = midi_notes(midi), golden_notes(case)
     share = share_matched(mine, golden, MIDI_TIME_TOLERANCE)
     reference = Counter(midi_notes(case / "transcription.mid"))
     same_as_original_midi = sum((Counter(mine) & reference).values()) / max(len(golden), 1)
@@ -90,13 +90,13 @@ def test_example_options_and_bad_input(real_folder, tmp_path):
     soundfile.write(tmp_path / "silence.wav", np.zeros(16000 * 3, np.float32), 16000)
     soundfile.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
     (tmp_path / "broken.ogg").write_bytes(b"OggS not really")
-    *transcribed, broken, bad_programs = run_isolated_script(EXAMPLE, [
+    broken, bad_programs, *transcribed = run_isolated_script(EXAMPLE, [  # first the runs whose stderr is checked
+        [str(real_folder), "broken.ogg", "x.mid", "--quiet"],
+        [str(real_folder), "tone.flac", "y.mid", "--programs", "7-x", "--quiet"],
         [str(real_folder), "tone.flac", "all.mid", "--quiet"],
         [str(real_folder), "tone.flac", "tone.mid", "--programs", "4", "--plot", "roll.png", "--quiet"],
         [str(real_folder), "silence.wav", "silence.mid", "--quiet"],
         [str(real_folder), "empty.wav", "empty.mid", "--quiet"],
-        [str(real_folder), "broken.ogg", "x.mid", "--quiet"],
-        [str(real_folder), "tone.flac", "y.mid", "--programs", "7-x", "--quiet"],
     ], tmp_path)
     for result in transcribed:
         assert result.returncode == 0, result.stderr[-3000:]

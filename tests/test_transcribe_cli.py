@@ -161,6 +161,41 @@ def test_a_file_with_nan_samples_fails_alone(tiny_folder, tmp_path, monkeypatch,
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["good.json"]
 
 
+def test_files_are_read_as_the_pipeline_goes(tiny_folder, tmp_path, monkeypatch, capsys):
+    """A file is read once the ones before it are written, on every transformers version (5.10-5.13 turned a
+    generator input into a list: all files read first, nothing written before the last); no file to read at all is
+    one error line, not the pipeline's IndexError."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    tone = (0.3 * np.sin(np.arange(16000) / 10)).astype(np.float32)  # 1 s: one segment
+    names = ["a", "b", "c"]
+    for name in names:
+        soundfile.write(tmp_path / f"{name}.wav", tone, 16000)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really")
+    written_before = []  # per file read: the outputs already written
+    load_pipeline = transcribe.load_pipeline
+
+    def recording(*args):
+        pipe = load_pipeline(*args)
+        load_audio = pipe.load_audio
+
+        def reading(inputs, *rest):
+            if isinstance(inputs, str):  # a path, read by mt3-transcribe (preprocess passes the samples on again)
+                written_before.append(sorted(p.stem for p in (tmp_path / "out").glob("*.json")))
+            return load_audio(inputs, *rest)
+
+        pipe.load_audio = reading
+        return pipe
+
+    monkeypatch.setattr(transcribe, "load_pipeline", recording)
+    assert main([str(tiny_folder), *(f"{name}.wav" for name in names), "-o", "out", "--format", "json",
+                 "--batch-size", "1", "--quiet"]) == 0
+    assert written_before == [[], ["a"], ["a", "b"]]
+    assert main([str(tiny_folder), "broken.wav", "-o", "out", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: broken.wav: cannot read audio") and len(err) == 2, err
+
+
 def test_a_folder_of_another_model_and_ctrl_c(tmp_path, monkeypatch, capsys):
     """A model folder without the MT3 pipeline: one line, and no output folder left behind; Ctrl-C: one line, 130."""
     from transformers import T5Config

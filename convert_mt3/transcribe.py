@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,19 +167,6 @@ def write_outputs(outputs: dict[str, Path], result: dict) -> None:
             raise OSError(f"cannot write {path} ({err.strerror or err})") from None
 
 
-def streamed(items: Callable[[], Iterator[dict]]):
-    """`items()` as a torch IterableDataset, which every transformers version's pipeline streams: before 5.14 a
-    pipeline turned a generator into a list first (every file read before the first was transcribed, no output
-    written before the last, and an IndexError when no file could be read)."""
-    from torch.utils.data import IterableDataset
-
-    class Stream(IterableDataset):
-        def __iter__(self) -> Iterator[dict]:
-            return items()
-
-    return Stream()
-
-
 def load_pipeline(args: argparse.Namespace, device: str, programs: set[int] | None):
     import torch
     from transformers import pipeline
@@ -255,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
                     queued.append(job)
                     yield {"array": samples, "sampling_rate": pipe.feature_extractor.sampling_rate}
 
-            for result in pipe(streamed(audio_stream), return_midi="midi" in formats):
+            for result in pipe(audio_stream(), return_midi="midi" in formats):
                 job = queued.popleft()
                 try:
                     write_outputs(job.outputs if args.overwrite else missing_outputs(job), result)

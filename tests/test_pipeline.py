@@ -253,6 +253,22 @@ def test_dtype_argument(tiny_folder, monkeypatch_module):
     assert isinstance(result["notes"], list)
 
 
+def test_a_generator_of_inputs_streams(tiny_pipe):
+    """A generator is read as results are asked for, on every transformers version (before 5.14 the base pipeline
+    made a list of it first); an empty one gives no results."""
+    read = []
+
+    def inputs():
+        for i in range(2):
+            read.append(i)
+            yield {"array": tone(1.0, 16000), "sampling_rate": 16000}
+
+    results = tiny_pipe(inputs(), return_midi=False, max_new_tokens=8)
+    assert read == []  # nothing read yet
+    assert len(list(results)) == 2 and read == [0, 1]
+    assert list(tiny_pipe(x for x in [])) == []
+
+
 def test_long_audio_is_cut_lazily_and_exactly(tiny_pipe):
     """preprocess yields segments a chunk at a time; features and start frames equal the whole-clip extractor's."""
     from transformers.pipelines.base import ChunkPipeline

@@ -11,9 +11,11 @@ from __future__ import annotations
 import io
 import numbers
 import os
+import types
 
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset
 from transformers.pipelines.base import ChunkPipeline
 
 from .midi_mt3 import import_pretty_midi
@@ -70,6 +72,18 @@ def _agreed_rate(own: int | None, argument: int | None, source: str) -> int | No
     return own if own is not None else argument
 
 
+class _Streamed(IterableDataset):
+    """A generator of inputs as a torch dataset, which every transformers version's pipeline streams: before 5.14 a
+    pipeline turned a generator into a list first (every input read before the first result, an IndexError when
+    there was none)."""
+
+    def __init__(self, inputs: types.GeneratorType):
+        self.inputs = inputs
+
+    def __iter__(self):
+        return self.inputs
+
+
 class MT3TranscriptionPipeline(ChunkPipeline):
     """Music transcription with MT3: audio -> `{"notes": [...], "midi": PrettyMIDI}` per input.
 
@@ -104,6 +118,11 @@ class MT3TranscriptionPipeline(ChunkPipeline):
             )
         if self._batch_size is None:
             self._batch_size = self.model.default_segment_batch_size
+
+    def __call__(self, inputs, *args, **kwargs):
+        if isinstance(inputs, types.GeneratorType):
+            inputs = _Streamed(inputs)
+        return super().__call__(inputs, *args, **kwargs)
 
     def _sanitize_parameters(
         self, programs=None, return_midi=None, sampling_rate=None, generate_kwargs=None, max_new_tokens=None, **kwargs

@@ -649,16 +649,20 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
     The original runs once per static batch size (a batch of 8 decodes 30 segments in four loops one after the
     other, one of 32 in one) and, where JAX runs on a GPU, also with JAX_DEFAULT_MATMUL_PRECISION=highest: JAX's
     default float32 matmul there rounds its inputs (TF32 on an H100/H200), the port's does not; the ratio is taken
-    against its fastest run. The port's float32 runs again after the original's runs, and its best of both
-    processes is compared: the VM's speed drifts during a run, and the second process shows by how much (its ids
-    should equal the first's; the count is recorded, not enforced, since GPUs need not repeat bitwise)."""
+    against its fastest run. The port is compared in `generate()`'s float32 defaults for the device (`compared`:
+    plain float32 on CPU; on CUDA "float32+graphs", CUDA graphs and EOS looked for every 8 steps, since a "float32"
+    mode there is eager, the reference the other modes' ids are counted against). That mode runs again after the
+    original's runs, and its best of both processes is compared: the VM's speed drifts during a run, and the second
+    process shows by how much (its ids should equal the first's; the count is recorded, not enforced, since GPUs
+    need not repeat bitwise)."""
     frames = tmp / f"dense_{case}_{seconds:.0f}s.npy"
     if not frames.exists():
         run_process(worker_cmd("frames", "--model", str(model_dir), "--shared", str(shared), "--case",
                                DENSE_CASES[case], "--seconds", str(seconds), "--out", str(frames)),
                     f"dense {seconds:.0f} s clip: features")
-    out = {"case": case}
-    modes = ("float32",) if device == "cpu" else ("float32", *gpu_modes)
+    compared = "float32" if device == "cpu" else "float32+graphs"
+    out = {"case": case, "compared_mode": compared}
+    modes = ("float32",) if device == "cpu" else tuple(dict.fromkeys(("float32", compared, *gpu_modes)))
     for mode in modes:
         tokens = tmp / f"port_{device}_{mode}.json"
         try:
@@ -690,14 +694,14 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
                 f"original MT3 (flax), batch {batch}, matmul precision {precision or 'default'}, {seconds:.0f} s clip, "
                 f"best of {reps}", env={"JAX_DEFAULT_MATMUL_PRECISION": precision})  # None: JAX's default, unset
             runs.append({**js, "process_wall_s": wall, "matmul_precision": precision or "default"})
-    port = out["port_float32"]
-    again = tmp / f"port_{device}_float32_again.json"
+    port = out[f"port_{compared}"]
+    again = tmp / f"port_{device}_{compared}_again.json"
     wall, js = run_process(worker_cmd("port", "--model", str(model_dir), "--frames", str(frames), "--device", device,
-                                      "--mode", "float32", "--reps", str(reps), "--out", str(again)),
-                           f"port generate() {device} float32 again, after the original, best of {reps}")
+                                      "--mode", compared, "--reps", str(reps), "--out", str(again)),
+                           f"port generate() {device} {compared} again, after the original, best of {reps}")
     port.update(generate_s_per_process=[port["generate_s"], js["generate_s"]],
                 generate_s=min(port["generate_s"], js["generate_s"]), process_wall_s_again=wall,
-                segments_identical_between_processes=_same_segments(tmp / f"port_{device}_float32.json", again))
+                segments_identical_between_processes=_same_segments(tmp / f"port_{device}_{compared}.json", again))
     best = min(runs, key=lambda run: run["decode_s"])
     out.update(original=best, original_runs=runs, audio_s=seconds, ratio=best["decode_s"] / port["generate_s"],
                port_s_per_s=port["generate_s"] / seconds, original_s_per_s=best["decode_s"] / seconds)
@@ -705,7 +709,8 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
 
 
 DEFAULT_ROWS = "1,2,3,4,5,6,7,8"
-# row 7's modes besides float32 (eager): CUDA graphs (generate()'s CUDA default) and EOS checks every 8 steps
+# row 7's modes besides float32 (eager, the reference of the others' ids) and float32+graphs (generate()'s CUDA
+# defaults, the mode compared with the original): EOS looked for every step, autocast
 GPU_MODES = ("float32+graphs", "float32+graphs+eos1", "autocast-bfloat16", "autocast-float16",
              "autocast-bfloat16+graphs", "autocast-float16+graphs")
 E2E_MODES = ("float32", "autocast-bfloat16", "autocast-float16", "bfloat16", "float16", "float32+graphs",
@@ -920,14 +925,16 @@ def fmt_table(res: dict) -> str:
         r = res["rows"].get(row)
         if not r:
             continue
-        o, p = r["original"], r["port_float32"]
-        add(row, f"{r['audio_s']:.0f} s dense clip (case {r.get('case', 'b')} repeated), {label}: port f32 generate()",
+        compared = r.get("compared_mode", "float32")  # results saved before 2026-11-28 compared plain float32
+        o, p = r["original"], r[f"port_{compared}"]
+        add(row, f"{r['audio_s']:.0f} s dense clip (case {r.get('case', 'b')} repeated), {label}: port {compared} "
+                 "generate()",
             f"{p['generate_s']:.2f} s", f"original {o['decode_s']:.2f} s", f"{r['ratio']:.2f}x",
             f">= {TARGET_DENSE_RATIO:.0f}x" if row == "5" else ">= 3x")
         add("", f"  s per audio s: port / original ({o['device']}, jax {o['jax']}, batch {o['batch']}, "
                 f"matmul {o.get('matmul_precision', 'default')})", f"{r['port_s_per_s']:.4f} / {r['original_s_per_s']:.4f}")
         if "generate_s_per_process" in p:
-            add("", f"  port f32, two processes (before / after the original; same ids: "
+            add("", f"  port {compared}, two processes (before / after the original; same ids: "
                     f"{p.get('segments_identical_between_processes', '?')}/{p['segments']})",
                 " / ".join(f"{t:.2f} s" for t in p["generate_s_per_process"]))
         for run in r.get("original_runs", []):
@@ -943,14 +950,15 @@ def fmt_table(res: dict) -> str:
             add("", f"  rates: {f['gflops']:.0f} GFLOP/s, read {f['read_gbs']:.1f} GB/s; decoder reads",
                 f"{f['decoder_read_gb']:.1f} GB", f"serial {f['floor_serial_s']:.2f} s")
         for mode in (key[5:] for key, v in r.items() if key.startswith("port_") and isinstance(v, dict)):
-            if mode != "float32" and "pool" not in mode:
+            if mode != compared and "pool" not in mode:
                 m = r[f"port_{mode}"]
                 if "failed" in m:
                     add("", f"  port {mode} generate()", "FAILED (see the JSON)")
                     continue
-                add("", f"  port {mode} generate() (segments = f32's: {m['segments_identical_to_float32']}/"
-                    f"{m['segments']})",
-                    f"{m['generate_s']:.2f} s", "", f"{o['decode_s'] / m['generate_s']:.2f}x")
+                same = ("the others' reference" if mode == "float32" else
+                        f"segments = f32's: {m['segments_identical_to_float32']}/{m['segments']}")
+                add("", f"  port {mode} generate() ({same})", f"{m['generate_s']:.2f} s", "",
+                    f"{o['decode_s'] / m['generate_s']:.2f}x")
         for key, v in r.items():
             if key.startswith("port_float32_pool"):
                 add("", f"  port f32, segment_batch_size={v['pool']} (segments = default's: "
@@ -1017,7 +1025,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rows 5 and 7: static batch sizes the original runs with, the ratio taken against its fastest "
                         "(default %(default)s: the colab's 8, and the 60 s clip's 30 segments in one batch)")
     p.add_argument("--gpu-modes", default=",".join(GPU_MODES),
-                   help="row 7's modes besides float32 (default: all of %(default)s)")
+                   help="row 7's modes besides float32 (eager) and float32+graphs (compared with the original; default: "
+                        "all of %(default)s)")
     p.add_argument("--e2e-device", help="device of row 8 (default cuda, and row 8 is skipped without CUDA; cpu to run it here)")
     p.add_argument("--e2e-seconds", type=float, default=3600.0, help="length of the row-8 input (default 3600)")
     p.add_argument("--e2e-modes", default=",".join(E2E_MODES),

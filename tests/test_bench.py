@@ -227,13 +227,15 @@ def test_row_5_floor_counts_the_bytes_a_decode_must_read():
 def test_row_original_is_compared_with_its_fastest_setting(tmp_path, monkeypatch, device):
     """Rows 5 / 7 without running anything (the processes faked): the original runs once per static batch size,
     where JAX runs on a GPU also with float32 matmuls at "highest" precision (its default rounds to TF32 there), and
-    the ratio is taken against its fastest run; the port's float32 runs a second time after the original, its best
-    of the two processes compared and the segments equal between them counted. On the GPU, of golden case a: its
-    frames are made first."""
+    the ratio is taken against its fastest run; the port's compared mode (CPU: float32; GPU: float32+graphs,
+    generate()'s CUDA defaults, after eager float32) runs a second time after the original, its best of the two
+    processes compared and the segments equal between them counted. On the GPU, of golden case a: its frames are
+    made first."""
     module = load_bench()
     case = "b" if device == "cpu" else "a"
     decode_s = {(8, None): 40.0, (32, None): 30.0, (8, "highest"): 50.0, (32, "highest"): 45.0}
-    port_seconds, port_ids = iter([10.0, 9.0]), iter([[[5, 6], [7]], [[5, 6], [8]]])  # the second differs in one
+    port_seconds = iter([10.0, 9.0] if device == "cpu" else [30.0, 10.0, 9.0])  # GPU: eager first
+    port_ids = iter(([] if device == "cpu" else [[[5, 6], [7]]]) + [[[5, 6], [7]], [[5, 6], [8]]])  # the last differs
     calls = []
 
     def fake_process(cmd, label, expect_json=True, env=None):
@@ -263,7 +265,11 @@ def test_row_original_is_compared_with_its_fastest_setting(tmp_path, monkeypatch
     assert [env for cmd, env in calls if "--batch" in cmd] == [  # None unsets a variable of the caller's
         {"JAX_DEFAULT_MATMUL_PRECISION": "highest" if precision == "highest" else None} for _, precision in runs]
     assert row["original"]["decode_s"] == 30.0 and row["original"]["batch"] == 32
-    port = row["port_float32"]
+    compared = "float32" if device == "cpu" else "float32+graphs"
+    ports = [cmd[cmd.index("--mode") + 1] for cmd, _ in calls if "--worker" in cmd and "port" in cmd]
+    assert ports == ([compared] * 2 if device == "cpu" else ["float32", compared, compared])
+    assert row["compared_mode"] == compared
+    port = row[f"port_{compared}"]
     assert port["generate_s_per_process"] == [10.0, 9.0] and port["generate_s"] == 9.0
     assert port["segments_identical_between_processes"] == 1
     assert row["ratio"] == 30.0 / 9.0 and "--worker" in calls[-1][0]  # the port's second process comes last
@@ -274,6 +280,10 @@ def test_row_original_is_compared_with_its_fastest_setting(tmp_path, monkeypatch
     assert "batch 32, matmul default" in table and "original, batch 8, matmul default" in table
     assert "original, batch 32, matmul default" not in table  # the compared run is not listed twice
     assert any("same ids: 1/2" in line and "10.00 s / 9.00 s" in line for line in table.splitlines())
+    assert f"port {compared} generate()" in table
+    if device == "cuda":  # eager float32 listed, as the others' reference, with its own ratio
+        assert any("port float32 generate() (the others' reference)" in line and "30.00 s" in line and "1.00x" in line
+                   for line in table.splitlines())
 
 
 def test_threads_pin_every_process(tmp_path, monkeypatch):

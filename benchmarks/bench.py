@@ -642,7 +642,7 @@ def _same_segments(a: Path, b: Path) -> int:
 
 def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps: int, device: str = "cpu",
                  pools: tuple[int, ...] = (), gpu_modes: tuple[str, ...] = (), original_batches: tuple[int, ...] = (8,),
-                 case: str = "b") -> dict:
+                 case: str = "b", out: dict | None = None, save=lambda: None) -> dict:
     """Rows 5 / 7: the port's generate() and the original network on the same frames, in this run; the original is
     given the port's tokens as its `--golden`, so `segments_identical` counts segments where both agree.
 
@@ -654,14 +654,17 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
     mode there is eager, the reference the other modes' ids are counted against). That mode runs again after the
     original's runs, and its best of both processes is compared: the VM's speed drifts during a run, and the second
     process shows by how much (its ids should equal the first's; the count is recorded, not enforced, since GPUs
-    need not repeat bitwise)."""
+    need not repeat bitwise). Into `out` (returned), `save()` after each process: a run cut short (a device's time
+    limit) keeps what it measured."""
     frames = tmp / f"dense_{case}_{seconds:.0f}s.npy"
     if not frames.exists():
         run_process(worker_cmd("frames", "--model", str(model_dir), "--shared", str(shared), "--case",
                                DENSE_CASES[case], "--seconds", str(seconds), "--out", str(frames)),
                     f"dense {seconds:.0f} s clip: features")
     compared = "float32" if device == "cpu" else "float32+graphs"
-    out = {"case": case, "compared_mode": compared}
+    out = {} if out is None else out
+    runs = []  # the original's
+    out.update(case=case, compared_mode=compared, original_runs=runs)
     modes = ("float32",) if device == "cpu" else tuple(dict.fromkeys(("float32", compared, *gpu_modes)))
     for mode in modes:
         tokens = tmp / f"port_{device}_{mode}.json"
@@ -671,11 +674,13 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
                                    f"port generate() {device} {mode}, {seconds:.0f} s clip, best of {reps}")
         except WorkerFailed as error:
             out[f"port_{mode}"] = _experimental_failed(mode, error)
+            save()
             continue
         out[f"port_{mode}"] = {**js, "process_wall_s": wall, "tokens_file": tokens.name}
         if mode != "float32":
             out[f"port_{mode}"]["segments_identical_to_float32"] = _same_segments(tmp / f"port_{device}_float32.json",
                                                                                   tokens)
+        save()
     for pool in pools:
         label = f"port generate() {device} float32 segment_batch_size={pool}, {seconds:.0f} s clip, best of {reps}"
         wall, js = run_process(worker_cmd("port", "--model", str(model_dir), "--frames", str(frames), "--device", device,
@@ -683,7 +688,7 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
                                           "--out", str(tmp / f"port_{device}_pool{pool}.json")), label)
         same = _same_segments(tmp / f"port_{device}_float32.json", tmp / f"port_{device}_pool{pool}.json")
         out[f"port_float32_pool{pool}"] = {**js, "process_wall_s": wall, "segments_identical_to_default": same}
-    runs = []
+        save()
     for batch in original_batches:
         for precision in (None, "highest"):  # "highest" only where JAX runs on a GPU: XLA's CPU float32 is float32
             if precision and str(runs[-1]["device"]).lower().startswith("cpu"):
@@ -694,6 +699,7 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
                 f"original MT3 (flax), batch {batch}, matmul precision {precision or 'default'}, {seconds:.0f} s clip, "
                 f"best of {reps}", env={"JAX_DEFAULT_MATMUL_PRECISION": precision})  # None: JAX's default, unset
             runs.append({**js, "process_wall_s": wall, "matmul_precision": precision or "default"})
+            save()
     port = out[f"port_{compared}"]
     again = tmp / f"port_{device}_{compared}_again.json"
     wall, js = run_process(worker_cmd("port", "--model", str(model_dir), "--frames", str(frames), "--device", device,
@@ -703,8 +709,9 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
                 generate_s=min(port["generate_s"], js["generate_s"]), process_wall_s_again=wall,
                 segments_identical_between_processes=_same_segments(tmp / f"port_{device}_{compared}.json", again))
     best = min(runs, key=lambda run: run["decode_s"])
-    out.update(original=best, original_runs=runs, audio_s=seconds, ratio=best["decode_s"] / port["generate_s"],
+    out.update(original=best, audio_s=seconds, ratio=best["decode_s"] / port["generate_s"],
                port_s_per_s=port["generate_s"] / seconds, original_s_per_s=best["decode_s"] / seconds)
+    save()
     return out
 
 
@@ -1158,8 +1165,9 @@ def main(argv=None) -> int:
                 res["rows"]["4"] = row_floor(config, rate, runs)
             if "5" in rows:
                 pools = tuple(int(p) for p in args.pools.split(",") if p.strip())
-                r5 = res["rows"]["5"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, pools=pools,
-                                                     original_batches=original_batches, case=args.dense_case)
+                r5 = res["rows"]["5"] = {}
+                row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, pools=pools,
+                             original_batches=original_batches, case=args.dense_case, out=r5, save=save)
                 if "4" not in rows:
                     _, rate = run_process(worker_cmd("matmul"), "row 5 floor: matmul and memory read rates")
                 port = r5["port_float32"]
@@ -1178,10 +1186,9 @@ def main(argv=None) -> int:
                 save()
             if "7" in rows and cuda:
                 gpu_modes = tuple(m.strip() for m in args.gpu_modes.split(",") if m.strip())
-                res["rows"]["7"] = row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, device="cuda",
-                                                gpu_modes=gpu_modes, original_batches=original_batches,
-                                                case=args.dense_case)
-                save()
+                res["rows"]["7"] = {}
+                row_original(model_dir, shared, tmp, args.dense_seconds, args.reps, device="cuda", gpu_modes=gpu_modes,
+                             original_batches=original_batches, case=args.dense_case, out=res["rows"]["7"], save=save)
             if "8" in rows:
                 device = args.e2e_device or ("cuda" if cuda else None)
                 if device:

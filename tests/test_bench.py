@@ -230,7 +230,7 @@ def test_row_original_is_compared_with_its_fastest_setting(tmp_path, monkeypatch
     the ratio is taken against its fastest run; the port's compared mode (CPU: float32; GPU: float32+graphs,
     generate()'s CUDA defaults, after eager float32) runs a second time after the original, its best of the two
     processes compared and the segments equal between them counted. On the GPU, of golden case a: its frames are
-    made first."""
+    made first. The row is saved after each process, so a run cut short keeps what it measured."""
     module = load_bench()
     case = "b" if device == "cpu" else "a"
     decode_s = {(8, None): 40.0, (32, None): 30.0, (8, "highest"): 50.0, (32, "highest"): 45.0}
@@ -252,8 +252,14 @@ def test_row_original_is_compared_with_its_fastest_setting(tmp_path, monkeypatch
     if device == "cpu":
         (tmp_path / "dense_b_60s.npy").write_bytes(b"")  # the frames, made earlier
     monkeypatch.setattr(module, "run_process", fake_process)
+    out, saved = {}, []
     row = module.row_original(Path("model"), Path("shared"), tmp_path, 60.0, 2, device=device, original_batches=(8, 32),
-                              case=case)
+                              case=case, out=out, save=lambda: saved.append(json.loads(json.dumps(out))))
+    assert row is out and saved[-1] == row
+    processes = len([cmd for cmd, _ in calls if "frames" not in cmd])
+    assert len(saved) == processes  # after each process (the last one's: the complete row)
+    partial = saved[-3]  # after the original's one before last
+    assert len(partial["original_runs"]) == len(row["original_runs"]) - 1 and "ratio" not in partial
     frames = [cmd for cmd, _ in calls if "frames" in cmd]
     assert [cmd[cmd.index("--case") + 1] for cmd in frames] == ([] if device == "cpu" else ["a_brahms_string_orchestra"])
     assert row["case"] == case

@@ -644,14 +644,16 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
                  pools: tuple[int, ...] = (), gpu_modes: tuple[str, ...] = (), original_batches: tuple[int, ...] = (8,),
                  case: str = "b", out: dict | None = None, save=lambda: None) -> dict:
     """Rows 5 / 7: the port's generate() and the original network on the same frames, in this run; the original is
-    given the port's tokens as its `--golden`, so `segments_identical` counts segments where both agree.
+    given the port's float32 tokens (eager on CUDA) as its `--golden`, so `segments_identical` counts segments where
+    both agree.
 
     The original runs once per static batch size (a batch of 8 decodes 30 segments in four loops one after the
     other, one of 32 in one) and, where JAX runs on a GPU, also with JAX_DEFAULT_MATMUL_PRECISION=highest: JAX's
     default float32 matmul there rounds its inputs (TF32 on an H100/H200), the port's does not; the ratio is taken
     against its fastest run. The port is compared in `generate()`'s float32 defaults for the device (`compared`:
     plain float32 on CPU; on CUDA "float32+graphs", CUDA graphs and EOS looked for every 8 steps, since a "float32"
-    mode there is eager, the reference the other modes' ids are counted against). That mode runs again after the
+    mode there is eager, the reference the other modes' ids are counted against; eager float32 is compared when
+    the graphs mode fails, which is recorded as any "+graphs" mode is). That mode runs again after the
     original's runs, and its best of both processes is compared: the VM's speed drifts during a run, and the second
     process shows by how much (its ids should equal the first's; the count is recorded, not enforced, since GPUs
     need not repeat bitwise). Into `out` (returned), `save()` after each process: a run cut short (a device's time
@@ -700,6 +702,8 @@ def row_original(model_dir: Path, shared: Path, tmp: Path, seconds: float, reps:
                 f"best of {reps}", env={"JAX_DEFAULT_MATMUL_PRECISION": precision})  # None: JAX's default, unset
             runs.append({**js, "process_wall_s": wall, "matmul_precision": precision or "default"})
             save()
+    if "failed" in out[f"port_{compared}"]:
+        compared = out["compared_mode"] = "float32"
     port = out[f"port_{compared}"]
     again = tmp / f"port_{device}_{compared}_again.json"
     wall, js = run_process(worker_cmd("port", "--model", str(model_dir), "--frames", str(frames), "--device", device,
@@ -1032,8 +1036,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rows 5 and 7: static batch sizes the original runs with, the ratio taken against its fastest "
                         "(default %(default)s: the colab's 8, and the 60 s clip's 30 segments in one batch)")
     p.add_argument("--gpu-modes", default=",".join(GPU_MODES),
-                   help="row 7's modes besides float32 (eager) and float32+graphs (compared with the original; default: "
-                        "all of %(default)s)")
+                   help="row 7's modes besides float32 (eager) and float32+graphs (compared with the original; "
+                        "default: all of %(default)s)")
     p.add_argument("--e2e-device", help="device of row 8 (default cuda, and row 8 is skipped without CUDA; cpu to run it here)")
     p.add_argument("--e2e-seconds", type=float, default=3600.0, help="length of the row-8 input (default 3600)")
     p.add_argument("--e2e-modes", default=",".join(E2E_MODES),

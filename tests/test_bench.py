@@ -292,6 +292,36 @@ def test_row_original_is_compared_with_its_fastest_setting(tmp_path, monkeypatch
                    for line in table.splitlines())
 
 
+
+def test_row_7_compares_eager_float32_when_graphs_fail(tmp_path, monkeypatch):
+    """Row 7 with the real list of GPU modes (float32+graphs among them, run once) when float32+graphs fails: the
+    failure is recorded, the other modes still run, and eager float32 becomes the compared mode, run again after
+    the original, instead of the row dying on the failed mode's missing time."""
+    module = load_bench()
+    seconds = {"float32": iter([20.0, 18.0])}
+    modes_run = []
+
+    def fake_process(cmd, label, expect_json=True, env=None):
+        if "frames" in cmd:
+            return 1.0, {"audio_s": 60.0, "segments": 2}
+        if "--worker" in cmd:
+            mode = cmd[cmd.index("--mode") + 1]
+            modes_run.append(mode)
+            if mode == "float32+graphs":
+                raise module.WorkerFailed("capture failed")
+            Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps({"segments": [[5, 6], [7]]}))
+            return 1.0, {"generate_s": next(seconds.get(mode, iter([5.0]))), "segments": 2}
+        return 1.0, {"decode_s": 4.0, "batch": 8, "device": "cuda:0", "jax": "0", "segments_identical": 2,
+                     "segments_golden": 2}
+
+    monkeypatch.setattr(module, "run_process", fake_process)
+    row = module.row_original(Path("model"), Path("shared"), tmp_path, 60.0, 2, device="cuda",
+                              gpu_modes=module.GPU_MODES, case="a")
+    assert modes_run == ["float32", *module.GPU_MODES, "float32"]  # float32+graphs once, eager again last
+    assert row["port_float32+graphs"] == {"failed": "capture failed"}
+    assert row["compared_mode"] == "float32" and row["port_float32"]["generate_s_per_process"] == [20.0, 18.0]
+    assert row["ratio"] == 4.0 / 18.0
+
 def test_threads_pin_every_process(tmp_path, monkeypatch):
     """--threads N pins each process to N cores (XLA sizes its thread pools by the cores it may use, not by its
     flags), and asks for no more cores than this process has."""

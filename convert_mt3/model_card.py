@@ -199,9 +199,9 @@ CUDA): the hour's ids equal the CPU float32 run's in every segment, the clip's e
 | one hour end to end (features, `generate()`, notes) | 7.4, 7.6 and 8.4 s (three runs), 10.2 GB GPU memory | 5.5 s (95.9% of the notes), 5.8 GB | not run |
 
 On the clip the port's float32 is about as fast as the original at its fastest (0.95x, one run each), and 1.8x faster
-than the original computing in float32 as the port does (the same ids in all 30 segments). Autocast bfloat16 kept 79.6% of the hour's
-notes in an earlier run. Use float32 to transcribe; float16 autocast
-where speed matters more than the last notes."""
+than the original computing in float32 as the port does (the same ids in all 30 segments). Autocast bfloat16 kept
+79.6% of the hour's notes in an earlier run. Use float32 to transcribe; float16 autocast where speed matters more
+than the last notes."""
 
 
 def usage_snippet(repo_id: str) -> str:

@@ -292,7 +292,6 @@ def test_row_original_is_compared_with_its_fastest_setting(tmp_path, monkeypatch
                    for line in table.splitlines())
 
 
-
 def test_row_7_compares_eager_float32_when_graphs_fail(tmp_path, monkeypatch):
     """Row 7 with the real list of GPU modes (float32+graphs among them, run once) when float32+graphs fails: the
     failure is recorded, the other modes still run, and eager float32 becomes the compared mode, run again after
@@ -321,6 +320,7 @@ def test_row_7_compares_eager_float32_when_graphs_fail(tmp_path, monkeypatch):
     assert row["port_float32+graphs"] == {"failed": "capture failed"}
     assert row["compared_mode"] == "float32" and row["port_float32"]["generate_s_per_process"] == [20.0, 18.0]
     assert row["ratio"] == 4.0 / 18.0
+
 
 def test_threads_pin_every_process(tmp_path, monkeypatch):
     """--threads N pins each process to N cores (XLA sizes its thread pools by the cores it may use, not by its

@@ -65,7 +65,7 @@ A model object (cast or fine-tuned in memory) runs in the same pipeline with `mo
 - Audio is cut into $seconds s segments whose spectrograms are computed 16 at a time while the model runs, so memory
   holds the input's samples and tokens, not its spectrogram: an hour is ~0.23 GB of 16 kHz float32 samples (a file
   is decoded whole first: ~1.3 GB for an hour of 44.1 kHz stereo). On a CUDA model they are computed on its GPU
-  (in float64, as numpy does on CPU: within 5e-07 of it on an H200, 0.3 s for an hour on 2026-11-28, 0.9-1.4 s before).
+  (in float64, as numpy does on CPU: within 5e-07 of it on an H200, 0.3-0.4 s for an hour on 2026-11-28, 0.9-1.4 s before).
 - `batch_size=N` is the number of segments per `generate()` call, taken across inputs when you pass a list or a
   `datasets` column (`dataset.map(lambda b: {"notes": [r["notes"] for r in transcriber(b["audio"], return_midi=False)]}, batched=True)`);
   the default is `segment_batch_size` of `generation_config.json` (32 on CPU, 256 on CUDA). Inside one call at most

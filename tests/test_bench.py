@@ -336,3 +336,28 @@ def test_threads_pin_every_process(tmp_path, monkeypatch):
     for threads in ("999", "0"):
         done = bench("--threads", threads, "--rows", "4", "--json", str(tmp_path / "r.json"))
         assert done.returncode == 2 and done.stderr.strip().startswith(f"error: --threads {threads}: expected 1 to the")
+
+
+def test_main_keeps_the_rows_measured_before_a_failure(tiny_folder, tmp_path, monkeypatch):
+    """main() wires `save` into rows 5 and 7: when a process fails part-way (a device's time limit, a crash), the
+    JSON already holds the processes measured before it, and the run exits 1 without a table."""
+    module = load_bench()
+
+    def fake_process(cmd, label, expect_json=True, env=None):
+        if "import" in cmd:
+            return 1.0, {"torch": "t", "transformers": "t", "torch_threads": 2}
+        assert "cuda" in cmd, cmd  # nothing else runs a process here: row 7 is faked below
+        return 1.0, {"cuda": True}
+
+    def fake_row_original(*args, out, save, **kwargs):
+        out["original_runs"] = [{"batch": 32, "decode_s": 0.4}]
+        save()
+        raise module.WorkerFailed("killed at the time limit")
+
+    monkeypatch.setattr(module, "run_process", fake_process)
+    monkeypatch.setattr(module, "row_original", fake_row_original)
+    json_path = tmp_path / "r.json"
+    assert module.main(["--model-dir", str(tiny_folder), "--rows", "7", "--json", str(json_path)]) == 1
+    saved = json.loads(json_path.read_text())
+    assert saved["rows"] == {"7": {"original_runs": [{"batch": 32, "decode_s": 0.4}]}}
+    assert saved["complete"] is False and "table" not in saved

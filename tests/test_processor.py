@@ -108,9 +108,13 @@ def test_casting_the_inputs_keeps_the_segment_times(processor, golden_cases):
     generated = as_generate_output(json.loads((case / "tokens.json").read_text())["segments"])
     out = processor.batch_decode(generated, inputs, return_midi=False)
     assert_notes_equal(out["notes"], read_notes_csv(case / "notes.csv"), f"{case.name} after inputs.to(bfloat16)")
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         with pytest.raises(ValueError, match=f"segment_start_times are {dtype}; expected float64"):
             processor.batch_decode(generated, {"segment_start_times": times.to(dtype)})
+    for dtype in (np.float32, np.float16):  # float32 alone moves notes of this case a 10 ms step early
+        with pytest.raises(ValueError, match=f"segment_start_times are {np.dtype(dtype)}; expected float64"):
+            processor.batch_decode(generated, segment_start_times=times.numpy().astype(dtype))
+    assert processor.batch_decode(generated, segment_start_times=times.tolist(), return_midi=False) == out
 
 
 def test_empty_audio_gives_empty_midi(processor):

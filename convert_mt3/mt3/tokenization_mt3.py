@@ -67,13 +67,15 @@ def _to_counts(segments_per_clip: Any) -> list[int]:
 
 def _to_start_times(segment_start_times: Any) -> np.ndarray:
     """Segment start times (tensor / array / list) -> 1-D float64 seconds."""
-    if hasattr(segment_start_times, "detach"):
-        if segment_start_times.is_floating_point() and segment_start_times.element_size() < 4:
-            # ~0.06 s apart at an hour in float16: every note of a segment would move
-            raise ValueError(
-                f"segment_start_times are {segment_start_times.dtype}; expected float64 seconds as the processor "
-                "returns them: cast `input_features` only (the processor output's `to()` does that)"
-            )
+    dtype = getattr(segment_start_times, "dtype", None)
+    if dtype is not None and (dtype.is_floating_point if hasattr(dtype, "is_floating_point")
+                              else np.issubdtype(dtype, np.floating)) and dtype.itemsize < 8:
+        # float32 puts 10.24 s just below itself, so rounding down to the 10 ms grid moves a segment's notes a step
+        # early (the 60 s clip of golden case a: 60 of 479 notes); float16 is ~0.06 s apart at an hour
+        raise ValueError(
+            f"segment_start_times are {dtype}; expected float64 seconds as the processor returns them: cast "
+            "`input_features` only (the processor output's `to()` does that)"
+        )
     return np.asarray(_host_array(segment_start_times), dtype=np.float64).reshape(-1)
 
 

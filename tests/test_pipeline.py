@@ -157,6 +157,16 @@ def test_asr_pipeline_conventions(tiny_pipe):
     assert as_dict == plain and len(plain["notes"]) > 0
 
 
+def test_the_speech_recognition_pipeline_points_to_music_transcription(tiny_folder, monkeypatch_module):
+    """A Whisper user's first try: transformers' ASR pipeline takes the model as CTC and calls its forward pass
+    without decoder ids, which says what to use instead."""
+    from transformers import pipeline
+
+    asr = pipeline("automatic-speech-recognition", model=str(tiny_folder), trust_remote_code=True, device="cpu")
+    with pytest.raises(ValueError, match=r'call `generate\(\)` or pipeline\("music-transcription", ...\)'):
+        asr(tone(2.5, 16000))
+
+
 def test_programs_keep_the_unfiltered_notes(tiny_pipe):
     """programs= leaves decoding alone and keeps exactly the unfiltered transcription's notes of those programs, and
     its drums (the random model writes drums only, so the model's output is built from known notes)."""

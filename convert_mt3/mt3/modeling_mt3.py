@@ -378,7 +378,10 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             self._check_label_ids(labels)
         if decoder_input_ids is None:
             if labels is None:
-                raise ValueError("Pass `decoder_input_ids` or `labels`")
+                raise ValueError(
+                    "Pass `decoder_input_ids` or `labels` to the forward pass; to transcribe, call `generate()` or "
+                    'pipeline("music-transcription", ...) (the "automatic-speech-recognition" pipeline cannot decode MT3)'
+                )
             decoder_input_ids = self._shift_right(labels)
 
         if use_cache and cache is None:

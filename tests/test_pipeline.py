@@ -301,7 +301,8 @@ def test_long_audio_is_cut_lazily_and_exactly(tiny_pipe):
     [
         ("missing.wav", {}, "missing.wav: no such file"),
         ("broken.ogg", {}, "broken.ogg: cannot read audio"),
-        (np.zeros((100, 2), np.float32), {"sampling_rate": 16000}, "found shape (100, 2) (mix the channels to mono first, e.g. audio.mean(axis=1))"),
+        (np.zeros((100, 2), np.float32), {"sampling_rate": 16000}, "found shape (100, 2) (mix the channels to mono first, e.g. audio.mean(axis=1); several clips go in a list)"),
+        ((np.zeros(100, np.float32),) * 2, {"sampling_rate": 16000}, "found a tuple of 2 sequences (several clips go in a list)"),
         (np.zeros((2, 100), np.float32), {"sampling_rate": 16000}, "audio.mean(axis=0)"),
         (np.array(0.5, np.float32), {"sampling_rate": 16000}, "found shape ()."),  # 0-d: no axis to suggest
         (np.zeros(100, np.float32), {}, "sampling_rate"),

@@ -163,12 +163,14 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
             raise ValueError(f"Expected audio samples (a 1-D float array); found {found}.")
         if is_batch_of_clips(audio):
             raise ValueError(
-                f"Expected one mono clip (a 1-D array or a list of floats); found a list of {len(audio)} sequences."
+                f"Expected one mono clip (a 1-D array or a list of floats); found a {type(audio).__name__} of "
+                f"{len(audio)} sequences (several clips go in a list)."
             )
         audio = np.asarray(audio)
         if audio.ndim != 1:
             channels = int(np.argmin(audio.shape)) if audio.ndim == 2 else None  # the shorter axis
-            hint = f" (mix the channels to mono first, e.g. audio.mean(axis={channels}))" if channels is not None else ""
+            hint = (f" (mix the channels to mono first, e.g. audio.mean(axis={channels}); several clips go in a list)"
+                    if channels is not None else "")
             raise ValueError(f"Expected mono audio as a 1-D array (num_samples,); found shape {audio.shape}{hint}.")
         if audio.size and not np.issubdtype(audio.dtype, np.floating):
             raise ValueError(f"Expected floating-point samples (about [-1, 1]); found dtype {audio.dtype}.")

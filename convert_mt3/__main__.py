@@ -169,6 +169,8 @@ def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor) 
             f"{result.num_parameters:,} parameters, {result.dtype}, step {result.step}, variant {result.variant.name}; "
             f"reload check max abs error {result.reload_max_abs_error:.1e}"
         )
+        print(f"head layout and variant macros from {result.gin}" if result.gin else
+              "no config.gin in the checkpoint folder or its parent: head layout from the flags, else MT3's 6 x 64")
         if result.parity:
             p = result.parity
             print(

@@ -19,7 +19,7 @@ from .checkpoint import read_bounded
 from .mt3.configuration_mt3 import MT3Config
 
 GIN_FILE = "config.gin"
-GIN_SEARCH_DEPTH = 3  # the checkpoint folder and up to this many parents
+GIN_SEARCH_DEPTH = 1  # the checkpoint folder and its parent (T5X: model_dir/config.gin, model_dir/checkpoint_N/)
 MAX_GIN_BYTES = 1 << 20  # T5X's config.gin for MT3: ~20 KB
 # gin `network.T5Config` name -> MT3Config field
 GIN_FIELDS = {
@@ -43,7 +43,8 @@ class ConfigError(ValueError):
 
 
 def find_gin(checkpoint_dir: Path) -> Path | None:
-    """The nearest `config.gin` in the checkpoint folder or its parents (T5X's model_dir)."""
+    """The `config.gin` in the checkpoint folder, else in its parent (T5X's model_dir); no further up, where a
+    gin file of another model (or anyone's, in /tmp) would silently change the layout."""
     for folder in [checkpoint_dir, *checkpoint_dir.resolve().parents][: GIN_SEARCH_DEPTH + 1]:
         if (folder / GIN_FILE).is_file():
             return folder / GIN_FILE

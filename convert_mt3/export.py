@@ -67,6 +67,7 @@ class ConversionResult:
     dtype: str
     reload_max_abs_error: float
     variant: Variant
+    gin: Path | None  # the config.gin read, None: none found (the published MT3 layout)
     parity: dict[str, Any] = field(default_factory=dict)
 
 
@@ -211,6 +212,7 @@ def _convert_locked(
             dtype=dtype,
             reload_max_abs_error=verify_folder(staging, reference, dtype),
             variant=variant,
+            gin=gin,
             parity=parity,
         )
         (staging / "README.md").write_text(render_model_card(result, __version__, repo_id))

@@ -120,6 +120,8 @@ def test_config_from_shapes_and_gin(tmp_path, arrays):
     ckpt = write_t5x_checkpoint(tmp_path / "model" / "checkpoint_1000", arrays, gin=GIN)
     gin = find_gin(ckpt)
     assert gin == (tmp_path / "model" / "config.gin").resolve()
+    deeper = write_t5x_checkpoint(tmp_path / "model" / "runs" / "checkpoint_1000", arrays)
+    assert find_gin(deeper) is None  # two folders up: another model's, or anyone's (in /tmp), not this one's
     assert parse_gin(gin) == {"vocab_size": 64, "d_model": 32, "num_heads": 4, "d_kv": 4, "d_ff": 48, "dropout_rate": 0.05}
     config = derive_config(arrays, gin)
     assert (config.num_heads, config.d_kv, config.dropout_rate) == (4, 4, 0.05)

@@ -216,6 +216,7 @@ def test_progress_and_quiet(mt3_ckpt, tmp_path):
     loud = subprocess.run(cmd + [str(tmp_path / "a")], capture_output=True, text=True)
     assert loud.returncode == 0, loud.stderr
     assert "reading arrays" in loud.stderr and "wrote" in loud.stdout
+    assert f"head layout and variant macros from {(mt3_ckpt.parent / 'config.gin').resolve()}" in loud.stdout
     quiet = subprocess.run(cmd + [str(tmp_path / "b"), "--quiet"], capture_output=True, text=True)
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.stderr
 

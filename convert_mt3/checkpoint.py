@@ -277,7 +277,11 @@ def read_checkpoint(directory: str | os.PathLike, *, quiet: bool = True, workers
     arrays: dict[str, np.ndarray] = {}
     zarr_leaves: list[_ZarrLeaf] = []
     msgpack_file = directory / MSGPACK_FILE
+    seen: set[str] = set()
     for name, node in _leaves(tree["optimizer"]["target"]):
+        if name in seen:  # a key holding "/" spells another parameter's path: the later one would silently win
+            raise CheckpointError(f"{msgpack_file}: parameter path {name} appears twice in `optimizer/target`")
+        seen.add(name)
         if isinstance(node, np.ndarray):
             if node.dtype not in (np.float32, np.float16):
                 raise CheckpointError(f"{msgpack_file}: inline parameter {name} has dtype {node.dtype}; expected float32 or float16")
@@ -287,6 +291,11 @@ def read_checkpoint(directory: str | os.PathLike, *, quiet: bool = True, workers
         else:
             raise CheckpointError(f"{msgpack_file}: parameter {name} is neither an inline array nor a tensorstore spec ({type(node).__name__})")
     num_inline = len(arrays)
+    folders: dict[Path, str] = {}
+    for leaf in zarr_leaves:
+        if leaf.folder in folders:
+            raise CheckpointError(f"{leaf.folder}: the zarr folder of both {folders[leaf.folder]} and {leaf.name}")
+        folders[leaf.folder] = leaf.name
     if not arrays and not zarr_leaves:
         raise CheckpointError(f"{msgpack_file}: `optimizer/target` holds no parameters")
     # Every shape is known now: refuse an absurd total before allocating anything.

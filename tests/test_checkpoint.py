@@ -223,6 +223,25 @@ def test_spec_path_escaping_checkpoint(ckpt, tmp_path):
         read_checkpoint(ckpt)
 
 
+def test_one_parameter_read_twice_is_refused(ckpt):
+    """A key holding "/" spells another parameter's path, and two specs may name one folder: either would put one
+    array in two places (the later read silently winning), so both are refused."""
+    pristine = (ckpt / "checkpoint").read_bytes()
+    tree = msgpack.unpackb(pristine, strict_map_key=False)
+    decoder = tree["optimizer"]["target"]["decoder"]
+    decoder["logits_dense/kernel"] = decoder["layers_0"]["mlp"]["wi_0"]["kernel"]
+    (ckpt / "checkpoint").write_bytes(msgpack.packb(tree))
+    with pytest.raises(CheckpointError, match="checkpoint: parameter path decoder/logits_dense/kernel appears twice"):
+        read_checkpoint(ckpt)
+    tree = msgpack.unpackb(pristine, strict_map_key=False)
+    mlp = tree["optimizer"]["target"]["decoder"]["layers_0"]["mlp"]
+    mlp["wi_1"]["kernel"]["kvstore"]["path"] = mlp["wi_0"]["kernel"]["kvstore"]["path"]
+    (ckpt / "checkpoint").write_bytes(msgpack.packb(tree))
+    with pytest.raises(CheckpointError, match=r"wi_0\.kernel: the zarr folder of both decoder/layers_0/mlp/wi_0/kernel "
+                                              "and decoder/layers_0/mlp/wi_1/kernel"):
+        read_checkpoint(ckpt)
+
+
 def test_unsupported_dtype_and_compressor(ckpt):
     meta_file = ckpt / "target.decoder.logits_dense.kernel" / ".zarray"
     meta = json.loads(meta_file.read_text())

@@ -242,11 +242,17 @@ def move_into_place(staging: Path, out_dir: Path, checkpoint_dir: Path, overwrit
 
 
 def _remove_written(folder: Path, written: set[str]) -> None:
-    """Delete the files a previous conversion listed, then the folder; anything else stays where it is."""
-    for name in written | {MANIFEST}:
-        path = folder / name
-        if path.is_symlink() or path.is_file():
-            path.unlink()
+    """Delete the files a previous conversion listed (its manifest last), then the folder; anything else stays
+    where it is. The new folder is in place by now: what cannot be removed is a warning, not a failed run."""
+    try:
+        for name in [*sorted(written - {MANIFEST}), MANIFEST]:
+            path = folder / name
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+    except OSError as err:  # a read-only folder or file: the rest stays, still listed by its manifest
+        print(f"warning: the new folder is in place; the previous one stays at {folder} ({err.strerror or err})",
+              file=sys.stderr)
+        return
     try:
         folder.rmdir()
     except OSError:

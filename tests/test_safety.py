@@ -96,6 +96,27 @@ def test_overwrite_replaces_a_converted_folder(mt3_ckpt, tmp_path):
     assert (out / "README.md").read_text() == "edited card"
 
 
+def test_overwrite_that_cannot_remove_the_old_files_still_succeeds(mt3_ckpt, tmp_path, monkeypatch, capsys):
+    """A previous folder whose files cannot be deleted (read-only): the new folder is in place, so the run
+    succeeds and says where the previous one stays, its manifest kept beside what remains."""
+    out = tmp_path / "out"
+    assert main([str(mt3_ckpt), str(out), "--quiet"]) == 0
+    unlink = Path.unlink
+
+    def read_only(path, *args, **kwargs):
+        if path.name == "config.json" and path.parent.name.startswith(".out.old-"):
+            raise PermissionError(1, "Operation not permitted")
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 0
+    old = tmp_path / f".out.old-{os.getpid()}"
+    assert capsys.readouterr().err == (f"warning: the new folder is in place; the previous one stays at {old} "
+                                       "(Operation not permitted)\n")
+    assert (old / "config.json").is_file() and (old / MANIFEST).is_file()
+    assert (out / MANIFEST).is_file() and not (tmp_path / ".out.lock").exists()
+
+
 def test_overwrite_refuses_a_converted_folder_holding_user_files(mt3_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     assert main([str(mt3_ckpt), str(out), "--quiet"]) == 0

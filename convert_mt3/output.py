@@ -145,8 +145,9 @@ def out_dir_lock(out_dir: Path) -> Iterator[None]:
     """Hold an advisory lock (`.NAME.lock` beside OUT_DIR) for the whole conversion; fail at once if held.
 
     Re-entrant within a process (the CLI takes it before reading, `convert()` again). The lock file is created
-    here, never taken over: one that exists is another run's (held) or not this run's to remove (left by a run that
-    was killed, or a file of the user's), and is refused either way. It is removed while still held.
+    here, marked as convert-mt3's, and removed while still held. One that exists is refused when another run holds
+    it or when it lacks the mark (a file of the user's); one that a killed run left (marked, held by no one: SIGKILL,
+    the OOM killer) is taken over, with a warning naming any staging folder that run left.
     """
     key = str(out_dir)
     if key in _HELD:
@@ -157,13 +158,10 @@ def out_dir_lock(out_dir: Path) -> Iterator[None]:
     try:
         try:
             _make_folders(out_dir.parent, created)
-            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        except FileExistsError:
-            raise OutputError(_lock_in_use(out_dir, lock_file)) from None
+            fd = _take_lock(out_dir, lock_file)
         except OSError as err:  # e.g. a file where a folder should be, or a name too long for the lock file
             raise OutputError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours alone: created just now
             _HELD.add(key)
             try:
                 yield
@@ -200,24 +198,62 @@ def _make_folders(folder: Path, created: list[Path]) -> None:
         created.append(current)
 
 
-def _lock_in_use(out_dir: Path, lock_file: Path) -> str:
-    """Why an existing lock file stops this run: held by a running convert-mt3, or not ours to take."""
+LOCK_MARK = b"convert-mt3 lock\n"  # what a lock file of ours holds: only such a file is ever taken over
+
+
+def _take_lock(out_dir: Path, lock_file: Path) -> int:
+    """The lock file's descriptor, held: created now, or taken over from a run that was killed."""
     try:
-        fd = os.open(lock_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:  # gone since (its run just ended), or a symlink or another kind of file
-        held = False
-    else:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        return _take_over(out_dir, lock_file)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails only while another run checks it, at this instant
+        os.write(fd, LOCK_MARK)
+    except OSError:
+        os.close(fd)
+        lock_file.unlink(missing_ok=True)
+        raise OutputError(_in_use(out_dir, lock_file)) from None
+    return fd
+
+
+def _take_over(out_dir: Path, lock_file: Path) -> int:
+    """Hold an existing lock file if it is ours and nobody holds it (its run was killed); else refuse."""
+    not_ours = (f"{out_dir}: {lock_file} exists and is not a lock of convert-mt3's; remove it if it is not yours, "
+                "then run again")
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:  # its run just ended
+        raise OutputError(_in_use(out_dir, lock_file)) from None
+    except OSError:  # a symlink, or a file we may not write
+        raise OutputError(not_ours) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > len(LOCK_MARK):
+            raise OutputError(not_ours)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = False
         except OSError:
-            held = True
-        finally:
-            os.close(fd)
-    if held:
-        return f"{out_dir}: another convert-mt3 is writing this folder ({lock_file} is locked); wait for it to finish"
-    return (f"{out_dir}: {lock_file} exists but no convert-mt3 holds it (left by one that was killed, or not "
-            "convert-mt3's); remove it if it is not yours, then run again")
+            raise OutputError(_in_use(out_dir, lock_file)) from None
+        try:  # held: the name must still be this file (a run that ends removes its lock while holding it)
+            same = os.lstat(lock_file).st_ino == info.st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise OutputError(_in_use(out_dir, lock_file))
+        if os.pread(fd, len(LOCK_MARK) + 1, 0) != LOCK_MARK:
+            raise OutputError(not_ours)
+    except BaseException:
+        os.close(fd)
+        raise
+    left = sorted(p.name for p in out_dir.parent.glob(f".{out_dir.name}.tmp-*"))
+    print(f"warning: took over {lock_file}, left by a convert-mt3 that was killed"
+          + (f"; it also left {some_names(left)} beside {out_dir}: remove them" if left else ""), file=sys.stderr)
+    return fd
+
+
+def _in_use(out_dir: Path, lock_file: Path) -> str:
+    return f"{out_dir}: another convert-mt3 is writing this folder ({lock_file} is locked); wait for it to finish"
 
 
 def move_into_place(staging: Path, out_dir: Path, checkpoint_dir: Path, overwrite: bool) -> None:
@@ -259,5 +295,5 @@ def _remove_written(folder: Path, written: set[str]) -> None:
         print(f"warning: kept the previous folder at {folder}: it holds files convert-mt3 did not write", file=sys.stderr)
 
 
-__all__ = ["MANIFEST", "OutputError", "check_out_dir", "manifest_files", "move_into_place", "out_dir_lock", "some_names",
+__all__ = ["LOCK_MARK", "MANIFEST", "OutputError", "check_out_dir", "manifest_files", "move_into_place", "out_dir_lock", "some_names",
            "write_manifest"]

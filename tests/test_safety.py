@@ -22,7 +22,7 @@ from convert_mt3 import checkpoint as checkpoint_module
 from convert_mt3 import export
 from convert_mt3.__main__ import main
 from convert_mt3.checkpoint import CheckpointError, read_checkpoint
-from convert_mt3.output import MANIFEST
+from convert_mt3.output import LOCK_MARK, MANIFEST
 
 CHUNK = "target.encoder.layers_0.mlp.wi_0.kernel"  # (32, 48) float32, one chunk "0.0"
 SECRET = "root:x:0:0:SECRET-CONTENT-THAT-MUST-NOT-LEAK"
@@ -154,12 +154,31 @@ def test_second_conversion_to_the_same_out_dir_fails_at_once(mt3_ckpt, tmp_path,
         seconds = time.perf_counter() - start
     assert "another convert-mt3 is writing this folder" in one_error_line(capsys)
     assert seconds < 1.0 and not out.exists()
-    # not held: a killed run's lock, or a file of the user's with that name, is neither taken over nor removed
+    # not held and not marked as convert-mt3's: a file of the user's with that name is neither taken over nor removed
     lock_file.write_text("my notes")
     assert main([str(mt3_ckpt), str(out), "--quiet"]) == 1
-    assert "exists but no convert-mt3 holds it" in one_error_line(capsys)
+    assert "exists and is not a lock of convert-mt3's" in one_error_line(capsys)
     assert lock_file.read_text() == "my notes" and not out.exists()
     lock_file.unlink()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(mt3_ckpt, tmp_path, capsys):
+    """SIGKILL or the OOM killer leave the lock file (and perhaps a staging folder): the next run takes the lock
+    over and names what the killed run left, which it does not delete."""
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "convert_mt3", str(mt3_ckpt), str(out), "--quiet"])
+    lock_file, deadline = tmp_path / ".out.lock", time.monotonic() + 30
+    while not (lock_file.exists() and lock_file.read_bytes() == LOCK_MARK):  # created, then marked
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    process.kill()
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    staging = tmp_path / ".out.tmp-left"  # what a kill during the writing leaves, made here at a fixed moment
+    staging.mkdir()
+    assert main([str(mt3_ckpt), str(out), "--quiet"]) == 0
+    assert capsys.readouterr().err == (f"warning: took over {lock_file}, left by a convert-mt3 that was killed; it "
+                                       f"also left .out.tmp-left beside {out}: remove them\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-left", "model", "out"]
 
 
 def test_out_dir_symlink_is_refused_before_writing(mt3_ckpt, tmp_path, capsys):

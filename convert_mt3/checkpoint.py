@@ -277,8 +277,12 @@ def read_checkpoint(directory: str | os.PathLike, *, quiet: bool = True, workers
     arrays: dict[str, np.ndarray] = {}
     zarr_leaves: list[_ZarrLeaf] = []
     msgpack_file = directory / MSGPACK_FILE
+    try:
+        leaves = list(_leaves(tree["optimizer"]["target"]))
+    except RecursionError:  # msgpack unpacks deeper trees than Python's recursion limit walks
+        raise CheckpointError(f"{msgpack_file}: `optimizer/target` is nested too deeply for a parameter tree") from None
     seen: set[str] = set()
-    for name, node in _leaves(tree["optimizer"]["target"]):
+    for name, node in leaves:
         if name in seen:  # a key holding "/" spells another parameter's path: the later one would silently win
             raise CheckpointError(f"{msgpack_file}: parameter path {name} appears twice in `optimizer/target`")
         seen.add(name)

@@ -145,6 +145,9 @@ def derive_config(arrays: dict[str, np.ndarray], gin: Path | None = None, overri
     for field, value in from_gin.items():
         if field in from_shapes and from_shapes[field] != value:
             raise ConfigError(f"{gin}: T5Config {field} = {value} but the checkpoint arrays give {from_shapes[field]}")
+    for field, value in (overrides or {}).items():  # refused before a model of the wrong size is allocated
+        if value is not None and field in from_shapes and from_shapes[field] != value:
+            raise ConfigError(f"--{field.replace('_', '-')} {value}: the checkpoint arrays give {from_shapes[field]}")
     values = {**from_gin, **from_shapes, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     try:
         config = MT3Config(**values)

@@ -143,6 +143,9 @@ def test_gin_as_t5x_writes_it(tmp_path):
 def test_config_disagreements_are_errors(tmp_path, arrays):
     with pytest.raises(ConfigError, match="num_heads \\* d_kv"):
         derive_config(arrays, None, {"num_heads": 3, "d_kv": 8})
+    with pytest.raises(ConfigError, match="--d-model 999999999: the checkpoint arrays give 32"):
+        derive_config(arrays, None, {"d_model": 999999999})  # not a model of that width first
+    assert derive_config(arrays, None, {"d_model": 32, "num_heads": 2, "d_kv": 8}).d_model == 32
     gin = tmp_path / "config.gin"
     gin.write_text("network.T5Config.emb_dim = 512\n")
     with pytest.raises(ConfigError, match="emb_dim|d_model"):
@@ -239,6 +242,14 @@ def test_one_parameter_read_twice_is_refused(ckpt):
     (ckpt / "checkpoint").write_bytes(msgpack.packb(tree))
     with pytest.raises(CheckpointError, match=r"wi_0\.kernel: the zarr folder of both decoder/layers_0/mlp/wi_0/kernel "
                                               "and decoder/layers_0/mlp/wi_1/kernel"):
+        read_checkpoint(ckpt)
+
+
+def test_a_tree_nested_deeper_than_python_recurses(ckpt):
+    """msgpack unpacks ~1020 levels (its packer writes 511): more than Python's recursion limit walks."""
+    deep = b"\x81\xa1a" * 1010 + b"\x80"  # {"a": {"a": ... {}}}, written by hand
+    (ckpt / "checkpoint").write_bytes(b"\x81" + msgpack.packb("optimizer") + b"\x81" + msgpack.packb("target") + deep)
+    with pytest.raises(CheckpointError, match="checkpoint: `optimizer/target` is nested too deeply"):
         read_checkpoint(ckpt)
 
 

@@ -28,6 +28,8 @@ class OutputError(ValueError):
 
 def check_out_dir(out_dir: Path, checkpoint_dir: Path, overwrite: bool) -> None:
     """Refuse an OUT_DIR that would destroy or mix with data the converter does not own."""
+    if out_dir.name in ("", ".."):  # the lock and staging folders are named after OUT_DIR, beside it
+        raise OutputError(f"{out_dir}: give the folder by its own name, not as '..' or the root")
     if out_dir.is_symlink():
         raise OutputError(f"{out_dir}: is a symbolic link; give the folder's real path")
     target, source = out_dir.resolve(), checkpoint_dir.resolve()

@@ -181,6 +181,13 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(mt3_ckpt, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-left", "model", "out"]
 
 
+def test_out_dir_named_by_dot_dot_is_refused_before_writing(mt3_ckpt, tmp_path, capsys):
+    (tmp_path / "zz").mkdir()
+    assert main([str(mt3_ckpt), str(tmp_path / "zz" / "new" / ".."), "--quiet"]) == 1
+    assert "give the folder by its own name" in one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "zz"] and not any((tmp_path / "zz").iterdir())
+
+
 def test_out_dir_symlink_is_refused_before_writing(mt3_ckpt, tmp_path, capsys):
     target = tmp_path / "real_out"
     target.mkdir()

@@ -248,7 +248,7 @@ def _take_over(out_dir: Path, lock_file: Path) -> int:
     except BaseException:
         os.close(fd)
         raise
-    left = sorted(p.name for p in out_dir.parent.glob(f".{out_dir.name}.tmp-*"))
+    left = sorted(p.name for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.tmp-"))  # no glob: "[" in names
     print(f"warning: took over {lock_file}, left by a convert-mt3 that was killed"
           + (f"; it also left {some_names(left)} beside {out_dir}: remove them" if left else ""), file=sys.stderr)
     return fd

@@ -2,8 +2,8 @@
 
 A 2-D attention kernel (d_model, heads * d_kv) cannot say how its 384 columns split into
 heads, so `num_heads`/`head_dim` come from the `config.gin` T5X writes into the model folder
-(beside or above the checkpoint folder), else from the published MT3 values. Every value can
-be overridden (CLI flags); shapes and gin must agree with each other.
+(the checkpoint folder's parent, or the checkpoint folder itself), else from the published MT3
+values. Every value can be set by a CLI flag; shapes, gin and flags must agree with each other.
 """
 
 from __future__ import annotations

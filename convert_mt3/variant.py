@@ -3,7 +3,7 @@
 The network is the same for both of magenta/mt3's checkpoints (`gin/model.gin`); what differs lives in
 `gin/mt3.gin` and `gin/ismir2021.gin`, and it decides how the tokenizer and feature extractor must work. Values
 come from, in rising priority: the layout whose vocabulary size (computed from its codec) equals the rows of the
-checkpoint's token embedder; the `config.gin` T5X writes beside or above the checkpoint; the CLI flags.
+checkpoint's token embedder; the `config.gin` T5X writes into the checkpoint folder's parent (or the folder itself); the CLI flags.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A 2-D attention kernel (d_model, heads * d_kv) cannot say how its 384 columns split into
 heads, so `num_heads`/`head_dim` come from the `config.gin` T5X writes into the model folder
 (the checkpoint folder's parent, or the checkpoint folder itself), else from the published MT3
-values. Every value can be set by a CLI flag; shapes, gin and flags must agree with each other.
+values. Every value can be set by a CLI flag, which wins over gin; neither may contradict the shapes.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def _to_start_times(segment_start_times: Any) -> np.ndarray:
     if dtype is not None and (dtype.is_floating_point if hasattr(dtype, "is_floating_point")
                               else np.issubdtype(dtype, np.floating)) and dtype.itemsize < 8:
         # float32 puts 10.24 s just below itself, so rounding down to the 10 ms grid moves a segment's notes a step
-        # early (the 60 s clip of golden case a: 60 of 479 notes); float16 is ~0.06 s apart at an hour
+        # early (golden case a, 20 s: 60 of its 479 notes); float16 is ~0.06 s apart at an hour
         raise ValueError(
             f"segment_start_times are {dtype}; expected float64 seconds as the processor returns them: cast "
             "`input_features` only (the processor output's `to()` does that)"

@@ -72,9 +72,12 @@ def check_model(model: str) -> None:
 @contextlib.contextmanager
 def loading(model: str):
     """Around loading MODEL: a name that is no folder here was tried as a Hub repo id, and transformers' OSError
-    then speaks of the Hub only (often "couldn't connect"): the error says both."""
+    then speaks of the Hub only (often "couldn't connect"): the error says both. A model of another kind has no
+    music-transcription pipeline (transformers' KeyError "Unknown task"): said in one line."""
     try:
         yield
+    except KeyError:
+        raise ValueError(f"MODEL {model}: not an MT3 model (it defines no music-transcription pipeline)") from None
     except OSError as err:
         if Path(model).exists():
             raise
@@ -144,6 +147,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--device cuda: CUDA is not available (torch {torch.__version__}); use --device cpu")
     if not Path(args.audio).exists():
         raise ValueError(f"{args.audio}: no such file")
+    if Path(args.out).resolve() == Path(args.audio).resolve():  # (--plot takes image suffixes only)
+        raise ValueError(f"OUT.mid {args.out}: is the AUDIO file, which it would replace; choose another name")
     check_model(args.model)
 
 

@@ -37,12 +37,16 @@ def find_files(args: argparse.Namespace) -> list[str]:
     """The corpus's audio files, after refusing what would fail only at the end (OUT) or give nothing."""
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    if args.files_per_map_batch < 1:  # datasets reads 0 or less as the whole dataset at once
+        raise ValueError("--files-per-map-batch must be at least 1")
     check_output_file("OUT", args.out)  # also tries a file in its folder
     if not Path(args.audio_dir).is_dir():
         raise ValueError(f"AUDIO_DIR {args.audio_dir}: no such folder")
     files = sorted(str(p) for p in Path(args.audio_dir).rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
     if not files:
         raise ValueError(f"AUDIO_DIR {args.audio_dir}: no {', '.join(sorted(AUDIO_SUFFIXES))} files")
+    if Path(args.out).resolve() in {Path(file).resolve() for file in files}:
+        raise ValueError(f"OUT {args.out}: is one of AUDIO_DIR's audio files, which it would replace; choose another name")
     check_model(args.model)
     return files
 
@@ -70,7 +74,7 @@ def main() -> int:
     try:
         with loading(args.model):
             pipe = pipeline("music-transcription", model=args.model, trust_remote_code=True, device=state.device)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

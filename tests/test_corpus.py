@@ -61,7 +61,12 @@ def test_unreadable_files_are_reported_and_bad_paths_refused(tiny_folder, tmp_pa
         ([str(tiny_folder), "missing", "x.jsonl"], "AUDIO_DIR missing: no such folder"),
         ([str(tiny_folder), "empty", "x.jsonl"], "AUDIO_DIR empty: no .aif, .aifc, .aiff, .au, .caf, .flac, .mp3, .oga, .ogg, .opus, .w64, .wav files"),
         ([str(tmp_path / "no-model"), str(audio), "x.jsonl"], "no-model: no such folder"),
+        ([str(tiny_folder), str(audio), str(audio / "a.wav")], "a.wav: is one of AUDIO_DIR's audio files, which it would replace"),
+        ([str(tiny_folder), str(audio), "x.jsonl", "--files-per-map-batch", "0"], "--files-per-map-batch must be at least 1"),
+        ([str(tmp_path / "bert"), str(audio), "x.jsonl"], "bert: not an MT3 model"),
     ]
+    (tmp_path / "bert").mkdir()  # a model of another kind: transformers has no music-transcription task for it
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     *results, result = run_isolated_script(  # the refusals first: their stderr is checked
         RECIPE, [*(args for args, _ in refused), [str(tiny_folder), str(audio), "out.jsonl", "--files-per-map-batch", "3"]],
         tmp_path)

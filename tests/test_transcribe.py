@@ -131,6 +131,7 @@ def test_example_refuses_bad_arguments_before_reading_audio(tmp_path):
         (["a.wav", "x.mid", "--plot", "roll"], "found 'no suffix'"),
         (["a.wav", "/proc/x.mid"], "OUT.mid /proc/x.mid: cannot be written"),
         (["missing.wav", "x.mid"], "missing.wav: no such file"),
+        (["a.wav", "./a.wav"], "OUT.mid ./a.wav: is the AUDIO file, which it would replace"),
     ]
     if not torch.cuda.is_available():
         cases.append((["a.wav", "x.mid", "--device", "cuda"], "--device cuda: CUDA is not available"))
@@ -139,6 +140,10 @@ def test_example_refuses_bad_arguments_before_reading_audio(tmp_path):
     cases += [([], f"MODEL {tmp_path / 'no-model'}: no such folder"), ([], "MODEL ./model.txt: is not a folder")]
     argvs = [["./model.txt" if "model.txt" in message else str(tmp_path / "no-model"), *(args or ["a.wav", "x.mid"]),
               "--quiet"] for args, message in cases]
+    (tmp_path / "bert").mkdir()  # a model of another kind: transformers has no music-transcription task for it
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    cases.append(([], "MODEL ./bert: not an MT3 model (it defines no music-transcription pipeline)"))
+    argvs.append(["./bert", "a.wav", "x.mid", "--quiet"])
     # a name that may be a Hub repo id and is no folder here: transformers' offline/connection error, and both said
     *results, result = run_isolated_script(EXAMPLE, [*argvs, ["nowhere/mt4", "a.wav", "x.mid", "--quiet"]], tmp_path)
     # matplotlib made unimportable, in a process of its own

@@ -92,10 +92,18 @@ def check_model(model: str) -> None:
 
 
 def check_out_dir(out_dir: Path) -> None:
+    """A folder that exists, or can be made in a folder that does, and takes new files: tried with a file made there
+    and removed, so that a read-only -o fails now, not after the model loaded or for every output in turn."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o {out_dir}: exists and is not a directory")
     if not out_dir.exists() and not out_dir.parent.is_dir():
         raise UsageError(f"-o {out_dir}: parent folder {out_dir.parent} does not exist")
+    probe = (out_dir if out_dir.is_dir() else out_dir.parent) / f".mt3-transcribe.{os.getpid()}.probe"
+    try:
+        open(probe, "xb").close()
+    except OSError as err:
+        raise UsageError(f"-o {out_dir}: cannot be written ({err.strerror or err})") from None
+    probe.unlink()
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
@@ -224,7 +232,10 @@ def run(args: argparse.Namespace) -> int:
 
     if pending:
         pipe = load_pipeline(args, device, programs)
-        out_dir.mkdir(exist_ok=True)  # once the model loaded: a run that cannot start leaves nothing
+        try:
+            out_dir.mkdir(exist_ok=True)  # once the model loaded: a run that cannot start leaves nothing
+        except OSError as err:
+            raise UsageError(f"-o {out_dir}: cannot be written ({err.strerror or err})") from None
         with tqdm(total=len(pending), unit="file", disable=args.quiet) as bar:
             queued: deque[Job] = deque()
 

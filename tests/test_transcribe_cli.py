@@ -222,6 +222,7 @@ def test_a_folder_of_another_model_and_ctrl_c(tmp_path, monkeypatch, capsys):
     [
         (["-o", "afile"], "-o afile: exists and is not a directory"),
         (["-o", "nowhere/out"], "-o nowhere/out: parent folder nowhere does not exist"),
+        (["-o", "/proc/out"], "-o /proc/out: cannot be written"),  # not after the model loaded
         (["-o", "out", "--format", "midi,wav"], "--format 'midi,wav': expected"),
         (["-o", "out", "--programs", "7-x"], "--programs: programs '7-x'"),
         (["-o", "out", "--instruments", "kazoo"], "--instruments: programs 'kazoo'"),

@@ -132,11 +132,12 @@ def expand_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[tupl
 
 def plan_jobs(files: list[tuple[Path, Path]], out_dir: Path, formats: list[str]) -> tuple[list[Job], list[tuple[str, str]]]:
     """One job per distinct input; an input whose outputs another input already claims is an (input, error)."""
-    jobs, errors, claimed = [], [], {}
+    jobs, errors, claimed, refused = [], [], {}, set()
     for source, name in files:
         key = name.as_posix()
         if key in claimed:
-            if claimed[key] != source.resolve():
+            if claimed[key] != source.resolve() and source.resolve() not in refused:  # one error per file
+                refused.add(source.resolve())
                 errors.append((str(source), f"its outputs {out_dir / name}.* are already those of {claimed[key]}"))
             continue
         claimed[key] = source.resolve()
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         programs = parse_programs(spec) if spec is not None else None
     except ValueError as err:
-        raise UsageError(f"{option}: {err}") from None
+        raise UsageError(f"{option} {str(err).removeprefix('programs ')}") from None  # "--programs '7-x': expected ..."
     out_dir = Path(args.out_dir)
     check_out_dir(out_dir)
     device = resolve_device(args.device)

@@ -224,8 +224,8 @@ def test_a_folder_of_another_model_and_ctrl_c(tmp_path, monkeypatch, capsys):
         (["-o", "nowhere/out"], "-o nowhere/out: parent folder nowhere does not exist"),
         (["-o", "/proc/out"], "-o /proc/out: cannot be written"),  # not after the model loaded
         (["-o", "out", "--format", "midi,wav"], "--format 'midi,wav': expected"),
-        (["-o", "out", "--programs", "7-x"], "--programs: programs '7-x'"),
-        (["-o", "out", "--instruments", "kazoo"], "--instruments: programs 'kazoo'"),
+        (["-o", "out", "--programs", "7-x"], "--programs '7-x': expected GM programs"),
+        (["-o", "out", "--instruments", "kazoo"], "--instruments 'kazoo': expected GM programs"),
     ]
     + ([] if torch.cuda.is_available() else [(["-o", "out", "--device", "cuda"], "--device cuda: not available")]),
 )
@@ -282,3 +282,14 @@ def test_usage_errors_are_one_line(args, capsys):
     err = capsys.readouterr().err.splitlines()
     assert exit_.value.code == 2 and len(err) == 1, err
     assert err[0].startswith("error: ") and err[0].endswith("(see mt3-transcribe --help)"), err
+
+
+def test_a_file_whose_outputs_are_taken_is_reported_once(tmp_path):
+    """`a.wav 'mixed/*.wav' mixed`: mixed/a.wav comes twice (the glob, the folder), and both would write out/a.*,
+    which a.wav claimed first: one error for it, not one per mention."""
+    files = [(tmp_path / "a.wav", Path("a")), (tmp_path / "mixed" / "a.wav", Path("a")),
+             (tmp_path / "mixed" / "a.wav", Path("a")), (tmp_path / "a.wav", Path("a"))]
+    jobs, errors = transcribe.plan_jobs(files, Path("out"), ["midi"])
+    assert [job.source for job in jobs] == [tmp_path / "a.wav"]
+    assert errors == [(str(tmp_path / "mixed" / "a.wav"), f"its outputs {Path('out') / 'a'}.* are already those of "
+                                                          f"{(tmp_path / 'a.wav').resolve()}")]

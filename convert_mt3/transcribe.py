@@ -134,13 +134,13 @@ def plan_jobs(files: list[tuple[Path, Path]], out_dir: Path, formats: list[str])
     """One job per distinct input; an input whose outputs another input already claims is an (input, error)."""
     jobs, errors, claimed, refused = [], [], {}, set()
     for source, name in files:
-        key = name.as_posix()
+        key, resolved = name.as_posix(), source.resolve()
         if key in claimed:
-            if claimed[key] != source.resolve() and source.resolve() not in refused:  # one error per file
-                refused.add(source.resolve())
+            if claimed[key] != resolved and resolved not in refused:  # one error per file
+                refused.add(resolved)
                 errors.append((str(source), f"its outputs {out_dir / name}.* are already those of {claimed[key]}"))
             continue
-        claimed[key] = source.resolve()
+        claimed[key] = resolved
         jobs.append(Job(source, {f: out_dir / (key + FORMATS[f]) for f in formats}))
     return jobs, errors
 

@@ -162,21 +162,28 @@ def test_second_conversion_to_the_same_out_dir_fails_at_once(mt3_ckpt, tmp_path,
     lock_file.unlink()
 
 
+def convert_until_locked(mt3_ckpt: Path, out: Path) -> subprocess.Popen:
+    """A conversion to `out` in its own process, returned once it holds the lock (the file created, then marked)."""
+    process = subprocess.Popen([sys.executable, "-m", "convert_mt3", str(mt3_ckpt), str(out), "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock_file, deadline = out.with_name(f".{out.name}.lock"), time.monotonic() + 30
+    while not (lock_file.exists() and lock_file.read_bytes() == LOCK_MARK):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    return process
+
+
 def test_a_lock_left_by_a_killed_run_is_taken_over(mt3_ckpt, tmp_path, capsys):
     """SIGKILL or the OOM killer leave the lock file (and perhaps a staging folder): the next run takes the lock
     over and names what the killed run left, which it does not delete."""
     out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-m", "convert_mt3", str(mt3_ckpt), str(out), "--quiet"])
-    lock_file, deadline = tmp_path / ".out.lock", time.monotonic() + 30
-    while not (lock_file.exists() and lock_file.read_bytes() == LOCK_MARK):  # created, then marked
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    process = convert_until_locked(mt3_ckpt, out)
     process.kill()
     assert process.wait(timeout=30) == -signal.SIGKILL
     staging = tmp_path / ".out.tmp-left"  # what a kill during the writing leaves, made here at a fixed moment
     staging.mkdir()
     assert main([str(mt3_ckpt), str(out), "--quiet"]) == 0
-    assert capsys.readouterr().err == (f"warning: took over {lock_file}, left by a convert-mt3 that was killed; it "
+    assert capsys.readouterr().err == (f"warning: took over {tmp_path / '.out.lock'}, left by a convert-mt3 that was killed; it "
                                        f"also left .out.tmp-left beside {out}: remove them\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-left", "model", "out"]
 
@@ -312,14 +319,7 @@ def test_msgpack_symlinked_outside_is_refused(mt3_ckpt, tmp_path):
 def test_ctrl_c_or_kill_prints_one_line_and_leaves_nothing(mt3_ckpt, tmp_path, signum, status, word):
     """Ctrl-C, and SIGTERM (`kill`, `timeout`, a scheduler) alike: no lock file, staging folder or OUT_DIR left."""
     out = tmp_path / "out"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "convert_mt3", str(mt3_ckpt), str(out), "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 30
-    while not (tmp_path / ".out.lock").exists():  # the lock taken: a kill from now on used to leave it behind
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    process = convert_until_locked(mt3_ckpt, out)  # a kill from now on used to leave the lock behind
     time.sleep(0.5)  # inside the imports / conversion
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)

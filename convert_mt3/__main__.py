@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights (default float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is a folder convert-mt3 wrote (every entry listed in its .convert-mt3.json); never anything else")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary, errors only")
-    parser.add_argument("--golden", metavar="DIR", help="folder of outputs of the original MT3 (case folders with frames.npy, encoder_out.npy, logits.npy, tokens.json): measure parity and put it in the model card")
+    parser.add_argument("--golden", metavar="DIR", help="folder of outputs of the original MT3 (case folders with frames.npy, encoder_out.npy, logits.npy, tokens.json): measure parity, put it in the model card, and write nothing if it misses the parity tests' tolerances (encoder 1e-4, logits 2.5e-4, greedy tokens identical)")
     hub = parser.add_argument_group("Hugging Face Hub")
     hub.add_argument("--push-to-hub", metavar="REPO_ID", help="after verification, upload OUT_DIR to this model repo (token: HF_TOKEN or cached login)")
     hub.add_argument("--private", action="store_true", help="create the repo as private")

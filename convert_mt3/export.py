@@ -29,7 +29,7 @@ from .mt3.modeling_mt3 import MT3ForConditionalGeneration
 from .mt3.processing_mt3 import MT3Processor
 from .mt3.tokenization_mt3 import MT3Tokenizer
 from .output import check_out_dir, move_into_place, out_dir_lock, write_manifest
-from .parity import measure_golden_parity
+from .parity import measure_golden_parity, parity_failures
 from .variant import Variant, derive_variant
 
 HUB_CODE_DIR = Path(__file__).parent / "mt3"
@@ -186,6 +186,10 @@ def _convert_locked(
     model = build_model(checkpoint, config)
     num_parameters = sum(p.numel() for p in model.parameters())
     parity = measure_golden_parity(model, Path(golden_dir), quiet=quiet) if golden_dir else {}
+    failures = parity_failures(parity) if parity else []
+    if failures:  # a model that misses the original's outputs is not written, nor pushed
+        raise ExportError(f"--golden {golden_dir}: the model misses the original's outputs ({'; '.join(failures)}); "
+                          "nothing written")
 
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+# What `--golden` requires of a conversion: the tolerances of tests/test_parity_model.py (measured: encoder
+# <= 1.3e-5, logits <= 8.0e-5 on the three golden cases) and every greedy segment identical.
+ENCODER_TOLERANCE = 1e-4
+LOGITS_TOLERANCE = 2.5e-4
+
 
 class GoldenError(ValueError):
     """A golden folder that lacks the files a parity measurement needs."""
@@ -109,4 +114,18 @@ def measure_golden_parity(model: torch.nn.Module, golden_dir: Path, *, quiet: bo
     }
 
 
-__all__ = ["GoldenError", "measure_case", "measure_golden_parity"]
+def parity_failures(parity: dict[str, Any]) -> list[str]:
+    """What of `measure_golden_parity`'s figures misses the tolerances above; empty when parity holds."""
+    failures = []
+    if parity["encoder_max_abs_error"] > ENCODER_TOLERANCE:
+        failures.append(f"encoder max abs error {parity['encoder_max_abs_error']:.2e} > {ENCODER_TOLERANCE:.0e}")
+    if parity["logits_max_abs_error"] > LOGITS_TOLERANCE:
+        failures.append(f"logits max abs error {parity['logits_max_abs_error']:.2e} > {LOGITS_TOLERANCE:.1e}")
+    if parity["greedy_segments_identical"] != parity["greedy_segments"]:
+        failures.append(f"greedy tokens identical in {parity['greedy_segments_identical']} of "
+                        f"{parity['greedy_segments']} segments, expected all")
+    return failures
+
+
+__all__ = ["ENCODER_TOLERANCE", "LOGITS_TOLERANCE", "GoldenError", "measure_case", "measure_golden_parity",
+           "parity_failures"]

@@ -43,11 +43,12 @@ def golden_cases(shared: Path) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def real_folder(shared: Path, tmp_path_factory) -> Path:
-    """The real MT3 checkpoint converted once per session (float32)."""
+    """The real MT3 checkpoint converted once per session (float32), as README's main command does: with
+    `--golden`, which refuses a model that misses the golden outputs."""
     from convert_mt3.__main__ import main
 
     out = tmp_path_factory.mktemp("real") / "mt3"
-    assert main([str(shared / "checkpoints" / "mt3"), str(out), "--quiet"]) == 0
+    assert main([str(shared / "checkpoints" / "mt3"), str(out), "--quiet", "--golden", str(shared / "golden")]) == 0
     return out
 
 

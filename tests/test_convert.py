@@ -426,6 +426,15 @@ def test_bad_golden_folder_and_flags_are_named(mt3_ckpt, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {case / name}: ") and message in err[0], (name, err)
         assert not (tmp_path / "out").exists()
+    # Well-formed golden files that the model does not reproduce (zeros): refused, nothing written.
+    for file, value in good.items():
+        (case / file).write_text(json.dumps(value)) if file.endswith(".json") else np.save(case / file, value)
+    assert main([str(mt3_ckpt), str(tmp_path / "out"), "--quiet", "--golden", str(tmp_path / "golden")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --golden {tmp_path / 'golden'}: the model misses the "
+                                               "original's outputs (encoder max abs error "), err
+    assert " > 1e-04; logits max abs error " in err[0] and err[0].endswith("); nothing written"), err
+    assert not (tmp_path / "out").exists()
     for flag, value, message in [("--num-heads", "-2", "expected an integer >= 1, found '-2'"),
                                  ("--max-position-embeddings", "x", "expected an integer >= 1, found 'x'"),
                                  ("--dropout-rate", "2", "expected a number from 0 to below 1, found '2'"),
@@ -434,6 +443,19 @@ def test_bad_golden_folder_and_flags_are_named(mt3_ckpt, tmp_path, capsys):
             main([str(mt3_ckpt), str(tmp_path / "out"), flag, value])
         err = capsys.readouterr().err.splitlines()
         assert exit_.value.code == 2 and err == [f"error: argument {flag}: {message} (see python -m convert_mt3 --help)"]
+
+
+def test_parity_failures():
+    """--golden's verdict: the parity tests' tolerances, and every greedy segment identical."""
+    from convert_mt3.parity import parity_failures
+
+    held = {"encoder_max_abs_error": 1e-4, "logits_max_abs_error": 2.5e-4, "greedy_segments_identical": 6,
+            "greedy_segments": 6}
+    assert parity_failures(held) == []
+    assert parity_failures({**held, "encoder_max_abs_error": 1.5e-4}) == ["encoder max abs error 1.50e-04 > 1e-04"]
+    assert parity_failures({**held, "logits_max_abs_error": 3e-4}) == ["logits max abs error 3.00e-04 > 2.5e-04"]
+    assert parity_failures({**held, "greedy_segments_identical": 5}) == [
+        "greedy tokens identical in 5 of 6 segments, expected all"]
 
 
 def test_unwritable_out_dir(mt3_ckpt, tmp_path, capsys):

@@ -15,7 +15,7 @@ SHARED_ENV = "MT3_SHARED_DIR"
 
 
 def shared_dir() -> Path | None:
-    """`$MT3_SHARED_DIR` if it is set and exists, else None (tests needing it skip)."""
+    """`$MT3_SHARED_DIR` if it is set and exists, else None (tests needing it skip; fail where it is set)."""
     value = os.environ.get(SHARED_ENV)
     if value and Path(value).is_dir():
         return Path(value)
@@ -32,13 +32,17 @@ def mt3_ckpt(tmp_path) -> Path:
 def shared() -> Path:
     path = shared_dir()
     if path is None:
-        pytest.skip(f"${SHARED_ENV} not set or missing: no golden data / real checkpoint here")
+        if os.environ.get(SHARED_ENV):  # CI sets it: a wrong path must fail there, not skip every golden test
+            pytest.fail(f"${SHARED_ENV}={os.environ[SHARED_ENV]} is not a folder")
+        pytest.skip(f"${SHARED_ENV} not set: no golden data / real checkpoint here")
     return path
 
 
 @pytest.fixture(scope="session")
 def golden_cases(shared: Path) -> list[Path]:
-    return sorted(p for p in (shared / "golden").iterdir() if p.is_dir())
+    cases = sorted(p for p in (shared / "golden").iterdir() if p.is_dir())
+    assert cases, f"{shared / 'golden'}: no case folders (tests looping over them would pass without a check)"
+    return cases
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@
 
 On a GPU machine: `pytest --noconftest tests/test_cuda.py` (conftest's T5X writer needs zarr, which a GPU image may
 lack). The fast generate() must give GenerationMixin's greedy ids there too, eager and with CUDA graphs, and every
-precision mode must run. With MT3_MODEL_DIR (a converted folder) and MT3_SHARED_DIR (golden samples and tokens),
-float32 must reproduce the golden tokens of every case from the processor's features, as on CPU.
+precision mode must run. With MT3_SHARED_DIR (golden samples and tokens) and MT3_MODEL_DIR (a converted folder; without
+it, conftest converts the real checkpoint), float32 must reproduce the golden tokens of every case from the processor's features, as on CPU.
 """
 
 import copy
@@ -153,9 +153,15 @@ def test_features_on_cuda_match_numpy():
 
 
 @pytest.fixture(scope="module")
-def real():
-    """(model on CUDA, processor, golden case folders) from MT3_MODEL_DIR and MT3_SHARED_DIR."""
+def real(request):
+    """(model on CUDA, processor, golden case folders) from MT3_MODEL_DIR and MT3_SHARED_DIR; without MT3_MODEL_DIR,
+    the real checkpoint converted by conftest's fixture, where conftest is loaded (not under --noconftest)."""
     model_dir, shared = os.environ.get("MT3_MODEL_DIR"), os.environ.get("MT3_SHARED_DIR")
+    if shared and not model_dir:
+        try:
+            model_dir = str(request.getfixturevalue("real_folder"))
+        except pytest.FixtureLookupError:
+            pass
     if not (model_dir and shared and Path(model_dir, "model.safetensors").is_file() and Path(shared, "golden").is_dir()):
         pytest.skip("MT3_MODEL_DIR (a converted folder) and MT3_SHARED_DIR (golden data) not both set")
     from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration

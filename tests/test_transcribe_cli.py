@@ -68,8 +68,8 @@ def test_folder_of_golden_audio_with_a_broken_file(shared, real_folder, tmp_path
         golden = golden_notes(shared / "golden" / name)
         assert read_json_notes(out / f"{name}.json") == golden
         assert read_csv_notes(out / f"{name}.csv") == golden
-        midi = pretty_midi.PrettyMIDI(str(out / f"{name}.mid"))
-        assert sum(len(i.notes) for i in midi.instruments) == len(golden)
+        print(f"{name}: {len(golden)}/{len(golden)} golden notes in the JSON and the CSV")
+        assert (out / f"{name}.mid").read_bytes() == (shared / "golden" / name / "transcription.mid").read_bytes()
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.{s}" for n in GOLDEN_CASES for s in ("mid", "json", "csv"))
 
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}

@@ -101,7 +101,7 @@ id 0, EOS 1, up to 1024 tokens), as the original does, at most `segment_batch_si
 time (32 on CPU, 256 on CUDA): a finished segment makes room for the next, so memory does not
 grow with the length of the audio. Other settings (beam search, scores, ...) use transformers'
 own `generate()`. On CUDA each decode step is replayed as a CUDA graph (`cuda_graphs=False` for
-eager launches: the same ids, about four times as long for a minute of audio on an H200), and
+eager launches: the same ids, four to seven times as long for a minute of audio on an H200), and
 `eos_check_interval=k` looks for finished segments every k steps only (default 8 on CUDA, 1 elsewhere).
 `draft_tokens=k` (default 4 on CPU, 0 on GPUs): once at most 4 segments are left, each guesses its next k ids
 from its own earlier ones and keeps those its predictions confirm: the same ids in fewer steps where a segment
@@ -171,7 +171,7 @@ also batch 32, the faster of the two compared) decoding the same frames in the s
 
 | | port | original | port's speed-up | identical segments | port peak memory |
 |---|---|---|---|---|---|
-| last run | 14.2 s (0.24 s per audio s) | 74.0 s (1.23 s per audio s) | 5.2x | 30/30 | 1.23 GB |
+| last run (an Intel Xeon VM of that kind) | 14.2 s (0.24 s per audio s) | 74.0 s (1.23 s per audio s) | 5.2x | 30/30 | 1.23 GB |
 | twenty-two runs | 12.4-20.2 s | 45.8-90.1 s | 3.7-5.9x (median 4.3x) | 30/30 in every run | 1.22-1.26 GB (\\*) |
 
 (\\*) the twenty-one runs after a fix that frees the decoding caches when `generate()` returns.
@@ -182,7 +182,7 @@ one run before `draft_tokens`). With guesses that move time shifts on (`draft_sh
 kind (an Intel Xeon, where the original ran 20-35% longer): 22.2 s against 163.1 s, 7.3x, and 25.2 s against
 138.1 s, 5.5x.
 
-An hour of audio took 17.6 minutes end to end on that VM (0.29 s per audio second), peak 3.05 GB with the whole
+An hour of audio took 17.2 to 19.7 minutes end to end in three runs on such VMs (0.29-0.33 s per audio second), peak 3.05 GB with the whole
 hour's spectrogram in memory (the pipeline computes it 16 segments at a time).
 
 float32 is the trained precision and reproduces the original's notes exactly on the three reference recordings

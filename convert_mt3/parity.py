@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 # What `--golden` requires of a conversion: the tolerances of tests/test_parity_model.py (measured: encoder
-# <= 1.3e-5, logits <= 8.0e-5 on the three golden cases) and every greedy segment identical.
+# <= 1.3e-5, logits <= 9.2e-5 on the three golden cases) and every greedy segment identical.
 ENCODER_TOLERANCE = 1e-4
 LOGITS_TOLERANCE = 2.5e-4
 

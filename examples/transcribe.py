@@ -7,7 +7,7 @@ MODEL is a converted folder or a Hub id; its own pipeline (pipeline_mt3.py, remo
 libsndfile reads: wav, flac, ogg, mp3; stereo mixed to mono, resampled with soxr), cuts it into 2.048 s segments and
 decodes `--batch-size` of them per generate call, so memory stays bounded however long the file is.
 Needs: transformers, torch, soundfile, soxr, pretty_midi (and matplotlib for --plot).
-For many files, JSON/CSV notes and resuming, use `mt3-transcribe` (pip install convert-mt3).
+For many files, JSON/CSV notes and resuming, use `mt3-transcribe` (installed with convert-mt3, from its repository).
 """
 
 from __future__ import annotations

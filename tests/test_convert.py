@@ -113,11 +113,60 @@ def test_half_precision_arrays_are_widened_to_float32(tmp_path):
     for key in ("decoder/decoder_norm/scale", "encoder/layers_0/mlp/wi_0/kernel"):  # inline, zarr
         arrays[key] = arrays[key].astype(np.float16)
     ckpt = write_t5x_checkpoint(tmp_path / "model" / "checkpoint_1000", arrays, gin=GIN)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "float16"):
         assert main([str(ckpt), str(tmp_path / dtype), "--quiet", "--dtype", dtype]) == 0
     weights = load_file(tmp_path / "float32" / "model.safetensors")
     assert {w.dtype for w in weights.values()} == {np.dtype(np.float32)}
+    halves = load_file(tmp_path / "float16" / "model.safetensors")
+    assert {w.dtype for w in halves.values()} == {np.dtype(np.float16)}
+    assert all(np.array_equal(halves[k], weights[k].astype(np.float16)) for k in weights)
     np.testing.assert_array_equal(weights["decoder.decoder_norm.weight"], arrays["decoder/decoder_norm/scale"])
+
+
+def test_head_split_attention_kernels(tmp_path):
+    """T5X's attention kernels with explicit head axes ((d_model, heads, d_kv) in, (heads, d_kv, d_model) out) give
+    the same folder weights as the 2-D ones."""
+    arrays = tiny_arrays(**TINY)
+    heads, d_kv = TINY["heads"], TINY["d_kv"]
+    split = dict(arrays)
+    for key, array in arrays.items():
+        if "attention/" in key and key.endswith("/kernel"):
+            out = key.endswith("/out/kernel")
+            split[key] = array.reshape(heads, d_kv, -1) if out else array.reshape(array.shape[0], heads, d_kv)
+    assert sum(a.ndim == 3 for a in split.values()) == 4 * (TINY["layers"] + 2 * TINY["decoder_layers"])
+    for name, tree in (("flat", arrays), ("split", split)):
+        ckpt = write_t5x_checkpoint(tmp_path / name / "checkpoint_1000", tree, gin=GIN)
+        assert main([str(ckpt), str(tmp_path / f"out_{name}"), "--quiet"]) == 0
+    flat, heads_split = (load_file(tmp_path / f"out_{name}" / "model.safetensors") for name in ("flat", "split"))
+    assert flat.keys() == heads_split.keys() and all(np.array_equal(flat[k], heads_split[k]) for k in flat)
+
+
+def test_reload_check_failures_write_nothing(mt3_ckpt, tmp_path, capsys, monkeypatch):
+    """The folder is reloaded as a user would before it is moved in: a weight that changed on the way, or logits
+    beyond the tolerance, stop the conversion with one line and nothing written."""
+    from safetensors.numpy import save_file
+
+    import convert_mt3.export as export
+
+    write_folder = export.write_folder
+
+    def corrupting(folder, *args):
+        write_folder(folder, *args)
+        weights = load_file(folder / "model.safetensors")
+        weights["decoder.decoder_norm.weight"] = weights["decoder.decoder_norm.weight"] + 1
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+    monkeypatch.setattr(export, "write_folder", corrupting)
+    assert main([str(mt3_ckpt), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("reloaded parameter decoder.decoder_norm.weight differs from the "
+                                             "checkpoint array"), err
+    monkeypatch.setattr(export, "write_folder", write_folder)
+    monkeypatch.setitem(export.RELOAD_TOLERANCE, "float32", -1.0)  # no error can be below it
+    assert main([str(mt3_ckpt), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "reloaded logits differ from the source model by 0 (> -1.0)" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nor staging folders
 
 
 def test_overwrite(mt3_ckpt, tmp_path, capsys):

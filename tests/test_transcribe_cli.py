@@ -111,6 +111,8 @@ def test_many_files_on_tiny_model(tiny_folder, tmp_path, monkeypatch, capsys):
     (tmp_path / "out" / "three.csv").unlink()  # half done: transcribed again
     assert main([str(tiny_folder), "set", "three.wav", "-o", "out", "--format", "json,csv", "--quiet"]) == 0
     assert (tmp_path / "out" / "three.csv").exists()
+    assert main([str(tiny_folder), "three.wav", "-o", "half", "--format", "json", "--dtype", "bfloat16", "--quiet"]) == 0
+    assert loaded[-1].model.dtype == torch.bfloat16 and (tmp_path / "half" / "three.json").exists()
 
 
 def test_outputs_already_there_or_unwritable(tiny_folder, tmp_path, monkeypatch, capsys):

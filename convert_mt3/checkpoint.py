@@ -40,8 +40,10 @@ SUPPORTED_DTYPES = {"<f4": np.dtype("<f4"), "<f2": np.dtype("<f2"), "bfloat16": 
 # zlib window bits per compressor: 16 + 15 = gzip header, 15 = zlib header.
 SUPPORTED_COMPRESSORS = {"gzip": 31, "zlib": 15, None: None}
 # Bounds on what is read before anything is allocated (the real MT3: an 0.9 MB msgpack file, 46 M parameters;
-# T5X puts the large arrays in zarr folders, so its msgpack file holds small ones and the tree).
-MAX_MSGPACK_BYTES = 1 << 28
+# T5X puts the large arrays in zarr folders, so its msgpack file holds small ones and the tree). msgpack's
+# smallest objects become Python objects ~70x their size (an empty map: 1 byte -> a dict), so the bound on the file
+# is what bounds the memory of its unpacked tree: 32 MB, ~2.3 GB at worst.
+MAX_MSGPACK_BYTES = 1 << 25
 MAX_METADATA_BYTES = 1 << 16
 MAX_ELEMENTS = 1 << 30  # all arrays together: 4 GB of float32
 
@@ -72,7 +74,7 @@ class _ZarrLeaf:
     separator: str = "."
 
 
-def _read_regular(path: Path, root: Path, limit: int) -> bytes:
+def _read_regular(path: Path, root: Path, limit: int, too_big: str = " its metadata allows") -> bytes:
     """The bytes of `path`, a regular file inside `root`, refusing more than `limit` of them.
 
     Symlinks are followed only while they stay inside the checkpoint folder; devices, FIFOs and sockets are
@@ -86,7 +88,7 @@ def _read_regular(path: Path, root: Path, limit: int) -> bytes:
         raise CheckpointError(f"{path}: cannot be resolved (symlink loop or unreadable)") from None
     if not real.is_relative_to(root):
         raise CheckpointError(f"{path}: resolves outside the checkpoint folder {root}")
-    return read_bounded(real, limit, CheckpointError, path, f", more than the {limit} its metadata allows")
+    return read_bounded(real, limit, CheckpointError, path, f", more than the {limit:,}{too_big}")
 
 
 def read_bounded(path: Path, limit: int, error: type[ValueError], name: Path, too_big: str) -> bytes:
@@ -144,7 +146,7 @@ def _decode_ext(code: int, data: bytes) -> Any:
 def _load_tree(directory: Path) -> dict:
     file = directory / MSGPACK_FILE
     try:
-        data = _read_regular(file, directory, MAX_MSGPACK_BYTES)
+        data = _read_regular(file, directory, MAX_MSGPACK_BYTES, " a T5X parameter tree may take (MT3's: 0.9 MB)")
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing; expected the T5X msgpack `{MSGPACK_FILE}` file in {directory}") from None
     try:

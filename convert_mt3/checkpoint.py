@@ -42,7 +42,7 @@ SUPPORTED_COMPRESSORS = {"gzip": 31, "zlib": 15, None: None}
 # Bounds on what is read before anything is allocated (the real MT3: an 0.9 MB msgpack file, 46 M parameters;
 # T5X puts the large arrays in zarr folders, so its msgpack file holds small ones and the tree). msgpack's
 # smallest objects become Python objects ~70x their size (an empty map: 1 byte -> a dict), so the bound on the file
-# is what bounds the memory of its unpacked tree: 32 MB, ~2.3 GB at worst.
+# is what bounds the memory of its unpacked tree: 32 MB, ~2.4 GB at worst (empty maps, 73x).
 MAX_MSGPACK_BYTES = 1 << 25
 MAX_METADATA_BYTES = 1 << 16
 MAX_ELEMENTS = 1 << 30  # all arrays together: 4 GB of float32

@@ -33,7 +33,7 @@ from transformers import AutoModel, AutoProcessor
 from transformers.utils import logging as transformers_logging
 
 sys.path.insert(0, str(Path(__file__).parent))
-from transcribe import check_model, load_audio, loading  # noqa: E402  (the sibling example's checks and audio loader)
+from transcribe import check_model, loading  # noqa: E402  (the sibling example's checks)
 
 ONSET_TOLERANCE = 0.05  # seconds (mir_eval's default onset tolerance)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json")
@@ -60,11 +60,9 @@ def note_f1(estimated: list, reference: list) -> float:
 
 @torch.no_grad()
 def transcribe_notes(model, processor, features: torch.Tensor, start_times, device: str) -> list:
+    """The notes `model` transcribes from `features` (generate() decodes a pool of segments at a time)."""
     model.eval()
-    rows = []
-    batch_size = model.default_segment_batch_size  # segments generate() decodes at once
-    for first in range(0, len(features), batch_size):
-        rows += model.generate(input_features=features[first : first + batch_size].to(device)).cpu().tolist()
+    rows = model.generate(input_features=features.to(device)).cpu()
     return processor.batch_decode(rows, segment_start_times=start_times, return_midi=False)["notes"]
 
 
@@ -130,7 +128,7 @@ def finetune(args: argparse.Namespace) -> int:
     with loading(args.model):
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
         model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32).to(args.device)
-    audio = load_audio(Path(args.audio), processor.feature_extractor.sampling_rate)
+    audio = model.transcription_pipeline(processor).load_audio(args.audio)  # read as transcription reads it
     if not len(audio):
         raise ValueError(f"AUDIO {args.audio}: no samples to train on")
     inputs = processor(audio=audio, sampling_rate=processor.feature_extractor.sampling_rate, midi=args.midi, return_tensors="pt")

@@ -22,26 +22,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import pipeline
 from transformers.utils import logging as transformers_logging
-
-
-def load_audio(path: Path, sampling_rate: int) -> np.ndarray:
-    """Any libsndfile format -> mono float32 at `sampling_rate` (used by examples/finetune.py; transcription reads
-    files through the pipeline)."""
-    import soundfile
-    import soxr
-
-    try:
-        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (n, channels)
-    except (RuntimeError, OSError) as err:  # soundfile.LibsndfileError is a RuntimeError
-        raise ValueError(f"{path}: cannot read audio ({str(err).strip().splitlines()[-1]})") from None
-    mono = samples.mean(axis=1)
-    if rate != sampling_rate and mono.size:
-        mono = soxr.resample(mono, rate, sampling_rate, quality="HQ")
-    return np.ascontiguousarray(mono, dtype=np.float32)
 
 
 def check_output_file(option: str, target: str) -> None:

@@ -234,3 +234,22 @@ def test_config_round_trip():
         loaded = MT3FeatureExtractor.from_pretrained(tmp)
     assert loaded.to_dict() == ext.to_dict()
     assert np.array_equal(loaded.mel_filters, ext.mel_filters)
+
+
+def test_settings_out_of_range_are_refused():
+    """A feature extractor or tokenizer built (or loaded) with settings it cannot work with says which, at once."""
+    from convert_mt3.mt3.tokenization_mt3 import MT3Tokenizer
+
+    for kwargs, message in [({"mel_hi_hz": 9000.0}, "mel_hi_hz <= sampling_rate / 2 .* mel_hi_hz=9000.0"),
+                            ({"mel_lo_hz": 8000.0}, "mel_lo_hz < mel_hi_hz"),
+                            ({"torch_segments_per_chunk": 0}, "torch_segments_per_chunk >= 1, found 0")]:
+        with pytest.raises(ValueError, match=message):
+            MT3FeatureExtractor(**kwargs)
+    for kwargs, message in [({"num_velocity_bins": 128}, "num_velocity_bins from 1 to 127; found 128"),
+                            ({"vocab_size_multiple": 0}, "vocab_size_multiple >= 1; found 100, 0"),
+                            ({"num_extra_ids": -1}, "num_extra_ids >= 0 .*; found -1, 128")]:
+        with pytest.raises(ValueError, match=message):
+            MT3Tokenizer(**kwargs)
+    with pytest.raises(ValueError, match="^Unknown event type: 'note'; expected one of shift, pitch, velocity, tie, "
+                                         "program, drum$"):
+        MT3Tokenizer().event_type_ids("note")

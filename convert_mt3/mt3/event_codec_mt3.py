@@ -87,7 +87,7 @@ class Codec:
     def encode_event(self, event: Event) -> int:
         """Event -> index; ValueError for an unknown type or an out-of-range value."""
         if event.type not in self._ranges:
-            raise ValueError(f"Unknown event type: {event.type}")
+            raise ValueError(f"Unknown event type: {event.type!r}; expected one of {', '.join(self._ranges)}")
         first, er = self._ranges[event.type]
         if not er.min_value <= event.value <= er.max_value:
             raise ValueError(
@@ -99,7 +99,7 @@ class Codec:
     def event_type_range(self, event_type: str) -> tuple[int, int]:
         """[min_index, max_index] of an event type."""
         if event_type not in self._ranges:
-            raise ValueError(f"Unknown event type: {event_type}")
+            raise ValueError(f"Unknown event type: {event_type!r}; expected one of {', '.join(self._ranges)}")
         first, er = self._ranges[event_type]
         return first, first + er.max_value - er.min_value
 
@@ -136,6 +136,7 @@ def num_embeddings(codec: Codec, num_extra_ids: int, multiple: int) -> int:
 
 
 def num_velocity_bins_from_codec(codec: Codec) -> int:
+    """The codec's velocity bins (its velocity range holds bin 0, note-off, and bins 1..n)."""
     lo, hi = codec.event_type_range("velocity")
     return hi - lo
 

@@ -115,6 +115,11 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
             raise ValueError(f"Expected frames_per_segment > 0, found {frames_per_segment}.")
         if log_floor <= 0:
             raise ValueError(f"Expected log_floor > 0, found {log_floor}.")
+        if not 0 <= mel_lo_hz < mel_hi_hz <= sampling_rate / 2:
+            raise ValueError(f"Expected 0 <= mel_lo_hz < mel_hi_hz <= sampling_rate / 2 (Nyquist), found mel_lo_hz="
+                             f"{mel_lo_hz}, mel_hi_hz={mel_hi_hz}, sampling_rate={sampling_rate}.")
+        if torch_segments_per_chunk < 1:
+            raise ValueError(f"Expected torch_segments_per_chunk >= 1, found {torch_segments_per_chunk}.")
         self.hop_length = hop_length
         self.n_fft = n_fft
         self.mel_lo_hz = mel_lo_hz
@@ -234,7 +239,7 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
             (len(bounds), self.frames_per_segment, self.feature_size), self.padding_value, dtype=torch.float32,
             device=device,
         )
-        chunk = max(1, int(self.torch_segments_per_chunk))
+        chunk = int(self.torch_segments_per_chunk)  # >= 1, checked in __init__
         for first in range(0, len(bounds), chunk):
             part = bounds[first : first + chunk]
             batch = torch.zeros((len(part), seg_len), dtype=torch.float64, device=device)  # zeros = pad_end padding

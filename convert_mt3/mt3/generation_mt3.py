@@ -28,11 +28,13 @@ from transformers.generation import (
     SuppressTokensLogitsProcessor,
 )
 
+# The pool's own settings (generate() arguments, or keys of generation_config.json).
+POOL_SETTINGS = ("segment_batch_size", "cuda_graphs", "eos_check_interval", "draft_tokens", "draft_shift_ids")
 # Generation settings the fast path reproduces; any other setting that differs from greedy search's defaults sends
 # `generate()` to `GenerationMixin` (a contract, not a list of what is refused).
 FAST_GREEDY_SETTINGS = frozenset(
     {"max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id",
-     "segment_batch_size", "cuda_graphs", "eos_check_interval", "draft_tokens", "draft_shift_ids"}
+     *POOL_SETTINGS}
 )
 # Logits processors the fast path runs: each row's scores depend on that row's own ids only, so they may see the busy
 # rows in groups of equal length (`MT3GreedyPool._process`), in any order. transformers' processors of that kind (these
@@ -713,3 +715,16 @@ class _StepGraphs:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(self.stream)
         return graph
+
+
+__all__ = [
+    "DRAFT_TOKENS",
+    "EOS_CHECK_INTERVAL",
+    "FAST_GREEDY_SETTINGS",
+    "POOL_SETTINGS",
+    "SEGMENT_BATCH_SIZE",
+    "MT3GreedyPool",
+    "MT3SlotCache",
+    "MT3SlotLayer",
+    "row_independent",
+]

@@ -8,7 +8,8 @@ import io
 import os
 from collections.abc import Sequence
 
-from .note_sequences_mt3 import DEFAULT_DRUM_INSTRUMENT, MT3Note, assign_instruments
+from .note_sequences_mt3 import DEFAULT_DRUM_INSTRUMENT, MT3Note, assign_instruments, sort_notes
+from .notes_mt3 import DRUMS_NAME
 
 DEFAULT_MIDI_TICKS_PER_QUARTER = 220
 DEFAULT_MIDI_QPM = 120.0
@@ -49,7 +50,7 @@ def notes_to_pretty_midi(
     for instrument_id, program, is_drum in sorted(grouped):
         if instrument_id > 0:
             # note_seq names every track but the first: "Drums" or the General MIDI program name.
-            name = "Drums" if is_drum else pretty_midi.program_to_instrument_name(program)
+            name = DRUMS_NAME if is_drum else pretty_midi.program_to_instrument_name(program)
             instrument = pretty_midi.Instrument(program, is_drum=is_drum, name=name)
             midi.instruments.append(instrument)
         else:
@@ -87,7 +88,7 @@ def midi_to_notes(midi) -> list[MT3Note]:
         for inst in midi.instruments
         for n in inst.notes
     ]
-    return sorted(notes, key=lambda n: (n.start, n.pitch, n.program))
+    return sort_notes(notes)
 
 
 __all__ = ["import_pretty_midi", "midi_to_notes", "notes_to_pretty_midi"]

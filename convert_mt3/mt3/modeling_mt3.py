@@ -32,6 +32,7 @@ from .generation_mt3 import (
     DRAFT_TOKENS,
     EOS_CHECK_INTERVAL,
     FAST_GREEDY_SETTINGS,
+    POOL_SETTINGS,
     SEGMENT_BATCH_SIZE,
     MT3GreedyPool,
     MT3SlotCache,
@@ -47,12 +48,14 @@ from .layers_mt3 import (
     _padding_to_bool,
     mt3_sinusoid_table,
 )
-from .loss_mt3 import mt3_loss
+from .loss_mt3 import IGNORE_INDEX, mt3_loss
 
 logger = logging.get_logger(__name__)
 
 
 class MT3PreTrainedModel(PreTrainedModel):
+    """Loading, saving and weight initialisation shared by the MT3 models (transformers' PreTrainedModel)."""
+
     config_class = MT3Config
     _auto_class = "AutoModel"  # remote code: a saved model copies its code and names it in config.json
     config: MT3Config
@@ -100,10 +103,10 @@ class MT3PreTrainedModel(PreTrainedModel):
             raise ValueError(f"Expected integer label ids (torch.long); found {labels.dtype}.")
         if labels.device.type == "meta" or torch.compiler.is_compiling():
             return
-        outside = (labels >= self.config.vocab_size) | ((labels < 0) & (labels != -100))
+        outside = (labels >= self.config.vocab_size) | ((labels < 0) & (labels != IGNORE_INDEX))
         if outside.any():
             raise ValueError(
-                f"Expected label ids in [0, {self.config.vocab_size}) or -100; found {int(labels[outside][0])}."
+                f"Expected label ids in [0, {self.config.vocab_size}) or {IGNORE_INDEX}; found {int(labels[outside][0])}."
             )
 
     def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
@@ -113,7 +116,7 @@ class MT3PreTrainedModel(PreTrainedModel):
             raise ValueError("config.decoder_start_token_id and config.pad_token_id must be set to shift labels")
         shifted = labels.new_full(labels.shape, start)
         shifted[..., 1:] = labels[..., :-1]
-        return shifted.masked_fill(shifted == -100, pad)
+        return shifted.masked_fill(shifted == IGNORE_INDEX, pad)
 
 
 class MT3Encoder(nn.Module):
@@ -615,8 +618,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             max_new_tokens = config.max_length - 1
         if max_new_tokens < 1:
             return None
-        pool_settings = ("segment_batch_size", "cuda_graphs", "eos_check_interval", "draft_tokens", "draft_shift_ids")
-        return features, max_new_tokens, eos, pad, start, {name: getattr(config, name, None) for name in pool_settings}
+        return features, max_new_tokens, eos, pad, start, {name: getattr(config, name, None) for name in POOL_SETTINGS}
 
 
 def _per_device(setting: int | dict | None, defaults: dict[str, int], device_type: str) -> int:

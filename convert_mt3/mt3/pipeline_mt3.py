@@ -243,7 +243,9 @@ class MT3TranscriptionPipeline(ChunkPipeline):
             tokens[real] = generated
         return {"tokens": tokens, "start_frame": start_frame, "is_last": model_inputs["is_last"]}
 
-    def postprocess(self, model_outputs, return_midi=True, programs: set[int] | None = None):
+    def postprocess(self, model_outputs, return_midi: bool | str = True, programs: set[int] | None = None) -> dict:
+        """One input's segments (in order) -> its notes as records, event counts and, with `return_midi`, its MIDI
+        (a `pretty_midi.PrettyMIDI`, or the file's bytes with "bytes")."""
         rows, start_times = [], []
         for output in model_outputs:
             frame = int(output["start_frame"][0])

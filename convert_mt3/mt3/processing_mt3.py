@@ -153,6 +153,7 @@ class MT3Processor(ProcessorMixin):
         return list(self.feature_extractor.model_input_names)
 
     def save_pretrained(self, save_directory, **kwargs):
+        """ProcessorMixin's, after refusing a file of that name with an error that says so."""
         if os.path.isfile(save_directory):
             raise ValueError(f"Expected a directory to save the processor to; found a file: {save_directory}")
         os.makedirs(save_directory, exist_ok=True)

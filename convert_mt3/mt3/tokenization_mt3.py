@@ -18,6 +18,7 @@ from .event_codec_mt3 import (
     DEFAULT_NUM_VELOCITY_BINS,
     DEFAULT_STEPS_PER_SECOND,
     DEFAULT_VOCAB_SIZE_MULTIPLE,
+    MIDI_MAX_VALUE,
     PROGRAM_GRANULARITIES,
     Event,
     build_codec,
@@ -137,8 +138,12 @@ class MT3Tokenizer(PreTrainedTokenizer):
         unk_token: str = "<unk>",
         **kwargs,
     ):
-        if num_velocity_bins < 1:
-            raise ValueError(f"Expected num_velocity_bins >= 1; found {num_velocity_bins}.")
+        if not 1 <= num_velocity_bins <= MIDI_MAX_VALUE:
+            raise ValueError(f"Expected num_velocity_bins from 1 to {MIDI_MAX_VALUE}; found {num_velocity_bins}.")
+        if num_extra_ids < 0 or vocab_size_multiple < 1:
+            raise ValueError(
+                f"Expected num_extra_ids >= 0 and vocab_size_multiple >= 1; found {num_extra_ids}, {vocab_size_multiple}."
+            )
         if program_granularity not in PROGRAM_GRANULARITIES:
             raise ValueError(
                 f"Expected program_granularity in {PROGRAM_GRANULARITIES}; found {program_granularity!r}."

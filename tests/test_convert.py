@@ -64,6 +64,8 @@ def test_folder_contents_and_config(converted):
     assert (config["d_model"], config["d_ff"], config["vocab_size"], config["input_depth"]) == (32, 48, 1536, 512)
     assert (config["num_layers"], config["num_decoder_layers"], config["num_heads"], config["d_kv"]) == (2, 2, 2, 8)
     assert config["dropout_rate"] == 0.0 and config["tie_word_embeddings"] is False
+    # T5 fields of what MT3 does not have (a relative position bias, a classification head) are left out
+    assert not {"relative_attention_num_buckets", "relative_attention_max_distance", "classifier_dropout"} & set(config)
     assert {config["auto_map"][name] for name in ("AutoModel", "AutoModelForSeq2SeqLM", "AutoModelForSpeechSeq2Seq")} == {
         "modeling_mt3.MT3ForConditionalGeneration"}
     generation = json.loads((converted / "generation_config.json").read_text())

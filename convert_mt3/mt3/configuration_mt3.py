@@ -52,5 +52,13 @@ class MT3Config(T5Config):
         self.tie_word_embeddings = False
         self.scale_decoder_outputs = False
 
+    def to_dict(self) -> dict:
+        """T5Config's, without the fields of what MT3 does not have (T5's relative position bias, its classification
+        head): config.json would otherwise describe a bias that the model never computes."""
+        output = super().to_dict()
+        for field in ("relative_attention_num_buckets", "relative_attention_max_distance", "classifier_dropout"):
+            output.pop(field, None)
+        return output
+
 
 __all__ = ["MT3Config"]

@@ -259,8 +259,13 @@ def test_dtype_argument(tiny_folder, monkeypatch_module):
 
     pipe = pipeline("music-transcription", model=str(tiny_folder), trust_remote_code=True, device="cpu", torch_dtype=torch.bfloat16)
     assert pipe.model.dtype == torch.bfloat16
-    result = pipe({"array": tone(1.0, 16000), "sampling_rate": 16000}, generate_kwargs={"use_cache": False, "max_new_tokens": 8})
-    assert isinstance(result["notes"], list)
+    audio, settings = tone(1.0, 16000), {"use_cache": False, "max_new_tokens": 64}
+    result = pipe({"array": audio, "sampling_rate": 16000}, generate_kwargs=settings)
+    # the notes of the same bfloat16 model called directly
+    inputs = pipe.feature_extractor(audio, sampling_rate=16000, return_tensors="pt")
+    ids = pipe.model.generate(input_features=inputs["input_features"].to(torch.bfloat16), **settings)
+    notes = pipe.tokenizer.batch_decode(ids, inputs, return_midi=False)["notes"]
+    assert notes and as_tuples(result["notes"]) == [tuple(note) for note in notes]
 
 
 def test_a_generator_of_inputs_streams(tiny_pipe):

@@ -175,8 +175,8 @@ def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor) 
             p = result.parity
             print(
                 f"golden parity: encoder {p['encoder_max_abs_error']:.2e}, logits {p['logits_max_abs_error']:.2e}, "
-                f"greedy segments identical {p['greedy_segments_identical']}/{p['greedy_segments']} (the segments with "
-                f"golden logits, of {len(p['cases'])} cases)"
+                f"greedy segments identical {p['greedy_segments_identical']}/{p['greedy_segments']} (every segment of "
+                f"{len(p['cases'])} cases)"
             )
     if args.push_to_hub:
         try:

@@ -104,7 +104,7 @@ def read_bounded(path: Path, limit: int, error: type[ValueError], name: Path, to
         if not stat.S_ISREG(info.st_mode):
             raise error(f"{name}: not a regular file")
         if info.st_size > limit:
-            raise error(f"{name}: {info.st_size} bytes{too_big}")
+            raise error(f"{name}: {info.st_size:,} bytes{too_big}")
         with os.fdopen(fd, "rb", closefd=False) as file:
             data = file.read(limit + 1)
     finally:

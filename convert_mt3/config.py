@@ -56,7 +56,7 @@ def read_gin(path: Path) -> list[str]:
     MAX_GIN_BYTES."""
     if path.is_symlink():
         raise ConfigError(f"{path}: is a symbolic link; expected T5X's config.gin as a regular file")
-    data = read_bounded(path, MAX_GIN_BYTES, ConfigError, path, f"; expected a gin file of at most {MAX_GIN_BYTES}")
+    data = read_bounded(path, MAX_GIN_BYTES, ConfigError, path, f"; expected a gin file of at most {MAX_GIN_BYTES:,}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -389,7 +389,7 @@ def break_gin_symlink(mt3_ckpt):
 def break_gin_size(mt3_ckpt):
     with open(mt3_ckpt.parent / "config.gin", "a") as gin:
         gin.truncate(2 << 20)  # sparse: 2 MB of NUL, never read
-    return f"config.gin: {2 << 20} bytes; expected a gin file of at most {1 << 20}"
+    return f"config.gin: {2 << 20:,} bytes; expected a gin file of at most {1 << 20:,}"
 
 
 def break_gin_velocity_bins(mt3_ckpt):
@@ -450,15 +450,15 @@ def test_bad_golden_folder_and_flags_are_named(mt3_ckpt, tmp_path, capsys):
     case.mkdir(parents=True)
     d_model, vocab = TINY["d_model"], TINY["vocab"]
     good = {"frames.npy": np.zeros((2, 4, 512), np.float32), "encoder_out.npy": np.zeros((1, 4, d_model), np.float32),
-            "logits.npy": np.zeros((1, 3, vocab), np.float32), "tokens.json": {"segments": [[5, 6]]}}
+            "logits.npy": np.zeros((1, 3, vocab), np.float32), "tokens.json": {"segments": [[5, 6], [7]]}}
     frames_shape = "expected (segments, frames, mel bins) of shape (N, N, 512)"
     for name, bad, message in [
         ("tokens.json", {}, 'expected {"segments": [[ids, ...], ...]}'),
         ("tokens.json", {"segments": [5, 6]}, 'expected {"segments": [[ids, ...], ...]}'),
-        ("tokens.json", {"segments": [[99999]]}, "expected ids from 0 to 1535; found 99999"),
-        ("tokens.json", {"segments": [[-5]]}, "found -5"),
-        ("tokens.json", {"segments": [["a"]]}, "found 'a'"),
-        ("tokens.json", {"segments": []}, "expected ids for at least the 1 segments of encoder_out.npy; found 0 rows"),
+        ("tokens.json", {"segments": [[99999], [5]]}, "expected ids from 0 to 1535; found 99999"),
+        ("tokens.json", {"segments": [[5], [-5]]}, "found -5"),
+        ("tokens.json", {"segments": [["a"], [5]]}, "found 'a'"),
+        ("tokens.json", {"segments": [[5]]}, "expected ids for at least the 2 segments of frames.npy; found 1 rows"),
         ("frames.npy", np.zeros(4, np.float32), f"{frames_shape}; found float32 [4]"),
         ("frames.npy", np.zeros((2, 4, 7), np.float32), f"{frames_shape}; found float32 [2, 4, 7]"),
         ("encoder_out.npy", np.zeros((1, 5, d_model), np.float32), f"of shape (1, 4, {d_model}); found float32 [1, 5"),
@@ -505,6 +505,7 @@ def test_parity_failures():
     assert parity_failures(held) == []
     assert parity_failures({**held, "encoder_max_abs_error": 1.5e-4}) == ["encoder max abs error 1.50e-04 > 1e-04"]
     assert parity_failures({**held, "logits_max_abs_error": 3e-4}) == ["logits max abs error 3.00e-04 > 2.5e-04"]
+    assert parity_failures({**held, "logits_max_abs_error": float("nan")}) == ["logits max abs error nan > 2.5e-04"]
     assert parity_failures({**held, "greedy_segments_identical": 5}) == [
         "greedy tokens identical in 5 of 6 segments, expected all"]
 

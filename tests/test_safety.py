@@ -282,7 +282,7 @@ def test_chunk_that_inflates_past_its_size_is_refused(mt3_ckpt):
 
 def test_chunk_file_larger_than_announced_is_not_read(mt3_ckpt):
     (mt3_ckpt / CHUNK / "0.0").write_bytes(bytes(1_000_000))
-    with pytest.raises(CheckpointError, match="1000000 bytes, more than the 10,336 its metadata allows"):
+    with pytest.raises(CheckpointError, match="1,000,000 bytes, more than the 10,336 its metadata allows"):
         read_checkpoint(mt3_ckpt)
 
 

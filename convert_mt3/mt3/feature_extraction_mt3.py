@@ -118,8 +118,6 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
         if not 0 <= mel_lo_hz < mel_hi_hz <= sampling_rate / 2:
             raise ValueError(f"Expected 0 <= mel_lo_hz < mel_hi_hz <= sampling_rate / 2 (Nyquist), found mel_lo_hz="
                              f"{mel_lo_hz}, mel_hi_hz={mel_hi_hz}, sampling_rate={sampling_rate}.")
-        if torch_segments_per_chunk < 1:
-            raise ValueError(f"Expected torch_segments_per_chunk >= 1, found {torch_segments_per_chunk}.")
         self.hop_length = hop_length
         self.n_fft = n_fft
         self.mel_lo_hz = mel_lo_hz
@@ -239,7 +237,9 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
             (len(bounds), self.frames_per_segment, self.feature_size), self.padding_value, dtype=torch.float32,
             device=device,
         )
-        chunk = int(self.torch_segments_per_chunk)  # >= 1, checked in __init__
+        chunk = int(self.torch_segments_per_chunk)  # checked here: it is an attribute a user may set
+        if chunk < 1:
+            raise ValueError(f"Expected torch_segments_per_chunk >= 1, found {self.torch_segments_per_chunk}.")
         for first in range(0, len(bounds), chunk):
             part = bounds[first : first + chunk]
             batch = torch.zeros((len(part), seg_len), dtype=torch.float64, device=device)  # zeros = pad_end padding

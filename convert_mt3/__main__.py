@@ -8,7 +8,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -101,8 +103,44 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, `timeout`, a job scheduler): cleaned up as Ctrl-C is, so no lock or staging folder stays."""
 
 
-def _terminate(signum: int, frame) -> None:
-    raise Terminated
+class _Interrupts:
+    """SIGINT / SIGTERM as KeyboardInterrupt / Terminated in the main thread, where raising them cannot break the
+    interpreter. Inside `hold()` (torch's and transformers' imports, where a raise aborted the process in pybind11
+    code or surfaced as another error) a signal waits for the end of the block; in importlib between taking and
+    releasing its module locks (a conversion interrupted there hung), in threading's locks and in finalizers, the
+    same signal is sent again 10 ms later."""
+
+    NOT_INTERRUPTIBLE = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>", threading.__file__)
+
+    def __init__(self):
+        self.holding = False
+        self.pending: int | None = None
+
+    @staticmethod
+    def error(signum: int) -> KeyboardInterrupt:
+        return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def handle(self, signum: int, frame) -> None:
+        if self.holding:
+            self.pending = signum
+            return
+        if frame is not None and (frame.f_code.co_filename in self.NOT_INTERRUPTIBLE or frame.f_code.co_name == "__del__"):
+            again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+            again.daemon = True
+            again.start()
+            return
+        raise self.error(signum)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise self.error(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,13 +149,15 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(args.out_dir).absolute()
     pool = ThreadPoolExecutor(1)
+    interrupts = _Interrupts()
     # Only the main thread may set a handler (main() may also be called from another thread, or from tests).
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {signum: signal.signal(signum, interrupts.handle) for signum in signals}
     try:
         # Refuse a bad or busy OUT_DIR before any work; the lock is held until the folder is in place.
         check_out_dir(out_dir, Path(args.checkpoint_dir), args.overwrite)
         with out_dir_lock(out_dir):
-            return _convert(args, out_dir, pool)
+            return _convert(args, out_dir, pool, interrupts)
     except (ValueError, OSError, RuntimeError, MemoryError) as err:
         # User-facing failures are one line, no traceback (the error classes name file/array).
         message = "out of memory" if isinstance(err, MemoryError) else str(err)
@@ -129,24 +169,26 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
 
 
-def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor) -> int:
+def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor, interrupts: _Interrupts) -> int:
     """Read, convert, report and push; called with OUT_DIR checked and locked."""
     from .checkpoint import read_checkpoint  # light: numpy, msgpack, zlib
 
-    # gunzip releases the GIL: read the checkpoint while torch and transformers import.
-    reading = pool.submit(read_checkpoint, args.checkpoint_dir, quiet=args.quiet)
-    import torch  # noqa: F401  (a third of the imports below; most bad checkpoints are refused by the time it is in)
+    with interrupts.hold():
+        # gunzip releases the GIL: read the checkpoint while torch and transformers import.
+        reading = pool.submit(read_checkpoint, args.checkpoint_dir, quiet=args.quiet)
+        import torch  # noqa: F401  (a third of the imports below; most bad checkpoints are refused by the time it is in)
 
-    if reading.done():
-        reading.result()  # report a bad checkpoint now, not after transformers' imports
-    from transformers.utils import logging as transformers_logging
+        if reading.done():
+            reading.result()  # report a bad checkpoint now, not after transformers' imports
+        from transformers.utils import logging as transformers_logging
 
-    from .export import convert
-    from .hub import push_folder
+        from .export import convert
+        from .hub import push_folder
 
     if args.quiet:
         transformers_logging.set_verbosity_error()

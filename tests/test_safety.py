@@ -315,6 +315,50 @@ def test_msgpack_symlinked_outside_is_refused(mt3_ckpt, tmp_path):
 # --- clean edges -------------------------------------------------------------------------------
 
 
+def test_signals_wait_where_raising_would_break_the_interpreter(monkeypatch):
+    """A signal raised inside importlib's lock handling could leave the import lock held (CI saw a SIGTERM conversion
+    hang), one raised inside torch's import aborted the process (pybind11): in importlib, threading or a finalizer the
+    signal is sent again 10 ms later; inside `hold()` it waits for the block's end; elsewhere it raises at once."""
+    import types
+
+    from convert_mt3 import __main__ as cli
+
+    sent = []
+
+    class Now:  # threading.Timer, run at once
+        def __init__(self, delay, function, args):
+            self.delay, self.call = delay, lambda: function(*args)
+
+        def start(self):
+            sent.append(self.delay)
+            self.call()
+
+    monkeypatch.setattr(cli.threading, "Timer", Now)
+    monkeypatch.setattr(cli.os, "kill", lambda pid, signum: sent.append((pid, signum)))
+
+    def frame(filename: str, name: str = "f"):
+        return types.SimpleNamespace(f_code=types.SimpleNamespace(co_filename=filename, co_name=name))
+
+    interrupts = cli._Interrupts()
+    for inside in (frame("<frozen importlib._bootstrap>", "cb"), frame(cli.threading.__file__), frame("x.py", "__del__")):
+        interrupts.handle(signal.SIGTERM, inside)
+        assert sent == [0.01, (os.getpid(), signal.SIGTERM)]
+        sent.clear()
+    with pytest.raises(cli.Terminated):
+        interrupts.handle(signal.SIGTERM, frame("/somewhere/torch/__init__.py"))
+    with pytest.raises(KeyboardInterrupt) as raised:
+        interrupts.handle(signal.SIGINT, None)
+    assert not isinstance(raised.value, cli.Terminated)
+    reached = []
+    with pytest.raises(cli.Terminated):
+        with interrupts.hold():
+            interrupts.handle(signal.SIGTERM, frame("/somewhere/torch/__init__.py"))  # waits
+            reached.append("end of the block")
+    assert reached == ["end of the block"] and sent == [] and interrupts.pending is None
+    with interrupts.hold():  # nothing pending: nothing raised
+        pass
+
+
 @pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_or_kill_prints_one_line_and_leaves_nothing(mt3_ckpt, tmp_path, signum, status, word):
     """Ctrl-C, and SIGTERM (`kill`, `timeout`, a scheduler) alike: no lock file, staging folder or OUT_DIR left."""

@@ -73,7 +73,8 @@ def measure_case(model: torch.nn.Module, case: Path) -> dict[str, Any]:
     golden_tokens = _check_tokens(case, _load(case, "tokens.json"), len(frames), config.vocab_size)
     positions = logits.shape[1]
     dtype = next(model.parameters()).dtype
-    features = torch.from_numpy(frames[:count]).to(dtype)
+    all_features = torch.from_numpy(frames).to(dtype)  # (segments, frames, mel bins)
+    features = all_features[:count]  # the segments with golden encoder outputs and logits
 
     encoded = model.get_encoder()(input_features=features).last_hidden_state.float()
     # Teacher forcing as the golden run did: [0] + tokens[:63], tokens = greedy ids, EOS, then 0s.
@@ -84,7 +85,7 @@ def measure_case(model: torch.nn.Module, case: Path) -> dict[str, Any]:
     decoder_ids = np.concatenate([np.full((count, 1), model.config.decoder_start_token_id), targets[:, :-1]], axis=1)
     out = model(input_features=features, decoder_input_ids=torch.from_numpy(decoder_ids)).logits.float()
 
-    generated = model.generate(input_features=torch.from_numpy(frames).to(dtype)).tolist()  # every segment
+    generated = model.generate(input_features=all_features).tolist()  # every segment
     identical = 0
     for row, tokens in enumerate(golden_tokens):
         ids = generated[row][1:]  # drop the decoder start id

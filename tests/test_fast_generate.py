@@ -132,6 +132,21 @@ def test_drafts_give_greedy_ids(model, monkeypatch, pool, drafts, shifts):
     assert len(aheads) < 40 * -(-7 // pool), "no guess was ever confirmed"
 
 
+
+@pytest.mark.parametrize("pool", [1, 2])
+@pytest.mark.parametrize("drafts", [0, 4])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_segment_with_nan_features_leaves_the_next_in_its_row_alone(model, pool, drafts, bad):
+    """A row's keys/values past its position are masked, but a masked value still gets weight 0, and 0 * NaN is
+    NaN: the keys/values a NaN or inf segment left must not reach the segment that takes its row next."""
+    x = frames(5, seed=3)
+    x[0, 3, 5] = bad
+    got = MT3GreedyPool(model, pool, draft_tokens=drafts, draft_rows=16).generate(
+        x, 10, [], model.generation_config.pad_token_id, model.generation_config.decoder_start_token_id)
+    want = reference(model, x[1:], eos_token_id=None, max_new_tokens=10)  # the clean segments decoded apart
+    torch.testing.assert_close(got[1:], want, atol=0, rtol=0)
+
+
 def test_draft_guesses_what_followed_the_last_ids():
     """`_draft` writes k guesses after each row's position: what followed the latest earlier occurrence of its last
     two ids (else of its last id), repeated with that period; from the row's start where neither occurred."""
@@ -278,8 +293,9 @@ def test_pool_setting_per_device(model, count_fast, monkeypatch, tmp_path, name,
         setattr(model.generation_config, name, default)
     cpu = defaults["cpu"]
     assert seen == [cpu, 4, 5, cpu, 2, 1 if name == "eos_check_interval" else 0] and len(count_fast) == 6
-    with pytest.raises(ValueError, match=name):
-        model.generate(input_features=x, max_new_tokens=3, **{name: invalid})
+    for wrong in (invalid, True):  # True is an int to isinstance
+        with pytest.raises(ValueError, match=name):
+            model.generate(input_features=x, max_new_tokens=3, **{name: wrong})
 
 
 @pytest.mark.parametrize("use_onednn", [False, True])
@@ -336,6 +352,9 @@ def test_unusual_but_valid_calls_match_hf_greedy(model, count_fast):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     torch.testing.assert_close(model.generate(x, input_features=None, max_new_tokens=4),
                                model.generate(input_features=x, max_new_tokens=4), atol=0, rtol=0)
+    # a float limit: GenerationMixin takes 5.0 as 5 (the pool's buffers need an int)
+    torch.testing.assert_close(model.generate(input_features=x, max_new_tokens=5.0),
+                               reference(model, x, max_new_tokens=5), atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"segments of at least one frame; found input_features of shape \(2, 0, 16\)"):
         model.generate(input_features=torch.zeros(2, 0, 16), max_new_tokens=3)
 
@@ -373,6 +392,24 @@ def test_logits_processor(model, count_fast, as_list):
     # an empty list changes nothing
     plain = model.generate(input_features=x, eos_token_id=eos, logits_processor=LogitsProcessorList())
     torch.testing.assert_close(plain, reference(model, x, eos_token_id=eos), atol=0, rtol=0)
+
+
+
+class ToBfloat16(LogitsProcessor):
+    """Returns the scores in bfloat16: GenerationMixin takes the argmax of whatever a processor returns."""
+
+    row_independent = True
+
+    def __call__(self, input_ids, scores):
+        return scores.to(torch.bfloat16)
+
+
+def test_logits_processor_may_change_the_dtype(model, count_fast):
+    x = frames(7, seed=7)
+    want = reference(model, x, logits_processor=LogitsProcessorList([ToBfloat16()]))
+    got = model.generate(input_features=x, segment_batch_size=3, logits_processor=[ToBfloat16()])
+    assert count_fast
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_processors_that_need_the_batch_go_to_hf(model, count_fast):
@@ -459,8 +496,9 @@ def test_pool_size_settings(model, count_fast, tmp_path):
         assert count_fast[-1] == 1
     finally:
         model.generation_config.segment_batch_size = default
-    with pytest.raises(ValueError, match="segment_batch_size"):
-        model.generate(input_features=x, max_new_tokens=3, segment_batch_size=0)
+    for wrong in (0, True):
+        with pytest.raises(ValueError, match="segment_batch_size"):
+            model.generate(input_features=x, max_new_tokens=3, segment_batch_size=wrong)
     # what a user edits in generation_config.json is what a loaded model uses, and saves again
     saved = json.loads((tmp_path / "generation_config.json").read_text())
     (tmp_path / "generation_config.json").write_text(json.dumps({**saved, "segment_batch_size": {"cpu": 3}}))

@@ -135,6 +135,12 @@ class MT3SlotLayer(CacheLayerMixin):
             for storage in self.storage:
                 storage[target] = storage[source]
 
+    def clear(self, rows: torch.Tensor, length: int) -> None:
+        """Zero the first `length` positions of `rows` (what their last segments wrote)."""
+        if self.is_initialized:
+            for storage in self.storage:
+                storage[:, :, :length].index_fill_(0, rows, 0)
+
     def release(self) -> None:
         self.storage = self.keys = self.values = None
         self.is_initialized = False
@@ -201,10 +207,16 @@ class MT3SlotCache(EncoderDecoderCache):
     def slot_layers(self) -> list[MT3SlotLayer]:
         return [*self.self_attention_cache.layers, *self.cross_attention_cache.layers]
 
-    def admit(self, rows: torch.Tensor, cross: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """New segments start at position 0 in `rows`, with their cross-attention keys/values per layer."""
+    def admit(self, rows: torch.Tensor, cross: list[tuple[torch.Tensor, torch.Tensor]], written: int = 0) -> None:
+        """New segments start at position 0 in `rows`, with their cross-attention keys/values per layer. `written`:
+        how many self-attention positions the rows' last segments wrote; they are zeroed, since a masked key
+        position still multiplies its value by 0, and a NaN or inf left by a segment with such features would
+        leak into the next one (0 * NaN = NaN)."""
         for layer, (keys, values) in zip(self.cross_attention_cache.layers, cross):
             layer.admit(rows, keys, values)
+        if written:
+            for layer in self.self_attention_cache.layers:
+                layer.clear(rows, min(written, self.capacity))
         self.positions[rows] = 0
 
     def move(self, source: int, target: int) -> None:
@@ -323,11 +335,12 @@ class MT3GreedyPool:
         draft_rows: int = 4,
         draft_shift_ids: tuple[int, int] | list[int] | None = None,
     ):
-        if not isinstance(pool_size, int) or pool_size < 1:
+        # `type(...) is int`: a bool is an int to isinstance, and True as a number of rows is a slip
+        if type(pool_size) is not int or pool_size < 1:
             raise ValueError(f"`segment_batch_size` must be a positive number of rows, found {pool_size!r}")
-        if not isinstance(eos_check_interval, int) or eos_check_interval < 1:
+        if type(eos_check_interval) is not int or eos_check_interval < 1:
             raise ValueError(f"`eos_check_interval` must be a positive number of steps, found {eos_check_interval!r}")
-        if not isinstance(draft_tokens, int) or draft_tokens < 0:
+        if type(draft_tokens) is not int or draft_tokens < 0:
             raise ValueError(f"`draft_tokens` must be a number of tokens >= 0, found {draft_tokens!r}")
         weight = model.decoder.token_embedder.weight
         vocab = weight.shape[0]
@@ -493,13 +506,15 @@ class MT3GreedyPool:
             index = torch.tensor(finished, device=device)
             done[index] = False
             collected = torch.cat((cache.positions[index, None], tokens[index]), 1).cpu()  # one copy: end, tokens
-            for row, end, ids in zip(finished, collected[:, 0].tolist(), collected[:, 1:]):
+            ends = collected[:, 0].tolist()
+            for row, end, ids in zip(finished, ends, collected[:, 1:]):
                 out[segment_of[row], : end + 1] = ids[: end + 1]
                 generated = max(generated, end)
             # waiting segments take the first free rows; the other free rows go idle
             admit = finished[: segments - next_segment]
             if admit:
-                encoded.admit(cache, admit, next_segment)
+                # a row ended at position `end` wrote keys/values up to it, and drafts up to `drafts` past it
+                encoded.admit(cache, admit, next_segment, written=max(ends[: len(admit)]) + 1 + drafts)
                 tokens[index[: len(admit)], 0], active[index[: len(admit)]] = start, True
                 for row in admit:
                     segment_of[row], admitted_at[row] = next_segment, step
@@ -626,7 +641,8 @@ class MT3GreedyPool:
             groups.setdefault(position, []).append(row)
         for position, rows in groups.items():
             index = torch.tensor(rows, device=scores.device)
-            scores[index] = processors(tokens[index, : position + 1], scores[index])
+            # a processor may return another dtype (GenerationMixin takes the argmax of whatever comes back)
+            scores[index] = processors(tokens[index, : position + 1], scores[index]).to(scores.dtype)
         return scores
 
 
@@ -640,8 +656,8 @@ class _EncodedSegments:
         self.first, self.keys_values = 0, []  # segments first .. first + count - 1: per layer (keys, values)
         self.count = 0
 
-    def admit(self, cache: MT3SlotCache, rows: list[int], first: int) -> None:
-        """Segments `first`, `first + 1`, ... start in `rows` (in this order)."""
+    def admit(self, cache: MT3SlotCache, rows: list[int], first: int, written: int = 0) -> None:
+        """Segments `first`, `first + 1`, ... start in `rows` (in this order); `written`: `MT3SlotCache.admit`."""
         admitted = 0
         while admitted < len(rows):
             segment = first + admitted
@@ -656,7 +672,7 @@ class _EncodedSegments:
             take = min(len(rows) - admitted, self.count - start)
             index = torch.tensor(rows[admitted : admitted + take], dtype=torch.long, device=self.device)
             cache.admit(index, [(keys[start : start + take], values[start : start + take])
-                                for keys, values in self.keys_values])
+                                for keys, values in self.keys_values], written)
             admitted += take
             if start + take == self.count:  # all admitted: free them now
                 self.keys_values, self.count = [], 0

@@ -616,8 +616,8 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             max_new_tokens = min(config.max_length + 1, self.config.max_position_embeddings) - 1
         else:
             max_new_tokens = config.max_length - 1
-        if max_new_tokens < 1:
-            return None
+        if type(max_new_tokens) is not int or max_new_tokens < 1:
+            return None  # GenerationMixin takes it (5.0 as 5) or raises its error
         return features, max_new_tokens, eos, pad, start, {name: getattr(config, name, None) for name in POOL_SETTINGS}
 
 

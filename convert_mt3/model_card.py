@@ -67,7 +67,9 @@ A model object (cast or fine-tuned in memory) runs in the same pipeline with `mo
   is decoded whole first: ~1.3 GB for an hour of 44.1 kHz stereo). On a CUDA model they are computed on its GPU
   (in float64, as numpy does on CPU: within 5e-07 of it on an H200, 0.3-0.4 s for an hour on 2026-11-28, 0.9-1.4 s before).
 - `batch_size=N` is the number of segments per `generate()` call, taken across inputs when you pass a list or a
-  `datasets` column (`dataset.map(lambda b: {"notes": [r["notes"] for r in transcriber(b["audio"], return_midi=False)]}, batched=True)`);
+  `datasets` column (`dataset.map(lambda b: {"notes": [r["notes"] for r in transcriber(b["audio"], return_midi=False)]}, batched=True)`;
+  a column cast to `Audio(decode=False)` holds paths and bytes, which the pipeline reads itself, where a decoding
+  `Audio()` column needs `torchcodec` installed);
   the default is `segment_batch_size` of `generation_config.json` (32 on CPU, 256 on CUDA). Inside one call at most
   that many segments decode together and a finished one makes room for the next. For long audio on CPU, 64 decoded
   600 s 17% faster than 32, for twice the decoding caches (1.6 against 0.8 GB).

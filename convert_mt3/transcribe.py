@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "segment_batch_size for the device, generation_config.json: 32 on CPU, 256 on CUDA)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default float32, as trained)")
     parser.add_argument("--overwrite", action="store_true", help="transcribe again even where all outputs exist")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary; error lines only")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar; error lines only, and the summary if a file failed")
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be at least 1")

@@ -195,6 +195,8 @@ def test_batch_decode_needs_the_segment_times(processor):
     with pytest.raises(ValueError, match="processor.batch_decode\\(ids, inputs\\)"):
         processor.batch_decode(as_generate_output([[]]))
     assert processor.batch_decode(as_generate_output([[]]), segment_start_times=[0.0], return_midi=False)["notes"] == []
+    with pytest.raises(ValueError, match="found a Tensor: pass start times as `segment_start_times=`"):
+        processor.batch_decode(as_generate_output([[]]), torch.tensor([0.0]))  # the times where the output goes
 
 
 def test_collate_keeps_ignored_positions_inside_a_row(processor):

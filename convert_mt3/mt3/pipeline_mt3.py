@@ -122,6 +122,8 @@ class MT3TranscriptionPipeline(ChunkPipeline):
     def __call__(self, inputs, *args, **kwargs):
         if isinstance(inputs, types.GeneratorType):
             inputs = _Streamed(inputs)
+        elif isinstance(inputs, list) and not inputs:  # a list gives a list (transformers' call reads inputs[0])
+            return []
         return super().__call__(inputs, *args, **kwargs)
 
     def _sanitize_parameters(

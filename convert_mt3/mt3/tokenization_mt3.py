@@ -396,6 +396,11 @@ class MT3Tokenizer(PreTrainedTokenizer):
                 raise ValueError("Expected `segment_start_times` (or the processor's output) with `segments_per_clip`.")
             return super().batch_decode(token_ids, **kwargs)
         if feature_extractor_output is not None:
+            if not hasattr(feature_extractor_output, "keys"):
+                raise ValueError(
+                    "Expected `feature_extractor_output` to be the processor's output (with `segment_start_times`); "
+                    f"found a {type(feature_extractor_output).__name__}: pass start times as `segment_start_times=`."
+                )
             if segment_start_times is None:
                 if "segment_start_times" not in feature_extractor_output:
                     raise ValueError(

@@ -359,6 +359,32 @@ def test_unusual_but_valid_calls_match_hf_greedy(model, count_fast):
         model.generate(input_features=torch.zeros(2, 0, 16), max_new_tokens=3)
 
 
+
+def test_what_seq2seq_trainer_passes_keeps_the_fast_path(model, count_fast):
+    """Seq2SeqTrainer's predict_with_generate calls generate(**batch, synced_gpus=...): labels, which greedy ids do
+    not depend on, and synced_gpus=False take the fast path; synced_gpus=True (DeepSpeed ZeRO-3, FSDP), where every
+    process steps with the others, goes to GenerationMixin."""
+    x = frames(3, seed=9)
+    labels = torch.randint(0, 100, (3, 7))
+    want = reference(model, x, max_new_tokens=6)
+    torch.testing.assert_close(model.generate(input_features=x, labels=labels, synced_gpus=False, max_new_tokens=6),
+                               want, atol=0, rtol=0)
+    assert len(count_fast) == 1
+    assert model._fast_greedy_settings(None, None, {"input_features": x, "synced_gpus": True}) is None
+
+
+def test_generate_in_train_mode_warns(model, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(modeling_mt3.logger, "warning_once", warnings.append)  # (once per process: not caplog)
+    model.generate(input_features=frames(1), max_new_tokens=2)
+    assert warnings == []
+    model.train()
+    try:
+        model.generate(input_features=frames(1), max_new_tokens=2)
+    finally:
+        model.eval()
+    assert len(warnings) == 1 and "train mode: dropout is active" in warnings[0]
+
 class BanPrevious(LogitsProcessor):
     """Forbids repeating the previous token and, on even lengths, token 2: needs each row's own `input_ids`."""
 

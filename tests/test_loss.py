@@ -107,6 +107,12 @@ def test_labels_are_checked_against_the_segments():
             model(input_features=x, labels=labels)
     with pytest.raises(ValueError, match="Expected integer label ids \\(torch.long\\); found torch.float32"):
         model(input_features=x, labels=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"labels as a torch tensor \(segments, tokens\); found shape \(2,\)"):
+        model(input_features=x[:1], labels=torch.tensor([5, 1]))  # one segment's ids, not as a row
+    with pytest.raises(ValueError, match="labels as a torch tensor \\(segments, tokens\\); found list"):
+        model(input_features=x[:1], labels=[[5, 1]])
+    with pytest.raises(ValueError, match='found ndarray: call the processor with return_tensors="pt"'):
+        model(input_features=x.numpy(), labels=torch.ones(2, 5, dtype=torch.long))
     labels = torch.ones(2, 5, dtype=torch.long)
     labels[:, 3:] = -100
     assert torch.isfinite(model(input_features=x, labels=labels).loss)

@@ -145,6 +145,11 @@ class MT3Encoder(nn.Module):
 
         MT3 masks no frame; pass `attention_mask` (batch, frames) only to deviate from the original on purpose.
         """
+        if not isinstance(input_features, torch.Tensor):
+            raise ValueError(
+                f"Expected `input_features` as a torch tensor (batch, frames, {self.config.input_depth}); found "
+                f"{type(input_features).__name__}: call the processor with return_tensors=\"pt\""
+            )
         if input_features.dim() != 3 or input_features.shape[-1] != self.config.input_depth:
             raise ValueError(
                 f"Expected `input_features` of shape (batch, frames, {self.config.input_depth}), "
@@ -373,6 +378,9 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
 
         segments = encoder_outputs.last_hidden_state.shape[0]
         for name, ids in (("labels", labels), ("decoder_input_ids", decoder_input_ids)):
+            if ids is not None and (not isinstance(ids, torch.Tensor) or ids.dim() != 2):
+                found = f"shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+                raise ValueError(f"Expected {name} as a torch tensor (segments, tokens); found {found}.")
             if ids is not None and ids.shape[0] != segments:  # attention would broadcast one segment over the rows
                 raise ValueError(
                     f"Expected one row of {name} per segment: found {ids.shape[0]} rows for {segments} segments."
@@ -508,6 +516,11 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         `draft_shift_ids=[first, last]`, the time shifts' ids (the converter writes them to generation_config.json),
         lets a guessed loop move on in time.
         """
+        if self.training:  # GenerationMixin does not switch to eval either; Trainer.train() leaves train mode on
+            logger.warning_once(
+                "generate() on a model in train mode: dropout is active, so the ids vary from call to call; call "
+                "model.eval() first"
+            )
         # The processor's output also holds each segment's start time (and, for a list of clips, their segment
         # counts), which only decoding to notes needs: accept them so that `model.generate(**processor(audio=...))`
         # works.
@@ -576,6 +589,11 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         rest = dict(kwargs)
         features = rest.pop(self.main_input_name, None)
         if (inputs is None) == (features is None) or self.training:
+            return None
+        # Seq2SeqTrainer (predict_with_generate) passes the batch's labels, on which greedy ids do not depend, and
+        # `synced_gpus`: True under DeepSpeed ZeRO-3 or FSDP, where every process must step with the others
+        rest.pop("labels", None)
+        if rest.pop("synced_gpus", None):
             return None
         features = inputs if features is None else features
         if not isinstance(features, torch.Tensor) or features.dim() != 3 or features.shape[0] == 0:

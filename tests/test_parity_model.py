@@ -2,7 +2,8 @@
 
 Per golden case: encoder output and teacher-forced logits within stated tolerances, and `generate()` of all
 segments as one batch reproducing the original greedy tokens exactly. bfloat16 / float16 agreement is printed,
-not asserted. Run with `-s` to see the measured errors.
+and only a floor far below it asserted (half precision flips near-ties by design). Run with `-s` to see the
+measured errors.
 """
 
 import json
@@ -129,6 +130,10 @@ def test_generate_matches_golden_tokens(real_model, case_data, case, path):
 
 # Case a in bfloat16 decodes ~800 steps (~20 s on 2 cores): left out to keep this file short; float16 is slow on CPU.
 HALF_RUNS = [(torch.bfloat16, CASES[1]), (torch.bfloat16, CASES[2]), (torch.float16, CASES[2])]
+# Tokens at the same position as the golden ones, at the least: measured on a 2-core Intel Xeon VM (2026-11-28)
+# bfloat16 73.8% (case b) and 87.7% (case c), float16 99.4% (case c). A floor, not a target: below it the cast
+# model is broken, not merely rounding differently (a segment that flips once differs from there on).
+HALF_FLOOR = {torch.bfloat16: 0.4, torch.float16: 0.8}
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +153,7 @@ def half_model(real_model):
 
 @pytest.mark.parametrize(("dtype", "case"), HALF_RUNS, ids=[f"{str(d)[6:]}-{c[0]}" for d, c in HALF_RUNS])
 def test_half_precision_agreement(half_model, case_data, dtype, case):
-    """Reported, not asserted: share of segments / tokens identical to the float32 original."""
+    """Share of segments / tokens identical to the float32 original: reported, and held above `HALF_FLOOR`."""
     data = case_data(case)
     start = time.perf_counter()
     with torch.no_grad():
@@ -165,3 +170,4 @@ def test_half_precision_agreement(half_model, case_data, dtype, case):
         f"tokens at the same position {same_tokens}/{total} ({same_tokens / total:.1%}), "
         f"{steps} steps in {seconds:.1f} s"
     )
+    assert same_tokens / total >= HALF_FLOOR[dtype]

@@ -33,6 +33,8 @@ def _checked(kind: type, ok, expected: str):
 
 
 SIZE = _checked(int, lambda n: n >= 1, "an integer >= 1")
+# bounded: the sinusoid table is allocated (1e9 rows ran out of memory, with no flag named)
+POSITIONS = _checked(int, lambda n: 1 <= n <= 1 << 16, "an integer from 1 to 65536")
 
 
 # MT3Config fields a flag can set (value type, help); unset flags keep what the checkpoint says.
@@ -45,7 +47,7 @@ OVERRIDES = {
     "d_kv": (SIZE, "size of one attention head (default: config.gin head_dim, else 64)"),
     "vocab_size": (SIZE, "output vocabulary (default: from the token embedder's shape)"),
     "input_depth": (SIZE, "log-mel bins per encoder frame (default: from continuous_inputs_projection)"),
-    "max_position_embeddings": (SIZE, "rows of the sinusoid position table (default 2048)"),
+    "max_position_embeddings": (POSITIONS, "rows of the sinusoid position table (default 2048)"),
     "dropout_rate": (_checked(float, lambda r: 0 <= r < 1, "a number from 0 to below 1"), "dropout for fine-tuning (default: config.gin, else 0.1)"),
     "layer_norm_epsilon": (_checked(float, lambda e: 0 < e < math.inf, "a finite number > 0"), "RMS-norm epsilon (default 1e-6)"),
 }
@@ -78,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hub.add_argument("--commit-message", default="Upload MT3 converted with convert-mt3", help="commit message of the upload")
     config = parser.add_argument_group("config overrides", "values normally derived from the checkpoint's shapes and config.gin")
     for field, (kind, text) in OVERRIDES.items():
-        config.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, metavar="N" if kind is SIZE else "X", help=text)
+        config.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, metavar="N" if kind in (SIZE, POSITIONS) else "X", help=text)
     variant = parser.add_argument_group(
         "variant", "tokenizer / feature extractor layout, normally from config.gin or the vocabulary size (mt3: 1536, ismir2021: 1664)"
     )
@@ -115,6 +117,7 @@ class _Interrupts:
     def __init__(self):
         self.holding = False
         self.pending: int | None = None
+        self.written = False  # OUT_DIR is in place: an interrupt from now on must not say "nothing written"
 
     @staticmethod
     def error(signum: int) -> KeyboardInterrupt:
@@ -142,6 +145,13 @@ class _Interrupts:
             signum, self.pending = self.pending, None
             raise self.error(signum)
 
+    @contextmanager
+    def commit(self) -> Iterator[None]:
+        """Moving OUT_DIR into place: a signal waits for the end of the block, after which the folder is written."""
+        with self.hold():
+            yield
+            self.written = True
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -161,11 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError, MemoryError) as err:
         # User-facing failures are one line, no traceback (the error classes name file/array).
         message = "out of memory" if isinstance(err, MemoryError) else str(err)
-        print(f"error: {message}", file=sys.stderr)
+        # names from the checkpoint may hold newlines or terminal escapes: shown escaped, on one line
+        print("error: " + "".join(c if c.isprintable() else repr(c)[1:-1] for c in message), file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:
         # Staging folder and lock are already gone (finally clauses); a reading thread may still run.
-        print(f"{'terminated' if isinstance(interrupt, Terminated) else 'interrupted'}; nothing written", file=sys.stderr)
+        what = f"{out_dir} is written (complete)" if interrupts.written else "nothing written"
+        print(f"{'terminated' if isinstance(interrupt, Terminated) else 'interrupted'}; {what}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -188,7 +200,7 @@ def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor, 
         from transformers.utils import logging as transformers_logging
 
         from .export import convert
-        from .hub import push_folder
+        from .hub import HubError, push_folder
 
     if args.quiet:
         transformers_logging.set_verbosity_error()
@@ -204,6 +216,7 @@ def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor, 
         overrides={field: getattr(args, field) for field in OVERRIDES},
         variant_overrides={field: getattr(args, field) for field in [*VARIANT_FLAGS, "use_ties"]},
         repo_id=args.push_to_hub,
+        commit=interrupts.commit,
     )
     if not args.quiet:
         print(
@@ -226,6 +239,9 @@ def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor, 
         except KeyboardInterrupt:
             print(f"interrupted during the push to {args.push_to_hub}; {result.out_dir} is complete, the repo may not have it", file=sys.stderr)
             return 130
+        except HubError as err:
+            print(f"error: {err}; {result.out_dir} is complete", file=sys.stderr)
+            return 1
         print(url)
     return 0
 

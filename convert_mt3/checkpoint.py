@@ -46,6 +46,7 @@ SUPPORTED_COMPRESSORS = {"gzip": 31, "zlib": 15, None: None}
 MAX_MSGPACK_BYTES = 1 << 25
 MAX_METADATA_BYTES = 1 << 16
 MAX_ELEMENTS = 1 << 30  # all arrays together: 4 GB of float32
+MAX_DIMENSIONS = 8  # axes of one array: T5X's are at most 3 (head-split attention kernels); numpy stops at 64
 
 
 class CheckpointError(ValueError):
@@ -185,7 +186,7 @@ def _zarr_leaf(directory: Path, name: str, spec: dict) -> _ZarrLeaf:
     kvstore, metadata = spec.get("kvstore"), spec.get("metadata", {})
     rel = kvstore.get("path") if isinstance(kvstore, dict) else None
     tree_shape = _shape(metadata.get("shape", [])) if isinstance(metadata, dict) else None
-    if not isinstance(rel, str) or tree_shape is None:
+    if not isinstance(rel, str) or "\0" in rel or tree_shape is None:  # a NUL byte: no path the OS takes
         raise CheckpointError(f"{name}: malformed tensorstore spec (expected kvstore.path and metadata.shape)")
     folder = (directory / rel).resolve()
     if folder == directory or not folder.is_relative_to(directory):
@@ -205,8 +206,8 @@ def _zarr_leaf(directory: Path, name: str, spec: dict) -> _ZarrLeaf:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_file}: unreadable zarr metadata (expected a JSON object)")
     shape, chunks = _shape(meta.get("shape")), _shape(meta.get("chunks"))
-    if shape is None or chunks is None or len(chunks) != len(shape) or 0 in chunks:
-        raise CheckpointError(f"{meta_file}: shape {meta.get('shape')!r} / chunks {meta.get('chunks')!r} are not equal-length lists of sizes (chunks > 0)")
+    if shape is None or chunks is None or len(chunks) != len(shape) or 0 in chunks or len(shape) > MAX_DIMENSIONS:
+        raise CheckpointError(f"{meta_file}: shape {meta.get('shape')!r} / chunks {meta.get('chunks')!r} are not equal-length lists of sizes (chunks > 0, at most {MAX_DIMENSIONS} axes)")
     if tree_shape and shape != tree_shape:
         raise CheckpointError(f"{meta_file}: shape {list(shape)} disagrees with the parameter tree's {list(tree_shape)} for {name}")
     if max(shape, default=0) > MAX_ELEMENTS or any(c > max(n, 1) for c, n in zip(chunks, shape)):

@@ -7,15 +7,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers.initialization import no_init_weights
 
 from . import __version__
@@ -151,10 +154,13 @@ def convert(
     overrides: dict[str, Any] | None = None,
     variant_overrides: dict[str, Any] | None = None,
     repo_id: str | None = None,
+    commit: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
 ) -> ConversionResult:
     """Convert a T5X MT3 checkpoint (a folder, or one already read) into a verified folder at `out_dir`.
 
-    An existing `out_dir` is replaced (with `overwrite`) only if convert-mt3 wrote it; see `output.py`.
+    An existing `out_dir` is replaced (with `overwrite`) only if convert-mt3 wrote it; see `output.py`. `commit`:
+    a context the move into place and the removal of what it leaves run in (the CLI defers signals there, so that
+    an interrupted run is either not written or written whole, with nothing left beside it).
     """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -165,7 +171,7 @@ def convert(
         if not isinstance(checkpoint, T5XCheckpoint):
             checkpoint = read_checkpoint(checkpoint, quiet=quiet)
         return _convert_locked(
-            checkpoint, out_dir, dtype, overwrite, quiet, golden_dir, overrides, variant_overrides, repo_id
+            checkpoint, out_dir, dtype, overwrite, quiet, golden_dir, overrides, variant_overrides, repo_id, commit
         )
 
 
@@ -179,6 +185,7 @@ def _convert_locked(
     overrides: dict[str, Any] | None,
     variant_overrides: dict[str, Any] | None,
     repo_id: str | None,
+    commit: Callable[[], contextlib.AbstractContextManager[None]],
 ) -> ConversionResult:
     gin = find_gin(checkpoint.path)
     config = derive_config(checkpoint.arrays, gin, overrides)
@@ -221,9 +228,13 @@ def _convert_locked(
         )
         (staging / "README.md").write_text(render_model_card(result, __version__, repo_id))
         write_manifest(staging, __version__)
-        move_into_place(staging, out_dir, checkpoint.path, overwrite)
+        with commit():
+            move_into_place(staging, out_dir, checkpoint.path, overwrite)
+            shutil.rmtree(staging_root, ignore_errors=True)
     except OSError as err:
         raise ExportError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
+    except SafetensorError as err:  # its I/O errors (a full disk) are not OSErrors
+        raise ExportError(f"{out_dir}: cannot be written ({(str(err).strip().splitlines() or ['?'])[0]})") from None
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     return result

@@ -15,6 +15,7 @@ import json
 import os
 import stat
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -211,11 +212,16 @@ def _take_lock(out_dir: Path, lock_file: Path) -> int:
         return _take_over(out_dir, lock_file)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails only while another run checks it, at this instant
-        os.write(fd, LOCK_MARK)
     except OSError:
         os.close(fd)
         lock_file.unlink(missing_ok=True)
         raise OutputError(_in_use(out_dir, lock_file)) from None
+    try:
+        os.write(fd, LOCK_MARK)
+    except OSError as err:  # a full disk
+        os.close(fd)
+        lock_file.unlink(missing_ok=True)
+        raise OutputError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
     return fd
 
 
@@ -272,9 +278,14 @@ def move_into_place(staging: Path, out_dir: Path, checkpoint_dir: Path, overwrit
         os.chown(staging, -1, info.st_gid)
     except OSError:
         pass  # a group this user is not in: the folder gets the user's, as any new folder would
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    # a fresh empty folder of ours, which the rename replaces (a fixed name could be a folder of the user's)
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     written = set(manifest_files(out_dir) or ())  # empty folder: nothing to remove but the folder
-    out_dir.rename(old)
+    try:
+        out_dir.rename(old)
+    except OSError:
+        old.rmdir()
+        raise
     staging.rename(out_dir)
     _remove_written(old, written)
 

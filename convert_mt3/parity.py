@@ -8,6 +8,7 @@ tokens). The figures land in the model card, so they are measured, never typed i
 from __future__ import annotations
 
 import json
+import tokenize
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +31,22 @@ def _load(case: Path, name: str) -> Any:
     if not path.is_file():
         raise GoldenError(f"{path}: missing golden file")
     try:
-        return json.loads(path.read_text()) if name.endswith(".json") else np.load(path, allow_pickle=False)
-    except ValueError as err:  # not JSON / not an .npy of numbers
-        raise GoldenError(f"{path}: unreadable golden file ({str(err).strip().splitlines()[0]})") from None
+        loaded = json.loads(path.read_text()) if name.endswith(".json") else np.load(path, allow_pickle=False)
+    # not JSON / not an .npy of numbers; numpy parses a header with Python's tokenizer (SyntaxError, TokenError)
+    except (ValueError, OSError, EOFError, SyntaxError, RecursionError, tokenize.TokenError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise GoldenError(f"{path}: unreadable golden file ({reason})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):  # np.load reads a zip of arrays (np.savez) whatever the name
+        loaded.close()
+        raise GoldenError(f"{path}: expected one .npy array; found an .npz archive")
+    return loaded
 
 
 def _check_array(case: Path, name: str, array: np.ndarray, shape: tuple[int | None, ...], what: str) -> None:
     """A GoldenError naming the file unless `array` is numeric with `shape` (None: any size >= 1)."""
     found = tuple(array.shape)
     fits = len(found) == len(shape) and all(n >= 1 and m in (None, n) for n, m in zip(found, shape))
-    if not fits or not np.issubdtype(array.dtype, np.number):
+    if not fits or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         expected = ", ".join("N" if m is None else str(m) for m in shape)
         raise GoldenError(f"{case / name}: expected {what} of shape ({expected}); found {array.dtype} {list(found)}")
 
@@ -66,6 +73,9 @@ def measure_case(model: torch.nn.Module, case: Path) -> dict[str, Any]:
     config = model.config
     frames, encoder_out, logits = _load(case, "frames.npy"), _load(case, "encoder_out.npy"), _load(case, "logits.npy")
     _check_array(case, "frames.npy", frames, (None, None, config.input_depth), "(segments, frames, mel bins)")
+    if frames.shape[1] > config.max_position_embeddings:
+        raise GoldenError(f"{case / 'frames.npy'}: expected at most {config.max_position_embeddings} frames a segment "
+                          f"(the model's positions); found {frames.shape[1]}")
     count, length = encoder_out.shape[0] if encoder_out.ndim else 0, frames.shape[1]
     _check_array(case, "encoder_out.npy", encoder_out, (min(count, len(frames)), length, config.d_model),
                  "(segments <= those of frames.npy, their frames, d_model)")

@@ -156,7 +156,7 @@ def test_push_failure_is_one_line_and_keeps_folder(fake_api, ckpt, tmp_path, cap
     assert main([str(ckpt), str(out), "--quiet", "--push-to-hub", "me/mt3-tiny"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: push to me/mt3-tiny failed: ConnectionError") and len(err.splitlines()) == 1
-    assert FAKE_TOKEN not in err
+    assert err.endswith(f"; {out} is complete") and FAKE_TOKEN not in err
     assert (out / "model.safetensors").exists()
 
 

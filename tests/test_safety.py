@@ -109,8 +109,11 @@ def test_overwrite_that_cannot_remove_the_old_files_still_succeeds(mt3_ckpt, tmp
         return unlink(path, *args, **kwargs)
 
     monkeypatch.setattr(Path, "unlink", read_only)
+    mine = tmp_path / f".out.old-{os.getpid()}"  # a folder of the user's, named as a fixed name once was
+    mine.mkdir()
     assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 0
-    old = tmp_path / f".out.old-{os.getpid()}"
+    assert mine.is_dir() and not any(mine.iterdir())
+    (old,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-") and p != mine]
     assert capsys.readouterr().err == (f"warning: the new folder is in place; the previous one stays at {old} "
                                        "(Operation not permitted)\n")
     assert (old / "config.json").is_file() and (old / MANIFEST).is_file()
@@ -143,6 +146,59 @@ def test_files_created_in_out_dir_during_conversion_survive(mt3_ckpt, tmp_path, 
     assert [p.name for p in out.iterdir()] == ["new_user_file.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
 
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_signal_while_the_folder_moves_into_place_waits_for_it(mt3_ckpt, tmp_path, monkeypatch, capsys, overwrite):
+    """Ctrl-C while OUT_DIR moves into place: the move and the removal of what it leaves end first, then the run
+    stops saying the folder is written (it said "nothing written", and left the staging or the old folder)."""
+    out = tmp_path / "out"
+    if overwrite:
+        assert main([str(mt3_ckpt), str(out), "--quiet"]) == 0
+    move = export.move_into_place
+
+    def interrupted_move(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # handled at once, inside the move: it must wait
+        time.sleep(0.05)
+        move(*args)
+
+    monkeypatch.setattr(export, "move_into_place", interrupted_move)
+    arguments = [str(mt3_ckpt), str(out), "--quiet"] + (["--overwrite"] if overwrite else [])
+    assert main(arguments) == 130
+    assert capsys.readouterr().err.splitlines() == [f"interrupted; {out} is written (complete)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]  # no staging, old folder or lock
+    assert (out / MANIFEST).is_file() and (out / "model.safetensors").is_file()
+
+
+def test_a_full_disk_while_the_weights_are_written_is_one_line(mt3_ckpt, tmp_path, monkeypatch, capsys):
+    """safetensors reports its I/O errors as SafetensorError, not OSError: still one line, nothing left."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(export, "write_folder", full)
+    assert main([str(mt3_ckpt), str(tmp_path / "out"), "--quiet"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'out'}: cannot be written (Error while serializing: I/O error: No space left on device "
+        "(os error 28))"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_lock_that_cannot_be_written_is_not_called_busy(tmp_path, monkeypatch):
+    """A full disk can let the lock file be made and not written: that is not another run holding it."""
+    from convert_mt3 import output
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output.os, "write", full)
+    try:
+        with pytest.raises(output.OutputError, match=r"out: cannot be written \(No space left on device\)"):
+            output._take_lock(tmp_path / "out", tmp_path / ".out.lock")
+    finally:
+        monkeypatch.undo()
+    assert not (tmp_path / ".out.lock").exists()
 
 def test_second_conversion_to_the_same_out_dir_fails_at_once(mt3_ckpt, tmp_path, capsys):
     out = tmp_path / "out"

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
-from .cli import OneLineParser
+from .cli import OneLineParser, first_line
 
 
 def _checked(kind: type, ok, expected: str):
@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         try:
             validate_repo_id(args.push_to_hub)
         except ValueError as err:
-            parser.error(f"argument --push-to-hub: {str(err).strip().splitlines()[0]}")
+            parser.error(f"argument --push-to-hub: {first_line(err)}")
     return args
 
 
@@ -240,8 +240,7 @@ def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor, 
             print(f"interrupted during the push to {args.push_to_hub}; {result.out_dir} is complete, the repo may not have it", file=sys.stderr)
             return 130
         except HubError as err:
-            print(f"error: {err}; {result.out_dir} is complete", file=sys.stderr)
-            return 1
+            raise HubError(f"{err}; {result.out_dir} is complete") from None
         print(url)
     return 0
 

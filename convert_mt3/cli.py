@@ -1,4 +1,4 @@
-"""What the command-line tools share: usage errors in one line."""
+"""What the command-line tools share: usage and other errors in one line."""
 
 from __future__ import annotations
 
@@ -12,3 +12,9 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (numpy, safetensors and HTTP errors span several), or its
+    class name when it has none."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import read_bounded
+from .cli import first_line
 from .mt3.configuration_mt3 import MT3Config
 
 GIN_FILE = "config.gin"
@@ -152,7 +153,7 @@ def derive_config(arrays: dict[str, np.ndarray], gin: Path | None = None, overri
     try:
         config = MT3Config(**values)
     except Exception as err:  # transformers' strict config checks raise their own error classes
-        raise ConfigError(f"invalid model configuration: {str(err).strip().splitlines()[0]}") from None
+        raise ConfigError(f"invalid model configuration: {first_line(err)}") from None
     inner = _shape(arrays, "encoder/layers_0/attention/query/kernel", dims=(2, 3))
     inner = int(np.prod(inner[1:]))
     if config.num_heads * config.d_kv != inner:

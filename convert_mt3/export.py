@@ -23,6 +23,7 @@ from transformers.initialization import no_init_weights
 
 from . import __version__
 from .checkpoint import T5XCheckpoint, read_checkpoint
+from .cli import first_line
 from .config import derive_config, find_gin
 from .mapping import t5x_to_state_dict
 from .model_card import render_model_card
@@ -234,7 +235,7 @@ def _convert_locked(
     except OSError as err:
         raise ExportError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
     except SafetensorError as err:  # its I/O errors (a full disk) are not OSErrors
-        raise ExportError(f"{out_dir}: cannot be written ({(str(err).strip().splitlines() or ['?'])[0]})") from None
+        raise ExportError(f"{out_dir}: cannot be written ({first_line(err)})") from None
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     return result

@@ -7,13 +7,11 @@ from pathlib import Path
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
+from .cli import first_line
+
 
 class HubError(RuntimeError):
     """Authentication or network failure while pushing; the local folder is untouched."""
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0]
 
 
 def _redact(message: str) -> str:
@@ -52,9 +50,9 @@ def push_folder(
         raise HubError(f"push to {repo_id}: not logged in; set HF_TOKEN or run `hf auth login`") from None
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", None)
-        raise HubError(_redact(f"push to {repo_id} failed (HTTP {status}): {_first_line(err)}")) from None
+        raise HubError(_redact(f"push to {repo_id} failed (HTTP {status}): {first_line(err)}")) from None
     except Exception as err:  # connection errors: the HTTP client's own exception types
-        raise HubError(_redact(f"push to {repo_id} failed: {type(err).__name__}: {_first_line(err)}")) from None
+        raise HubError(_redact(f"push to {repo_id} failed: {type(err).__name__}: {first_line(err)}")) from None
     base = str(getattr(url, "url", None) or f"https://huggingface.co/{repo_id}")
     return f"{base}/tree/{revision}" if revision else base
 

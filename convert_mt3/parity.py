@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .cli import first_line
+
 # What `--golden` requires of a conversion: the tolerances of tests/test_parity_model.py (measured: encoder
 # <= 1.3e-5, logits <= 9.2e-5 on the three golden cases) and every greedy segment identical.
 ENCODER_TOLERANCE = 1e-4
@@ -34,8 +36,7 @@ def _load(case: Path, name: str) -> Any:
         loaded = json.loads(path.read_text()) if name.endswith(".json") else np.load(path, allow_pickle=False)
     # not JSON / not an .npy of numbers; numpy parses a header with Python's tokenizer (SyntaxError, TokenError)
     except (ValueError, OSError, EOFError, SyntaxError, RecursionError, tokenize.TokenError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise GoldenError(f"{path}: unreadable golden file ({reason})") from None
+        raise GoldenError(f"{path}: unreadable golden file ({first_line(err)})") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):  # np.load reads a zip of arrays (np.savez) whatever the name
         loaded.close()
         raise GoldenError(f"{path}: expected one .npy array; found an .npz archive")

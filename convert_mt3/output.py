@@ -210,18 +210,16 @@ def _take_lock(out_dir: Path, lock_file: Path) -> int:
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     except FileExistsError:
         return _take_over(out_dir, lock_file)
+    locked = False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails only while another run checks it, at this instant
-    except OSError:
-        os.close(fd)
-        lock_file.unlink(missing_ok=True)
-        raise OutputError(_in_use(out_dir, lock_file)) from None
-    try:
+        locked = True
         os.write(fd, LOCK_MARK)
-    except OSError as err:  # a full disk
+    except OSError as err:  # not locked: another run; not written: a full disk
         os.close(fd)
         lock_file.unlink(missing_ok=True)
-        raise OutputError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
+        raise OutputError(f"{out_dir}: cannot be written ({err.strerror or err})" if locked
+                          else _in_use(out_dir, lock_file)) from None
     return fd
 
 

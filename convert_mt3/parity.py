@@ -87,14 +87,15 @@ def measure_case(model: torch.nn.Module, case: Path) -> dict[str, Any]:
     all_features = torch.from_numpy(frames).to(dtype)  # (segments, frames, mel bins)
     features = all_features[:count]  # the segments with golden encoder outputs and logits
 
-    encoded = model.get_encoder()(input_features=features).last_hidden_state.float()
+    encoder_outputs = model.get_encoder()(input_features=features)
+    encoded = encoder_outputs.last_hidden_state.float()
     # Teacher forcing as the golden run did: [0] + tokens[:63], tokens = greedy ids, EOS, then 0s.
     targets = np.zeros((count, positions), dtype=np.int64)
     for row, tokens in enumerate(golden_tokens[:count]):
         ids = (list(tokens) + [model.config.eos_token_id])[:positions]
         targets[row, : len(ids)] = ids
     decoder_ids = np.concatenate([np.full((count, 1), model.config.decoder_start_token_id), targets[:, :-1]], axis=1)
-    out = model(input_features=features, decoder_input_ids=torch.from_numpy(decoder_ids)).logits.float()
+    out = model(encoder_outputs=encoder_outputs, decoder_input_ids=torch.from_numpy(decoder_ids)).logits.float()
 
     generated = model.generate(input_features=all_features).tolist()  # every segment
     identical = 0

@@ -118,6 +118,21 @@ def test_targets_layout():
     assert model_ids_text(coarse, row)[:4] == ["<tie_0>", "<shift_1000>", "<shift_200>", "<program_32>"]
 
 
+def test_notes_from_before_the_clip_and_after_the_last_event():
+    """A note that starts before the first segment (a crop of a longer recording) is in its tie section, as MT3's
+    targets for a crop inside a track have it, and decoding drops it there (the first segment has no notes to
+    continue); a segment after the last event has an empty tie section (MT3's own targets would repeat the state
+    before that event: README, Fine-tuning)."""
+    tokenizer = MT3Tokenizer()
+    first, second = tokenizer.encode_notes([MT3Note(0, False, 60, 100, -0.5, 0.3)], [0.0, 2.048])
+    assert model_ids_text(tokenizer, first) == [
+        "<program_0>", "<pitch_60>", "<tie_0>", "<shift_30>", "<velocity_0>", "<pitch_60>", "</s>",
+    ]
+    assert model_ids_text(tokenizer, second) == ["<tie_0>", "</s>"]
+    decoded = tokenizer.batch_decode([[0, *first], [0, *second]], segment_start_times=[0.0, 2.048])
+    assert decoded["notes"] == [] and decoded["invalid_events"] == 2
+
+
 def test_encode_rejects_bad_notes(tokenizer):
     with pytest.raises(ValueError, match="velocity 1..127"):
         tokenizer.encode_notes([MT3Note(0, False, 60, 0, 0.0, 1.0)], [0.0])

@@ -193,6 +193,14 @@ def test_stereo_raises(extractor):
         extractor([[[0.0], [0.0]]], sampling_rate=16000)
 
 
+def test_a_list_of_0d_samples_is_one_clip(extractor):
+    """`list(tensor)` / `list(array)` give 0-d items: samples of one clip, as floats are (not clips of no axis)."""
+    samples = np.random.default_rng(0).uniform(-0.5, 0.5, 3000).astype(np.float32)
+    expected = extractor(samples, sampling_rate=16000)["input_features"]
+    for items in (list(torch.from_numpy(samples)), list(samples)):
+        np.testing.assert_array_equal(extractor(items, sampling_rate=16000)["input_features"], expected)
+
+
 @pytest.mark.parametrize("device", [None, "cpu"])
 def test_a_list_of_clips_gives_their_segments_in_order(extractor, device):
     """A batch of clips: each clip's features and start times (from 0 in its clip) one after the other, the same as

@@ -181,7 +181,8 @@ def test_programs_keep_the_unfiltered_notes(tiny_pipe):
     free = tiny_pipe.postprocess(outputs)
     assert len({n["program"] for n in free["notes"] if not n["is_drum"]}) == 3  # what the filters choose from
     for spec, kept in [("33", {33}), ("bass", set(range(32, 40))), ([0, 41], {0, 41}), (41, {41}),
-                       ([np.int64(0)], {0}), (np.array(41), {41}), ("electric bass (finger), Viola", {33, 41})]:
+                       ([np.int64(0)], {0}), (np.array(41), {41}), ("electric bass (finger), Viola", {33, 41}),
+                       ("Drums", set()), ("drums, 33", {33})]:  # the drum notes' instrument name
         _, forward, postprocess = tiny_pipe._sanitize_parameters(programs=spec)
         assert forward == {}
         result = tiny_pipe.postprocess(outputs, **postprocess)

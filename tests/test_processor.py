@@ -208,6 +208,18 @@ def test_collate_keeps_ignored_positions_inside_a_row(processor):
     assert batch["labels"].tolist() == [[5, 6, -100, -100, 9, 1], [7, 1, -100, -100, -100, -100]]
 
 
+def test_collate_takes_rows_of_any_float_type_and_refuses_none(processor):
+    """Rows as bfloat16/float16 tensors (numpy has none for bfloat16), float64 arrays or lists give the same float32
+    batch; an empty list is a ValueError saying so."""
+    rows = torch.linspace(-3, 3, 4 * 512).reshape(4, 512).to(torch.bfloat16)  # exact in every type below
+    expected = rows.float()
+    for form in (rows, rows.half(), rows.double().numpy(), rows.float().tolist()):
+        batch = processor.collate([{"input_features": form}, {"input_features": form}])
+        assert batch["input_features"].dtype == torch.float32 and torch.equal(batch["input_features"][1], expected)
+    with pytest.raises(ValueError, match="at least one segment"):
+        processor.collate([])
+
+
 def test_a_list_of_clips_decodes_to_one_result_per_clip(processor, golden_cases):
     """The golden cases as one batch (plus an empty clip): `batch_decode` splits the rows by `segments_per_clip` and
     gives each clip the original's notes and MIDI file, as one call per clip does."""

@@ -220,6 +220,7 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
             center=False,
             mel_filters=self.mel_filters,
             mel_floor=0.0,  # no floor here: safe_log below keeps values in (0, log_floor)
+            dtype=np.float64,  # the mel energies; transformers holds the FFT itself in complex64
         )  # (num_mel_bins, num_frames) float64
         return self._safe_log(mel.T).astype(np.float32)
 
@@ -358,7 +359,8 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
 
 def is_batch_of_clips(audio) -> bool:
     """Whether `audio` is a list of clips rather than one clip (a list of floats)."""
-    return isinstance(audio, (list, tuple)) and len(audio) > 0 and not np.isscalar(audio[0])
+    first = audio[0] if isinstance(audio, (list, tuple)) and len(audio) > 0 else None
+    return first is not None and not (np.isscalar(first) or getattr(first, "ndim", None) == 0)  # 0-d: a sample
 
 
 __all__ = ["MT3BatchFeature", "MT3FeatureExtractor"]

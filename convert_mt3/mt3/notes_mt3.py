@@ -79,7 +79,8 @@ def notes_to_csv(records: Iterable[dict]) -> str:
 def parse_programs(spec: int | str | Iterable[int | str]) -> set[int]:
     """GM programs (0-based) from "0-7,32", families ("piano,bass"), GM program names (`GM_PROGRAM_NAMES`, as the
     notes' instrument field has them: "Acoustic Grand Piano"), a mix of these, one int, or an iterable of ints
-    (numpy's too) / such strings. Drums are kept by the filters whatever this says."""
+    (numpy's too) / such strings. Drums are kept by the filters whatever this says: "drums" (the instrument field
+    of drum notes) adds no program, and alone keeps the drums only."""
     if getattr(spec, "ndim", None) == 0:  # a 0-d array or tensor
         spec = spec.item()
     if isinstance(spec, str):
@@ -91,6 +92,7 @@ def parse_programs(spec: int | str | Iterable[int | str]) -> set[int]:
     else:
         raise ValueError(f"programs {spec!r}: expected GM programs such as 0-7,32, a list of ints, or family names")
     programs: set[int] = set()
+    drums = False
     for part in parts:
         if isinstance(part, numbers.Integral) and not isinstance(part, bool):
             programs.add(int(part))
@@ -99,6 +101,9 @@ def parse_programs(spec: int | str | Iterable[int | str]) -> set[int]:
             raise ValueError(f"programs {spec!r}: expected ints or strings; found {type(part).__name__} {part!r}")
         text = part.strip()
         family = text.lower().replace(" ", "_").replace("-", "_")
+        if family == DRUMS_NAME.lower():
+            drums = True
+            continue
         if family in GM_FAMILIES:
             first = 8 * GM_FAMILIES.index(family)
             programs.update(range(first, first + 8))
@@ -116,9 +121,9 @@ def parse_programs(spec: int | str | Iterable[int | str]) -> set[int]:
                 f"families ({', '.join(GM_FAMILIES)}); found {text!r}"
             )
         programs.update(range(int(low), int(high or low) + 1))
-    if not programs:
+    if not programs and not drums:
         raise ValueError(f"programs {spec!r}: expected at least one GM program (0-127) or family")
-    if min(programs) < 0 or max(programs) > 127:
+    if programs and (min(programs) < 0 or max(programs) > 127):
         raise ValueError(f"programs {spec!r}: expected programs between 0 and 127")
     return programs
 

@@ -2,6 +2,7 @@
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,14 @@ def pad_labels(rows: Sequence[Sequence[int]]) -> np.ndarray:
     for index, row in enumerate(rows):
         labels[index, : len(row)] = row
     return labels
+
+
+def _float32_rows(rows: Any) -> torch.Tensor:
+    """(frames, mel bins) as a float32 CPU tensor, from a tensor of any dtype (numpy has no bfloat16), an array or
+    nested lists."""
+    if isinstance(rows, torch.Tensor):
+        return rows.to("cpu", torch.float32)
+    return torch.from_numpy(np.asarray(rows, dtype=np.float32))
 
 
 def _without_padding(row: np.ndarray) -> list[int]:
@@ -113,8 +122,9 @@ class MT3Processor(ProcessorMixin):
         """Data collator: segments {"input_features": (frames, mel bins), "labels": ids} -> a batch of torch
         tensors, labels padded with -100 (ready for `model(**batch)`); segments without labels (prediction) give
         `input_features` only."""
-        features = np.stack([np.asarray(example["input_features"], dtype=np.float32) for example in examples])
-        batch = {"input_features": torch.from_numpy(features)}
+        if not examples:
+            raise ValueError("Expected at least one segment to collate; found none.")
+        batch = {"input_features": torch.stack([_float32_rows(example["input_features"]) for example in examples])}
         labelled = sum(example.get("labels") is not None for example in examples)
         if labelled not in (0, len(examples)):
             raise ValueError(

@@ -273,7 +273,9 @@ class MT3Tokenizer(PreTrainedTokenizer):
 
         The inverse of [`~MT3Tokenizer.decode_to_notes`], as MT3 builds its training targets (tie section with
         `use_ties`, velocity bins, drums onset-only, programs by `program_granularity`). `segment_start_times`:
-        seconds, from the feature extractor output for the same audio (`segment_start_times`).
+        seconds, from the feature extractor output for the same audio (`segment_start_times`). A note that starts
+        before the first segment (a crop of a longer recording) is in that segment's tie section, which decoding
+        drops: it does not come back.
         """
         checked = []
         for note in notes:

@@ -1,15 +1,17 @@
 """Transcribe a corpus: a `datasets` audio column through the MT3 pipeline, split across processes with accelerate.
 
     accelerate launch --num_processes N examples/transcribe_corpus.py MODEL AUDIO_DIR OUT.jsonl   # N GPUs
-    torchrun --standalone --nproc_per_node N examples/transcribe_corpus.py MODEL AUDIO_DIR OUT.jsonl --cpu
+    torchrun --standalone --nproc_per_node N examples/transcribe_corpus.py MODEL AUDIO_DIR OUT.jsonl    # N CPU processes
     python examples/transcribe_corpus.py MODEL AUDIO_DIR OUT.jsonl                               # one process
 
-Each process takes its contiguous share of the dataset (`PartialState().split_between_processes`), runs
-`Dataset.map(batched=True)` with the folder's own pipeline on its device (one GPU per process under accelerate),
-and writes its rows; the main process then joins the shares in dataset order into OUT.jsonl: one line per file,
-`{"path": ..., "notes": [...], "error": null}`, the same as one process writes. A file that cannot be read gets
-`"notes": null` and the reason in `error`, the others go on, and the exit status is 1 (the main process's, counting
-every process's files; the others exit 0). AUDIO_DIR's files with a suffix of a format libsndfile reads are
+Each process takes its contiguous share of the dataset (`PartialState().split_between_processes`), iterates over
+it in batches of files through the folder's own pipeline on its device (one GPU per process under accelerate; CPU
+processes talk over gloo, by themselves where CUDA is absent, else with --cpu), and appends each file's line to its
+share's file `.OUT.partN` as it is done; the main process then joins the shares in dataset order into OUT.jsonl: one
+line per file, `{"path": ..., "notes": [...], "error": null}`, the same as one process writes. A file that cannot be
+read gets `"notes": null` and the reason in `error`, the others go on, and the exit status is 1 (the main process's,
+counting every process's files; the others exit 0). A run that is interrupted leaves its `.OUT.partN` files: the
+same command again keeps the files they hold and transcribes the others (and those that failed) only. AUDIO_DIR's files with a suffix of a format libsndfile reads are
 transcribed (`AUDIO_SUFFIXES`, as mt3-transcribe takes them: the pipeline reads them with soundfile; convert other
 files first). Needs: transformers, torch, datasets, accelerate, soundfile, soxr. No import of convert_mt3: what a
 Hub user runs.
@@ -23,8 +25,10 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
 from datasets import Audio, Dataset
+from tqdm.auto import tqdm
 from transformers import pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -51,15 +55,40 @@ def find_files(args: argparse.Namespace) -> list[str]:
     return files
 
 
+def part_files(out: Path) -> list[Path]:
+    """The shares' files `.OUT.partN` beside OUT, of this run and of interrupted ones (any process count)."""
+    prefix = f".{out.name}.part"
+    return sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit())
+
+
+def read_parts(out: Path) -> dict[str, dict]:
+    """The rows in the shares' files, by path: a transcribed row wins over a failed one of the same file (a rerun
+    tries failed files again); a line that an interruption cut short is no row."""
+    rows: dict[str, dict] = {}
+    for part in part_files(out):
+        for line in part.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not (isinstance(row, dict) and isinstance(row.get("path"), str) and "error" in row):
+                continue
+            kept = rows.get(row["path"])
+            if kept is None or kept["error"] is not None:
+                rows[row["path"]] = row
+    return rows
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="converted MT3 folder or Hub repo id")
     parser.add_argument("audio_dir", help="folder of audio files (searched recursively)")
     parser.add_argument("out", help="JSON lines file to write")
     parser.add_argument("--batch-size", type=int, help="segments per generate call (default: the model's "
                         "segment_batch_size for the device, generation_config.json)")
     parser.add_argument("--files-per-map-batch", type=int, default=8, help="files handed to the pipeline at once (default 8)")
-    parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo); needed for several CPU processes")
+    parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo) on a machine with CUDA (without it, "
+                        "several processes are CPU ones anyway)")
     args = parser.parse_args()
     try:
         files = find_files(args)
@@ -67,10 +96,19 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
-    state = PartialState(cpu=args.cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's and accelerate launch's process count
+    # accelerate sets up several processes only on GPUs unless told CPU: else each would do the whole corpus
+    state = PartialState(cpu=args.cpu or (launched > 1 and not torch.cuda.is_available()))
+    if state.num_processes != launched:
+        print(f"error: {launched} processes were launched, accelerate set up {state.num_processes}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    done = {path for path, row in read_parts(out).items() if row["error"] is None}  # by an interrupted run
+    state.wait_for_everyone()  # every process has read the shares' files before any process appends to them
     # decode=False: the column holds {"path", "bytes"} and the pipeline reads the files itself (soundfile + soxr),
     # so no datasets audio backend is needed and each process decodes only its own share.
-    dataset = Dataset.from_dict({"audio": files}).cast_column("audio", Audio(decode=False))
+    todo = [file for file in files if file not in done]
+    dataset = Dataset.from_dict({"audio": todo}).cast_column("audio", Audio(decode=False))
     try:
         with loading(args.model):
             pipe = pipeline("music-transcription", model=args.model, trust_remote_code=True, device=state.device)
@@ -93,40 +131,37 @@ def main() -> int:
                 result = pipe(samples, sampling_rate=pipe.feature_extractor.sampling_rate, batch_size=args.batch_size,
                               return_midi=False)
                 rows.append((result["notes"], None))
-        # each file's line as JSON text: the notes and errors do not go through Arrow's typed columns
-        lines = [json.dumps({"path": audio["path"], "notes": notes, "error": error})
-                 for audio, (notes, error) in zip(batch["audio"], rows)]
-        return {"line": lines, "failed": [error is not None for _, error in rows]}
+        return [{"path": audio["path"], "notes": notes, "error": error} for audio, (notes, error) in zip(batch["audio"], rows)]
 
-    out = Path(args.out)
     part = out.with_name(f".{out.name}.part{state.process_index}")
+    cut = part.exists() and part.stat().st_size > 0 and part.read_bytes()[-1:] != b"\n"  # by an interruption
     with state.split_between_processes(list(range(len(dataset)))) as indices:
-        share = dataset.select(indices).map(
-            transcribe, batched=True, batch_size=args.files_per_map_batch, remove_columns=["audio"]
-        )
-        failed = 0
-        with open(part, "w") as f:
-            for row in share:  # one pass over the share's rows: its lines and its failures
-                f.write(row["line"] + "\n")
-                failed += row["failed"]
+        share, failed = dataset.select(indices), 0
+        with open(part, "a") as f, tqdm(total=len(share), unit="file", desc=f"process {state.process_index}") as bar:
+            f.write("\n" if cut else "")
+            for batch in share.iter(batch_size=args.files_per_map_batch):
+                for row in transcribe(batch):
+                    f.write(json.dumps(row) + "\n")
+                    failed += row["error"] is not None
+                f.flush()  # what an interruption leaves is kept by the next run
+                bar.update(len(batch["audio"]))
         print(f"process {state.process_index}/{state.num_processes}: {len(share)} files"
+              + (f" ({len(done)} kept from an interrupted run)" if done and state.is_main_process else "")
               + (f", {failed} not read (see their error in {args.out})" if failed else ""))
     state.wait_for_everyone()
     if not state.is_main_process:
         return 0  # the main process reports the whole corpus
-    parts = [out.with_name(f".{out.name}.part{rank}") for rank in range(state.num_processes)]
+    rows = read_parts(out)
     joined = out.with_name(f".{out.name}.tmp")
-    failed = 0
     with open(joined, "w") as f:
-        for path in parts:
-            text = path.read_text()
-            failed += sum(json.loads(line)["error"] is not None for line in text.splitlines())
-            f.write(text)
+        for file in files:  # dataset order; every file has its row, kept or new
+            f.write(json.dumps(rows[file]) + "\n")
     os.replace(joined, out)  # complete or absent: never half-written
-    for path in parts:
+    for path in part_files(out):
         path.unlink()
+    failed = sum(rows[file]["error"] is not None for file in files)
     if state.num_processes > 1:
-        print(f"all {state.num_processes} processes: {len(dataset)} files"
+        print(f"all {state.num_processes} processes: {len(files)} files"
               + (f", {failed} not read (see their error in {args.out})" if failed else ""))
     return 1 if failed else 0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
+import torch
 
 from conftest import run_isolated_script
 
@@ -29,9 +30,11 @@ def test_two_processes_equal_one(tiny_folder, tmp_path):
     args = [str(RECIPE), str(tiny_folder), str(audio)]
     single = run([sys.executable, *args, str(tmp_path / "one.jsonl"), "--files-per-map-batch", "2"], tmp_path)
     assert single.returncode == 1, single.stderr[-3000:]
-    # torchrun, as `accelerate launch --multi_gpu` does for GPUs (accelerate's own multi-CPU launch needs mpirun).
+    # torchrun, as `accelerate launch --multi_gpu` does for GPUs (accelerate's own multi-CPU launch needs mpirun);
+    # without CUDA the recipe makes them CPU processes itself (accelerate would set up one process in each)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    double = run([*launch, *args, str(tmp_path / "two.jsonl"), "--files-per-map-batch", "2", "--cpu"], tmp_path)
+    cpu = ["--cpu"] if torch.cuda.is_available() else []
+    double = run([*launch, *args, str(tmp_path / "two.jsonl"), "--files-per-map-batch", "2", *cpu], tmp_path)
     # the main process's status counts the other's failure (torchrun reports the main process as failed)
     assert double.returncode == 1, double.stderr[-3000:]
     assert "process 0/2: 3 files" in double.stdout and "process 1/2: 3 files, 1 not read" in double.stdout
@@ -81,3 +84,25 @@ def test_unreadable_files_are_reported_and_bad_paths_refused(tiny_folder, tmp_pa
         assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
             args, result.stderr[-2000:])
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_an_interrupted_run_is_resumed(tiny_folder, tmp_path):
+    """The shares' files an interrupted run left: the same command again keeps their transcribed files (not done
+    again), tries a failed one again, takes no line that was cut short, writes every file's row in order and removes
+    the shares' files."""
+    audio = tmp_path / "corpus"
+    audio.mkdir()
+    for i, name in enumerate(("a.wav", "b.wav", "c.wav")):
+        soundfile.write(audio / name, (0.3 * np.sin(np.arange(24000) / (5 + i))).astype(np.float32), 16000)
+    paths = sorted(str(p) for p in audio.iterdir())
+    kept = {"path": paths[0], "notes": [{"pitch": 60, "start": 0.5}], "error": None}  # no model writes this one
+    failed = {"path": paths[1], "notes": None, "error": "not read"}
+    (tmp_path / ".out.jsonl.part1").write_text(json.dumps(kept) + "\n" + json.dumps(failed) + "\n")
+    (tmp_path / ".out.jsonl.part0").write_text(json.dumps({"path": paths[2], "notes": [], "error": None})[:-9])
+    result = run([sys.executable, str(RECIPE), str(tiny_folder), str(audio), "out.jsonl"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 0/1: 2 files (1 kept from an interrupted run)" in result.stdout, result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [row["path"] for row in rows] == paths and rows[0] == kept
+    assert all(row["error"] is None and isinstance(row["notes"], list) for row in rows[1:]), rows
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

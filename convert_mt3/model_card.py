@@ -181,10 +181,11 @@ also batch 32, the faster of the two compared) decoding the same frames in the s
 A string orchestra repeated to 60 s, one of whose segments loops to the 1024-id limit (in the original too): 21.7 s
 against 118.1 s, 5.4x, and 23.6 s against 120.9 s, 5.1x, in a second run; the same ids in all 30 segments (4.9x in
 one run before `draft_tokens`). With guesses that move time shifts on (`draft_shift_ids`), on another VM of the same
-kind (an Intel Xeon, where the original ran 10-35% longer): 22.2 s against 163.1 s, 7.3x, 22.9 s against 133.3 s, 5.8x, and 25.2 s against
+kind (an Intel Xeon, where the original ran 10-41% longer): 22.2 s against 163.1 s, 7.3x, 22.9 s against 133.3 s, 5.8x, and 25.2 s against
 138.1 s, 5.5x.
 
-An hour of audio took 17.2 to 19.7 minutes end to end in three runs on such VMs (0.29-0.33 s per audio second), peak 3.05 GB with the whole
+An hour of audio took 17.6 and 19.7 minutes end to end in the two runs whose figures were kept, on such VMs (0.29 and
+0.33 s per audio second; a third took ~20.6 minutes on a slower day), peak 3.05 GB with the whole
 hour's spectrogram in memory (the pipeline computes it 16 segments at a time).
 
 float32 is the trained precision and reproduces the original's notes exactly on the three reference recordings

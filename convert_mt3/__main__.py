@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hub.add_argument("--push-to-hub", metavar="REPO_ID", help="after verification, upload OUT_DIR to this model repo (token: HF_TOKEN or cached login)")
     hub.add_argument("--private", action="store_true", help="create the repo as private")
     hub.add_argument("--revision", metavar="BRANCH", help="branch to push to (created if missing)")
-    hub.add_argument("--commit-message", default="Upload MT3 converted with convert-mt3", help="commit message of the upload")
+    hub.add_argument("--commit-message", help="commit message of the upload (default: 'Upload MT3 converted with convert-mt3')")
     config = parser.add_argument_group("config overrides", "values normally derived from the checkpoint's shapes and config.gin")
     for field, (kind, text) in OVERRIDES.items():
         config.add_argument("--" + field.replace("_", "-"), dest=field, type=kind, metavar="N" if kind in (SIZE, POSITIONS) else "X", help=text)
@@ -235,7 +235,8 @@ def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor, 
             )
     if args.push_to_hub:
         try:
-            url = push_folder(result.out_dir, args.push_to_hub, private=args.private, revision=args.revision, commit_message=args.commit_message)
+            message = {"commit_message": args.commit_message} if args.commit_message is not None else {}  # else push_folder's
+            url = push_folder(result.out_dir, args.push_to_hub, private=args.private, revision=args.revision, **message)
         except KeyboardInterrupt:
             print(f"interrupted during the push to {args.push_to_hub}; {result.out_dir} is complete, the repo may not have it", file=sys.stderr)
             return 130

@@ -267,7 +267,7 @@ def _step(tree: dict) -> int | None:
     return step if type(step) is int else None
 
 
-def read_checkpoint(directory: str | os.PathLike, *, quiet: bool = True, workers: int | None = None) -> T5XCheckpoint:
+def read_checkpoint(directory: str | os.PathLike, *, quiet: bool = True) -> T5XCheckpoint:
     """Read every parameter of `optimizer/target` (inline msgpack arrays and zarr folders)."""
     directory = Path(directory)
     if not directory.exists():
@@ -312,8 +312,7 @@ def read_checkpoint(directory: str | os.PathLike, *, quiet: bool = True, workers
         raise CheckpointError(f"{biggest.folder / '.zarray'}: the arrays announce {total:,} elements in all, more than the {MAX_ELEMENTS:,} a checkpoint may hold (largest: {biggest.name} {list(biggest.shape)})")
 
     # gunzip releases the GIL: decode folders on all cores.
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         results = pool.map(_read_zarr, zarr_leaves, [directory] * len(zarr_leaves))
         for leaf, array in tqdm(zip(zarr_leaves, results), total=len(zarr_leaves), desc="reading arrays", unit="array", disable=quiet):
             arrays[leaf.name] = array

@@ -16,5 +16,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 def first_line(err: BaseException) -> str:
     """An exception's message cut to its first line (numpy, safetensors and HTTP errors span several), or its
-    class name when it has none."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    class name when it has none; a KeyError's without the quotes its str() adds."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+    return (text.strip().splitlines() or [type(err).__name__])[0]

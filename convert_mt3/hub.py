@@ -9,6 +9,8 @@ from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
 from .cli import first_line
 
+DEFAULT_COMMIT_MESSAGE = "Upload MT3 converted with convert-mt3"
+
 
 class HubError(RuntimeError):
     """Authentication or network failure while pushing; the local folder is untouched."""
@@ -25,8 +27,7 @@ def push_folder(
     *,
     private: bool = False,
     revision: str | None = None,
-    commit_message: str = "Upload MT3 converted with convert-mt3",
-    api: HfApi | None = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
 ) -> str:
     """create_repo(exist_ok) + upload_folder of exactly `folder`; returns the repo URL.
 
@@ -34,7 +35,7 @@ def push_folder(
     never printed or logged: error messages are redacted before they are raised. Re-running
     uploads the same files, which the Hub records as an empty (no-op) commit.
     """
-    api = api or HfApi()
+    api = HfApi()
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         if revision:

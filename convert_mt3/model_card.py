@@ -6,6 +6,7 @@ from string import Template
 from typing import TYPE_CHECKING
 
 from .mt3.feature_extraction_mt3 import DEFAULT_HOP_LENGTH, DEFAULT_SAMPLING_RATE
+from .mt3.generation_mt3 import DRAFT_ROWS, DRAFT_TOKENS, EOS_CHECK_INTERVAL, SEGMENT_BATCH_SIZE
 
 if TYPE_CHECKING:
     from .export import ConversionResult
@@ -70,7 +71,7 @@ A model object (cast or fine-tuned in memory) runs in the same pipeline with `mo
   `datasets` column (`dataset.map(lambda b: {"notes": [r["notes"] for r in transcriber(b["audio"], return_midi=False)]}, batched=True)`;
   a column cast to `Audio(decode=False)` holds paths and bytes, which the pipeline reads itself, where a decoding
   `Audio()` column needs `torchcodec` installed);
-  the default is `segment_batch_size` of `generation_config.json` (32 on CPU, 256 on CUDA). Inside one call at most
+  the default is `segment_batch_size` of `generation_config.json` ($pool). Inside one call at most
   that many segments decode together and a finished one makes room for the next. For long audio on CPU, 64 decoded
   600 s 17% faster than 32, for twice the decoding caches (1.6 against 0.8 GB).
 - `device=0` / `"cuda"` / `"mps"` (default: the first GPU when there is one, else CPU). float32 is the trained
@@ -100,12 +101,12 @@ $usage
 
 `generate()` decodes all segments of the audio with greedy search (`generation_config.json`: start
 id 0, EOS 1, up to 1024 tokens), as the original does, at most `segment_batch_size` segments at a
-time (32 on CPU, 256 on CUDA): a finished segment makes room for the next, so memory does not
+time ($pool): a finished segment makes room for the next, so memory does not
 grow with the length of the audio. Other settings (beam search, scores, ...) use transformers'
 own `generate()`. On CUDA each decode step is replayed as a CUDA graph (`cuda_graphs=False` for
 eager launches: the same ids, four to seven times as long for a minute of audio on an H200), and
-`eos_check_interval=k` looks for finished segments every k steps only (default 8 on CUDA, 1 elsewhere).
-`draft_tokens=k` (default 4 on CPU, 0 on GPUs): once at most 4 segments are left, each guesses its next k ids
+`eos_check_interval=k` looks for finished segments every k steps only (default $eos_check_interval).
+`draft_tokens=k` (default $draft_tokens): once at most $draft_rows segments are left, each guesses its next k ids
 from its own earlier ones and keeps those its predictions confirm: the same ids in fewer steps where a segment
 loops through a few events (not with CUDA graphs); `draft_shift_ids` (the time shifts' first and last id) lets a
 guessed loop move on in time.
@@ -286,6 +287,12 @@ def _variant_phrases(result: ConversionResult) -> dict[str, str]:
     }
 
 
+def _per_device(defaults: dict[str, int]) -> str:
+    """generate()'s defaults per device type as the card states them: {"cpu": 32, "cuda": 256} -> "32 on CPU,
+    256 on CUDA"."""
+    return ", ".join(f"{value} on {device.upper()}" for device, value in defaults.items())
+
+
 def render_model_card(result: ConversionResult, version: str, repo_id: str | None = None) -> str:
     speed = SPEED if result.variant.name == "mt3" else SPEED + (
         "\n\n(These figures are the multi-instrument `mt3` checkpoint's, not this one's.)")
@@ -307,6 +314,10 @@ def render_model_card(result: ConversionResult, version: str, repo_id: str | Non
         pipeline_usage=pipeline_snippet(repo_id or result.out_dir.name, local=repo_id is None),
         speed=speed,
         parity=_parity_section(result.parity),
+        pool=_per_device(SEGMENT_BATCH_SIZE),
+        eos_check_interval=_per_device(EOS_CHECK_INTERVAL),
+        draft_tokens=_per_device(DRAFT_TOKENS),
+        draft_rows=DRAFT_ROWS,
     )
 
 

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import OneLineParser
+from .cli import OneLineParser, first_line
 from .mt3.notes_mt3 import GM_FAMILIES, notes_to_csv, notes_to_json, parse_programs
 from .output import some_names
 
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--programs", metavar="LIST", help="keep only the notes of these GM programs, e.g. 0-7,32 (and the drums)")
     which.add_argument("--instruments", metavar="NAMES", help=f"keep only the notes of these GM families (and the drums): {', '.join(GM_FAMILIES)}")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, else mps, else cpu")
-    parser.add_argument("--batch-size", type=int, help="segments (2.048 s each) per generate call, across files (default: the model's "
+    parser.add_argument("--batch-size", type=int, help="segments (2.048 s each for mt3, 4.096 s for ismir2021) per generate call, across files (default: the model's "
                         "segment_batch_size for the device, generation_config.json: 32 on CPU, 256 on CUDA)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default float32, as trained)")
     parser.add_argument("--overwrite", action="store_true", help="transcribe again even where all outputs exist")
@@ -197,7 +197,7 @@ def load_pipeline(args: argparse.Namespace, device: str, programs: set[int] | No
             programs=sorted(programs) if programs is not None else None,
         )
     except (OSError, ValueError, RuntimeError, KeyError) as err:  # KeyError: a folder of another model (no such task)
-        reason = str(err).strip().strip("\"'").splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         if isinstance(err, OSError) and not Path(args.model).exists():  # "a/b", no such folder: tried on the Hub
             raise UsageError(f"MODEL {args.model}: no such folder, nor a loadable Hub repo id ({reason})") from None
         raise UsageError(f"{args.model}: cannot load the MT3 pipeline ({reason})") from None

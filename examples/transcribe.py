@@ -4,7 +4,7 @@
         [--dtype float32|bfloat16] [--plot ROLL.png] [--programs 0-7,32] [--quiet]
 
 MODEL is a converted folder or a Hub id; its own pipeline (pipeline_mt3.py, remote code) reads AUDIO (any format
-libsndfile reads: wav, flac, ogg, mp3; stereo mixed to mono, resampled with soxr), cuts it into 2.048 s segments and
+libsndfile reads: wav, flac, ogg, mp3; stereo mixed to mono, resampled with soxr), cuts it into segments (2.048 s for mt3) and
 decodes `--batch-size` of them per generate call, so memory stays bounded however long the file is.
 Needs: transformers, torch, soundfile, soxr, pretty_midi (and matplotlib for --plot).
 For many files, JSON/CSV notes and resuming, use `mt3-transcribe` (installed with convert-mt3, from its repository).
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", metavar="MODEL", help="converted MT3 folder or Hub repo id")
     parser.add_argument("audio", metavar="AUDIO", help="audio file (wav, flac, ogg, mp3, ...)")
     parser.add_argument("out", metavar="OUT.mid", help="MIDI file to write")
-    parser.add_argument("--batch-size", type=int, help="segments (2.048 s each) generated per batch (default: the model's "
+    parser.add_argument("--batch-size", type=int, help="segments (2.048 s each for mt3, 4.096 s for ismir2021) generated per batch (default: the model's "
                         "segment_batch_size for the device, generation_config.json)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to run on (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype (default float32, exact)")

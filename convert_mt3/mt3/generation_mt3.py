@@ -63,7 +63,7 @@ SEGMENT_BATCH_SIZE = {"cpu": 32, "cuda": 256}
 # generate() took 3%, 8% and 8% less time in three sessions on an H200 (6.60 against 7.19 s in the last), the 60 s
 # clip 0.42-0.48 s against 0.44-0.50 s, the same ids. CPU: each step already waits for its kernels, nothing to gain.
 EOS_CHECK_INTERVAL = {"cpu": 1, "cuda": 8}
-# Ids each row guesses ahead once at most `MT3GreedyPool.draft_rows` rows decode (`MT3GreedyPool._draft`), per device
+# Ids each row guesses ahead once at most `DRAFT_ROWS` rows decode (`MT3GreedyPool._draft`), per device
 # type (generation_config.json `draft_tokens`; 0: none). CPU (2 cores): golden case a repeated to 60 s, whose 30
 # segments end after 46 to 1024 ids, decoded in 22.5-23.8 s with 2, 3 or 4 guesses (4 rows) against 28.6-28.9 s
 # without, the same ids (two runs each, alternating in one process); with 4, its 1024-id segment takes 571 steps on
@@ -73,6 +73,10 @@ EOS_CHECK_INTERVAL = {"cpu": 1, "cuda": 8}
 # CUDA, MPS, XPU: 0 (not measured; drafts need the host to read every row's position each step, no CUDA graph, and
 # integer scans, cumprod/cummax, that MPS long lacked).
 DRAFT_TOKENS = {"cpu": 4, "cuda": 0, "mps": 0, "xpu": 0}
+# Drafts once at most this many rows decode: the tail of a decode, where a few long segments are left and a step
+# costs mostly its weights' reading and its dispatch (the 49 linears on 2 cores: ~7 ms for 1 row, ~8.5 for 5); at 8
+# rows the same clip took 23.4 and 28.0 s against 22.7 and 23.8 s at 4.
+DRAFT_ROWS = 4
 
 
 class MT3SlotLayer(CacheLayerMixin):
@@ -332,7 +336,7 @@ class MT3GreedyPool:
         eos_check_interval: int = 1,
         group_rows: int | None = None,
         draft_tokens: int = 0,
-        draft_rows: int = 4,
+        draft_rows: int = DRAFT_ROWS,
         draft_shift_ids: tuple[int, int] | list[int] | None = None,
     ):
         # `type(...) is int`: a bool is an int to isinstance, and True as a number of rows is a slip
@@ -371,9 +375,6 @@ class MT3GreedyPool:
         # (600 s of audio, 293 segments: 8% faster, same ids, in two alternating runs each). GPUs: none (not
         # measured; more launches per step, and graphs would need a capture per combination of lengths).
         self.group_rows = group_rows if group_rows is not None else 4 if cpu else None
-        # Drafts once at most `draft_rows` rows decode: the tail of a decode, where a few long segments are left and a
-        # step costs mostly its weights' reading and its dispatch (the 49 linears on 2 cores: ~7 ms for 1 row, ~8.5
-        # for 5); at 8 rows the same clip took 23.4 and 28.0 s against 22.7 and 23.8 s at 4.
         self.draft_tokens, self.draft_rows = draft_tokens, draft_rows
         self.draft_shift_ids = None if draft_shift_ids is None else tuple(draft_shift_ids)
 

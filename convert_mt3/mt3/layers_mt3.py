@@ -129,8 +129,9 @@ class MT3Attention(_Packable, nn.Module):
     """Multi-head attention of MT3: bias-free projections, no logit scaling, no position bias.
 
     `num_heads * d_kv` (384 in MT3) need not equal `d_model` (512). Masks are boolean, True = attend.
-    `matmul` (set by `MT3ForConditionalGeneration.pack`, on CPU) computes attention as two batched matmuls: for one
-    query per row they read the keys/values at close to memory speed, where CPU SDPA takes ~1.3x as long.
+    `matmul` (set by `MT3ForConditionalGeneration.pack` while `generate()` decodes, where
+    `MT3GreedyPool.attends_by_matmuls` says) computes attention as two batched matmuls: for one query per row they
+    read the keys/values at close to memory speed, where CPU SDPA takes ~1.3x as long.
     """
 
     matmul = False
@@ -142,7 +143,7 @@ class MT3Attention(_Packable, nn.Module):
         self.is_cross_attention = is_cross_attention
         self.num_heads = config.num_heads
         self.head_dim = config.d_kv
-        self.dropout = config.dropout_rate
+        self.dropout_p = config.dropout_rate  # a probability: the layers' `dropout` is an nn.Dropout
         inner_dim = config.num_heads * config.d_kv
         self.query = nn.Linear(config.d_model, inner_dim, bias=False)
         self.key = nn.Linear(config.d_model, inner_dim, bias=False)
@@ -215,7 +216,7 @@ class MT3Attention(_Packable, nn.Module):
         """softmax(q k^T) v of (batch, heads, q_len / kv_len, d_kv) -> (batch, heads, q_len, d_kv), and the weights
         (batch, heads, q_len, kv_len) when they were computed."""
         q_len = query.shape[2]
-        dropout = self.dropout if self.training else 0.0
+        dropout = self.dropout_p if self.training else 0.0
         weights = None
         if self.config._attn_implementation == "sdpa" and not output_attentions and not self.matmul:
             # scale=1.0: MT3's query kernel already holds the 1/sqrt(d_kv) factor.
@@ -287,7 +288,7 @@ class _MT3Layer(GradientCheckpointingLayer):
         self.mlp = MT3GatedMLP(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def _attend(
+    def _attention_block(
         self, hidden_states: torch.Tensor, norm: MT3LayerNorm, attention: MT3Attention, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden + dropout(attention(norm(hidden))), and the attention weights (None unless asked for)."""
@@ -313,7 +314,7 @@ class MT3EncoderLayer(_MT3Layer):
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hidden_states, weights = self._attend(
+        hidden_states, weights = self._attention_block(
             hidden_states, self.pre_attention_layer_norm, self.attention,
             attention_mask=attention_mask, output_attentions=output_attentions,
         )
@@ -341,11 +342,11 @@ class MT3DecoderLayer(_MT3Layer):
         cache: EncoderDecoderCache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        hidden_states, self_weights = self._attend(
+        hidden_states, self_weights = self._attention_block(
             hidden_states, self.pre_self_attention_layer_norm, self.self_attention,
             attention_mask=attention_mask, is_causal=is_causal, cache=cache, output_attentions=output_attentions,
         )
-        hidden_states, cross_weights = self._attend(
+        hidden_states, cross_weights = self._attention_block(
             hidden_states, self.pre_cross_attention_layer_norm, self.encoder_decoder_attention,
             key_value_states=encoder_hidden_states, attention_mask=encoder_attention_mask, cache=cache,
             output_attentions=output_attentions,

@@ -62,7 +62,7 @@ def notes_to_pretty_midi(
 
 
 def midi_to_notes(midi) -> list[MT3Note]:
-    """A MIDI file's notes (pretty_midi's reading: tempo map applied, no sustain pedal), sorted by start, pitch.
+    """A MIDI file's notes (pretty_midi's reading: tempo map applied, no sustain pedal), sorted by (start, pitch, program).
 
     `midi`: a path, the file's bytes, a binary file object, or a `pretty_midi.PrettyMIDI`."""
     pretty_midi = import_pretty_midi()

@@ -9,6 +9,7 @@ import json
 import numbers
 from collections.abc import Iterable
 
+from .event_codec_mt3 import MIDI_MAX_VALUE
 from .note_sequences_mt3 import MT3Note
 
 # General MIDI level 1 program names, program 0-127 (the names pretty_midi.program_to_instrument_name gives).
@@ -123,8 +124,8 @@ def parse_programs(spec: int | str | Iterable[int | str]) -> set[int]:
         programs.update(range(int(low), int(high or low) + 1))
     if not programs and not drums:
         raise ValueError(f"programs {spec!r}: expected at least one GM program (0-127) or family")
-    if programs and (min(programs) < 0 or max(programs) > 127):
-        raise ValueError(f"programs {spec!r}: expected programs between 0 and 127")
+    if programs and (min(programs) < 0 or max(programs) > MIDI_MAX_VALUE):
+        raise ValueError(f"programs {spec!r}: expected programs between 0 and {MIDI_MAX_VALUE}")
     return programs
 
 

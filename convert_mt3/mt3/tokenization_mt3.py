@@ -280,7 +280,8 @@ class MT3Tokenizer(PreTrainedTokenizer):
         checked = []
         for note in notes:
             note = as_note(note)
-            if not (0 <= note.pitch <= 127 and 0 <= note.program <= 127 and 1 <= note.velocity <= 127) or not (
+            midi_values = 0 <= note.pitch <= MIDI_MAX_VALUE and 0 <= note.program <= MIDI_MAX_VALUE
+            if not (midi_values and 1 <= note.velocity <= MIDI_MAX_VALUE) or not (
                 -np.inf < note.start < note.end < np.inf
             ):
                 raise ValueError(

@@ -94,8 +94,8 @@ def measure_case(model: torch.nn.Module, case: Path) -> dict[str, Any]:
     for row, tokens in enumerate(golden_tokens[:count]):
         ids = (list(tokens) + [model.config.eos_token_id])[:positions]
         targets[row, : len(ids)] = ids
-    decoder_ids = np.concatenate([np.full((count, 1), model.config.decoder_start_token_id), targets[:, :-1]], axis=1)
-    out = model(encoder_outputs=encoder_outputs, decoder_input_ids=torch.from_numpy(decoder_ids)).logits.float()
+    decoder_ids = model.prepare_decoder_input_ids_from_labels(torch.from_numpy(targets))  # [start] + targets[:-1]
+    out = model(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids).logits.float()
 
     generated = model.generate(input_features=all_features).tolist()  # every segment
     identical = 0

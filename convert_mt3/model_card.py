@@ -169,15 +169,15 @@ transcriber("song.wav")["midi"].write("song.mid")'''
 SPEED = """### Speed and precision (measured with convert-mt3's `make bench`)
 
 A 60 s dense multi-instrument clip (30 segments) on a 2-core CPU VM (torch 2.13, transformers 5.24, float32),
-against the original JAX/Flax MT3 network (jax 0.10.2, its jitted greedy loop, batch 8; in five of the last six runs
-also batch 32, the faster of the two compared) decoding the same frames in the same run, twenty-four runs on 2026-11-26 to 28:
+against the original JAX/Flax MT3 network (jax 0.10.2, its jitted greedy loop, batch 8; in six of the last seven runs
+also batch 32, the faster of the two compared) decoding the same frames in the same run, twenty-five runs on 2026-11-26 to 29:
 
 | | port | original | port's speed-up | identical segments | port peak memory |
 |---|---|---|---|---|---|
-| last run (an Intel Xeon VM of that kind) | 18.3 s (0.30 s per audio s) | 87.3 s (1.46 s per audio s) | 4.8x | 30/30 | 1.22 GB |
-| twenty-four runs | 12.4-20.2 s | 45.8-90.1 s | 3.7-5.9x (median 4.3x) | 30/30 in every run | 1.22-1.26 GB (\\*) |
+| last run (an Intel Xeon VM of that kind) | 17.4 s (0.29 s per audio s) | 81.2 s (1.35 s per audio s) | 4.7x | 30/30 | 1.22 GB |
+| twenty-five runs | 12.4-20.2 s | 45.8-90.1 s | 3.7-5.9x (median 4.4x) | 30/30 in every run | 1.22-1.26 GB (\\*) |
 
-(\\*) the twenty-three runs after a fix that frees the decoding caches when `generate()` returns.
+(\\*) the twenty-four runs after a fix that frees the decoding caches when `generate()` returns.
 
 A string orchestra repeated to 60 s, one of whose segments loops to the 1024-id limit (in the original too): 21.7 s
 against 118.1 s, 5.4x, and 23.6 s against 120.9 s, 5.1x, in a second run; the same ids in all 30 segments (4.9x in

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
-from .cli import OneLineParser, first_line
+from .cli import DTYPES, OneLineParser, first_line
 
 
 def _checked(kind: type, ok, expected: str):
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR", help="T5X checkpoint folder (msgpack `checkpoint` + target.* zarr folders)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write; built beside it and moved in when verified")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights (default float32)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the saved weights (default float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is a folder convert-mt3 wrote (every entry listed in its .convert-mt3.json); never anything else")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary, errors only")
     parser.add_argument("--golden", metavar="DIR", help="folder of outputs of the original MT3 (case folders with frames.npy, encoder_out.npy, logits.npy, tokens.json): measure parity, put it in the model card, and write nothing if it misses the parity tests' tolerances (encoder 1e-4, logits 2.5e-4, greedy tokens identical)")

@@ -1,9 +1,11 @@
-"""What the command-line tools share: usage and other errors in one line."""
+"""What the command-line tools share: usage and other errors in one line, the weight dtypes they offer."""
 
 from __future__ import annotations
 
 import argparse
 from typing import NoReturn
+
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype of both tools: float32 first, the trained precision
 
 
 class OneLineParser(argparse.ArgumentParser):

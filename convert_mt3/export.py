@@ -23,6 +23,7 @@ from transformers.initialization import no_init_weights
 
 from . import __version__
 from .checkpoint import T5XCheckpoint, read_checkpoint
+from .cli import DTYPES as DTYPE_NAMES
 from .cli import first_line
 from .config import derive_config, find_gin
 from .mapping import t5x_to_state_dict
@@ -37,7 +38,7 @@ from .parity import measure_golden_parity, parity_failures
 from .variant import Variant, derive_variant
 
 HUB_CODE_DIR = Path(__file__).parent / "mt3"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # Reloaded folder vs in-memory model on the check input: same weights and code, so float32
 # agrees to rounding; half precisions are compared with the float32 source model.
 RELOAD_TOLERANCE = {"float32": 1e-5, "bfloat16": 0.5, "float16": 0.05}

@@ -18,13 +18,12 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import OneLineParser, first_line
+from .cli import DTYPES, OneLineParser, first_line
 from .mt3.notes_mt3 import GM_FAMILIES, notes_to_csv, notes_to_json, parse_programs
 from .output import some_names
 
 FORMATS = {"midi": ".mid", "json": ".json", "csv": ".csv"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".caf", ".w64"}
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class UsageError(ValueError):

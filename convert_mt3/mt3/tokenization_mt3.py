@@ -19,6 +19,7 @@ from .event_codec_mt3 import (
     DEFAULT_STEPS_PER_SECOND,
     DEFAULT_VOCAB_SIZE_MULTIPLE,
     MIDI_MAX_VALUE,
+    NUM_SPECIAL_TOKENS,
     PROGRAM_GRANULARITIES,
     Event,
     build_codec,
@@ -169,6 +170,7 @@ class MT3Tokenizer(PreTrainedTokenizer):
         self.codec = build_codec(steps_per_second, max_shift_seconds, num_velocity_bins)
         # GenericTokenVocabulary: the special ids come first, in this order.
         self._special_token_strings = [str(pad_token), str(eos_token), str(unk_token)]
+        self._unk_string = str(unk_token)  # what an unknown token or id maps to
         self._vocab = self._build_vocab()
         self._ids_to_tokens = {index: token for token, index in self._vocab.items()}
         super().__init__(
@@ -196,7 +198,7 @@ class MT3Tokenizer(PreTrainedTokenizer):
     @property
     def num_special_tokens(self) -> int:
         """PAD, EOS, UNK (GenericTokenVocabulary._num_special_tokens)."""
-        return len(self._special_token_strings)
+        return NUM_SPECIAL_TOKENS
 
     @property
     def num_regular_tokens(self) -> int:
@@ -234,10 +236,10 @@ class MT3Tokenizer(PreTrainedTokenizer):
         return text.split()
 
     def _convert_token_to_id(self, token: str) -> int:
-        return self._vocab.get(token, self._vocab[self._special_token_strings[2]])
+        return self._vocab.get(token, self._vocab[self._unk_string])
 
     def _convert_id_to_token(self, index: int) -> str:
-        return self._ids_to_tokens.get(int(index), self._special_token_strings[2])
+        return self._ids_to_tokens.get(int(index), self._unk_string)
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return " ".join(tokens)

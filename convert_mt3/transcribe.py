@@ -1,10 +1,13 @@
 """mt3-transcribe MODEL INPUT... -o OUT_DIR: many audio files -> MIDI / JSON / CSV notes with a converted MT3.
 
 Runs the model the way a Hub user does: `transformers.pipeline(model=MODEL, trust_remote_code=True)` (the folder's
-own pipeline_mt3.py). Directories and globs are expanded; files whose outputs all exist are skipped, so an
+own pipeline_mt3.py). Folders (recursively) and globs are expanded to their files with an audio suffix
+(AUDIO_SUFFIXES); a file named as such is read whatever its suffix. Outputs are OUT_DIR/NAME.mid|.json|.csv (a
+folder's sub-folders kept, a glob's matches by file name). Files whose outputs all exist are skipped, so an
 interrupted run resumes (without --overwrite only the missing outputs are written: a file already there is never
-replaced); an unreadable file, or an output that cannot be written, gets one error line and the others carry on;
-exit status 1 if any input failed. Every output is written to a temporary file beside it and renamed into place.
+replaced; with it, every output is written again); an unreadable file or folder, or an output that cannot be
+written, gets one error line and the others carry on. Every output is written to a temporary file beside it and
+renamed into place. Exit status: 0 all done, 1 a file or the model failed, 2 a bad option, 130/143 interrupted.
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".ai
 
 
 class UsageError(ValueError):
-    """A bad argument, found before any audio is read."""
+    """A bad argument, found before any audio is read: an option (exit status 2, as argparse's own errors)."""
+
+    status = 2
+
+
+class ModelError(UsageError):
+    """A MODEL that is no converted MT3 folder or repo (exit status 1, as a file that fails)."""
+
+    status = 1
 
 
 @dataclass
@@ -37,11 +48,7 @@ class Job:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(
-        prog="mt3-transcribe",
-        description="Transcribe audio files to MIDI, JSON and/or CSV notes with a converted MT3 model "
-        "(folder or Hub id, loaded with transformers' pipeline and the folder's remote code).",
-    )
+    parser = OneLineParser(prog="mt3-transcribe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", metavar="MODEL", help="converted MT3 folder or Hub repo id")
     parser.add_argument("inputs", metavar="INPUT", nargs="+", help="audio files, folders (searched recursively) or globs")
     parser.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR", help="folder for the outputs (created if its parent exists)")
@@ -83,11 +90,16 @@ def parse_formats(text: str) -> list[str]:
 
 def check_model(model: str) -> None:
     """A MODEL that cannot be a Hub repo id (absolute, starting with . or ~, more than one /, a backslash) must be a
-    folder: said here, before transformers answers with its repo-id rules. Anything else may be a repo id."""
+    folder: said here, before transformers answers with its repo-id rules. Anything else may be a repo id. A folder
+    must hold a config.json (else a run whose outputs all exist would skip them all with a wrong MODEL)."""
     path = Path(model)
-    if path.is_dir() or not (path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or "\\" in model):
+    if os.path.isdir(path):
+        if not os.path.isfile(path / "config.json"):
+            raise ModelError(f"MODEL {model}: no config.json in this folder, so no converted MT3 model")
         return
-    raise UsageError(f"MODEL {model}: " + ("is not a folder" if path.exists() else "no such folder"))
+    if not (path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or "\\" in model):
+        return
+    raise ModelError(f"MODEL {model}: " + ("is not a folder" if os.path.exists(path) else "no such folder"))
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -105,35 +117,59 @@ def check_out_dir(out_dir: Path) -> None:
     probe.unlink()
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
-    """INPUT arguments -> (file, name of its outputs without suffix) pairs, and (input, error) for empty patterns.
+def is_audio_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in AUDIO_SUFFIXES and os.path.isfile(path)
 
-    A folder contributes its audio files (recursively, named by their path inside it); a glob its matches; anything
-    else is taken as a file (a missing one then fails on its own, with the others carrying on).
+
+def audio_files_in(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The audio files under `folder` (sorted), and (folder, error) for each folder in it that cannot be read."""
+    found, unreadable = [], []
+
+    def refused(err: OSError) -> None:
+        unreadable.append((err.filename, f"cannot be read ({err.strerror or err})"))
+
+    for root, _, names in os.walk(folder, onerror=refused):
+        found += [Path(root, name) for name in names if is_audio_file(os.path.join(root, name))]
+    return sorted(found), unreadable
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+    """INPUT arguments -> (file, name of its outputs without suffix) pairs, and (input, error) for empty patterns
+    and for paths that cannot be looked at (a folder we may not read, a name too long).
+
+    A folder contributes its audio files (recursively, named by their path inside it); a glob its audio files;
+    anything else is taken as a file (a missing one then fails on its own, with the others carrying on).
     """
     files, errors = [], []
     for text in inputs:
         path = Path(text)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
-            files += [(p, p.relative_to(path).with_suffix("")) for p in found]
-            if not found:
-                errors.append((text, f"no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in this folder"))
-        elif not path.exists() and glob.has_magic(text):
-            matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
-            files += [(p, Path(p.stem)) for p in matches]
-            if not matches:
-                errors.append((text, "no file matches this pattern"))
-        else:
-            files.append((path, Path(path.stem)))
+        try:
+            if path.is_dir():
+                found, unreadable = audio_files_in(path)
+                files += [(p, p.relative_to(path).with_suffix("")) for p in found]
+                errors += unreadable
+                if not found and not unreadable:
+                    errors.append((text, f"no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in this folder"))
+            elif not path.exists() and glob.has_magic(text):
+                matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if is_audio_file(p))
+                files += [(p, Path(p.stem)) for p in matches]
+                if not matches:
+                    errors.append((text, "no audio file matches this pattern"))
+            else:
+                files.append((path, Path(path.stem)))
+        except OSError as err:  # stat() refused: a folder on the way we may not search, a name too long
+            errors.append((text, err.strerror or str(err)))
     return files, errors
 
 
 def plan_jobs(files: list[tuple[Path, Path]], out_dir: Path, formats: list[str]) -> tuple[list[Job], list[tuple[str, str]]]:
-    """One job per distinct input; an input whose outputs another input already claims is an (input, error)."""
+    """One job per distinct input file (the first of its names); an input whose outputs another input already claims
+    is an (input, error)."""
     jobs, errors, claimed, refused = [], [], {}, set()
     for source, name in files:
         key, resolved = name.as_posix(), source.resolve()
+        if resolved in claimed.values() and claimed.get(key) != resolved:  # the same file under another name
+            continue
         if key in claimed:
             if claimed[key] != resolved and resolved not in refused:  # one error per file
                 refused.add(resolved)
@@ -148,7 +184,7 @@ def write_atomic(path: Path, write) -> None:
     """`write(temporary_path)`, then rename into `path`: never a half-written output. The temporary file is created
     by `write`, so it gets the usual permissions (the umask's), as a file written directly would."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".mt3-transcribe.{os.getpid()}.tmp")  # short: the output's own name may be near the limit
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -198,8 +234,8 @@ def load_pipeline(args: argparse.Namespace, device: str, programs: set[int] | No
     except (OSError, ValueError, RuntimeError, KeyError) as err:  # KeyError: a folder of another model (no such task)
         reason = first_line(err)
         if isinstance(err, OSError) and not Path(args.model).exists():  # "a/b", no such folder: tried on the Hub
-            raise UsageError(f"MODEL {args.model}: no such folder, nor a loadable Hub repo id ({reason})") from None
-        raise UsageError(f"{args.model}: cannot load the MT3 pipeline ({reason})") from None
+            raise ModelError(f"MODEL {args.model}: no such folder, nor a loadable Hub repo id ({reason})") from None
+        raise ModelError(f"{args.model}: cannot load the MT3 pipeline ({reason})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -220,9 +256,9 @@ def run(args: argparse.Namespace) -> int:
     pending = [job for job in jobs if args.overwrite or missing_outputs(job)]
     skipped = len(jobs) - len(pending)
     # inputs that are no files fail here, before the model loads (nothing to do: no model, no OUT_DIR)
-    errors += [(str(job.source), "no such file" if not job.source.exists() else "not a file")
-               for job in pending if not job.source.is_file()]
-    pending = [job for job in pending if job.source.is_file()]
+    errors += [(str(job.source), "no such file" if not os.path.exists(job.source) else "not a file")
+               for job in pending if not os.path.isfile(job.source)]
+    pending = [job for job in pending if os.path.isfile(job.source)]
     for source, error in errors:
         print(f"error: {source}: {error}", file=sys.stderr)
     failures = [source for source, _ in errors]
@@ -273,12 +309,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (UsageError, ImportError, OSError) as err:
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.status
+    except (ImportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # every output is renamed into place whole: the files written so far are complete, a rerun skips them
-        print(f"interrupted; the outputs written so far are complete, in {args.out_dir}", file=sys.stderr)
+        written = os.path.isdir(args.out_dir)
+        print("interrupted; " + (f"the outputs written so far are complete, in {args.out_dir}" if written
+                                 else "nothing written"), file=sys.stderr)
         return 130
 
 

@@ -4,6 +4,7 @@ it, and every input form, option and bad input on a tiny random model."""
 import copy
 import csv
 import json
+import os
 import shutil
 import sys
 from types import SimpleNamespace
@@ -338,6 +339,29 @@ def test_bad_inputs(tiny_pipe, tmp_path, monkeypatch, inputs, kwargs, message):
     with pytest.raises(ValueError) as error:
         tiny_pipe(inputs, **kwargs)
     assert message in str(error.value)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="file names as bytes")
+def test_files_are_opened_by_python(tiny_pipe, tmp_path, monkeypatch):
+    """A file name that is no UTF-8 (Latin-1 "café.wav" on Linux) is read (libsndfile takes only UTF-8 names);
+    one that is no audio says libsndfile's reason alone (not the file object it was given); a file that cannot be
+    opened says the OS's reason (libsndfile said "System error")."""
+    samples = (0.3 * np.sin(np.arange(8000) / 7)).astype(np.float32)
+    good = tmp_path / "good.wav"
+    soundfile.write(good, samples, 16000)
+    latin = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9.wav")
+    shutil.copy(good, latin)
+    np.testing.assert_array_equal(tiny_pipe.load_audio(latin), tiny_pipe.load_audio(str(good)))
+    (tmp_path / "notes.wav").write_text("not audio")
+    with pytest.raises(ValueError, match=r"notes.wav: cannot read audio \(Format not recognised.\)$"):
+        tiny_pipe.load_audio(str(tmp_path / "notes.wav"))
+
+    def refused(file, mode="r", *args, **kwargs):
+        raise PermissionError(13, "Permission denied", file)
+
+    monkeypatch.setattr("builtins.open", refused)  # as a file of mode 000 is for a user who is not root
+    with pytest.raises(ValueError, match=r"good.wav: cannot read audio \(Permission denied\)$"):
+        tiny_pipe.load_audio(str(good))
 
 
 def test_features_on_the_models_cuda_device(tiny_pipe, monkeypatch):

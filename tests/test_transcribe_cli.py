@@ -93,12 +93,13 @@ def test_many_files_on_tiny_model(tiny_folder, tmp_path, monkeypatch, capsys):
     soundfile.write(tmp_path / "set" / "sub" / "two.flac", tone[::-1].copy(), 16000)
     soundfile.write(tmp_path / "three.wav", tone, 16000)
     (tmp_path / "set" / "notes.txt").write_text("not audio, ignored")
-    code = main([str(tiny_folder), "set", "thr*.wav", "none*.wav", "missing.wav", "-o", "out", "--format", "json,csv",
+    (tmp_path / "three.mid").write_bytes(b"MThd")  # not audio: the glob leaves it (it would claim out/three.*)
+    code = main([str(tiny_folder), "set", "thr*", "none*.wav", "missing.wav", "-o", "out", "--format", "json,csv",
                  "--instruments", "strings", "--batch-size", "3", "--quiet"])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 1
-    assert lines[0] == "error: none*.wav: no file matches this pattern"
+    assert lines[0] == "error: none*.wav: no audio file matches this pattern"
     assert [line for line in lines[:-1] if "missing.wav" in line] == ["error: missing.wav: no such file"]
     assert "3 transcribed, 0 skipped (outputs exist), 2 failed" in lines[-1]
     written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
@@ -216,6 +217,9 @@ def test_a_folder_of_another_model_and_ctrl_c(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr("convert_mt3.transcribe.run", interrupted)
     assert main([str(tmp_path / "t5"), "a.wav", "-o", "out"]) == 130
+    assert capsys.readouterr().err == "interrupted; nothing written\n"  # no folder out: none named
+    (tmp_path / "out").mkdir()
+    assert main([str(tmp_path / "t5"), "a.wav", "-o", "out"]) == 130
     assert capsys.readouterr().err == "interrupted; the outputs written so far are complete, in out\n"
 
 
@@ -232,9 +236,10 @@ def test_a_folder_of_another_model_and_ctrl_c(tmp_path, monkeypatch, capsys):
     + ([] if torch.cuda.is_available() else [(["-o", "out", "--device", "cuda"], "--device cuda: not available")]),
 )
 def test_bad_arguments_refused_before_model_and_audio(tmp_path, monkeypatch, capsys, args, message):
+    """A bad option: one line, status 2 (as argparse's own errors; 1 is a file or the model failing)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("")
-    assert main(["no-such-model", "a.wav", *args]) == 1
+    assert main(["no-such-model", "a.wav", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "out").exists()
@@ -245,12 +250,14 @@ def test_bad_arguments_refused_before_model_and_audio(tmp_path, monkeypatch, cap
     ("afile", "MODEL afile: is not a folder"),  # made absolute below
     ("~/missing-mt3", "MODEL ~/missing-mt3: no such folder"),  # transformers does not expand ~, nor is this done here
     ("a/b/c", "MODEL a/b/c: no such folder"),
+    ("audio", "MODEL audio: no config.json in this folder, so no converted MT3 model"),  # else all skipped: status 0
 ])
 def test_a_model_that_is_no_folder_nor_repo_id_is_named(tmp_path, monkeypatch, capsys, model, message):
     """A MODEL that cannot be a Hub repo id must be a folder: refused in words before any loading (transformers would
     answer with its repo-id naming rules)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("")
+    (tmp_path / "audio").mkdir()
     if model == "afile":
         model, message = str(tmp_path / "afile"), f"MODEL {tmp_path / 'afile'}: is not a folder"
     monkeypatch.setattr("convert_mt3.transcribe.load_pipeline", lambda *a: pytest.fail("loaded a model"))
@@ -273,7 +280,7 @@ def test_a_missing_folder_tried_as_repo_id_is_named(tmp_path, monkeypatch, capsy
 
 def test_subprocess_error_has_no_traceback(tmp_path):
     result = run_cli(["no-such-model", "a.wav", "-o", str(tmp_path / "x" / "y")], tmp_path)
-    assert result.returncode == 1 and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("args", [[], ["m", "a.wav", "-o", "out", "--batch-size", "0"], ["m", "a.wav", "-o", "o", "--dtype", "x"]])
@@ -295,3 +302,40 @@ def test_a_file_whose_outputs_are_taken_is_reported_once(tmp_path):
     assert [job.source for job in jobs] == [tmp_path / "a.wav"]
     assert errors == [(str(tmp_path / "mixed" / "a.wav"), f"its outputs {Path('out') / 'a'}.* are already those of "
                                                           f"{(tmp_path / 'a.wav').resolve()}")]
+
+
+def test_the_same_file_under_two_names_is_transcribed_once(tmp_path):
+    """`src src/sub`: src/sub/a.wav is `sub/a` through src and `a` through src/sub: one job, under its first name."""
+    source = tmp_path / "src" / "sub" / "a.wav"
+    jobs, errors = transcribe.plan_jobs([(source, Path("sub/a")), (source, Path("a"))], Path("out"), ["json"])
+    assert [(job.source, job.outputs["json"]) for job in jobs] == [(source, Path("out") / "sub/a.json")] and errors == []
+
+
+def test_paths_that_cannot_be_looked_at_fail_alone(tmp_path, monkeypatch):
+    """A name too long for the OS, and a folder inside a folder input that cannot be read: an error line each,
+    naming them with the OS's reason; the other inputs are expanded (these raised OSError for the whole run, or
+    were passed over in silence)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "set" / "locked").mkdir(parents=True)
+    for name in ("a.wav", "set/b.wav", "set/locked/c.wav"):
+        soundfile.write(tmp_path / name, np.zeros(100, np.float32), 16000)
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)  # as a folder of mode 000 is for a user who is not root
+    long = "x" * 300 + ".wav"
+    files, errors = transcribe.expand_inputs([long, "a.wav", "set"])
+    assert files == [(Path("a.wav"), Path("a")), (Path("set/b.wav"), Path("b"))]
+    assert errors == [(long, "File name too long"), (os.path.join("set", "locked"), "cannot be read (Permission denied)")]
+
+
+def test_outputs_with_long_names_are_written(tmp_path):
+    """The temporary file has a short name of its own: an output whose name is near the OS's limit (255 bytes) is
+    written (a temporary name made from it was too long)."""
+    path = tmp_path / ("y" * 250 + ".json")
+    transcribe.write_atomic(path, lambda temporary: Path(temporary).write_text("{}"))
+    assert path.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]

@@ -61,6 +61,11 @@ def notes_to_pretty_midi(
     return midi
 
 
+def last_line(error: BaseException) -> str:
+    """The last line of an error's message (libsndfile's and mido's say the cause last), or its class name."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1]
+
+
 def midi_to_notes(midi) -> list[MT3Note]:
     """A MIDI file's notes (pretty_midi's reading: tempo map applied, no sustain pedal), sorted by (start, pitch, program).
 
@@ -81,8 +86,7 @@ def midi_to_notes(midi) -> list[MT3Note]:
         try:
             midi = pretty_midi.PrettyMIDI(source)
         except Exception as error:  # mido / pretty_midi raise many types for a bad file, some without a message
-            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-            raise ValueError(f"{name}: cannot be read as MIDI ({reason})") from None
+            raise ValueError(f"{name}: cannot be read as MIDI ({last_line(error)})") from None
     notes = [
         MT3Note(int(inst.program), bool(inst.is_drum), int(n.pitch), int(n.velocity), float(n.start), float(n.end))
         for inst in midi.instruments
@@ -91,4 +95,4 @@ def midi_to_notes(midi) -> list[MT3Note]:
     return sort_notes(notes)
 
 
-__all__ = ["import_pretty_midi", "midi_to_notes", "notes_to_pretty_midi"]
+__all__ = ["import_pretty_midi", "last_line", "midi_to_notes", "notes_to_pretty_midi"]

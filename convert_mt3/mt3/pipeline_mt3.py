@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import IterableDataset
 from transformers.pipelines.base import ChunkPipeline
 
-from .midi_mt3 import import_pretty_midi
+from .midi_mt3 import import_pretty_midi, last_line
 from .note_sequences_mt3 import sort_notes
 from .notes_mt3 import note_record, parse_programs
 
@@ -53,10 +53,14 @@ def read_audio(source: str | os.PathLike | bytes, sampling_rate: int) -> np.ndar
     except ImportError:
         raise ImportError("Reading audio files needs soundfile (and soxr to resample): pip install soundfile soxr") from None
     try:
-        samples, rate = soundfile.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32", always_2d=True)
-    except (RuntimeError, OSError) as err:  # soundfile.LibsndfileError is a RuntimeError
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{name}: cannot read audio ({reason})") from None
+        # Opened here, not by libsndfile: any file name the OS takes (libsndfile's needs UTF-8), and the OS's reason
+        # when it cannot be opened ("Permission denied", where libsndfile says "System error")
+        with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as file:
+            samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
+    except OSError as err:
+        raise ValueError(f"{name}: cannot read audio ({err.strerror or last_line(err)})") from None
+    except RuntimeError as err:  # soundfile.LibsndfileError: its error_string is libsndfile's reason
+        raise ValueError(f"{name}: cannot read audio ({getattr(err, 'error_string', '') or last_line(err)})") from None
     if not np.isfinite(samples).all():  # float files may hold them; named here, where the file is known
         raise ValueError(f"{name}: the audio holds NaN or infinite samples")
     return resample(samples.mean(axis=1), rate, sampling_rate)  # (samples, channels) -> mono

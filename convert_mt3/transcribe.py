@@ -166,16 +166,17 @@ def plan_jobs(files: list[tuple[Path, Path]], out_dir: Path, formats: list[str])
     """One job per distinct input file (the first of its names); an input whose outputs another input already claims
     is an (input, error)."""
     jobs, errors, claimed, refused = [], [], {}, set()
+    planned: set[Path] = set()
     for source, name in files:
         key, resolved = name.as_posix(), source.resolve()
-        if resolved in claimed.values() and claimed.get(key) != resolved:  # the same file under another name
+        if resolved in planned or resolved in refused:  # once, under its first name; one error per file
             continue
         if key in claimed:
-            if claimed[key] != resolved and resolved not in refused:  # one error per file
-                refused.add(resolved)
-                errors.append((str(source), f"its outputs {out_dir / name}.* are already those of {claimed[key]}"))
+            refused.add(resolved)
+            errors.append((str(source), f"its outputs {out_dir / name}.* are already those of {claimed[key]}"))
             continue
         claimed[key] = resolved
+        planned.add(resolved)
         jobs.append(Job(source, {f: out_dir / (key + FORMATS[f]) for f in formats}))
     return jobs, errors
 

@@ -61,6 +61,15 @@ def part_files(out: Path) -> list[Path]:
     return sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit())
 
 
+def ends_inside_a_line(part: Path) -> bool:
+    """Whether a share's file ends without its last line's newline: its last byte only (it may hold hours of notes)."""
+    if not part.exists() or part.stat().st_size == 0:
+        return False
+    with open(part, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 def read_parts(out: Path) -> dict[str, dict]:
     """The rows in the shares' files, by path: a transcribed row wins over a failed one of the same file (a rerun
     tries failed files again); a line that an interruption cut short is no row."""
@@ -134,7 +143,7 @@ def main() -> int:
         return [{"path": audio["path"], "notes": notes, "error": error} for audio, (notes, error) in zip(batch["audio"], rows)]
 
     part = out.with_name(f".{out.name}.part{state.process_index}")
-    cut = part.exists() and part.stat().st_size > 0 and part.read_bytes()[-1:] != b"\n"  # by an interruption
+    cut = ends_inside_a_line(part)  # by an interruption
     with state.split_between_processes(list(range(len(dataset)))) as indices:
         share, failed = dataset.select(indices), 0
         with open(part, "a") as f, tqdm(total=len(share), unit="file", desc=f"process {state.process_index}") as bar:

@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--golden", metavar="DIR", help="folder of outputs of the original MT3 (case folders with frames.npy, encoder_out.npy, logits.npy, tokens.json): measure parity, put it in the model card, and write nothing if it misses the parity tests' tolerances (encoder 1e-4, logits 2.5e-4, greedy tokens identical)")
     hub = parser.add_argument_group("Hugging Face Hub")
     hub.add_argument("--push-to-hub", metavar="REPO_ID", help="after verification, upload OUT_DIR to this model repo (token: HF_TOKEN or cached login)")
-    hub.add_argument("--private", action="store_true", help="create the repo as private")
+    hub.add_argument("--private", action="store_true", help="create the repo as private (an existing public repo is refused)")
     hub.add_argument("--revision", metavar="BRANCH", help="branch to push to (created if missing)")
     hub.add_argument("--commit-message", help="commit message of the upload (default: 'Upload MT3 converted with convert-mt3')")
     config = parser.add_argument_group("config overrides", "values normally derived from the checkpoint's shapes and config.gin")
@@ -89,8 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     variant.add_argument("--use-ties", action=argparse.BooleanOptionalAction, default=None, help="segments start with a tie section (mt3 yes, ismir2021 no)")
     parser.add_argument("--version", action="version", version=f"convert-mt3 {__version__}")
     args = parser.parse_args(argv)
-    if (args.private or args.revision) and not args.push_to_hub:
-        parser.error("--private and --revision need --push-to-hub")
+    if (args.private or args.revision or args.commit_message is not None) and not args.push_to_hub:
+        parser.error("--private, --revision and --commit-message need --push-to-hub")
     if args.push_to_hub:  # before the conversion, not after it
         from huggingface_hub.utils import validate_repo_id
 

@@ -39,6 +39,8 @@ _EXT_NPSCALAR = 3
 SUPPORTED_DTYPES = {"<f4": np.dtype("<f4"), "<f2": np.dtype("<f2"), "bfloat16": "bfloat16"}
 # zlib window bits per compressor: 16 + 15 = gzip header, 15 = zlib header.
 SUPPORTED_COMPRESSORS = {"gzip": 31, "zlib": 15, None: None}
+# zarr v2's JSON spellings of the non-finite fill values.
+_NAMED_FILL_VALUES = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
 # Bounds on what is read before anything is allocated (the real MT3: an 0.9 MB msgpack file, 46 M parameters;
 # T5X puts the large arrays in zarr folders, so its msgpack file holds small ones and the tree). msgpack's
 # smallest objects become Python objects ~70x their size (an empty map: 1 byte -> a dict), so the bound on the file
@@ -73,6 +75,7 @@ class _ZarrLeaf:
     dtype_name: str = ""
     codec_id: str | None = None
     separator: str = "."
+    fill_value: float | None = None  # what a chunk absent from the folder holds; None: no value, an absent chunk is an error
 
 
 def _read_regular(path: Path, root: Path, limit: int, too_big: str = " its metadata allows") -> bytes:
@@ -223,11 +226,20 @@ def _zarr_leaf(directory: Path, name: str, spec: dict) -> _ZarrLeaf:
     separator = meta.get("dimension_separator") or "."  # absent or null: zarr v2's default
     if separator not in (".", "/"):
         raise CheckpointError(f"{meta_file}: unsupported dimension_separator {separator!r}; expected '.' or '/'")
-    return _ZarrLeaf(name, folder, shape, chunks, dtype_name, codec_id, separator)
+    fill_value = meta.get("fill_value")
+    if fill_value in _NAMED_FILL_VALUES:
+        fill_value = _NAMED_FILL_VALUES[fill_value]
+    elif not (fill_value is None or type(fill_value) in (int, float)):
+        raise CheckpointError(f"{meta_file}: unsupported fill_value {fill_value!r}; expected null, a number, 'NaN', 'Infinity' or '-Infinity'")
+    return _ZarrLeaf(name, folder, shape, chunks, dtype_name, codec_id, separator, fill_value)
 
 
 def _read_zarr(leaf: _ZarrLeaf, root: Path) -> np.ndarray:
-    """Read one validated zarr v2 array chunk by chunk, checking every chunk is present and whole."""
+    """Read one validated zarr v2 array chunk by chunk, checking every chunk is whole.
+
+    An absent chunk holds the array's fill_value, as zarr v2 defines it. T5X writes `fill_value: null`, which
+    gives an absent chunk no value: for its arrays that is an error (an incomplete copy), never zeros.
+    """
     shape, chunks = leaf.shape, leaf.chunks
     # bfloat16 has no numpy dtype: read its raw 16 bits and widen to float32 below.
     raw_dtype = np.dtype("<u2") if leaf.dtype_name == "bfloat16" else SUPPORTED_DTYPES[leaf.dtype_name]
@@ -240,16 +252,20 @@ def _read_zarr(leaf: _ZarrLeaf, root: Path) -> np.ndarray:
     for index in product(*grid):
         key = leaf.separator.join(map(str, index)) if shape else "0"
         chunk_file = leaf.folder / key
+        region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, chunks, shape))
         try:
             data = _read_regular(chunk_file, root, stored_limit)
         except FileNotFoundError:
-            raise CheckpointError(f"{chunk_file}: chunk missing from zarr array {leaf.name}") from None
+            if leaf.fill_value is None:
+                raise CheckpointError(f"{chunk_file}: chunk missing from zarr array {leaf.name} (its fill_value is null, "
+                                      "so an absent chunk has no value: an incomplete copy?)") from None
+            out[region] = _fill_bits(leaf.fill_value) if leaf.dtype_name == "bfloat16" else leaf.fill_value
+            continue
         if leaf.codec_id is not None:
             data = _inflate(data, leaf.codec_id, chunk_bytes, chunk_file, leaf.name)
         if len(data) != chunk_bytes:
             raise CheckpointError(f"{chunk_file}: chunk of {leaf.name} holds {len(data)} bytes, expected {chunk_bytes} for chunk shape {list(chunks)}")
         block = np.frombuffer(data, dtype=raw_dtype).reshape(chunks)
-        region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, chunks, shape))
         out[region] = block[tuple(slice(0, s.stop - s.start) for s in region)]
     return _widen_bfloat16(out) if leaf.dtype_name == "bfloat16" else out
 
@@ -257,6 +273,11 @@ def _read_zarr(leaf: _ZarrLeaf, root: Path) -> np.ndarray:
 def _widen_bfloat16(bits: np.ndarray) -> np.ndarray:
     """bfloat16 (its 16 bits, which numpy has no dtype for) -> the same values in float32, exactly."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _fill_bits(value: float) -> np.uint16:
+    """A fill value as the 16 bits of its bfloat16 (the float32's top half: exact for 0, +-inf, NaN and bfloat16s)."""
+    return np.uint16(np.array(value, dtype=np.float32).view(np.uint32) >> 16)
 
 
 def _step(tree: dict) -> int | None:

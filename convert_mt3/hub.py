@@ -33,11 +33,15 @@ def push_folder(
 
     The token comes from `HF_TOKEN` or the cached login (huggingface_hub's own lookup); it is
     never printed or logged: error messages are redacted before they are raised. Re-running
-    uploads the same files, which the Hub records as an empty (no-op) commit.
+    uploads the same files, which the Hub records as an empty (no-op) commit. `private` is checked,
+    not assumed: an existing public repo is refused rather than given the files.
     """
     api = HfApi()
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if private and not api.repo_info(repo_id, repo_type="model").private:
+            # create_repo(exist_ok) keeps an existing repo's visibility: never upload public what was asked private
+            raise HubError(f"push to {repo_id}: --private, but the repo exists and is public; nothing uploaded")
         if revision:
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
         api.upload_folder(
@@ -47,6 +51,8 @@ def push_folder(
             revision=revision,
             commit_message=commit_message,
         )
+    except HubError:
+        raise
     except LocalTokenNotFoundError:
         raise HubError(f"push to {repo_id}: not logged in; set HF_TOKEN or run `hf auth login`") from None
     except HfHubHTTPError as err:

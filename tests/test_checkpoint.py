@@ -52,7 +52,9 @@ def test_optimizer_state_is_ignored(ckpt):
     assert not any("param_states" in k or k.endswith("/v") for k in read_checkpoint(ckpt).arrays)
 
 
-def test_multichunk_and_bfloat16_zarr(tmp_path, arrays):
+@pytest.mark.parametrize("fill_value", [None, 0.5, "-Infinity"])
+def test_multichunk_and_bfloat16_zarr(tmp_path, arrays, fill_value):
+    """Chunks tile the array; with a fill_value, zarr v2's meaning of an absent chunk: it holds that value."""
     ckpt = write_t5x_checkpoint(tmp_path / "c", arrays)
     folder = ckpt / "target.decoder.logits_dense.kernel"
     meta = json.loads((folder / ".zarray").read_text())
@@ -65,10 +67,14 @@ def test_multichunk_and_bfloat16_zarr(tmp_path, arrays):
         for j in range(2):
             block = bf16[i * 16:(i + 1) * 16, j * 32:(j + 1) * 32]
             (folder / f"{i}.{j}").write_bytes(gzip.compress(block.tobytes()))
-    meta.update(chunks=[16, 32], dtype="bfloat16")
+    meta.update(chunks=[16, 32], dtype="bfloat16", fill_value=fill_value)
     (folder / ".zarray").write_text(json.dumps(meta))
+    expected = (bf16.astype(np.uint32) << 16).view(np.float32)
+    if fill_value is not None:
+        (folder / "1.0").unlink()
+        expected[16:, :32] = float(fill_value.replace("Infinity", "inf") if isinstance(fill_value, str) else fill_value)
     got = read_checkpoint(ckpt).arrays["decoder/logits_dense/kernel"]
-    np.testing.assert_array_equal(got, (bf16.astype(np.uint32) << 16).view(np.float32))
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_bfloat16_inline_scale(tmp_path, arrays):
@@ -181,7 +187,11 @@ def test_corrupt_gzip_chunk(ckpt):
 
 def test_missing_chunk_file(ckpt):
     (ckpt / "target.decoder.token_embedder.embedding" / "0.0").unlink()
-    with pytest.raises(CheckpointError, match="chunk missing.*decoder/token_embedder/embedding"):
+    with pytest.raises(CheckpointError, match="chunk missing.*decoder/token_embedder/embedding.*fill_value is null"):
+        read_checkpoint(ckpt)  # T5X's fill_value null: no value for it, so never zeros
+    meta_file = ckpt / "target.decoder.token_embedder.embedding" / ".zarray"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "fill_value": "zero"}))
+    with pytest.raises(CheckpointError, match=r"embedding/\.zarray: unsupported fill_value 'zero'"):
         read_checkpoint(ckpt)
 
 

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
@@ -103,12 +104,17 @@ class FakeHfApi:
     calls: list = []
     fail_with: Exception | None = None
     interrupt = False
+    public_repos: set = set()  # repos that exist and are public: create_repo(exist_ok) leaves them so
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", repo_id, kwargs))
         if self.fail_with:
             raise self.fail_with
         return f"https://huggingface.co/{repo_id}"
+
+    def repo_info(self, repo_id, **kwargs):
+        self.calls.append(("repo_info", repo_id, kwargs))
+        return types.SimpleNamespace(private=repo_id not in self.public_repos)
 
     def create_branch(self, repo_id, **kwargs):
         self.calls.append(("create_branch", repo_id, kwargs))
@@ -125,6 +131,7 @@ def fake_api(monkeypatch):
     FakeHfApi.calls = []
     FakeHfApi.fail_with = None
     FakeHfApi.interrupt = False
+    FakeHfApi.public_repos = set()
     monkeypatch.setattr(convert_mt3.hub, "HfApi", FakeHfApi)
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     return FakeHfApi
@@ -136,7 +143,8 @@ def test_push_to_hub(fake_api, ckpt, tmp_path, capsys, caplog):
     assert main(args) == 0
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines()[-1] == "https://huggingface.co/me/mt3-tiny/tree/v1"
-    (kind0, repo0, kw0), (kind1, _, kw1), (kind2, repo2, kw2) = fake_api.calls
+    (kind0, repo0, kw0), (info, _, _), (kind1, _, kw1), (kind2, repo2, kw2) = fake_api.calls
+    assert info == "repo_info"  # --private is checked, not assumed
     assert (kind0, repo0, kw0["private"], kw0["exist_ok"]) == ("create_repo", "me/mt3-tiny", True, True)
     assert (kind1, kw1["branch"], kw1["exist_ok"]) == ("create_branch", "v1", True)
     assert (kind2, repo2, kw2["revision"], kw2["commit_message"]) == ("upload_folder", "me/mt3-tiny", "v1", "hello")
@@ -147,7 +155,19 @@ def test_push_to_hub(fake_api, ckpt, tmp_path, capsys, caplog):
     # a re-run is idempotent: same calls, same folder
     fake_api.calls = []
     assert main(args + ["--overwrite"]) == 0
-    assert [c[0] for c in fake_api.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert [c[0] for c in fake_api.calls] == ["create_repo", "repo_info", "create_branch", "upload_folder"]
+
+
+def test_private_into_an_existing_public_repo_is_refused(fake_api, ckpt, tmp_path, capsys):
+    fake_api.public_repos = {"me/mt3-tiny"}
+    out = tmp_path / "out"
+    assert main([str(ckpt), str(out), "--quiet", "--push-to-hub", "me/mt3-tiny", "--private"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: push to me/mt3-tiny: --private, but the repo exists and is public; nothing uploaded")
+    assert "upload_folder" not in [c[0] for c in fake_api.calls] and (out / "model.safetensors").exists()
+    # without --private the public repo is what the user asked for
+    assert main([str(ckpt), str(out), "--quiet", "--overwrite", "--push-to-hub", "me/mt3-tiny"]) == 0
+    assert fake_api.calls[-1][0] == "upload_folder"
 
 
 def test_push_failure_is_one_line_and_keeps_folder(fake_api, ckpt, tmp_path, capsys):
@@ -170,10 +190,11 @@ def test_ctrl_c_during_the_push_says_the_folder_is_written(fake_api, ckpt, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder, no lock file left
 
 
-def test_private_needs_push(ckpt, tmp_path):
+@pytest.mark.parametrize("flag", [["--private"], ["--revision", "v1"], ["--commit-message", "hello"]])
+def test_hub_flags_need_push(ckpt, tmp_path, flag, capsys):
     with pytest.raises(SystemExit) as info:
-        main([str(ckpt), str(tmp_path / "out"), "--private"])
-    assert info.value.code == 2
+        main([str(ckpt), str(tmp_path / "out"), *flag])
+    assert info.value.code == 2 and "need --push-to-hub" in capsys.readouterr().err
 
 
 def test_a_bad_repo_id_is_refused_before_converting(ckpt, tmp_path, capsys):

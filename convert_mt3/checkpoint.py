@@ -7,7 +7,8 @@ zarr v2 folder per large array. In the msgpack tree each parameter leaf is eithe
 * an inline array (flax's msgpack ExtType 1: `(shape, dtype name, raw bytes)`), which is
   how T5X stores small arrays such as the RMS-norm `scale` vectors, or
 * a tensorstore spec `{"driver": "zarr", "kvstore": {"path": ...}, "metadata": {...}}`
-  pointing at a zarr v2 folder (`.zarray` + gzip chunks).
+  pointing at a zarr v2 folder (`.zarray` + gzip chunks); specs written with a
+  tensorstore older than 0.1.14 hold `path` beside `kvstore`.
 
 Only `optimizer/target` is read; the optimizer state is ignored. Nothing here imports
 t5x, JAX, flax or TensorFlow: msgpack + zlib + numpy are enough. Every file is read as a
@@ -30,6 +31,8 @@ from typing import Any
 import msgpack
 import numpy as np
 from tqdm.auto import tqdm
+
+from .cli import first_line
 
 MSGPACK_FILE = "checkpoint"
 # flax.serialization's msgpack extension codes.
@@ -88,8 +91,9 @@ def _read_regular(path: Path, root: Path, limit: int, too_big: str = " its metad
         real = path.resolve(strict=True)
     except FileNotFoundError:
         raise
-    except (OSError, RuntimeError):  # symlink loops
-        raise CheckpointError(f"{path}: cannot be resolved (symlink loop or unreadable)") from None
+    except (OSError, RuntimeError) as err:  # symlink loops (RuntimeError before Python 3.13), a file as a folder
+        reason = getattr(err, "strerror", None) or "symlink loop"
+        raise CheckpointError(f"{path}: cannot be resolved ({reason})") from None
     if not real.is_relative_to(root):
         raise CheckpointError(f"{path}: resolves outside the checkpoint folder {root}")
     return read_bounded(real, limit, CheckpointError, path, f", more than the {limit:,}{too_big}")
@@ -134,8 +138,9 @@ def _inflate(data: bytes, codec_id: str, size: int, file: Path, name: str) -> by
     return out
 
 
-def _decode_ext(code: int, data: bytes) -> Any:
+def _decode_ext(ext: msgpack.ExtType) -> Any:
     """flax ExtType -> numpy (ndarray: msgpack of (shape, dtype name, buffer))."""
+    code, data = ext
     if code == _EXT_NDARRAY:
         shape, dtype, buffer = msgpack.unpackb(data)
         if dtype == "bfloat16":
@@ -144,7 +149,19 @@ def _decode_ext(code: int, data: bytes) -> Any:
     if code == _EXT_NPSCALAR:
         dtype, buffer = msgpack.unpackb(data)
         return np.frombuffer(buffer, dtype=np.dtype(dtype))[0]
-    return msgpack.ExtType(code, data)
+    return ext
+
+
+_DECODE_ERRORS = (ValueError, TypeError, IndexError, RecursionError, msgpack.UnpackException)
+
+
+def _inline_array(file: Path, name: str, ext: msgpack.ExtType) -> Any:
+    """One inline leaf of `optimizer/target`, decoded only now: the optimizer state's leaves, which are never
+    used, are never decoded (a dtype numpy lacks there must not fail the checkpoint)."""
+    try:
+        return _decode_ext(ext)
+    except _DECODE_ERRORS as err:
+        raise CheckpointError(f"{file}: inline parameter {name} cannot be decoded ({type(err).__name__}: {first_line(err)[:200]})") from None
 
 
 def _load_tree(directory: Path) -> dict:
@@ -154,8 +171,8 @@ def _load_tree(directory: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing; expected the T5X msgpack `{MSGPACK_FILE}` file in {directory}") from None
     try:
-        tree = msgpack.unpackb(data, ext_hook=_decode_ext, raw=False, strict_map_key=False)
-    except (ValueError, TypeError, IndexError, RecursionError, msgpack.UnpackException) as err:
+        tree = msgpack.unpackb(data, raw=False, strict_map_key=False)  # inline arrays stay ExtType until used
+    except _DECODE_ERRORS as err:
         raise CheckpointError(f"{file}: truncated or corrupt msgpack ({type(err).__name__})") from None
     if not isinstance(tree, dict) or not isinstance(tree.get("optimizer"), dict) or "target" not in tree["optimizer"]:
         raise CheckpointError(f"{file}: no `optimizer/target` parameter tree (is this a T5X checkpoint?)")
@@ -188,9 +205,11 @@ def _zarr_leaf(directory: Path, name: str, spec: dict) -> _ZarrLeaf:
         raise CheckpointError(f"{name}: unsupported tensorstore driver {spec.get('driver')!r}; expected 'zarr'")
     kvstore, metadata = spec.get("kvstore"), spec.get("metadata", {})
     rel = kvstore.get("path") if isinstance(kvstore, dict) else None
+    if rel is None:  # tensorstore < 0.1.14 (T5X's gcs specs): the path beside the kvstore, not in it
+        rel = spec.get("path")
     tree_shape = _shape(metadata.get("shape", [])) if isinstance(metadata, dict) else None
     if not isinstance(rel, str) or "\0" in rel or tree_shape is None:  # a NUL byte: no path the OS takes
-        raise CheckpointError(f"{name}: malformed tensorstore spec (expected kvstore.path and metadata.shape)")
+        raise CheckpointError(f"{name}: malformed tensorstore spec (expected kvstore.path or path, and metadata.shape)")
     folder = (directory / rel).resolve()
     if folder == directory or not folder.is_relative_to(directory):
         raise CheckpointError(f"{name}: spec path {rel!r} leaves the checkpoint folder {directory}")
@@ -283,6 +302,11 @@ def _fill_bits(value: float) -> np.uint16:
 def _step(tree: dict) -> int | None:
     state = tree["optimizer"].get("state")
     step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, msgpack.ExtType):
+        try:
+            step = _decode_ext(step)
+        except _DECODE_ERRORS:
+            return None  # the step is only reported
     if isinstance(step, np.ndarray) and step.size == 1 and np.issubdtype(step.dtype, np.integer):
         return int(step.reshape(-1)[0])
     return step if type(step) is int else None
@@ -310,6 +334,8 @@ def read_checkpoint(directory: str | os.PathLike, *, quiet: bool = True) -> T5XC
         if name in seen:  # a key holding "/" spells another parameter's path: the later one would silently win
             raise CheckpointError(f"{msgpack_file}: parameter path {name} appears twice in `optimizer/target`")
         seen.add(name)
+        if isinstance(node, msgpack.ExtType):
+            node = _inline_array(msgpack_file, name, node)
         if isinstance(node, np.ndarray):
             if node.dtype not in (np.float32, np.float16):
                 raise CheckpointError(f"{msgpack_file}: inline parameter {name} has dtype {node.dtype}; expected float32 or float16")

@@ -65,6 +65,15 @@ def read_gin(path: Path) -> list[str]:
     return [line.split("#", 1)[0].rstrip() for line in text.splitlines()]
 
 
+def gin_literal(path: Path, name: str, text: str, error: type[ValueError]) -> Any:
+    """The Python literal a gin binding holds, else `error` naming the file and binding (the value cut short)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):  # a deep or huge value: one line too
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise error(f"{path}: cannot read {name} = {shown}") from None
+
+
 def parse_gin(path: Path) -> dict[str, Any]:
     """`network.T5Config` bindings as MT3Config fields; both `T5Config.x = v` and block form.
 
@@ -93,10 +102,7 @@ def parse_gin(path: Path) -> dict[str, Any]:
             value = macros.get(value[1:], "@")  # an undefined macro is gin's error, not ours: skipped
         if value.startswith("@"):
             continue
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            raise ConfigError(f"{path}: cannot read T5Config.{match.group(1)} = {match.group(2)}") from None
+        parsed = gin_literal(path, f"T5Config.{match.group(1)}", value, ConfigError)
         field = GIN_FIELDS[match.group(1)]
         if field == "dropout_rate":
             valid, kind = isinstance(parsed, (int, float)) and 0 <= parsed < 1, "a number from 0 to below 1"
@@ -150,12 +156,15 @@ def derive_config(arrays: dict[str, np.ndarray], gin: Path | None = None, overri
         if value is not None and field in from_shapes and from_shapes[field] != value:
             raise ConfigError(f"--{field.replace('_', '-')} {value}: the checkpoint arrays give {from_shapes[field]}")
     values = {**from_gin, **from_shapes, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    inner = int(np.prod(_shape(arrays, "encoder/layers_0/attention/query/kernel", dims=(2, 3))[1:]))
+    for given, other in (("num_heads", "d_kv"), ("d_kv", "num_heads")):  # one of the two: the width gives the other
+        size = values.get(given)
+        if other not in values and type(size) is int and size > 0 and inner % size == 0:
+            values[other] = inner // size
     try:
         config = MT3Config(**values)
     except Exception as err:  # transformers' strict config checks raise their own error classes
         raise ConfigError(f"invalid model configuration: {first_line(err)}") from None
-    inner = _shape(arrays, "encoder/layers_0/attention/query/kernel", dims=(2, 3))
-    inner = int(np.prod(inner[1:]))
     if config.num_heads * config.d_kv != inner:
         raise ConfigError(f"num_heads * d_kv = {config.num_heads} * {config.d_kv} != {inner}, the attention width of encoder/layers_0/attention/query/kernel")
     return config

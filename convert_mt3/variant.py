@@ -8,12 +8,11 @@ checkpoint's token embedder; the `config.gin` T5X writes into the checkpoint fol
 
 from __future__ import annotations
 
-import ast
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import GIN_MACRO, read_gin
+from .config import GIN_MACRO, gin_literal, read_gin
 from .mt3.event_codec_mt3 import (
     DEFAULT_MAX_SHIFT_SECONDS,
     DEFAULT_NUM_EXTRA_IDS,
@@ -75,10 +74,7 @@ def parse_variant_gin(path: Path) -> dict[str, Any]:
         match = GIN_MACRO.match(line)
         if not match or match.group(1) not in GIN_MACROS:
             continue
-        try:
-            value = ast.literal_eval(match.group(2))
-        except (ValueError, SyntaxError):
-            raise VariantError(f"{path}: cannot read {match.group(1)} = {match.group(2)}") from None
+        value = gin_literal(path, match.group(1), match.group(2), VariantError)
         if match.group(1) == "TASK_FEATURE_LENGTHS":
             if not isinstance(value, dict) or "inputs" not in value:
                 raise VariantError(f"{path}: expected TASK_FEATURE_LENGTHS = {{'inputs': N, ...}}; found {match.group(2)}")

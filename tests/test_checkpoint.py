@@ -2,11 +2,14 @@
 
 import gzip
 import json
+import shutil
 
 import msgpack
+import numcodecs
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from convert_mt3.checkpoint import CheckpointError, read_checkpoint
 from convert_mt3.config import ConfigError, derive_config, find_gin, parse_gin
@@ -75,6 +78,22 @@ def test_multichunk_and_bfloat16_zarr(tmp_path, arrays, fill_value):
         expected[16:, :32] = float(fill_value.replace("Infinity", "inf") if isinstance(fill_value, str) else fill_value)
     got = read_checkpoint(ckpt).arrays["decoder/logits_dense/kernel"]
     np.testing.assert_array_equal(got, expected)
+
+
+def test_nested_chunk_keys(tmp_path, arrays):
+    """dimension_separator "/": chunk (i, j) is the file i/j; a file where the folder i should be is named."""
+    ckpt = write_t5x_checkpoint(tmp_path / "c", arrays)
+    folder = ckpt / "target.decoder.logits_dense.kernel"
+    shutil.rmtree(folder)
+    full = arrays["decoder/logits_dense/kernel"]  # (32, 64)
+    zarr.open_array(str(folder), mode="w", shape=full.shape, chunks=(16, 32), dtype=full.dtype, fill_value=None,
+                    compressor=numcodecs.GZip(level=1), dimension_separator="/")[...] = full
+    assert (folder / "1" / "1").is_file()
+    np.testing.assert_array_equal(read_checkpoint(ckpt).arrays["decoder/logits_dense/kernel"], full)
+    shutil.rmtree(folder / "1")
+    (folder / "1").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"kernel/1/0: cannot be resolved \(Not a directory\)$"):
+        read_checkpoint(ckpt)
 
 
 def test_bfloat16_inline_scale(tmp_path, arrays):
@@ -156,6 +175,17 @@ def test_config_disagreements_are_errors(tmp_path, arrays):
     gin.write_text("network.T5Config.emb_dim = 512\n")
     with pytest.raises(ConfigError, match="emb_dim|d_model"):
         derive_config(arrays, gin)
+    for value in ["-" * 3000 + "1", "{[1]: 2}"]:  # a recursion error and a TypeError inside literal_eval: one line too
+        gin.write_text(f"network.T5Config.num_heads = {value}\n")
+        with pytest.raises(ConfigError, match=r"config.gin: cannot read T5Config.num_heads = (-{77}\.\.\.|\{\[1\]: 2\})$"):
+            derive_config(arrays, gin)
+
+
+def test_one_of_heads_and_head_size_gives_the_other(arrays):
+    """The 2-D kernels fix num_heads * d_kv (16 here): given one, the other is the width's quotient."""
+    assert (derive_config(arrays, None, {"num_heads": 4}).d_kv, derive_config(arrays, None, {"d_kv": 2}).num_heads) == (4, 8)
+    with pytest.raises(ConfigError, match="num_heads \\* d_kv = 3 \\* 64 != 16"):
+        derive_config(arrays, None, {"num_heads": 3})  # no quotient: MT3's default size, then the width check
 
 
 def test_published_defaults_without_gin():
@@ -236,6 +266,17 @@ def test_spec_path_escaping_checkpoint(ckpt, tmp_path):
         read_checkpoint(ckpt)
 
 
+def test_specs_of_tensorstore_before_0_1_14(ckpt, arrays):
+    """T5X's gcs specs from tensorstore < 0.1.14 hold the path beside the kvstore (T5X's own reader takes both)."""
+    tree = msgpack.unpackb((ckpt / "checkpoint").read_bytes(), strict_map_key=False)
+    spec = tree["optimizer"]["target"]["decoder"]["logits_dense"]["kernel"]
+    spec["path"] = spec["kvstore"].pop("path")
+    spec["kvstore"] = {"driver": "gcs", "bucket": "t5x-dummy-bucket"}
+    (ckpt / "checkpoint").write_bytes(msgpack.packb(tree))
+    got = read_checkpoint(ckpt).arrays["decoder/logits_dense/kernel"]
+    np.testing.assert_array_equal(got, arrays["decoder/logits_dense/kernel"])
+
+
 def test_one_parameter_read_twice_is_refused(ckpt):
     """A key holding "/" spells another parameter's path, and two specs may name one folder: either would put one
     array in two places (the later read silently winning), so both are refused."""
@@ -289,8 +330,22 @@ def test_inline_array_round_trip():
     array = np.arange(6, dtype=np.float32).reshape(2, 3)
     from convert_mt3.checkpoint import _decode_ext
 
-    ext = ext_array(array)
-    np.testing.assert_array_equal(_decode_ext(ext.code, ext.data), array)
+    np.testing.assert_array_equal(_decode_ext(ext_array(array)), array)
+
+
+def test_an_inline_dtype_numpy_lacks(ckpt):
+    """Only `optimizer/target` is decoded: such a leaf in the optimizer state is ignored, in the parameters it is
+    named (it was 'truncated or corrupt msgpack' for the whole file either way)."""
+    tree = msgpack.unpackb((ckpt / "checkpoint").read_bytes(), strict_map_key=False)
+    float8 = msgpack.ExtType(1, msgpack.packb(([4], "float8_e4m3fn", bytes(4))))
+    tree["optimizer"]["state"]["param_states"] = {"decoder": {"v": float8}}
+    (ckpt / "checkpoint").write_bytes(msgpack.packb(tree))
+    assert read_checkpoint(ckpt).step == 1000
+    tree["optimizer"]["target"]["encoder"]["encoder_norm"]["scale"] = float8
+    (ckpt / "checkpoint").write_bytes(msgpack.packb(tree))
+    with pytest.raises(CheckpointError, match=r"checkpoint: inline parameter encoder/encoder_norm/scale cannot be "
+                                              r"decoded \(TypeError: data type 'float8_e4m3fn' not understood\)$"):
+        read_checkpoint(ckpt)
 
 
 def test_real_checkpoint_all_arrays(shared):

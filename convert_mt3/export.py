@@ -234,12 +234,23 @@ def _convert_locked(
             move_into_place(staging, out_dir, checkpoint.path, overwrite)
             shutil.rmtree(staging_root, ignore_errors=True)
     except OSError as err:
-        raise ExportError(f"{out_dir}: cannot be written ({err.strerror or err})") from None
+        # a file elsewhere (transformers' module cache, which the reload check writes) is named: another disk
+        elsewhere = f"{err.filename}: " if err.filename and not _beside(Path(err.filename), out_dir) else ""
+        raise ExportError(f"{out_dir}: cannot be written ({elsewhere}{err.strerror or err})") from None
     except SafetensorError as err:  # its I/O errors (a full disk) are not OSErrors
         raise ExportError(f"{out_dir}: cannot be written ({first_line(err)})") from None
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     return result
+
+
+def _beside(path: Path, out_dir: Path) -> bool:
+    """Whether `path` is in OUT_DIR or in a folder this run names after it beside it (staging, previous)."""
+    try:
+        top = path.absolute().relative_to(out_dir.parent).parts[0]
+    except (ValueError, IndexError):
+        return False
+    return top == out_dir.name or top.startswith(f".{out_dir.name}.")
 
 
 __all__ = ["ConversionResult", "ExportError", "build_model", "convert", "verify_folder", "write_folder"]

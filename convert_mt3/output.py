@@ -268,34 +268,40 @@ def move_into_place(staging: Path, out_dir: Path, checkpoint_dir: Path, overwrit
     if not out_dir.exists():
         staging.rename(out_dir)
         return
-    # The folder is replaced, not written into (atomic): it keeps the permissions it was given (a private folder
-    # stays private) and, where the user may set it, its group.
     info = out_dir.stat()
-    staging.chmod(stat.S_IMODE(info.st_mode))
-    try:
-        os.chown(staging, -1, info.st_gid)
-    except OSError:
-        pass  # a group this user is not in: the folder gets the user's, as any new folder would
     # a fresh empty folder of ours, which the rename replaces (a fixed name could be a folder of the user's)
     old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    written = set(manifest_files(out_dir) or ())  # empty folder: nothing to remove but the folder
+    written = manifest_files(out_dir) or {}  # empty folder: nothing to remove but the folder
     try:
         out_dir.rename(old)
     except OSError:
         old.rmdir()
         raise
-    staging.rename(out_dir)
+    try:
+        staging.rename(out_dir)
+    except BaseException:
+        old.rename(out_dir)  # the previous folder back at its name, untouched
+        raise
+    # The folder is replaced, not written into (atomic): it keeps the permissions it was given (a private folder
+    # stays private) and, where the user may set it, its group. Set once moved: a folder without write permission
+    # cannot be moved into another one.
+    out_dir.chmod(stat.S_IMODE(info.st_mode))
+    try:
+        os.chown(out_dir, -1, info.st_gid)
+    except OSError:
+        pass  # a group this user is not in: the folder gets the user's, as any new folder would
     _remove_written(old, written)
 
 
-def _remove_written(folder: Path, written: set[str]) -> None:
-    """Delete the files a previous conversion listed (its manifest last), then the folder; anything else stays
-    where it is. The new folder is in place by now: what cannot be removed is a warning, not a failed run."""
+def _remove_written(folder: Path, written: dict[str, tuple[int, str | None]]) -> None:
+    """Delete the files a previous conversion listed and that are still as it wrote them (its manifest last),
+    then the folder; anything else stays where it is (an edit made while this run converted included). The new
+    folder is in place by now: what cannot be removed is a warning, not a failed run."""
     try:
-        for name in [*sorted(written - {MANIFEST}), MANIFEST]:
+        for name in [*sorted(written.keys() - {MANIFEST}), MANIFEST]:
             path = folder / name
-            if path.is_symlink() or path.is_file():
-                path.unlink()
+            if name == MANIFEST or _as_written(path, written[name]):
+                path.unlink(missing_ok=True)
     except OSError as err:  # a read-only folder or file: the rest stays, still listed by its manifest
         print(f"warning: the new folder is in place; the previous one stays at {folder} ({err.strerror or err})",
               file=sys.stderr)

@@ -120,6 +120,45 @@ def test_overwrite_that_cannot_remove_the_old_files_still_succeeds(mt3_ckpt, tmp
     assert (out / MANIFEST).is_file() and not (tmp_path / ".out.lock").exists()
 
 
+def test_a_folder_that_cannot_move_in_puts_the_previous_one_back(mt3_ckpt, tmp_path, monkeypatch, capsys):
+    """The new folder cannot take OUT_DIR's name (as for a user who is not root when OUT_DIR was read-only: its
+    mode was set on the new folder before the move): the previous folder is back at its name, nothing left."""
+    out = tmp_path / "out"
+    assert main([str(mt3_ckpt), str(out), "--quiet"]) == 0
+    before = tree_digest(tmp_path)
+    rename = Path.rename
+
+    def staging_refused(path, target):
+        if path.parent.name.startswith(".out.tmp-"):
+            raise PermissionError(13, "Permission denied")
+        return rename(path, target)
+
+    monkeypatch.setattr(Path, "rename", staging_refused)
+    assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 1
+    assert "Permission denied" in one_error_line(capsys)
+    assert tree_digest(tmp_path) == before
+
+
+def test_an_edit_made_while_converting_is_kept(mt3_ckpt, tmp_path, monkeypatch, capsys):
+    """A file of the previous folder edited after the last check: the new folder takes OUT_DIR's name, the
+    edited file stays in the previous folder beside it (it was deleted with the files convert-mt3 wrote)."""
+    out = tmp_path / "out"
+    assert main([str(mt3_ckpt), str(out), "--quiet"]) == 0
+    rename = Path.rename
+
+    def user_edits_then_rename(path, target):
+        if path == out:  # checked under the lock just before: the edit comes after
+            (out / "README.md").write_text("edited just now")
+        return rename(path, target)
+
+    monkeypatch.setattr(Path, "rename", user_edits_then_rename)
+    assert main([str(mt3_ckpt), str(out), "--quiet", "--overwrite"]) == 0
+    (old,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
+    assert capsys.readouterr().err == f"warning: kept the previous folder at {old}: it holds files convert-mt3 did not write\n"
+    assert [p.name for p in old.iterdir()] == ["README.md"] and (old / "README.md").read_text() == "edited just now"
+    assert (out / MANIFEST).is_file() and (out / "README.md").read_text() != "edited just now"
+
+
 def test_overwrite_refuses_a_converted_folder_holding_user_files(mt3_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     assert main([str(mt3_ckpt), str(out), "--quiet"]) == 0

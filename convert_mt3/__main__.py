@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
-from .cli import DTYPES, OneLineParser, first_line
+from .cli import DTYPES, OneLineParser, first_line, printable
 
 
 def _checked(kind: type, ok, expected: str):
@@ -171,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError, MemoryError) as err:
         # User-facing failures are one line, no traceback (the error classes name file/array).
         message = "out of memory" if isinstance(err, MemoryError) else str(err)
-        # names from the checkpoint may hold newlines or terminal escapes: shown escaped, on one line
-        print("error: " + "".join(c if c.isprintable() else repr(c)[1:-1] for c in message), file=sys.stderr)
+        print("error: " + printable(message), file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:
         # Staging folder and lock are already gone (finally clauses); a reading thread may still run.

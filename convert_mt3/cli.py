@@ -16,6 +16,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def printable(text: str) -> str:
+    """`text` on one line, newlines and terminal escapes shown escaped: the names in it come from the user's disk
+    or a checkpoint."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def first_line(err: BaseException) -> str:
     """An exception's message cut to its first line (numpy, safetensors and HTTP errors span several), or its
     class name when it has none; a KeyError's without the quotes its str() adds."""

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import DTYPES, OneLineParser, first_line
+from .cli import DTYPES, OneLineParser, first_line, printable
 from .mt3.notes_mt3 import GM_FAMILIES, notes_to_csv, notes_to_json, parse_programs
 from .output import some_names
 
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
                for job in pending if not os.path.isfile(job.source)]
     pending = [job for job in pending if os.path.isfile(job.source)]
     for source, error in errors:
-        print(f"error: {source}: {error}", file=sys.stderr)
+        print(printable(f"error: {source}: {error}"), file=sys.stderr)
     failures = [source for source, _ in errors]
     done = 0
 
@@ -281,8 +281,9 @@ def run(args: argparse.Namespace) -> int:
                 for job in pending:
                     try:
                         samples = pipe.load_audio(str(job.source))
-                    except ValueError as err:
-                        bar.write(f"error: {err}", file=sys.stderr)
+                    except (ValueError, MemoryError) as err:
+                        message = f"{job.source}: out of memory" if isinstance(err, MemoryError) else str(err)
+                        bar.write(printable(f"error: {message}"), file=sys.stderr)
                         failures.append(str(job.source))
                         bar.update(1)
                         continue
@@ -294,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     write_outputs(job.outputs if args.overwrite else missing_outputs(job), result)
                 except OSError as err:
-                    bar.write(f"error: {job.source}: {err}", file=sys.stderr)
+                    bar.write(printable(f"error: {job.source}: {err}"), file=sys.stderr)
                     failures.append(str(job.source))
                 else:
                     done += 1
@@ -302,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet or failures:
         failed = f"{len(failures)} failed" + (f" ({some_names(failures)})" if failures else "")
         where = f"; outputs in {out_dir}" if done or skipped else ""  # no folder named when nothing is in it
-        print(f"mt3-transcribe: {done} transcribed, {skipped} skipped (outputs exist), {failed}{where}", file=sys.stderr)
+        print(printable(f"mt3-transcribe: {done} transcribed, {skipped} skipped (outputs exist), {failed}{where}"),
+              file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -311,16 +313,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(printable(f"error: {err}"), file=sys.stderr)
         return err.status
     except (ImportError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(printable(f"error: {err}"), file=sys.stderr)
+        return 1
+    except (RuntimeError, MemoryError) as err:  # the model's, as CUDA out of memory: the run cannot go on
+        message = "out of memory" if isinstance(err, MemoryError) else first_line(err)
+        hint = " (a smaller --batch-size needs less memory)" if "out of memory" in message else ""
+        print(printable(f"error: {message}; the outputs written so far are complete, a rerun skips them{hint}"),
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # every output is renamed into place whole: the files written so far are complete, a rerun skips them
         written = os.path.isdir(args.out_dir)
-        print("interrupted; " + (f"the outputs written so far are complete, in {args.out_dir}" if written
-                                 else "nothing written"), file=sys.stderr)
+        print(printable("interrupted; " + (f"the outputs written so far are complete, in {args.out_dir}" if written
+                                           else "nothing written")), file=sys.stderr)
         return 130
 
 

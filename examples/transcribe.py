@@ -1,11 +1,12 @@
 """Transcribe an audio file to MIDI with a converted MT3 model, through transformers' pipeline only.
 
     python examples/transcribe.py MODEL AUDIO OUT.mid [--batch-size N] [--device cpu|cuda]
-        [--dtype float32|bfloat16] [--plot ROLL.png] [--programs 0-7,32] [--quiet]
+        [--dtype float32|bfloat16] [--plot ROLL.png] [--programs 0-7,32] [--overwrite] [--quiet]
 
 MODEL is a converted folder or a Hub id; its own pipeline (pipeline_mt3.py, remote code) reads AUDIO (any format
 libsndfile reads: wav, flac, ogg, mp3; stereo mixed to mono, resampled with soxr), cuts it into segments (2.048 s for mt3) and
-decodes `--batch-size` of them per generate call, so memory stays bounded however long the file is.
+decodes `--batch-size` of them per generate call, so memory stays bounded however long the file is. An existing
+OUT.mid or ROLL.png is replaced only with `--overwrite`.
 Needs: transformers, torch, soundfile, soxr, pretty_midi (and matplotlib for --plot).
 For many files, JSON/CSV notes and resuming, use `mt3-transcribe` (installed with convert-mt3, from its repository).
 """
@@ -27,12 +28,15 @@ from transformers import pipeline
 from transformers.utils import logging as transformers_logging
 
 
-def check_output_file(option: str, target: str) -> None:
-    """A file to be written: not a folder, in a folder that exists and takes new files (tried: a file is made
-    there and removed, as `write_beside` will make one)."""
+def check_output_file(option: str, target: str, overwrite: bool) -> None:
+    """A file to be written: not a folder, not a file already there unless `overwrite` (it may be the user's own),
+    in a folder that exists and takes new files (tried: a file is made there and removed, as `write_beside` will
+    make one)."""
     path = Path(target)
     if path.is_dir():
         raise ValueError(f"{option} {target}: is a directory, expected a file to write")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{option} {target}: exists; --overwrite replaces it")
     if not path.absolute().parent.is_dir():
         raise ValueError(f"{option} {target}: folder {path.absolute().parent} does not exist")
     probe = path.absolute().parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
@@ -121,7 +125,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     folder's pipeline as it is built, before the audio is read)."""
     for option, target in [("OUT.mid", args.out), ("--plot", args.plot)]:
         if target is not None:
-            check_output_file(option, target)
+            check_output_file(option, target, args.overwrite)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib: pip install matplotlib")
     if args.plot:
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype (default float32, exact)")
     parser.add_argument("--plot", metavar="ROLL.png", help="also draw a piano roll coloured by instrument")
     parser.add_argument("--programs", metavar="LIST", help="keep only the notes of these GM programs, e.g. 0-7,32 (and the drums)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT.mid and ROLL.png if they exist")
     parser.add_argument("--quiet", action="store_true", help="no summary line")
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
@@ -181,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:  # the model's, as CUDA out of memory: its first line
+        print(f"error: {(str(err).strip().splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # OUT.mid is written whole or not at all
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Each process takes its contiguous share of the dataset (`PartialState().split_be
 it in batches of files through the folder's own pipeline on its device (one GPU per process under accelerate; CPU
 processes talk over gloo, by themselves where CUDA is absent, else with --cpu), and appends each file's line to its
 share's file `.OUT.partN` as it is done; the main process then joins the shares in dataset order into OUT.jsonl: one
-line per file, `{"path": ..., "notes": [...], "error": null}`, the same as one process writes. A file that cannot be
+line per file, `{"path": ..., "notes": [...], "error": null}`, the same as one process writes (an existing OUT.jsonl
+is replaced only with --overwrite). A file that cannot be
 read gets `"notes": null` and the reason in `error`, the others go on, and the exit status is 1 (the main process's,
 counting every process's files; the others exit 0). A run that is interrupted leaves its `.OUT.partN` files: the
 same command again keeps the files they hold and transcribes the others (and those that failed) only. AUDIO_DIR's files with a suffix of a format libsndfile reads are
@@ -43,7 +44,7 @@ def find_files(args: argparse.Namespace) -> list[str]:
         raise ValueError("--batch-size must be at least 1")
     if args.files_per_map_batch < 1:  # datasets reads 0 or less as the whole dataset at once
         raise ValueError("--files-per-map-batch must be at least 1")
-    check_output_file("OUT", args.out)  # also tries a file in its folder
+    check_output_file("OUT", args.out, args.overwrite)  # also tries a file in its folder
     if not Path(args.audio_dir).is_dir():
         raise ValueError(f"AUDIO_DIR {args.audio_dir}: no such folder")
     files = sorted(str(p) for p in Path(args.audio_dir).rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
@@ -95,6 +96,7 @@ def main() -> int:
     parser.add_argument("out", help="JSON lines file to write")
     parser.add_argument("--batch-size", type=int, help="segments per generate call (default: the model's "
                         "segment_batch_size for the device, generation_config.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--files-per-map-batch", type=int, default=8, help="files handed to the pipeline at once (default 8)")
     parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo) on a machine with CUDA (without it, "
                         "several processes are CPU ones anyway)")

@@ -58,13 +58,15 @@ def test_unreadable_files_are_reported_and_bad_paths_refused(tiny_folder, tmp_pa
     (audio / "b.ogg").write_bytes(b"OggS not really")
     (audio / "folder.wav").mkdir()
     (tmp_path / "empty").mkdir()
+    (tmp_path / "taken.jsonl").write_text("a file of the user's\n")
     refused = [
         ([str(tiny_folder), str(audio), "corpus"], "OUT corpus: is a directory"),
+        ([str(tiny_folder), str(audio), "taken.jsonl"], "OUT taken.jsonl: exists; --overwrite replaces it"),
         ([str(tiny_folder), str(audio), "nowhere/x.jsonl"], "OUT nowhere/x.jsonl: folder"),
         ([str(tiny_folder), "missing", "x.jsonl"], "AUDIO_DIR missing: no such folder"),
         ([str(tiny_folder), "empty", "x.jsonl"], "AUDIO_DIR empty: no .aif, .aifc, .aiff, .au, .caf, .flac, .mp3, .oga, .ogg, .opus, .w64, .wav files"),
         ([str(tmp_path / "no-model"), str(audio), "x.jsonl"], "no-model: no such folder"),
-        ([str(tiny_folder), str(audio), str(audio / "a.wav")], "a.wav: is one of AUDIO_DIR's audio files, which it would replace"),
+        ([str(tiny_folder), str(audio), str(audio / "a.wav"), "--overwrite"], "a.wav: is one of AUDIO_DIR's audio files, which it would replace"),
         ([str(tiny_folder), str(audio), "x.jsonl", "--files-per-map-batch", "0"], "--files-per-map-batch must be at least 1"),
         ([str(tmp_path / "bert"), str(audio), "x.jsonl"], "bert: not an MT3 model"),
     ]
@@ -84,6 +86,7 @@ def test_unreadable_files_are_reported_and_bad_paths_refused(tiny_folder, tmp_pa
         assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
             args, result.stderr[-2000:])
     assert not (tmp_path / "x.jsonl").exists()
+    assert (tmp_path / "taken.jsonl").read_text() == "a file of the user's\n"
 
 
 def test_an_interrupted_run_is_resumed(tiny_folder, tmp_path):

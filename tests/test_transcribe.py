@@ -123,6 +123,8 @@ def test_example_refuses_bad_arguments_before_reading_audio(tmp_path):
     (MODEL does not exist, so reaching the model would give another message)."""
     soundfile.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
     (tmp_path / "outdir.mid").mkdir()
+    for name in ("taken.mid", "taken.png"):  # files of the user's: never replaced without --overwrite
+        (tmp_path / name).write_text("mine")
     cases = [
         (["a.wav", "missing/x.mid"], "OUT.mid missing/x.mid: folder"),
         (["a.wav", "outdir.mid"], "OUT.mid outdir.mid: is a directory"),
@@ -131,7 +133,9 @@ def test_example_refuses_bad_arguments_before_reading_audio(tmp_path):
         (["a.wav", "x.mid", "--plot", "roll"], "found 'no suffix'"),
         (["a.wav", "/proc/x.mid"], "OUT.mid /proc/x.mid: cannot be written"),
         (["missing.wav", "x.mid"], "missing.wav: no such file"),
-        (["a.wav", "./a.wav"], "OUT.mid ./a.wav: is the AUDIO file, which it would replace"),
+        (["a.wav", "taken.mid"], "OUT.mid taken.mid: exists; --overwrite replaces it"),
+        (["a.wav", "x.mid", "--plot", "taken.png"], "--plot taken.png: exists; --overwrite replaces it"),
+        (["a.wav", "./a.wav", "--overwrite"], "OUT.mid ./a.wav: is the AUDIO file, which it would replace"),
     ]
     if not torch.cuda.is_available():
         cases.append((["a.wav", "x.mid", "--device", "cuda"], "--device cuda: CUDA is not available"))
@@ -152,7 +156,7 @@ def test_example_refuses_bad_arguments_before_reading_audio(tmp_path):
     for (_, message), run in zip([*cases, (None, "--plot needs matplotlib")], results, strict=True):
         lines = run.stderr.strip().splitlines()
         assert run.returncode == 1 and len(lines) == 1 and message in lines[0], (run.args, run.stderr[-2000:])
-    assert not (tmp_path / "x.mid").exists()
+    assert not (tmp_path / "x.mid").exists() and (tmp_path / "taken.mid").read_text() == "mine"
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith("error: MODEL nowhere/mt4: no such folder, nor a loadable Hub repo id ("), lines

@@ -156,12 +156,45 @@ def test_a_file_with_nan_samples_fails_alone(tiny_folder, tmp_path, monkeypatch,
     soundfile.write(tmp_path / "good.wav", tone, 16000, subtype="FLOAT")
     bad = tone.copy()
     bad[100] = np.nan
-    soundfile.write(tmp_path / "nan.wav", bad, 16000, subtype="FLOAT")
-    assert main([str(tiny_folder), "nan.wav", "good.wav", "-o", "out", "--format", "json", "--quiet"]) == 1
+    name = "nan\n\x1b[31m.wav"  # a name with a newline and a terminal escape: shown escaped, on one line
+    soundfile.write(tmp_path / name, bad, 16000, subtype="FLOAT")
+    assert main([str(tiny_folder), name, "good.wav", "-o", "out", "--format", "json", "--quiet"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[0] == "error: nan.wav: the audio holds NaN or infinite samples"
-    assert "1 transcribed, 0 skipped (outputs exist), 1 failed (nan.wav)" in lines[-1]
+    assert lines[0] == "error: nan\\n\\x1b[31m.wav: the audio holds NaN or infinite samples"
+    assert "1 transcribed, 0 skipped (outputs exist), 1 failed (nan\\n\\x1b[31m.wav)" in lines[-1]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["good.json"]
+
+
+def test_the_model_out_of_memory_is_one_line(tiny_folder, tmp_path, monkeypatch, capsys):
+    """generate() fails (CUDA out of memory on the second file): one line, the first file's output kept (it was a
+    traceback)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    tone = (0.3 * np.sin(np.arange(16000) / 10)).astype(np.float32)  # 1 s: one segment, one generate() call
+    for name in ("a", "b"):
+        soundfile.write(tmp_path / f"{name}.wav", tone, 16000)
+    load_pipeline = transcribe.load_pipeline
+
+    def second_call_fails(*args):
+        pipe = load_pipeline(*args)
+        generate, calls = pipe.model.generate, []
+
+        def generating(*inputs, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nGPU 0 has ...")
+            return generate(*inputs, **kwargs)
+
+        pipe.model.generate = generating
+        return pipe
+
+    monkeypatch.setattr(transcribe, "load_pipeline", second_call_fails)
+    assert main([str(tiny_folder), "a.wav", "b.wav", "-o", "out", "--format", "json", "--batch-size", "1",
+                 "--quiet"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: CUDA out of memory. Tried to allocate 2.00 GiB; the outputs written so far are complete, a rerun "
+        "skips them (a smaller --batch-size needs less memory)"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.json"]
 
 
 def test_files_are_read_as_the_pipeline_goes(tiny_folder, tmp_path, monkeypatch, capsys):

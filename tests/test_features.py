@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import tempfile
 
 import numpy as np
@@ -225,9 +226,29 @@ def test_a_list_of_clips_gives_their_segments_in_order(extractor, device):
         extractor([clips[0], np.full(10, np.nan, np.float32)], sampling_rate=16000)
 
 
-def test_integer_samples_raise(extractor):
-    with pytest.raises(ValueError, match="floating"):
-        extractor(np.zeros(1000, dtype=np.int16), sampling_rate=16000)
+@pytest.mark.parametrize("audio, message", [
+    (np.zeros(1000, dtype=np.int16), "Expected floating-point samples (about [-1, 1]) (int16 samples / 32768"),
+    (None, "found NoneType."),
+    (("a.wav", "b.wav"), "found a tuple of strings. The feature extractor does not read files"),  # was "dtype <U5"
+    ([0.1, [0.3]], "found a ragged list."),  # was numpy's "inhomogeneous shape" text
+    ((x for x in [0.1]), "found generator."),  # was "found shape ()"
+    ([0.1, None], "found a list holding non-numbers."),
+])
+def test_what_is_no_samples_is_named(extractor, audio, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        extractor(audio, sampling_rate=16000)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "device='gpu': expected a torch device"),
+    ("mps", "device='mps': the torch path computes in float64, which MPS lacks"),
+    *([] if torch.cuda.is_available() else [("cuda", "device='cuda': CUDA is not available")]),
+])
+def test_a_device_the_torch_path_cannot_use_is_one_line(extractor, device, message):
+    """torch's own errors were an AssertionError (CUDA in a CPU-only build), a RuntimeError (a bad name) or a
+    TypeError (float64 on MPS)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        extractor(np.zeros(1600, np.float32), sampling_rate=16000, device=device)
 
 
 def test_config_round_trip():

@@ -154,9 +154,22 @@ def test_asr_pipeline_conventions(tiny_pipe):
     audio = tone(2.5, 16000)
     plain = tiny_pipe({"array": audio, "sampling_rate": 16000}, return_midi=False)
     assert tiny_pipe({"raw": audio, "sampling_rate": 16000}, return_midi=False) == plain
-    as_dict = tiny_pipe(audio, sampling_rate=16000, return_midi=False,
-                        generate_kwargs={"return_dict_in_generate": True, "max_new_tokens": 64})  # replaces the fixture's
+    as_dict = tiny_pipe(audio, sampling_rate=16000, return_midi=False, generate_kwargs={"return_dict_in_generate": True})
     assert as_dict == plain and len(plain["notes"]) > 0
+
+
+def test_a_calls_generate_kwargs_add_to_the_pipelines(tiny_pipe, monkeypatch):
+    """Built with max_new_tokens=64 (the fixture): a call's generate_kwargs or max_new_tokens add to it, or
+    override it, instead of replacing the whole dict (the cap was lost, as it is in transformers' ASR pipeline)."""
+    generate, seen = tiny_pipe.model.generate, []
+    monkeypatch.setattr(tiny_pipe.model, "generate",
+                        lambda *args, **kwargs: seen.append({k: kwargs[k] for k in ("max_new_tokens", "num_beams") if k in kwargs})
+                        or generate(*args, **kwargs))
+    audio = {"array": tone(1.0, 16000), "sampling_rate": 16000}
+    tiny_pipe(audio, return_midi=False, generate_kwargs={"num_beams": 1})
+    tiny_pipe(audio, return_midi=False, max_new_tokens=8)
+    tiny_pipe(audio, return_midi=False)
+    assert seen == [{"max_new_tokens": 64, "num_beams": 1}, {"max_new_tokens": 8}, {"max_new_tokens": 64}]
 
 
 def test_the_speech_recognition_pipeline_points_to_music_transcription(tiny_folder, monkeypatch_module):
@@ -304,6 +317,15 @@ def test_long_audio_is_cut_lazily_and_exactly(tiny_pipe):
     assert starts == whole["segment_start_times"].tolist()
 
 
+def test_unscaled_long_audio_is_warned_once(tiny_pipe, caplog):
+    """Integer-sized samples over several 16-segment chunks: one warning for the input (it was one per chunk,
+    ~110 for an hour)."""
+    audio = (1000.0 * tone(100.0, 16000)).astype(np.float32)  # 49 segments: 4 chunks
+    with caplog.at_level("WARNING"):
+        assert len(list(tiny_pipe.preprocess({"array": audio, "sampling_rate": 16000}))) == 49
+    assert len([r for r in caplog.records if "peaks at" in r.getMessage()]) == 1
+
+
 @pytest.mark.parametrize(
     "inputs, kwargs, message",
     [
@@ -376,13 +398,14 @@ def test_features_on_the_models_cuda_device(tiny_pipe, monkeypatch):
     monkeypatch.undo()
 
     extractor_class = type(tiny_pipe.feature_extractor)
-    original, devices = extractor_class.__call__, []
 
-    def recording(self, *args, device=None, **kwargs):
+    original, devices = extractor_class._extract_clip, []
+
+    def recording(self, audio, device, *args, **kwargs):
         devices.append(device)
-        return original(self, *args, device=device, **kwargs)
+        return original(self, audio, device, *args, **kwargs)
 
-    monkeypatch.setattr(extractor_class, "__call__", recording)
+    monkeypatch.setattr(extractor_class, "_extract_clip", recording)
     monkeypatch.setattr(type(tiny_pipe), "_feature_device", lambda self: "cpu")  # stands for the CUDA device
     result = tiny_pipe({"array": tone(40.0, 16000), "sampling_rate": 16000}, return_midi=False)
     assert devices == ["cpu", "cpu"]  # 20 segments: two chunks of at most 16, both through the torch path

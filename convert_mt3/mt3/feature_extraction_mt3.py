@@ -48,6 +48,21 @@ class MT3BatchFeature(BatchFeature):
         return self
 
 
+def _check_device(device) -> None:
+    """A `device=` the float64 torch path can run on, or a one-line ValueError (torch's own are an AssertionError
+    for CUDA in a CPU-only build, a TypeError for float64 on MPS)."""
+    if not is_torch_available():
+        raise ValueError(f"device={device!r} needs torch, which is not installed; leave device=None.")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r}: expected a torch device such as 'cpu' or 'cuda:0'.") from None
+    if kind == "mps":
+        raise ValueError("device='mps': the torch path computes in float64, which MPS lacks; leave device=None.")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available (torch {torch.__version__}); leave device=None.")
+
+
 class MT3FeatureExtractor(SequenceFeatureExtractor):
     r"""
     Constructs an MT3 feature extractor.
@@ -161,7 +176,7 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
                 f"Expected audio samples (a 1-D float array); found {type(audio).__name__}. The feature extractor "
                 "does not read files: read them first (e.g. soundfile.read), or give files to the pipeline."
             )
-        if isinstance(audio, dict) or np.isscalar(audio):
+        if isinstance(audio, dict) or np.isscalar(audio) or audio is None:
             found = f"a dict with keys {sorted(audio)}" if isinstance(audio, dict) else type(audio).__name__
             raise ValueError(f"Expected audio samples (a 1-D float array); found {found}.")
         if is_batch_of_clips(audio):
@@ -169,14 +184,27 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
                 f"Expected one mono clip (a 1-D array or a list of floats); found a {type(audio).__name__} of "
                 f"{len(audio)} sequences (several clips go in a list)."
             )
-        audio = np.asarray(audio)
+        given = type(audio).__name__
+        try:
+            audio = np.asarray(audio)
+        except ValueError:  # numpy's "inhomogeneous shape" text, several lines
+            raise ValueError(f"Expected audio samples (a 1-D float array); found a ragged {given}.") from None
+        if audio.dtype.kind in "US":
+            raise ValueError(
+                f"Expected audio samples (a 1-D float array); found a {given} of strings. The feature extractor does "
+                "not read files: give them to the pipeline, several as a list."
+            )
+        if audio.dtype.kind == "O":  # a generator, None among the samples, ...
+            found = given if audio.ndim == 0 else f"a {given} holding non-numbers"
+            raise ValueError(f"Expected audio samples (a 1-D float array); found {found}.")
         if audio.ndim != 1:
             channels = int(np.argmin(audio.shape)) if audio.ndim == 2 else None  # the shorter axis
             hint = (f" (mix the channels to mono first, e.g. audio.mean(axis={channels}); several clips go in a list)"
                     if channels is not None else "")
             raise ValueError(f"Expected mono audio as a 1-D array (num_samples,); found shape {audio.shape}{hint}.")
         if audio.size and not np.issubdtype(audio.dtype, np.floating):
-            raise ValueError(f"Expected floating-point samples (about [-1, 1]); found dtype {audio.dtype}.")
+            hint = " (int16 samples / 32768, int32 / 2147483648)" if audio.dtype.kind in "iu" else ""
+            raise ValueError(f"Expected floating-point samples (about [-1, 1]){hint}; found dtype {audio.dtype}.")
         audio = audio.astype(np.float32, copy=False)  # TF computes the original on float32 samples
         if not np.all(np.isfinite(audio)):
             raise ValueError("Expected finite audio samples; found NaN or infinite values.")
@@ -304,8 +332,8 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
                 f"It is strongly recommended to pass the `sampling_rate` argument to `{self.__class__.__name__}()`. "
                 "Failing to do so can result in silent errors that might be hard to debug."
             )
-        if device is not None and not is_torch_available():
-            raise ValueError(f"device={device!r} needs torch, which is not installed; leave device=None.")
+        if device is not None:
+            _check_device(device)
         keep_on_device = device is not None and return_tensors == "pt"  # TensorType.PYTORCH equals "pt"
         batch = is_batch_of_clips(audio)
         clips = []
@@ -323,11 +351,13 @@ class MT3FeatureExtractor(SequenceFeatureExtractor):
             data["segments_per_clip"] = np.array([len(times) for _, times in clips], dtype=np.int64)
         return MT3BatchFeature(data, tensor_type=return_tensors)
 
-    def _extract_clip(self, audio, device: str | None, keep_on_device: bool) -> tuple:
+    def _extract_clip(self, audio, device: str | None, keep_on_device: bool, warn: bool = True) -> tuple:
         """One clip -> (features (num_segments, frames_per_segment, feature_size) float32, numpy or a torch tensor
-        on `device` with `keep_on_device`; segment start times (num_segments,) float64 seconds)."""
+        on `device` with `keep_on_device`; segment start times (num_segments,) float64 seconds). `warn=False`: the
+        caller checked the peak of the whole audio (the pipeline, which extracts it a chunk at a time)."""
         samples = self._validate_audio(audio)
-        self._warn_if_unscaled(samples)
+        if warn:
+            self._warn_if_unscaled(samples)
         bounds = self._segment_bounds(samples.shape[0])
         # The colab pads the waveform with zeros up to the last frame (at least one extra frame).
         total_samples = (bounds[-1][0] + bounds[-1][1]) * self.hop_length if bounds else 0

@@ -141,11 +141,15 @@ class MT3TranscriptionPipeline(ChunkPipeline):
         if programs is not None:
             postprocess["programs"] = parse_programs(programs)
         if generate_kwargs is not None or max_new_tokens is not None:
-            forward["generate_kwargs"] = dict(generate_kwargs or {})
+            given = dict(generate_kwargs or {})
             if max_new_tokens is not None:  # also a pipeline argument, as in the ASR pipeline
-                if "max_new_tokens" in forward["generate_kwargs"]:
+                if "max_new_tokens" in given:
                     raise ValueError("`max_new_tokens` is given both as an argument and in `generate_kwargs`")
-                forward["generate_kwargs"]["max_new_tokens"] = max_new_tokens
+                given["max_new_tokens"] = max_new_tokens
+            # A call's generate options add to those the pipeline was built with (transformers would replace the
+            # whole dict: a max_new_tokens cap set once was lost as soon as a call passed any other option).
+            built = (getattr(self, "_forward_params", None) or {}).get("generate_kwargs") or {}
+            forward["generate_kwargs"] = {**built, **given}
         if return_midi is not None:
             if return_midi not in (True, False, "bytes"):
                 raise ValueError(f"return_midi={return_midi!r}: expected True, False or 'bytes'")
@@ -196,16 +200,17 @@ class MT3TranscriptionPipeline(ChunkPipeline):
             import_pretty_midi()  # an ImportError now, not after the whole input is transcribed
         audio = self.load_audio(inputs, sampling_rate)
         extractor = self.feature_extractor
+        extractor._warn_if_unscaled(audio)  # once per input, not once per chunk
         device = self._feature_device()
         frames_per_segment = extractor.frames_per_segment
         chunk = SEGMENTS_PER_CHUNK * frames_per_segment * extractor.hop_length
         for offset in range(0, len(audio), chunk):
-            features = extractor(
-                audio[offset : offset + chunk], sampling_rate=extractor.sampling_rate, return_tensors="pt", device=device
+            features, _ = extractor._extract_clip(
+                audio[offset : offset + chunk], device, keep_on_device=device is not None, warn=False
             )
             # (segments, frames, mel bins), on the host: transformers' collate pads a batch into a CPU tensor, one
             # row at a time, so one copy of the chunk here beats a device-to-host copy per segment there
-            features = features["input_features"].cpu()
+            features = torch.as_tensor(features).cpu()
             last = offset + chunk >= len(audio)
             # A chunk that is not the last is a whole number of segments; the extractor's end padding adds one
             # short segment that belongs to the next chunk.

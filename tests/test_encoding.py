@@ -108,7 +108,7 @@ def test_targets_layout():
         "<tie_0>", "<shift_50>", "<program_33>", "<velocity_1>", "<pitch_40>", "<pitch_43>", "<drum_36>",
         "<shift_70>", "<velocity_0>", "<pitch_43>", "</s>",
     ]
-    # segment 2 starts at step 204 (2.048 rounded down as decoding does); 3.0 s is 96 steps later
+    # segment 2's origin is step 204 (the last at or before 2.048 s); 3.0 s is 96 steps later
     assert model_ids_text(tokenizer, second) == [
         "<program_33>", "<pitch_40>", "<tie_0>", "<shift_96>", "<velocity_0>", "<pitch_40>", "</s>",
     ]
@@ -116,6 +116,24 @@ def test_targets_layout():
     coarse = MT3Tokenizer(program_granularity="midi_class")
     (row,) = coarse.encode_notes([MT3Note(33, False, 40, 100, 12.0, 12.5)], [0.0])
     assert model_ids_text(coarse, row)[:4] == ["<tie_0>", "<shift_1000>", "<shift_200>", "<program_32>"]
+
+
+def test_a_segment_starting_on_the_grid_counts_from_its_start():
+    """Segment 15 starts at 30.72 s, on the 10 ms grid: its targets count from step 3072, as MT3's
+    encode_and_index_events compares each step's time with the frame's (float 30.72 % 0.01 is ~0.01, so the
+    colab's rounding, which the targets used, made it 3071 and every time in the segment one step late: 223 of an
+    hour's 1,800 segments). Decoding keeps the colab's rounding, so there the notes come back 10 ms early, as
+    MT3's own decoding of such targets gives them."""
+    tokenizer = MT3Tokenizer()
+    starts = [k * 2.048 for k in range(16)]
+    assert starts[15] == 30.72 and 30.72 % 0.01 > 0.0099
+    targets = tokenizer.encode_notes([MT3Note(0, False, 60, 100, 30.75, 30.9)], starts)
+    assert model_ids_text(tokenizer, targets[15]) == [
+        "<tie_0>", "<shift_3>", "<program_0>", "<velocity_1>", "<pitch_60>", "<shift_18>", "<velocity_0>", "<pitch_60>",
+        "</s>",
+    ]
+    decoded = tokenizer.batch_decode([[0, *row] for row in targets], segment_start_times=starts)["notes"]
+    assert [(n.start, n.end) for n in decoded] == [(pytest.approx(30.74), pytest.approx(30.89))]
 
 
 def test_notes_from_before_the_clip_and_after_the_last_event():

@@ -8,9 +8,11 @@ Ported (rewritten, no TensorFlow / seqio) from Magenta MT3:
 - decoding: `run_length_encoding.decode_events`, `metrics_utils.decode_and_combine_predictions` /
   `event_predictions_to_ns`.
 
-Segments are the feature extractor's: segment k holds the events from its start step to the next segment's start
-step, with times relative to its start rounded down to the shift grid exactly as decoding rounds it (the colab's
-`start_time -= start_time % (1 / steps_per_second)`), so that decoding the targets gives back the notes.
+Segments are the feature extractor's: segment k holds the events from its origin step to the next segment's, times
+counted from its origin: the last step at or before its start, as MT3's `encode_and_index_events` finds it. Decoding
+rounds a start down with the colab's `start_time -= start_time % (1 / steps_per_second)`, which in floats is one step
+lower for some starts (30.72 s, 61.44 s, ...: 223 of an hour's 1,800): there the targets' notes decode 10 ms early,
+as MT3's own do; elsewhere decoding the targets gives back the notes.
 """
 
 import math
@@ -25,7 +27,6 @@ from .event_codec_mt3 import (
     Event,
     map_program,
     num_velocity_bins_from_codec,
-    round_down_start_time,
 )
 from .note_sequences_mt3 import (
     DEFAULT_MIN_NOTE_DURATION,
@@ -48,8 +49,17 @@ STATE_CHANGE_EVENT_TYPES = ("velocity", "program")
 
 
 def segment_start_steps(segment_start_times: Sequence[float], steps_per_second: int) -> list[int]:
-    """Shift-grid step of each segment's start, as decoding rounds it."""
-    return [round(round_down_start_time(t, steps_per_second) * steps_per_second) for t in segment_start_times]
+    """Each segment's origin on the shift grid: the last step with `step / steps_per_second <= start`, compared in
+    floats as `encode_and_index_events` compares a frame's time with each step's."""
+    steps = []
+    for start in segment_start_times:
+        step = math.floor(start * steps_per_second)  # the product may round to either side of the step
+        if step / steps_per_second > start:
+            step -= 1
+        elif (step + 1) / steps_per_second <= start:
+            step += 1
+        steps.append(step)
+    return steps
 
 
 def shift_events(steps: int, max_shift_steps: int) -> list[Event]:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
-from .cli import DTYPES, OneLineParser, first_line, printable
+from .cli import DTYPES, OneLineParser, Terminated, first_line, printable
 
 
 def _checked(kind: type, ok, expected: str):
@@ -99,10 +99,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ValueError as err:
             parser.error(f"argument --push-to-hub: {first_line(err)}")
     return args
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, `timeout`, a job scheduler): cleaned up as Ctrl-C is, so no lock or staging folder stays."""
 
 
 class _Interrupts:

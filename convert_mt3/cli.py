@@ -8,6 +8,10 @@ from typing import NoReturn
 DTYPES = ("float32", "bfloat16", "float16")  # --dtype of both tools: float32 first, the trained precision
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a job scheduler): cleaned up as Ctrl-C is, so no lock or temporary file stays."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, with a usage error as one `error: ...` line (exit status 2) instead of the whole usage banner
     above it: the banner of `python -m convert_mt3` is 15 lines and hid the one that says what is wrong."""

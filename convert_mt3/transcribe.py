@@ -16,12 +16,14 @@ import argparse
 import glob
 import logging
 import os
+import signal
 import sys
+import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import DTYPES, OneLineParser, first_line, printable
+from .cli import DTYPES, OneLineParser, Terminated, first_line, printable
 from .mt3.notes_mt3 import GM_FAMILIES, notes_to_csv, notes_to_json, parse_programs
 from .output import some_names
 
@@ -308,8 +310,15 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _terminate(signum: int, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM as Ctrl-C: the output being written is removed, one line, status 143 (it left a temporary file)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set a handler
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return run(args)
     except UsageError as err:
@@ -324,12 +333,16 @@ def main(argv: list[str] | None = None) -> int:
         print(printable(f"error: {message}; the outputs written so far are complete, a rerun skips them{hint}"),
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         # every output is renamed into place whole: the files written so far are complete, a rerun skips them
         written = os.path.isdir(args.out_dir)
-        print(printable("interrupted; " + (f"the outputs written so far are complete, in {args.out_dir}" if written
-                                           else "nothing written")), file=sys.stderr)
-        return 130
+        word = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
+        print(printable(f"{word}; " + (f"the outputs written so far are complete, in {args.out_dir}" if written
+                                       else "nothing written")), file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+    finally:
+        if previous is not None:  # None: set outside Python, cannot be put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

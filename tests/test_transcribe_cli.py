@@ -4,8 +4,10 @@ import csv
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +256,34 @@ def test_a_folder_of_another_model_and_ctrl_c(tmp_path, monkeypatch, capsys):
     (tmp_path / "out").mkdir()
     assert main([str(tmp_path / "t5"), "a.wav", "-o", "out"]) == 130
     assert capsys.readouterr().err == "interrupted; the outputs written so far are complete, in out\n"
+
+
+def test_sigterm_leaves_whole_outputs_only(tiny_folder, tmp_path):
+    """`kill` (SIGTERM) while files are written: status 143, one line, the outputs written so far whole and no
+    temporary file (the default action killed the process where it stood)."""
+    tone = (0.3 * np.sin(np.arange(16000) / 10)).astype(np.float32)
+    for index in range(40):
+        soundfile.write(tmp_path / f"{index:02d}.wav", tone, 16000)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", "import sys; from convert_mt3.transcribe import main; sys.exit(main())",
+               str(tiny_folder), ".", "-o", "out", "--format", "midi,json", "--batch-size", "1", "--quiet"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not list((tmp_path / "out").glob("*.json")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines() == ["terminated; the outputs written so far are complete, in out"]
+    outputs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert outputs and all(not name.startswith(".") for name in outputs), outputs
+    for name in outputs:
+        path = tmp_path / "out" / name
+        if name.endswith(".json"):
+            json.loads(path.read_text())
+        else:
+            pretty_midi.PrettyMIDI(str(path))
+    assert len(outputs) < 80  # stopped before the end
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,9 @@ DRAFT_TOKENS = {"cpu": 4, "cuda": 0, "mps": 0, "xpu": 0}
 # costs mostly its weights' reading and its dispatch (the 49 linears on 2 cores: ~7 ms for 1 row, ~8.5 for 5); at 8
 # rows the same clip took 23.4 and 28.0 s against 22.7 and 23.8 s at 4.
 DRAFT_ROWS = 4
+# A CUDA decode of at most this many rows counts as small (attention through SDPA in half precision, key buckets of
+# 128): the threshold lies between the two sizes measured, a 60 s clip's 30 rows and an hour's 256.
+FEW_ROWS = 64
 
 
 class MT3SlotLayer(CacheLayerMixin):
@@ -443,13 +446,12 @@ class MT3GreedyPool:
         precision above 64 rows (the hour under autocast float16: 4.7 s against 7.9 s), while fewer rows keep
         SDPA's half-precision kernel, one launch instead of five (the 60 s clip under autocast float16: 0.44 s
         against 0.59 s). Half precision was measured under autocast float16 only; autocast bfloat16 and cast models
-        follow it unmeasured, and the threshold of 64 lies between the two measured sizes. Other devices (MPS, XPU):
-        SDPA, not measured."""
+        follow it unmeasured (`FEW_ROWS`). Other devices (MPS, XPU): SDPA, not measured."""
         if device_type == "cpu":
             return dtype == torch.float32 or autocast
         if device_type != "cuda":
             return False
-        return (dtype == torch.float32 and not autocast) or rows > 64
+        return (dtype == torch.float32 and not autocast) or rows > FEW_ROWS
 
     @staticmethod
     def key_bucket(rows: int, graphs: bool) -> int:
@@ -457,8 +459,8 @@ class MT3GreedyPool:
         graphs each multiple is a capture (~15 ms at 30 rows on an H200): few rows take 128 (30 rows, 333 steps: 3
         captures and 0.57 s, against 11 and 0.69 s with 32); many rows 32, where reading unused keys costs more than
         the captures save (256 rows, 1000 steps: 7.2 s with 128, 6.7 s with 32). Measured at 30 and 256 rows only,
-        with random weights and the SDPA attention of the time (matmuls since); the threshold of 64 is not."""
-        return 128 if graphs and rows <= 64 else MT3SlotCache.bucket
+        with random weights and the SDPA attention of the time (matmuls since); `FEW_ROWS` is not."""
+        return 128 if graphs and rows <= FEW_ROWS else MT3SlotCache.bucket
 
     def _decode(self, cache, features, max_new_tokens, eos_token_ids, pad_token_id, start, processors, graphs,
                 interval, drafts):

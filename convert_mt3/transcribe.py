@@ -259,9 +259,10 @@ def run(args: argparse.Namespace) -> int:
     pending = [job for job in jobs if args.overwrite or missing_outputs(job)]
     skipped = len(jobs) - len(pending)
     # inputs that are no files fail here, before the model loads (nothing to do: no model, no OUT_DIR)
-    errors += [(str(job.source), "no such file" if not os.path.exists(job.source) else "not a file")
-               for job in pending if not os.path.isfile(job.source)]
-    pending = [job for job in pending if os.path.isfile(job.source)]
+    is_file = [os.path.isfile(job.source) for job in pending]
+    errors += [(str(job.source), "not a file" if os.path.exists(job.source) else "no such file")
+               for job, ok in zip(pending, is_file) if not ok]
+    pending = [job for job, ok in zip(pending, is_file) if ok]
     for source, error in errors:
         print(printable(f"error: {source}: {error}"), file=sys.stderr)
     failures = [source for source, _ in errors]

@@ -8,13 +8,11 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
-from .cli import DTYPES, OneLineParser, Terminated, first_line, printable
+from .cli import DTYPES, Interrupts, OneLineParser, Terminated, first_line, printable
 
 
 def _checked(kind: type, ok, expected: str):
@@ -101,61 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class _Interrupts:
-    """SIGINT / SIGTERM as KeyboardInterrupt / Terminated in the main thread, where raising them cannot break the
-    interpreter. Inside `hold()` (torch's and transformers' imports, where a raise aborted the process in pybind11
-    code or surfaced as another error) a signal waits for the end of the block; in importlib between taking and
-    releasing its module locks (a conversion interrupted there hung), in threading's locks and in finalizers, the
-    same signal is sent again 10 ms later."""
-
-    NOT_INTERRUPTIBLE = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>", threading.__file__)
-
-    def __init__(self):
-        self.holding = False
-        self.pending: int | None = None
-        self.written = False  # OUT_DIR is in place: an interrupt from now on must not say "nothing written"
-
-    @staticmethod
-    def error(signum: int) -> KeyboardInterrupt:
-        return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-    def handle(self, signum: int, frame) -> None:
-        if self.holding:
-            self.pending = signum
-            return
-        if frame is not None and (frame.f_code.co_filename in self.NOT_INTERRUPTIBLE or frame.f_code.co_name == "__del__"):
-            again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
-            again.daemon = True
-            again.start()
-            return
-        raise self.error(signum)
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        self.holding = True
-        try:
-            yield
-        finally:
-            self.holding = False
-        if self.pending is not None:
-            signum, self.pending = self.pending, None
-            raise self.error(signum)
-
-    @contextmanager
-    def commit(self) -> Iterator[None]:
-        """Moving OUT_DIR into place: a signal waits for the end of the block, after which the folder is written."""
-        with self.hold():
-            yield
-            self.written = True
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from .output import check_out_dir, out_dir_lock  # standard library only
 
     out_dir = Path(args.out_dir).absolute()
     pool = ThreadPoolExecutor(1)
-    interrupts = _Interrupts()
+    interrupts = Interrupts()
     # Only the main thread may set a handler (main() may also be called from another thread, or from tests).
     signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     previous = {signum: signal.signal(signum, interrupts.handle) for signum in signals}
@@ -181,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(signum, handler)
 
 
-def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor, interrupts: _Interrupts) -> int:
+def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor, interrupts: Interrupts) -> int:
     """Read, convert, report and push; called with OUT_DIR checked and locked."""
     from .checkpoint import read_checkpoint  # light: numpy, msgpack, zlib
 

@@ -1,8 +1,13 @@
-"""What the command-line tools share: usage and other errors in one line, the weight dtypes they offer."""
+"""What the command-line tools share: usage and other errors in one line, signals, the weight dtypes they offer."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 DTYPES = ("float32", "bfloat16", "float16")  # --dtype of both tools: float32 first, the trained precision
@@ -10,6 +15,54 @@ DTYPES = ("float32", "bfloat16", "float16")  # --dtype of both tools: float32 fi
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, `timeout`, a job scheduler): cleaned up as Ctrl-C is, so no lock or temporary file stays."""
+
+
+class Interrupts:
+    """SIGINT / SIGTERM as KeyboardInterrupt / Terminated in the main thread, where raising them cannot break the
+    interpreter. Inside `hold()` (torch's and transformers' imports, where a raise aborted the process in pybind11
+    code or surfaced as another error) a signal waits for the end of the block; in importlib between taking and
+    releasing its module locks (a conversion interrupted there hung), in threading's locks and in finalizers, the
+    same signal is sent again 10 ms later."""
+
+    NOT_INTERRUPTIBLE = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>", threading.__file__)
+
+    def __init__(self):
+        self.holding = False
+        self.pending: int | None = None
+        self.written = False  # the output is in place: an interrupt from now on must not say "nothing written"
+
+    @staticmethod
+    def error(signum: int) -> KeyboardInterrupt:
+        return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def handle(self, signum: int, frame) -> None:
+        if self.holding:
+            self.pending = signum
+            return
+        if frame is not None and (frame.f_code.co_filename in self.NOT_INTERRUPTIBLE or frame.f_code.co_name == "__del__"):
+            again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+            again.daemon = True
+            again.start()
+            return
+        raise self.error(signum)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise self.error(signum)
+
+    @contextmanager
+    def commit(self) -> Iterator[None]:
+        """Moving an output into place: a signal waits for the end of the block, after which it is written."""
+        with self.hold():
+            yield
+            self.written = True
 
 
 class OneLineParser(argparse.ArgumentParser):

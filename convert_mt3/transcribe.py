@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import DTYPES, OneLineParser, Terminated, first_line, printable
+from .cli import DTYPES, Interrupts, OneLineParser, Terminated, first_line, printable
 from .mt3.notes_mt3 import GM_FAMILIES, notes_to_csv, notes_to_json, parse_programs
 from .output import some_names
 
@@ -241,7 +241,7 @@ def load_pipeline(args: argparse.Namespace, device: str, programs: set[int] | No
         raise ModelError(f"{args.model}: cannot load the MT3 pipeline ({reason})") from None
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, interrupts: Interrupts) -> int:
     # Every argument is checked before a model or any audio is read.
     check_model(args.model)
     formats = parse_formats(args.format)
@@ -252,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{option} {str(err).removeprefix('programs ')}") from None  # "--programs '7-x': expected ..."
     out_dir = Path(args.out_dir)
     check_out_dir(out_dir)
-    device = resolve_device(args.device)
+    with interrupts.hold():  # torch's import: a signal waits for its end (raised inside, it can abort the process)
+        device = resolve_device(args.device)
     files, errors = expand_inputs(args.inputs)
     jobs, duplicate_errors = plan_jobs(files, out_dir, formats)
     errors += duplicate_errors
@@ -271,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     if pending:
+        with interrupts.hold():  # transformers' imports, as torch's
+            import transformers.pipelines  # noqa: F401  (what load_pipeline needs)
         pipe = load_pipeline(args, device, programs)
         try:
             out_dir.mkdir(exist_ok=True)  # once the model loaded: a run that cannot start leaves nothing
@@ -311,17 +314,15 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _terminate(signum: int, frame) -> None:
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # SIGTERM as Ctrl-C: the output being written is removed, one line, status 143 (it left a temporary file)
-    main_thread = threading.current_thread() is threading.main_thread()  # only it may set a handler
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    # Ctrl-C and SIGTERM alike: the output being written is removed, one line, status 130 / 143 (SIGTERM left a
+    # temporary file); only the main thread may set a handler (main() may be called from another, or from tests)
+    interrupts = Interrupts()
+    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {signum: signal.signal(signum, interrupts.handle) for signum in signals}
     try:
-        return run(args)
+        return run(args, interrupts)
     except UsageError as err:
         print(printable(f"error: {err}"), file=sys.stderr)
         return err.status
@@ -342,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                                        else "nothing written")), file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
     finally:
-        if previous is not None:  # None: set outside Python, cannot be put back
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

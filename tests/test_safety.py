@@ -416,7 +416,7 @@ def test_signals_wait_where_raising_would_break_the_interpreter(monkeypatch):
     signal is sent again 10 ms later; inside `hold()` it waits for the block's end; elsewhere it raises at once."""
     import types
 
-    from convert_mt3 import __main__ as cli
+    from convert_mt3 import cli
 
     sent = []
 
@@ -434,7 +434,7 @@ def test_signals_wait_where_raising_would_break_the_interpreter(monkeypatch):
     def frame(filename: str, name: str = "f"):
         return types.SimpleNamespace(f_code=types.SimpleNamespace(co_filename=filename, co_name=name))
 
-    interrupts = cli._Interrupts()
+    interrupts = cli.Interrupts()
     for inside in (frame("<frozen importlib._bootstrap>", "cb"), frame(cli.threading.__file__), frame("x.py", "__del__")):
         interrupts.handle(signal.SIGTERM, inside)
         assert sent == [0.01, (os.getpid(), signal.SIGTERM)]

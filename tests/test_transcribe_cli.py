@@ -247,7 +247,7 @@ def test_a_folder_of_another_model_and_ctrl_c(tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 't5'}: cannot load the MT3 pipeline"), err
     assert not (tmp_path / "out").exists()
 
-    def interrupted(args):
+    def interrupted(args, interrupts):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("convert_mt3.transcribe.run", interrupted)
@@ -256,6 +256,24 @@ def test_a_folder_of_another_model_and_ctrl_c(tmp_path, monkeypatch, capsys):
     (tmp_path / "out").mkdir()
     assert main([str(tmp_path / "t5"), "a.wav", "-o", "out"]) == 130
     assert capsys.readouterr().err == "interrupted; the outputs written so far are complete, in out\n"
+
+
+@pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_while_torch_imports_is_one_line(tiny_folder, tmp_path, signum, status, word):
+    """Ctrl-C or SIGTERM while torch and transformers import: it waits for the imports' end (raised inside them it
+    could abort the process or surface as another error), then one line, nothing written."""
+    soundfile.write(tmp_path / "a.wav", np.zeros(16000, np.float32), 16000)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": str(ROOT)}
+    code = "import sys; from convert_mt3.transcribe import main; print('ready', flush=True); sys.exit(main())"
+    command = [sys.executable, "-c", code, str(tiny_folder), "a.wav", "-o", "out", "--quiet"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "ready\n"
+    time.sleep(0.3)  # main() has set its handlers; torch's import takes longer than this
+    process.send_signal(signum)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == status, stderr
+    assert stderr.strip().splitlines() == [f"{word}; nothing written"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]
 
 
 def test_sigterm_leaves_whole_outputs_only(tiny_folder, tmp_path):

@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import __version__
-from .cli import DTYPES, Interrupts, OneLineParser, Terminated, first_line, printable
+from .cli import DTYPES, Interrupts, OneLineParser, first_line, printable
 
 
 def _checked(kind: type, ok, expected: str):
@@ -106,14 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir).absolute()
     pool = ThreadPoolExecutor(1)
     interrupts = Interrupts()
-    # Only the main thread may set a handler (main() may also be called from another thread, or from tests).
-    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-    previous = {signum: signal.signal(signum, interrupts.handle) for signum in signals}
     try:
-        # Refuse a bad or busy OUT_DIR before any work; the lock is held until the folder is in place.
-        check_out_dir(out_dir, Path(args.checkpoint_dir), args.overwrite)
-        with out_dir_lock(out_dir):
-            return _convert(args, out_dir, pool, interrupts)
+        with interrupts.installed():
+            # Refuse a bad or busy OUT_DIR before any work; the lock is held until the folder is in place.
+            check_out_dir(out_dir, Path(args.checkpoint_dir), args.overwrite)
+            with out_dir_lock(out_dir):
+                return _convert(args, out_dir, pool, interrupts)
     except (ValueError, OSError, RuntimeError, MemoryError) as err:
         # User-facing failures are one line, no traceback (the error classes name file/array).
         message = "out of memory" if isinstance(err, MemoryError) else str(err)
@@ -121,14 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as interrupt:
         # Staging folder and lock are already gone (finally clauses); a reading thread may still run.
-        what = f"{out_dir} is written (complete)" if interrupts.written else "nothing written"
-        print(f"{'terminated' if isinstance(interrupt, Terminated) else 'interrupted'}; {what}", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+        word, status = interrupts.report(interrupt)
+        print(f"{word}; " + (f"{out_dir} is written (complete)" if interrupts.written else "nothing written"),
+              file=sys.stderr)
+        return status
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        for signum, handler in previous.items():
-            if handler is not None:  # None: set outside Python, cannot be put back
-                signal.signal(signum, handler)
 
 
 def _convert(args: argparse.Namespace, out_dir: Path, pool: ThreadPoolExecutor, interrupts: Interrupts) -> int:

@@ -58,6 +58,26 @@ class Interrupts:
             raise self.error(signum)
 
     @contextmanager
+    def installed(self) -> Iterator[None]:
+        """SIGINT and SIGTERM go to `handle` while the block runs, then the previous handlers come back. Only the
+        main thread may set handlers: called from another (or from tests), the block runs without them."""
+        signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        previous = {signum: signal.signal(signum, self.handle) for signum in signals}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(signum, handler)
+
+    @staticmethod
+    def report(interrupt: KeyboardInterrupt) -> tuple[str, int]:
+        """What a tool says and exits with: ("terminated", 143) for SIGTERM, ("interrupted", 130) for Ctrl-C."""
+        if isinstance(interrupt, Terminated):
+            return "terminated", 128 + signal.SIGTERM
+        return "interrupted", 128 + signal.SIGINT
+
+    @contextmanager
     def commit(self) -> Iterator[None]:
         """Moving an output into place: a signal waits for the end of the block, after which it is written."""
         with self.hold():

@@ -16,14 +16,12 @@ import argparse
 import glob
 import logging
 import os
-import signal
 import sys
-import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import DTYPES, Interrupts, OneLineParser, Terminated, first_line, printable
+from .cli import DTYPES, Interrupts, OneLineParser, first_line, printable
 from .mt3.notes_mt3 import GM_FAMILIES, notes_to_csv, notes_to_json, parse_programs
 from .output import some_names
 
@@ -317,12 +315,11 @@ def run(args: argparse.Namespace, interrupts: Interrupts) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Ctrl-C and SIGTERM alike: the output being written is removed, one line, status 130 / 143 (SIGTERM left a
-    # temporary file); only the main thread may set a handler (main() may be called from another, or from tests)
+    # temporary file)
     interrupts = Interrupts()
-    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-    previous = {signum: signal.signal(signum, interrupts.handle) for signum in signals}
     try:
-        return run(args, interrupts)
+        with interrupts.installed():
+            return run(args, interrupts)
     except UsageError as err:
         print(printable(f"error: {err}"), file=sys.stderr)
         return err.status
@@ -338,14 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         # every output is renamed into place whole: the files written so far are complete, a rerun skips them
         written = os.path.isdir(args.out_dir)
-        word = "terminated" if isinstance(interrupt, Terminated) else "interrupted"
+        word, status = interrupts.report(interrupt)
         print(printable(f"{word}; " + (f"the outputs written so far are complete, in {args.out_dir}" if written
                                        else "nothing written")), file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
-    finally:
-        for signum, handler in previous.items():
-            if handler is not None:  # None: set outside Python, cannot be put back
-                signal.signal(signum, handler)
+        return status
 
 
 if __name__ == "__main__":

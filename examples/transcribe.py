@@ -56,6 +56,11 @@ def check_model(model: str) -> None:
     raise ValueError(f"MODEL {model}: " + ("is not a folder" if path.exists() else "no such folder"))
 
 
+def first_line(err: BaseException) -> str:
+    """An error's message cut to its first line (transformers' and torch's span several), or its class name."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 @contextlib.contextmanager
 def loading(model: str):
     """Around loading MODEL: a name that is no folder here was tried as a Hub repo id, and transformers' OSError
@@ -68,8 +73,7 @@ def loading(model: str):
     except OSError as err:
         if Path(model).exists():
             raise
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise OSError(f"MODEL {model}: no such folder, nor a loadable Hub repo id ({reason})") from None
+        raise OSError(f"MODEL {model}: no such folder, nor a loadable Hub repo id ({first_line(err)})") from None
 
 
 def write_beside(path: Path, write: Callable) -> None:
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except RuntimeError as err:  # the model's, as CUDA out of memory: its first line
-        print(f"error: {(str(err).strip().splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
+        print(f"error: {first_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # OUT.mid is written whole or not at all
         print("interrupted", file=sys.stderr)

@@ -42,8 +42,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE_RATE = 16000
-SEGMENT_SAMPLES = 256 * 128  # 256 frames of hop 128 = 2.048 s per encoder segment
+# The golden samples' rate (shared/golden/README.md), given to the processor with them; the model's own audio
+# constants (rate, hop, frames per segment) are read from the converted folder.
+GOLDEN_SAMPLE_RATE = 16000
 BOS, EOS = 0, 1
 MAIN_CASE = "a_brahms_string_orchestra"
 LONG_CASES = ("a_brahms_string_orchestra", "b_multi_instrument_drums_synth", "c_ragtime_piano_recording")
@@ -171,7 +172,7 @@ def _cut(row: list[int]) -> tuple[list[int], int]:
 def _run_once(torch, model, processor, dtype, samples, mode: str, max_segments: int | None) -> dict:
     """features -> generate -> notes, each stage timed; `mode` naive = no cache, one segment per call."""
     t0 = time.perf_counter()
-    inputs = processor(audio=samples, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+    inputs = processor(audio=samples, sampling_rate=GOLDEN_SAMPLE_RATE, return_tensors="pt")
     features = inputs["input_features"]
     starts = inputs["segment_start_times"]
     if max_segments is not None:
@@ -217,14 +218,14 @@ def worker_transcribe(args: argparse.Namespace) -> None:
     case = Path(args.shared) / "golden" / args.case
     samples = np.load(case / "samples.npy")
     golden = json.loads((case / "tokens.json").read_text())["segments"]
-    inputs = processor(audio=samples, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+    inputs = processor(audio=samples, sampling_rate=GOLDEN_SAMPLE_RATE, return_tensors="pt")
     _warm_up(torch, model, inputs["input_features"].to(dtype))
     runs = [_run_once(torch, model, processor, dtype, samples, args.mode, args.max_segments) for _ in range(args.reps)]
     stats = _token_stats(runs[-1]["tokens"], golden)
     total_segments = int(inputs["input_features"].shape[0])
     _emit({
         "case": args.case, "mode": args.mode, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
-        **load, "audio_s": len(samples) / SAMPLE_RATE, "total_segments": total_segments,
+        **load, "audio_s": len(samples) / GOLDEN_SAMPLE_RATE, "total_segments": total_segments,
         "golden_generated_per_segment": [len(g) + 1 for g in golden],  # + EOS
         "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs], **stats,
     })
@@ -233,7 +234,7 @@ def worker_transcribe(args: argparse.Namespace) -> None:
 def _long_audio(np, shared: str, seconds: float):
     """Rows 3 and 8: the three golden cases concatenated and tiled to `seconds` of 16 kHz samples."""
     one = np.concatenate([np.load(Path(shared) / "golden" / c / "samples.npy") for c in LONG_CASES])
-    n = int(seconds * SAMPLE_RATE)
+    n = int(seconds * GOLDEN_SAMPLE_RATE)
     return np.tile(one, -(-n // len(one)))[:n].astype(np.float32)
 
 
@@ -248,7 +249,7 @@ def worker_long(args: argparse.Namespace) -> None:
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run = _run_once(torch, model, processor, dtype, samples, "fast", None)
     stats = _token_stats(run.pop("tokens"), None)
-    _emit({"torch_threads": torch.get_num_threads(), **load, "audio_s": len(samples) / SAMPLE_RATE,
+    _emit({"torch_threads": torch.get_num_threads(), **load, "audio_s": len(samples) / GOLDEN_SAMPLE_RATE,
            "ru_maxrss_after_load_kb": rss_loaded, "runs": [run], **stats})
 
 
@@ -317,11 +318,11 @@ def worker_frames(args: argparse.Namespace) -> None:
 
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     one = np.load(Path(args.shared) / "golden" / args.case / "samples.npy")
-    n = int(args.seconds * SAMPLE_RATE)
+    n = int(args.seconds * GOLDEN_SAMPLE_RATE)
     samples = np.tile(one, -(-n // len(one)))[:n].astype(np.float32)
-    features = processor(audio=samples, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"]
+    features = processor(audio=samples, sampling_rate=GOLDEN_SAMPLE_RATE, return_tensors="np")["input_features"]
     np.save(args.out, features.astype(np.float32))
-    _emit({"audio_s": len(samples) / SAMPLE_RATE, "segments": int(features.shape[0])})
+    _emit({"audio_s": len(samples) / GOLDEN_SAMPLE_RATE, "segments": int(features.shape[0])})
 
 
 def _generate_mode(torch, model, features, mode: str, device: str, pool: int | None = None):
@@ -431,7 +432,7 @@ def worker_precision(args: argparse.Namespace) -> None:
     for case in LONG_CASES:
         folder = Path(args.shared) / "golden" / case
         golden = json.loads((folder / "tokens.json").read_text())["segments"]
-        inputs = processor(audio=np.load(folder / "samples.npy"), sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        inputs = processor(audio=np.load(folder / "samples.npy"), sampling_rate=GOLDEN_SAMPLE_RATE, return_tensors="pt")
         reference = None
         for mode in args.modes.split(","):
             sync()
@@ -475,11 +476,13 @@ def worker_end_to_end(args: argparse.Namespace) -> None:
     samples = _long_audio(np, args.shared, args.seconds)
     sync, device_info = _device_timing(torch, args.device)
     features_on = {"device": args.device} if args.device.startswith("cuda") else {}
-    generate(processor(audio=samples[: 4 * SEGMENT_SAMPLES], sampling_rate=SAMPLE_RATE, return_tensors="pt",
+    extractor = processor.feature_extractor
+    segment = extractor.frames_per_segment * extractor.hop_length * GOLDEN_SAMPLE_RATE // extractor.sampling_rate
+    generate(processor(audio=samples[: 4 * segment], sampling_rate=GOLDEN_SAMPLE_RATE, return_tensors="pt",
                        **features_on)["input_features"])
     sync()
     t0 = time.perf_counter()
-    inputs = processor(audio=samples, sampling_rate=SAMPLE_RATE, return_tensors="pt", **features_on)
+    inputs = processor(audio=samples, sampling_rate=GOLDEN_SAMPLE_RATE, return_tensors="pt", **features_on)
     sync()  # the frames stay on the GPU: their kernels may still be queued
     t1 = time.perf_counter()
     tokens = generate(inputs["input_features"]).cpu()
@@ -489,7 +492,7 @@ def worker_end_to_end(args: argparse.Namespace) -> None:
     t3 = time.perf_counter()
     cut = [_cut(row) for row in tokens.tolist()]
     Path(args.out).write_text(json.dumps({"segments": [ids for ids, _ in cut], "notes": [list(n) for n in notes]}))
-    _emit({**load, "mode": args.mode, "device": args.device, "audio_s": len(samples) / SAMPLE_RATE,
+    _emit({**load, "mode": args.mode, "device": args.device, "audio_s": len(samples) / GOLDEN_SAMPLE_RATE,
            "segments": len(cut), "tokens": sum(n for _, n in cut), "notes": len(notes),
            "features_device": features_on.get("device", "cpu (numpy)"),
            "features_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2, "end_to_end_s": t3 - t0,
@@ -598,7 +601,7 @@ def summarize_transcription(wall: float, js: dict, config: dict) -> dict:
 
 
 def row_transcription(model_dir: Path, shared: Path, reps: int, quick: bool) -> dict:
-    config = json.loads((model_dir / "config.json").read_text())
+    config = model_sizes(model_dir)
     common = ["--model", str(model_dir), "--shared", str(shared), "--case", MAIN_CASE]
     out = {}
     naive = common + ["--mode", "naive", "--dtype", "float32", "--reps", "1"] + (["--max-segments", "2"] if quick else [])
@@ -769,8 +772,14 @@ FLOP_FORMULA = (
     "per generated token at self-attention length t (1..n, n incl. EOS): "
     "L_dec*[2*(3*d*inner + inner*d + d*inner + inner*d + 3*d*d_ff) + 4*inner*t + 4*inner*F] + 2*d*V; "
     "per segment: F*2*depth*d + L_enc*F*[2*(4*d*inner + 3*d*d_ff) + 4*inner*F] (encoder) "
-    "+ L_dec*2*2*F*d*inner (cross-attention keys/values); F = 256 frames, inner = heads*d_kv"
+    "+ L_dec*2*2*F*d*inner (cross-attention keys/values); F = frames per segment, inner = heads*d_kv"
 )
+
+
+def model_sizes(model_dir: Path) -> dict:
+    """The converted folder's config.json, with the feature extractor's `frames_per_segment` (the encoder's length)."""
+    preprocessor = json.loads((model_dir / "preprocessor_config.json").read_text())
+    return {**json.loads((model_dir / "config.json").read_text()), "frames_per_segment": preprocessor["frames_per_segment"]}
 
 
 def decoder_weights(config: dict) -> int:
@@ -783,7 +792,8 @@ def decoder_weights(config: dict) -> int:
 def model_flops(config: dict, generated_per_segment: list[int]) -> dict:
     d, dff = config["d_model"], config["d_ff"]
     inner = config["num_heads"] * config["d_kv"]
-    L_enc, L_dec, depth, F = config["num_layers"], config["num_decoder_layers"], config["input_depth"], 256
+    L_enc, L_dec, depth = config["num_layers"], config["num_decoder_layers"], config["input_depth"]
+    F = config["frames_per_segment"]
     per_token_fixed = 2 * decoder_weights(config) + L_dec * 4 * inner * F
     tokens = sum(generated_per_segment)
     decoder = sum(n * per_token_fixed + L_dec * 4 * inner * n * (n + 1) / 2 for n in generated_per_segment)
@@ -796,10 +806,10 @@ def model_flops(config: dict, generated_per_segment: list[int]) -> dict:
 
 def naive_flops(config: dict, generated_per_segment: list[int]) -> float:
     """FLOPs of generate(use_cache=False) one segment per call: step t (1..n) re-runs the decoder and the
-    logits over all t positions, projects cross-attention keys/values of the 256 frames again, and does
+    logits over all t positions, projects cross-attention keys/values of the segment's frames again, and does
     t x t self-attention; plus the encoder once per segment. Used only to extrapolate --quick's naive row."""
     d, inner = config["d_model"], config["num_heads"] * config["d_kv"]
-    L_dec, F = config["num_decoder_layers"], 256
+    L_dec, F = config["num_decoder_layers"], config["frames_per_segment"]
     per_position = 2 * decoder_weights(config) + L_dec * 4 * inner * F
     per_step = L_dec * 4 * F * d * inner
     encoder = model_flops(config, [0])["per_segment_flop"] - per_step
@@ -833,10 +843,11 @@ def dense_floor(config: dict, rate: dict, generated_per_segment: list[int]) -> d
     the same run. The encoder and cross-attention keys/values at the best GEMM rate; the decoder at that rate or
     reading what it must at the measured memory read rate, whichever takes longer. A decode step reads the decoder's
     weights once (there are at least as many steps as the longest segment has tokens), and a row at token t its
-    segment's cross-attention keys/values (256 frames) and t self-attention keys/values, in every layer."""
+    segment's cross-attention keys/values (one per frame) and t self-attention keys/values, in every layer."""
     gflops, read = floor_gflops(rate), rate["read_gbs_best"]
     flops = model_flops(config, generated_per_segment)
-    inner, layers, frames = config["num_heads"] * config["d_kv"], config["num_decoder_layers"], 256
+    inner, layers = config["num_heads"] * config["d_kv"], config["num_decoder_layers"]
+    frames = config["frames_per_segment"]
     positions = sum(n * frames + n * (n + 1) // 2 for n in generated_per_segment)  # keys read per layer (and values)
     decoder_bytes = 4 * (max(generated_per_segment) * decoder_weights(config) + layers * 2 * inner * positions)
     encoder_s, compute_s = flops["encoder_gflop"] / gflops, flops["decoder_gflop"] / gflops
@@ -1152,7 +1163,7 @@ def main(argv=None) -> int:
                 res["rows"]["2"] = row_transcription(model_dir, shared, args.reps, args.quick)
             if "3" in rows:
                 res["rows"]["3"] = row_long(model_dir, shared, args.long_seconds)
-            config = json.loads((model_dir / "config.json").read_text())
+            config = model_sizes(model_dir)
             if "4" in rows:
                 _, rate = run_process(worker_cmd("matmul"), "row 4: matmul and memory read rates")
                 runs = {}

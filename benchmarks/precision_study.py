@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import LONG_CASES, SAMPLE_RATE, _cut  # noqa: E402  (bench.py: standard library only at import)
+from bench import GOLDEN_SAMPLE_RATE, LONG_CASES, _cut  # noqa: E402  (bench.py: standard library only at import)
 
 PARTS = ("linears", "mlp", "attention", "attention_inputs", "kv")
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -216,9 +216,9 @@ def main() -> None:
     audio = {case: np.load(Path(args.shared) / "golden" / case / "samples.npy") for case in LONG_CASES}
     if args.seconds:
         one = np.concatenate(list(audio.values()))
-        n = int(args.seconds * SAMPLE_RATE)
+        n = int(args.seconds * GOLDEN_SAMPLE_RATE)
         audio = {f"{args.seconds:g} s": np.tile(one, -(-n // len(one)))[:n]}
-    inputs = {name: processor(audio=x, sampling_rate=SAMPLE_RATE, return_tensors="pt") for name, x in audio.items()}
+    inputs = {name: processor(audio=x, sampling_rate=GOLDEN_SAMPLE_RATE, return_tensors="pt") for name, x in audio.items()}
     results, float32 = compare(model, processor, inputs, modes)
     for mode, cases in results.items():
         for name, r in cases.items():

@@ -203,7 +203,7 @@ def test_row_5_floor_counts_the_bytes_a_decode_must_read():
     costs its FLOPs or its reads, whichever is longer, and the table shows the floor against what 6x needs."""
     module = load_bench()
     config = {"d_model": 4, "d_ff": 8, "num_heads": 2, "d_kv": 2, "num_layers": 1, "num_decoder_layers": 1,
-              "vocab_size": 10, "input_depth": 4}
+              "vocab_size": 10, "input_depth": 4, "frames_per_segment": 256}
     weights = 3 * 4 * 4 + 4 * 4 + 4 * 4 + 4 * 4 + 3 * 4 * 8 + 4 * 10  # q/k/v, out, cross q, cross out, MLP; logits
     keys = (2 * 256 + 1 + 2) + (3 * 256 + 1 + 2 + 3)  # segments of 2 and 3 tokens
     rate = {"gflops_best": 2.0, "gflops_1thread_best": 1.0, "gflops_onednn_best": 0.0, "read_gbs_best": 1e-3}

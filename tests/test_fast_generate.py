@@ -355,8 +355,11 @@ def test_unusual_but_valid_calls_match_hf_greedy(model, count_fast):
     # a float limit: GenerationMixin takes 5.0 as 5 (the pool's buffers need an int)
     torch.testing.assert_close(model.generate(input_features=x, max_new_tokens=5.0),
                                reference(model, x, max_new_tokens=5), atol=0, rtol=0)
-    with pytest.raises(ValueError, match=r"segments of at least one frame; found input_features of shape \(2, 0, 16\)"):
-        model.generate(input_features=torch.zeros(2, 0, 16), max_new_tokens=3)
+    depth = x.shape[-1]
+    with pytest.raises(ValueError, match=rf"segments of at least one frame; found input_features of shape \(2, 0, {depth}\)"):
+        model.generate(input_features=torch.zeros(2, 0, depth), max_new_tokens=3)
+    with pytest.raises(ValueError, match=rf"of shape \(segments, frames, {depth}\), found \(2, 3, {depth + 1}\)"):
+        model.generate(input_features=torch.zeros(2, 3, depth + 1), max_new_tokens=3)
 
 
 

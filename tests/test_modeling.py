@@ -138,8 +138,14 @@ def test_forward_shapes():
     assert out.cross_attentions[0].shape == (3, 4, 7, FRAMES)
     # causal: no weight on later tokens
     assert torch.all(out.decoder_attentions[0].triu(1) == 0)
-    with pytest.raises(ValueError, match="input_features"):
-        model(input_features=torch.zeros(1, FRAMES, 31), decoder_input_ids=decoder_input_ids[:1])
+    # the frames are checked where they enter, in the same words as generate()'s
+    ids = decoder_input_ids[:1]
+    with pytest.raises(ValueError, match=r"input_features` of shape \(segments, frames, 32\), found \(1, 16, 31\)"):
+        model(input_features=torch.zeros(1, FRAMES, 31), decoder_input_ids=ids)
+    with pytest.raises(ValueError, match=r"segments of at least one frame; found input_features of shape \(1, 0, 32\)"):
+        model(input_features=torch.zeros(1, 0, 32), decoder_input_ids=ids)  # (attention over no frame: NaN)
+    with pytest.raises(ValueError, match=r"found a dict with keys \['input_features'\]: .* `model\(\*\*inputs\)`"):
+        model({"input_features": x[:1]}, decoder_input_ids=ids)
 
 
 def test_sdpa_matches_eager():

@@ -7,6 +7,7 @@ measured errors.
 """
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,18 @@ def case_data(shared: Path):
         return cache[name]
 
     return load
+
+
+def test_converter_gate_uses_these_tolerances(capsys):
+    """`--golden` refuses to write a folder that misses these tests' tolerances, and its help states them."""
+    from convert_mt3.__main__ import parse_args
+    from convert_mt3.parity import ENCODER_TOLERANCE, LOGITS_TOLERANCE
+
+    assert (ENCODER_TOLERANCE, LOGITS_TOLERANCE) == (ENCODER_ATOL, LOGITS_ATOL)
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    stated = re.search(r"\(encoder ([0-9.e-]+), logits ([0-9.e-]+),", " ".join(capsys.readouterr().out.split()))
+    assert stated and (float(stated[1]), float(stated[2])) == (ENCODER_ATOL, LOGITS_ATOL)
 
 
 def test_golden_cases_present(golden_cases):

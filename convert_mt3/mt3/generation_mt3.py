@@ -464,38 +464,31 @@ class MT3GreedyPool:
 
     def _decode(self, cache, features, max_new_tokens, eos_token_ids, pad_token_id, start, processors, graphs,
                 interval, drafts):
-        rows, device = cache.rows, cache.positions.device
-        segments = features.shape[0]
+        device, segments = cache.positions.device, features.shape[0]
         eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
         out = torch.full((segments, max_new_tokens + 1), pad_token_id, dtype=torch.long)
         # with drafts, rows advance by the ids they confirm, so the host reads their positions; the id buffer has
         # room for a step's guesses past the limit
-        width = max_new_tokens + 1 + (drafts + 1 if drafts else 0)
-        tokens = torch.full((rows, width), start, dtype=torch.long, device=device)
-        active = torch.ones(rows, dtype=torch.bool, device=device)  # the row decodes (not idle, not ended)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)  # set by a step: the row's segment ended
-        segment_of: list[int | None] = list(range(rows))  # segment decoded in each row, None: idle
-        admitted_at = [0] * rows  # step at which each row's segment started: position = step - admitted_at
+        rows = _Rows(cache.rows, max_new_tokens + 1 + (drafts + 1 if drafts else 0), start, device)
         encoded = _EncodedSegments(self.model, features, self.encoder_batch, self.encode_ahead, device)
-        encoded.admit(cache, list(range(rows)), 0)
+        encoded.admit(cache, list(range(cache.rows)), 0)
         runner = _StepGraphs() if graphs else None
-        next_segment, step, generated, busy = rows, 0, 0, rows
+        next_segment, step, generated = cache.rows, 0, 0
 
-        while busy:
+        while rows.busy:
             if drafts:
                 row_positions = cache.positions.tolist()
                 # guesses once few rows are left, and only at positions of the table
                 few = cache.rows <= self.draft_rows
                 cache.set_ahead(max(min(drafts, cache.max_positions - 1 - max(row_positions)), 0) if few else 0)
             else:
-                # an ended row waits at its last position (at most max_new_tokens) until the host collects it; idle: 0
-                row_positions = [0 if segment is None else min(step - at, max_new_tokens)
-                                 for at, segment in zip(admitted_at, segment_of)]
+                row_positions = rows.positions(step, max_new_tokens)
             cache.reserve(row_positions)  # raises if a row passed the position table
             positions = None
             if processors is not None:
-                positions = {row: row_positions[row] for row in range(cache.rows) if segment_of[row] is not None}
-            args = (cache, tokens, active, done, eos, max_new_tokens, processors, positions)
+                positions = {row: row_positions[row] for row, segment in enumerate(rows.segment_of)
+                             if segment is not None}
+            args = (cache, rows.tokens, rows.active, rows.done, eos, max_new_tokens, processors, positions)
             if runner is None:
                 self._step(*args)
             else:
@@ -503,50 +496,24 @@ class MT3GreedyPool:
             step += 1
             if step % interval:
                 continue
-            finished = done.nonzero()[:, 0].tolist()  # the host's one sync per `interval` steps
+            finished, ends = rows.collect(cache, out)  # the host's one sync per `interval` steps
             if not finished:
                 continue
-            index = torch.tensor(finished, device=device)
-            done[index] = False
-            collected = torch.cat((cache.positions[index, None], tokens[index]), 1).cpu()  # one copy: end, tokens
-            ends = collected[:, 0].tolist()
-            for row, end, ids in zip(finished, ends, collected[:, 1:]):
-                out[segment_of[row], : end + 1] = ids[: end + 1]
-                generated = max(generated, end)
+            generated = max(generated, *ends)
             # waiting segments take the first free rows; the other free rows go idle
             admit = finished[: segments - next_segment]
             if admit:
                 # a row ended at position `end` wrote keys/values up to it, and drafts up to `drafts` past it
                 encoded.admit(cache, admit, next_segment, written=max(ends[: len(admit)]) + 1 + drafts)
-                tokens[index[: len(admit)], 0], active[index[: len(admit)]] = start, True
-                for row in admit:
-                    segment_of[row], admitted_at[row] = next_segment, step
-                    next_segment += 1
+                rows.admit(admit, next_segment, step)
+                next_segment += len(admit)
             idle = finished[len(admit) :]
-            if not idle:
-                continue
-            busy -= len(idle)
-            for row in idle:
-                segment_of[row] = None
-            cache.positions[index[len(admit) :]] = 0  # an idle row (not active) repeats position 0
-            keep = _next_power_of_two(busy) if graphs else busy
-            if keep < cache.rows:
-                self._compact(cache, keep, tokens, active, segment_of, admitted_at)
-                tokens, active, done = tokens[:keep], active[:keep], done[:keep]
-                segment_of, admitted_at = segment_of[:keep], admitted_at[:keep]
+            if idle:
+                rows.leave(idle, cache)
+                keep = _next_power_of_two(rows.busy) if graphs else rows.busy
+                if keep < cache.rows:
+                    rows.compact(cache, keep)
         return out[:, : 1 + generated]
-
-    @staticmethod
-    def _compact(cache: MT3SlotCache, keep: int, tokens, active, segment_of: list, admitted_at: list) -> None:
-        """The busy rows beyond the first `keep` move into idle rows below it (last first), then the cache keeps
-        `keep` rows; the caller then keeps the first `keep` rows of its per-row tensors and lists."""
-        holes = [row for row in range(keep - 1, -1, -1) if segment_of[row] is None]
-        movers = [row for row in range(cache.rows - 1, keep - 1, -1) if segment_of[row] is not None]
-        for hole, mover in zip(holes, movers):
-            cache.move(mover, hole)
-            tokens[hole], active[hole] = tokens[mover], active[mover]
-            segment_of[hole], admitted_at[hole] = segment_of[mover], admitted_at[mover]
-        cache.shrink(keep)
 
     def _step(self, cache, tokens, active, done, eos, max_new_tokens, processors, positions) -> None:
         """One decode step of every row, in place: each decoding row's next token goes to its next position in
@@ -647,6 +614,65 @@ class MT3GreedyPool:
             # a processor may return another dtype (GenerationMixin takes the argmax of whatever comes back)
             scores[index] = processors(tokens[index, : position + 1], scores[index]).to(scores.dtype)
         return scores
+
+
+class _Rows:
+    """What `MT3GreedyPool._decode` keeps per row of the slot cache: its ids and flags (tensors, updated in place by
+    the decode steps) and, on the host, the segment it decodes and the step at which that segment started."""
+
+    def __init__(self, count: int, width: int, start: int, device: torch.device):
+        self.start = start
+        self.tokens = torch.full((count, width), start, dtype=torch.long, device=device)  # (rows, width) ids
+        self.active = torch.ones(count, dtype=torch.bool, device=device)  # the row decodes (not idle, not ended)
+        self.done = torch.zeros(count, dtype=torch.bool, device=device)  # set by a step: the row's segment ended
+        self.segment_of: list[int | None] = list(range(count))  # None: idle
+        self.admitted_at = [0] * count  # a row's position = step - admitted_at
+        self.busy = count
+
+    def positions(self, step: int, limit: int) -> list[int]:
+        """Each row's position at `step`: an ended row waits at its last (at most `limit`) until collected; idle: 0."""
+        return [0 if segment is None else min(step - at, limit) for at, segment in zip(self.admitted_at, self.segment_of)]
+
+    def collect(self, cache: "MT3SlotCache", out: torch.Tensor) -> tuple[list[int], list[int]]:
+        """The rows whose segments ended and the position each ended at; their ids go to their segments' rows of
+        `out` (segments, 1 + limit), their `done` flags are cleared. One copy to the host."""
+        finished = self.done.nonzero()[:, 0].tolist()
+        if not finished:
+            return [], []
+        index = torch.tensor(finished, device=self.done.device)
+        self.done[index] = False
+        collected = torch.cat((cache.positions[index, None], self.tokens[index]), 1).cpu()  # end, then the ids
+        ends = collected[:, 0].tolist()
+        for row, end, ids in zip(finished, ends, collected[:, 1:]):
+            out[self.segment_of[row], : end + 1] = ids[: end + 1]
+        return finished, ends
+
+    def admit(self, rows: list[int], first: int, step: int) -> None:
+        """Segments `first`, `first + 1`, ... start in `rows` at `step` (their keys/values are in the cache)."""
+        index = torch.tensor(rows, device=self.done.device)
+        self.tokens[index, 0], self.active[index] = self.start, True
+        for segment, row in enumerate(rows, first):
+            self.segment_of[row], self.admitted_at[row] = segment, step
+
+    def leave(self, rows: list[int], cache: "MT3SlotCache") -> None:
+        """`rows` go idle: no segment, not active, at position 0."""
+        self.busy -= len(rows)
+        for row in rows:
+            self.segment_of[row] = None
+        cache.positions[torch.tensor(rows, device=self.done.device)] = 0
+
+    def compact(self, cache: "MT3SlotCache", keep: int) -> None:
+        """The busy rows beyond the first `keep` move into idle rows below it (last first), then every row beyond
+        `keep` is dropped, here and in the cache."""
+        holes = [row for row in range(keep - 1, -1, -1) if self.segment_of[row] is None]
+        movers = [row for row in range(cache.rows - 1, keep - 1, -1) if self.segment_of[row] is not None]
+        for hole, mover in zip(holes, movers):
+            cache.move(mover, hole)
+            self.tokens[hole], self.active[hole] = self.tokens[mover], self.active[mover]
+            self.segment_of[hole], self.admitted_at[hole] = self.segment_of[mover], self.admitted_at[mover]
+        cache.shrink(keep)
+        self.tokens, self.active, self.done = self.tokens[:keep], self.active[:keep], self.done[:keep]
+        self.segment_of, self.admitted_at = self.segment_of[:keep], self.admitted_at[:keep]
 
 
 class _EncodedSegments:

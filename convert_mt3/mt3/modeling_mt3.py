@@ -145,16 +145,7 @@ class MT3Encoder(nn.Module):
 
         MT3 masks no frame; pass `attention_mask` (batch, frames) only to deviate from the original on purpose.
         """
-        if not isinstance(input_features, torch.Tensor):
-            raise ValueError(
-                f"Expected `input_features` as a torch tensor (batch, frames, {self.config.input_depth}); found "
-                f"{type(input_features).__name__}: call the processor with return_tensors=\"pt\""
-            )
-        if input_features.dim() != 3 or input_features.shape[-1] != self.config.input_depth:
-            raise ValueError(
-                f"Expected `input_features` of shape (batch, frames, {self.config.input_depth}), "
-                f"found {tuple(input_features.shape)}"
-            )
+        check_input_features(input_features, self.config.input_depth, "model")
         dtype = self.continuous_inputs_projection.weight.dtype
         hidden = self.continuous_inputs_projection(input_features.to(dtype))  # (batch, frames, d_model)
         hidden = self.dropout(hidden + self.position_embedding(0, hidden.shape[1]).to(dtype))
@@ -532,27 +523,10 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"generate() needs `input_features` (segments, frames, mel bins), e.g. from the processor; found {found}"
             )
-        if hasattr(features, "keys"):  # a mapping: the processor's whole output, given as the first argument
-            raise ValueError(
-                f"generate() needs `input_features` as a torch tensor; found a {type(features).__name__} with keys "
-                f"{sorted(features)}: pass its entries as keywords, `generate(**inputs)`"
-            )
-        if features is not None and not isinstance(features, torch.Tensor):
-            raise ValueError(
-                "generate() needs `input_features` as a torch tensor (segments, frames, mel bins); found "
-                f"{type(features).__name__}: call the processor with return_tensors=\"pt\""
-            )
-        if features is not None and features.dim() == 3 and features.shape[1] == 0 < features.shape[0]:
-            raise ValueError(f"generate() needs segments of at least one frame; found input_features of shape "
-                             f"{tuple(features.shape)}")
-        if features is not None and features.dim() == 3 and features.shape[0] == 0:
-            # audio of length 0: no segment to decode (GenerationMixin cannot take an empty batch)
-            rest = {name: value for name, value in kwargs.items() if name != self.main_input_name}
-            config, _ = self._prepare_generation_config(generation_config, **rest)
-            config.validate()  # as GenerationMixin would
-            start = config.decoder_start_token_id if config.decoder_start_token_id is not None else 0
-            ids = torch.full((0, 1), start, dtype=torch.long, device=features.device)
-            return GenerateEncoderDecoderOutput(sequences=ids) if config.return_dict_in_generate else ids
+        if features is not None:
+            check_input_features(features, self.config.input_depth, "generate")
+            if features.shape[0] == 0:  # audio of length 0 (GenerationMixin cannot take an empty batch)
+                return self._no_segments(features.device, generation_config, kwargs)
         fast = self._fast_greedy_settings(inputs, generation_config, kwargs)
         if fast is None or not row_independent(logits_processor or []):
             return super().generate(
@@ -573,6 +547,15 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             draft_tokens=_per_device(settings["draft_tokens"], DRAFT_TOKENS, self.device.type),
             draft_shift_ids=settings["draft_shift_ids"],
         ).generate(features, max_new_tokens, eos, pad, start, logits_processor=logits_processor)
+
+    def _no_segments(self, device: torch.device, generation_config: GenerationConfig | None, kwargs: dict):
+        """What generate() returns for no segment: (0, 1) ids, or their output dict if the settings ask for one."""
+        rest = {name: value for name, value in kwargs.items() if name != self.main_input_name}
+        config, _ = self._prepare_generation_config(generation_config, **rest)
+        config.validate()  # as GenerationMixin would
+        start = config.decoder_start_token_id if config.decoder_start_token_id is not None else 0
+        ids = torch.full((0, 1), start, dtype=torch.long, device=device)
+        return GenerateEncoderDecoderOutput(sequences=ids) if config.return_dict_in_generate else ids
 
     def _can_capture(self) -> bool:
         """CUDA graphs need the whole model on one CUDA device: not spread or offloaded by a `device_map`."""
@@ -637,6 +620,28 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         if type(max_new_tokens) is not int or max_new_tokens < 1:
             return None  # GenerationMixin takes it (5.0 as 5) or raises its error
         return features, max_new_tokens, eos, pad, start, {name: getattr(config, name, None) for name in POOL_SETTINGS}
+
+
+def check_input_features(features, input_depth: int, caller: str) -> None:
+    """A ValueError unless `features` is a (segments, frames >= 1, input_depth) tensor, checked where the frames
+    enter (`caller`: "model" or "generate"), so that a processor output given whole, numpy arrays or a wrong mel
+    size are named rather than failing deep inside."""
+    if hasattr(features, "keys"):  # a mapping: the processor's whole output, given as the first argument
+        raise ValueError(
+            f"Expected `input_features` as a torch tensor; found a {type(features).__name__} with keys "
+            f"{sorted(features)}: pass its entries as keywords, `{caller}(**inputs)`"
+        )
+    if not isinstance(features, torch.Tensor):
+        raise ValueError(
+            f"Expected `input_features` as a torch tensor (segments, frames, {input_depth}); found "
+            f"{type(features).__name__}: call the processor with return_tensors=\"pt\""
+        )
+    if features.dim() != 3 or features.shape[-1] != input_depth:
+        raise ValueError(f"Expected `input_features` of shape (segments, frames, {input_depth}), found "
+                         f"{tuple(features.shape)}")
+    if features.shape[1] == 0 < features.shape[0]:
+        raise ValueError(f"Expected segments of at least one frame; found input_features of shape "
+                         f"{tuple(features.shape)}")
 
 
 def _per_device(setting: int | dict | None, defaults: dict[str, int], device_type: str) -> int:

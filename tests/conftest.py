@@ -79,7 +79,7 @@ def tiny_folder(tmp_path_factory) -> Path:
     assert main([str(ckpt), str(root / "tiny"), "--quiet"]) == 0
     # The random model rarely writes EOS: 64 ids a segment, not MT3's 1024, as a user may set it in the folder.
     settings = json.loads((root / "tiny" / "generation_config.json").read_text())
-    (root / "tiny" / "generation_config.json").write_text(json.dumps({**settings, "max_new_tokens": 64}))
+    (root / "tiny" / "generation_config.json").write_text(json.dumps({**settings, "max_length": 1 + 64}))
     return root / "tiny"
 
 

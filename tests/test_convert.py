@@ -71,7 +71,8 @@ def test_folder_contents_and_config(converted):
         "modeling_mt3.MT3ForConditionalGeneration"}
     generation = json.loads((converted / "generation_config.json").read_text())
     assert (generation["decoder_start_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (0, 1, 0)
-    assert generation.get("max_new_tokens") == 1024 and not generation.get("do_sample", False)
+    # the decoder start + 1024 targets, as `max_length`, which a caller's `max_length` replaces (Seq2SeqTrainer)
+    assert (generation["max_length"], generation.get("max_new_tokens"), generation.get("do_sample", False)) == (1025, None, False)
     assert generation["draft_shift_ids"] == [3, 1003]  # mt3's time shifts: shift 0 to 1000 after 3 special ids
     # the processor warns about labels longer than the decoder's positions
     assert json.loads((converted / "tokenizer_config.json").read_text())["model_max_length"] == 1024

@@ -376,6 +376,63 @@ def test_what_seq2seq_trainer_passes_keeps_the_fast_path(model, count_fast):
     assert model._fast_greedy_settings(None, None, {"input_features": x, "synced_gpus": True}) is None
 
 
+def test_a_callers_length_replaces_the_folders(model, count_fast, monkeypatch):
+    """The folder's limit is `max_length` (the start + MT3's targets): a call's `max_length` replaces it on both
+    paths, and a call's `max_new_tokens` does too, without GenerationMixin's "both are set" warning."""
+    from transformers.generation import utils as generation_utils
+
+    warned = []
+    monkeypatch.setattr(generation_utils.logger, "warning", warned.append)
+    monkeypatch.setattr(modeling_mt3.logger, "warning_once", warned.append)
+    x = frames(3, seed=9)
+    assert (model.generation_config.max_length, model.generation_config.max_new_tokens) == (41, None)
+    full = model.generate(input_features=x)
+    assert full.shape[1] == 41 and count_fast == [SEGMENT_BATCH_SIZE["cpu"]]  # no EOS from the random model
+    torch.testing.assert_close(model.generate(input_features=x, max_length=6), full[:, :6], atol=0, rtol=0)
+    assert model.generate(input_features=x, max_length=6, num_beams=2).shape[1] <= 6  # GenerationMixin
+    torch.testing.assert_close(model.generate(input_features=x, max_new_tokens=3), full[:, :4], atol=0, rtol=0)
+    assert model.generate(input_features=x, max_new_tokens=3, num_beams=2).shape[1] <= 4 and len(count_fast) == 3
+    assert not [w for w in warned if "max_new_tokens" in w], warned
+
+
+def test_seq2seq_trainer_predicts_with_the_folders_and_its_own_lengths(tmp_path):
+    """Seq2SeqTrainer(predict_with_generate) decodes up to the folder's limit by default and to
+    `generation_max_length` when set (its only length setting), and leaves the model's limit as it was (it writes
+    the library's defaults, max_length 20 among them, into the model's generation config where they are unset)."""
+    pytest.importorskip("accelerate")
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    model = tiny_model(max_target_length=40)
+    x = frames(2, seed=5)
+    data = [{"input_features": segment, "labels": torch.tensor([5, 6, 1])} for segment in x]
+    args = Seq2SeqTrainingArguments(tmp_path, predict_with_generate=True, per_device_eval_batch_size=2, report_to=[],
+                                    use_cpu=True)
+    trainer = Seq2SeqTrainer(model=model, args=args,
+                             data_collator=lambda rows: {key: torch.stack([row[key] for row in rows]) for key in rows[0]})
+    want = reference(model, x)
+    assert want.shape[1] == 41
+    for _ in range(2):  # the second call sees the generation config as the first left it
+        predictions = trainer.predict(data).predictions
+        assert (predictions == want.numpy()).all()
+    assert model.generation_config.max_length == 41
+    trainer.args.generation_max_length = 6
+    predictions = trainer.predict(data).predictions  # padded to the model's max_length by the trainer
+    assert (predictions[:, :6] == want[:, :6].numpy()).all() and (predictions[:, 6:] == model.config.pad_token_id).all()
+
+
+@pytest.mark.parametrize("layers", [(2, 3), (3, 1)])
+def test_more_or_fewer_decoder_layers(layers):
+    """GenerationMixin's cache has one layer per decoder layer (sized through `get_text_config(decoder=True)`):
+    beam search and greedy search run with more decoder than encoder layers, greedy with the fast path's ids."""
+    encoder_layers, decoder_layers = layers
+    model = tiny_model(num_layers=encoder_layers, num_decoder_layers=decoder_layers, max_target_length=12)
+    assert model.config.get_text_config(decoder=True).num_hidden_layers == decoder_layers
+    assert model.config.num_hidden_layers == encoder_layers  # the config itself is unchanged
+    x = frames(2, seed=4)
+    torch.testing.assert_close(model.generate(input_features=x), reference(model, x), atol=0, rtol=0)
+    assert model.generate(input_features=x, num_beams=2).shape[0] == 2  # (2, 3) ran out of cache layers
+
+
 def test_generate_in_train_mode_warns(model, monkeypatch):
     warnings = []
     monkeypatch.setattr(modeling_mt3.logger, "warning_once", warnings.append)  # (once per process: not caplog)

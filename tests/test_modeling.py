@@ -224,10 +224,10 @@ def test_generation_config_defaults(tmp_path):
     model = MT3ForConditionalGeneration(tiny_config(max_target_length=1024))
     gc = model.generation_config
     assert (gc.decoder_start_token_id, gc.eos_token_id, gc.pad_token_id) == (0, 1, 0)
-    assert (gc.max_new_tokens, gc.num_beams, gc.do_sample) == (1024, 1, False)
+    assert (gc.max_length, gc.max_new_tokens, gc.num_beams, gc.do_sample) == (1025, None, 1, False)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "generation_config.json").is_file()
-    assert MT3ForConditionalGeneration.from_pretrained(tmp_path).generation_config.max_new_tokens == 1024
+    assert MT3ForConditionalGeneration.from_pretrained(tmp_path).generation_config.max_length == 1025
 
 
 def pick_early_eos(model: MT3ForConditionalGeneration, x: torch.Tensor) -> int:

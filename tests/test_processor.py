@@ -208,6 +208,31 @@ def test_collate_keeps_ignored_positions_inside_a_row(processor):
     assert batch["labels"].tolist() == [[5, 6, -100, -100, 9, 1], [7, 1, -100, -100, -100, -100]]
 
 
+def test_collate_with_the_model_feeds_trainers_that_take_the_labels_out(processor, tmp_path):
+    """Trainer's label smoothing pops `labels` before the forward pass: `collate(..., model=model)` adds the model's
+    own `decoder_input_ids` (as DataCollatorForSeq2Seq(model=...) does), so training runs, with the loss the labels
+    give; without them the forward pass says what to pass."""
+    pytest.importorskip("accelerate")
+    from functools import partial
+
+    from test_modeling import frames, tiny_model
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model()
+    x = frames(2, seed=6)
+    rows = [{"input_features": x[0], "labels": np.array([5, 6, 7, 1])}, {"input_features": x[1], "labels": np.array([9, 1])}]
+    batch = processor.collate(rows, model=model)
+    assert batch["decoder_input_ids"].tolist() == [[0, 5, 6, 7], [0, 9, 1, 0]]  # start, labels[:-1]; -100 -> pad
+    with torch.no_grad():
+        assert torch.equal(model(**batch).loss, model(input_features=batch["input_features"], labels=batch["labels"]).loss)
+    args = TrainingArguments(tmp_path, label_smoothing_factor=0.1, per_device_train_batch_size=2, max_steps=1,
+                             report_to=[], use_cpu=True, save_strategy="no")
+    with pytest.raises(ValueError, match=r"collate with `processor.collate\(\.\.\., model=model\)`"):
+        Trainer(model=model, args=args, train_dataset=rows, data_collator=processor.collate).train()
+    trained = Trainer(model=model, args=args, train_dataset=rows, data_collator=partial(processor.collate, model=model))
+    assert trained.train().training_loss > 0
+
+
 def test_collate_takes_rows_of_any_float_type_and_refuses_none(processor):
     """Rows as bfloat16/float16 tensors (numpy has none for bfloat16), float64 arrays or lists give the same float32
     batch; an empty list is a ValueError saying so."""

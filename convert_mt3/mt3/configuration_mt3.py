@@ -13,8 +13,8 @@ class MT3Config(T5Config):
     max_position_embeddings (`int`, defaults to 2048):
         Rows of the fixed sinusoidal position table (MT3 `layers.FixedEmbed.max_length`).
     max_target_length (`int`, defaults to 1024):
-        Most tokens MT3 decodes per segment (the targets length of its feature converter); the model's default
-        `generation_config.max_new_tokens`.
+        Most tokens MT3 decodes per segment (the targets length of its feature converter); with the decoder start
+        token, the model's default `generation_config.max_length`.
     z_loss (`float`, defaults to 1e-4):
         Weight of T5X's z-loss added to the cross entropy when `labels` are given (MT3 gin `Z_LOSS`).
 
@@ -51,6 +51,15 @@ class MT3Config(T5Config):
         # and never rescale decoder outputs (T5's d_model**-0.5 applies only to tied heads).
         self.tie_word_embeddings = False
         self.scale_decoder_outputs = False
+
+    def get_text_config(self, decoder=None, encoder=None):
+        """transformers sizes GenerationMixin's cache by `get_text_config(decoder=True).num_hidden_layers`, which T5's
+        attribute map reads from `num_layers`, the encoder's count: with more decoder layers than encoder layers, beam
+        search and sampling ran out of cache layers. The decoder's view (a copy) counts the decoder's layers."""
+        config = super().get_text_config(decoder=decoder, encoder=encoder)
+        if decoder and not encoder and config is not self:
+            config.num_layers = self.num_decoder_layers
+        return config
 
     def to_dict(self) -> dict:
         """T5Config's, without the fields of what MT3 does not have (T5's relative position bias, its classification

@@ -276,12 +276,15 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         self.encoder = MT3Encoder(config)
         self.decoder = MT3Decoder(config)
         self.post_init()
-        # MT3 decodes greedily up to the targets length; kept in generation_config.json by `save_pretrained`.
+        # MT3 decodes greedily up to the targets length; kept in generation_config.json by `save_pretrained`. As
+        # `max_length` (the decoder start + the targets), not `max_new_tokens`: a `max_new_tokens` in the folder
+        # would win over every `max_length` a caller passes (Seq2SeqTrainer's `generation_max_length`), and without
+        # a `max_length` Seq2SeqTrainer writes the library's default, 20, into the model's generation config.
         self.generation_config.update(
             decoder_start_token_id=config.decoder_start_token_id,
             eos_token_id=config.eos_token_id,
             pad_token_id=config.pad_token_id,
-            max_new_tokens=config.max_target_length,
+            max_length=config.max_target_length + 1,
             num_beams=1,
             do_sample=False,
         )
@@ -381,8 +384,10 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError(
-                    "Pass `decoder_input_ids` or `labels` to the forward pass; to transcribe, call `generate()` or "
-                    'pipeline("music-transcription", ...) (the "automatic-speech-recognition" pipeline cannot decode MT3)'
+                    "Pass `decoder_input_ids` or `labels` to the forward pass (Trainer's label smoothing and "
+                    "`compute_loss_func` take the labels out first: collate with `processor.collate(..., model=model)`); "
+                    'to transcribe, call `generate()` or pipeline("music-transcription", ...) (the '
+                    '"automatic-speech-recognition" pipeline cannot decode MT3)'
                 )
             decoder_input_ids = self._shift_right(labels)
 
@@ -517,6 +522,9 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         # works.
         kwargs.pop("segment_start_times", None)
         kwargs.pop("segments_per_clip", None)
+        if kwargs.get("max_new_tokens") is not None and "max_length" not in kwargs and generation_config is None:
+            # a call's limit replaces the folder's `max_length` (GenerationMixin would warn that both are set)
+            kwargs["max_length"] = None
         features = inputs if kwargs.get(self.main_input_name) is None else kwargs[self.main_input_name]
         if features is None and kwargs.get("encoder_outputs") is None:
             found = "`input_ids` (token ids are the output, not the input)" if "input_ids" in kwargs else "none"

@@ -118,10 +118,12 @@ class MT3Processor(ProcessorMixin):
             )
         return MT3BatchFeature({**inputs, "labels": pad_labels(targets)}, tensor_type=return_tensors)
 
-    def collate(self, examples: Sequence[dict]) -> BatchFeature:
+    def collate(self, examples: Sequence[dict], model=None) -> BatchFeature:
         """Data collator: segments {"input_features": (frames, mel bins), "labels": ids} -> a batch of torch
         tensors, labels padded with -100 (ready for `model(**batch)`); segments without labels (prediction) give
-        `input_features` only."""
+        `input_features` only. With `model` (as `DataCollatorForSeq2Seq(model=...)`), also the `decoder_input_ids`
+        it makes from the labels: Trainer's label smoothing and `compute_loss_func` take the labels out of the batch
+        before the forward pass (`data_collator=functools.partial(processor.collate, model=model)`)."""
         if not examples:
             raise ValueError("Expected at least one segment to collate; found none.")
         batch = {"input_features": torch.stack([_float32_rows(example["input_features"]) for example in examples])}
@@ -133,6 +135,8 @@ class MT3Processor(ProcessorMixin):
         if labelled:
             labels = [_without_padding(np.asarray(example["labels"]).reshape(-1)) for example in examples]
             batch["labels"] = torch.from_numpy(pad_labels(labels))
+            if model is not None:
+                batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
         return BatchFeature(batch)
 
     def batch_decode(

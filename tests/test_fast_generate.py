@@ -5,7 +5,9 @@ falls back to for everything else). Tokens must be identical, including the pad 
 Golden tokens of the real model through the fast path are checked in tests/test_parity_model.py.
 """
 
+import ast
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +33,21 @@ from convert_mt3.mt3.modeling_mt3 import MT3GreedyPool
 def reference(model, x: torch.Tensor, **kwargs) -> torch.Tensor:
     """HF greedy search, bypassing the fast path."""
     return GenerationMixin.generate(model, input_features=x, **kwargs)
+
+
+# Half precision may flip a near-tie, and a flip changes the rest of its row, so half-precision ids are held to a share
+# equal to the reference's: on these tiny models every id has agreed on CI's machine kind, and a decode that went wrong
+# (cross-attention values zeroed, so the audio was ignored) agreed on 10-12%.
+MIN_HALF_AGREEMENT = 0.75
+
+
+def half_agreement(got: torch.Tensor, want: torch.Tensor, name: str) -> float:
+    """Share of equal ids over the width both have (printed; run with -s), for half-precision runs."""
+    assert got.dtype == torch.long and got.shape[0] == want.shape[0]
+    width = min(got.shape[1], want.shape[1])
+    share = (got[:, :width] == want[:, :width]).float().mean().item()
+    print(f"\n{name}: {share:.1%} of ids equal (widths {got.shape[1]}, {want.shape[1]})")
+    return share
 
 
 def early_eos(model, x: torch.Tensor, past: int = 0) -> int:
@@ -538,13 +555,20 @@ def test_other_modes_fall_back_to_hf(model, monkeypatch, kwargs):
 
     monkeypatch.setattr(MT3GreedyPool, "generate", refuse)
     x = frames(2, seed=8)
+    if "min_new_tokens" in kwargs:  # as EOS, the id row 0 writes first: min_new_tokens must hold it back
+        kwargs = {**kwargs, "eos_token_id": int(reference(model, x, eos_token_id=None, max_new_tokens=1)[0, 1])}
     torch.manual_seed(0)
     out = model.generate(input_features=x, **kwargs)
-    sequences = out.sequences if hasattr(out, "sequences") else out
-    assert sequences.shape[0] == 2 and sequences[:, 0].eq(0).all()
-    if kwargs.get("num_beams") or kwargs.get("use_cache") is False or kwargs.get("attention_mask") is not None:
-        torch.manual_seed(0)
-        torch.testing.assert_close(sequences, reference(model, x, **kwargs))
+    torch.manual_seed(0)  # sampling: the same draws
+    want = reference(model, x, **kwargs)
+    if kwargs.get("return_dict_in_generate"):
+        assert type(out) is type(want) and len(out.scores) == len(want.scores) == out.sequences.shape[1] - 1
+        torch.testing.assert_close(out.scores, want.scores, atol=0, rtol=0)
+        out, want = out.sequences, want.sequences
+    torch.testing.assert_close(out, want, atol=0, rtol=0)  # every setting reached GenerationMixin
+    assert out.shape[0] == 2 and out[:, 0].eq(0).all()
+    if "min_new_tokens" in kwargs:
+        assert out[0, 1] != kwargs["eos_token_id"]
 
 
 def test_streamer_falls_back(model, monkeypatch):
@@ -625,9 +649,8 @@ def test_bfloat16_runs(model):
     x = frames(5, seed=10).to(torch.bfloat16)
     got = half.generate(input_features=x, segment_batch_size=2)
     want = reference(half, x)
-    assert got.shape == want.shape and got.dtype == torch.long
-    # the fast path keeps T5LayerNorm's half-precision order; GEMM rounding may differ, so report, do not assert
-    print(f"bfloat16 fast vs HF: {(got == want).float().mean():.1%} of ids equal")
+    # the fast path keeps T5LayerNorm's half-precision order; GEMM rounding may differ, so a share, not all
+    assert half_agreement(got, want, "bfloat16 fast vs HF") >= MIN_HALF_AGREEMENT
 
 
 def test_steps_run_in_inference_mode_and_ids_stay_ordinary(model, monkeypatch):
@@ -683,11 +706,28 @@ def test_slot_cache_writes_at_each_steps_positions():
     assert int(keys.count_nonzero()) == 2 * 2 * 3 * 4  # nothing written anywhere else
 
 
-@pytest.mark.parametrize("module", ["modeling_mt3.py", "layers_mt3.py", "generation_mt3.py"])
-def test_module_has_no_extra_imports(module):
-    source = (Path(modeling_mt3.__file__).parent / module).read_text()
-    imports = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
-    assert imports <= {"numpy", "torch", "transformers", ""}, imports
+HUB_CODE = sorted(path.name for path in Path(modeling_mt3.__file__).parent.glob("*.py"))
+
+
+@pytest.mark.parametrize("module", HUB_CODE)
+def test_hub_code_imports_only_torch_numpy_transformers(module):
+    """Every import in the Hub code, at any depth (AST), is torch, numpy, transformers, the standard library or a
+    sibling; the optional audio and MIDI packages only inside the functions that need them (an ImportError there
+    names the package)."""
+    tree = ast.parse((Path(modeling_mt3.__file__).parent / module).read_text())
+    top_level = {id(node) for node in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:  # (level > 0: a sibling)
+            names = [node.module]
+        else:
+            continue
+        allowed = {"numpy", "torch", "transformers"} | set(sys.stdlib_module_names)
+        if id(node) not in top_level:
+            allowed |= {"pretty_midi", "soundfile", "soxr"}
+        for name in names:
+            assert name.split(".")[0] in allowed, f"{module}:{node.lineno} imports {name}"
 
 
 def test_generate_without_features_says_what_it_needs(model):

@@ -111,7 +111,7 @@ GENERATE_PATHS = {
     "fast-pool4": lambda model, x: model.generate(input_features=x, segment_batch_size=4),
     # the same scheduler with SDPA attention, as it runs in half precision and on GPUs
     "fast-sdpa": lambda model, x: sys.modules[type(model).__module__].MT3GreedyPool(model, 16, matmul_attention=False).generate(
-        x, model.generation_config.max_new_tokens, [1], 0, 0
+        x, model.generation_config.max_length - 1, [1], 0, 0  # the folder's limit: decoder start + new ids
     ),
     # GenerationMixin's greedy search, all segments as one batch
     "hf": lambda model, x: GenerationMixin.generate(model, input_features=x),

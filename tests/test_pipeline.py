@@ -117,6 +117,14 @@ def test_task_inferred_and_input_forms(tiny_pipe, tmp_path):
     assert len(batched[1]["notes"]) > 0  # the random model writes notes: a real comparison
     note = batched[0]["notes"][0]
     assert set(note) == {"program", "instrument", "is_drum", "pitch", "velocity", "start", "end"}
+    # the file's samples as librosa.load gives them: the channels averaged, then soxr HQ to 16 kHz, ceil(n x 16/44.1)
+    import soxr
+
+    written, _ = soundfile.read(tmp_path / "stereo.flac", dtype="float32")  # (samples, 2), 16-bit FLAC's values
+    length = -(-len(written) * 16000 // 44100)
+    expected = soxr.resample(written.mean(axis=1), 44100, 16000, quality="HQ")
+    expected = np.pad(expected, (0, max(0, length - len(expected))))[:length]
+    np.testing.assert_array_equal(tiny_pipe.load_audio(str(tmp_path / "stereo.flac")), expected)
 
 
 def test_options(tiny_pipe):

@@ -1,7 +1,8 @@
 """Half precision runs: `torch.autocast("cpu", bfloat16)` around generate() (the documented mixed mode), a model cast
 with `.to(bfloat16)` / `.to(float16)`, and `from_pretrained(dtype=...)`, on the tiny model and the real one, through the fast path and
-through GenerationMixin. These assert that decoding runs and returns ids of the right shape; agreement with float32
-is printed here and measured per golden case by `make bench` (precision row), since half precision may change ids.
+through GenerationMixin. On the tiny models these assert that most ids agree with float32 or GenerationMixin
+(`MIN_HALF_AGREEMENT`, since half precision may flip near-ties); the real model's agreement is printed here and
+measured per golden case by `make bench` (precision row).
 """
 
 import json
@@ -9,16 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_fast_generate import reference
+from test_fast_generate import MIN_HALF_AGREEMENT, half_agreement, reference
 from test_modeling import frames, tiny_model
 
 from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration
-
-
-def agreement(got: torch.Tensor, want: torch.Tensor) -> str:
-    if got.shape != want.shape:
-        return f"width {got.shape[1]} vs {want.shape[1]}"
-    return f"{(got == want).float().mean():.1%} of ids equal"
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +28,7 @@ def test_autocast_cpu_bfloat16_tiny(tiny, path):
     want = tiny.generate(input_features=x, **kwargs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = tiny.generate(input_features=x, segment_batch_size=2, **kwargs)
-    assert got.dtype == torch.long and got.shape[0] == 5
-    print(f"\nautocast bf16 ({path}) vs float32: {agreement(got, want)}")
+    assert got.shape[0] == 5 and half_agreement(got, want, f"autocast bf16 ({path}) vs float32") >= MIN_HALF_AGREEMENT
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -43,15 +37,17 @@ def test_cast_model_tiny(dtype):
     x = frames(5, seed=14).to(dtype)
     got = model.generate(input_features=x, segment_batch_size=2)
     want = reference(model, x)
-    assert got.dtype == torch.long and got.shape[0] == 5
-    print(f"\n{dtype} fast vs GenerationMixin: {agreement(got, want)}")
+    assert got.shape[0] == 5 and half_agreement(got, want, f"{dtype} fast vs GenerationMixin") >= MIN_HALF_AGREEMENT
 
 
 def test_from_pretrained_dtype(tiny, tmp_path):
     tiny.save_pretrained(tmp_path)
     model = MT3ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     assert model.decoder.logits_dense.weight.dtype == torch.bfloat16
-    assert model.generate(input_features=frames(2, seed=15), max_new_tokens=4).shape == (2, 5)
+    x = frames(2, seed=15)
+    got = model.generate(input_features=x, max_new_tokens=4)
+    assert got.shape == (2, 5)
+    assert half_agreement(got, tiny.generate(input_features=x, max_new_tokens=4), "from_pretrained(dtype=bfloat16) vs float32") >= MIN_HALF_AGREEMENT
 
 
 def test_real_model_half_precision(real_model, shared):

@@ -467,24 +467,6 @@ def test_ctrl_c_or_kill_prints_one_line_and_leaves_nothing(mt3_ckpt, tmp_path, s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
-def test_generate_on_empty_audio_returns_an_empty_result(tmp_path):
-    import torch
-
-    from convert_mt3.mt3.configuration_mt3 import MT3Config
-    from convert_mt3.mt3.feature_extraction_mt3 import MT3FeatureExtractor
-    from convert_mt3.mt3.modeling_mt3 import MT3ForConditionalGeneration
-    from convert_mt3.mt3.processing_mt3 import MT3Processor
-    from convert_mt3.mt3.tokenization_mt3 import MT3Tokenizer
-
-    config = MT3Config(d_model=32, d_ff=48, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=16)
-    model = MT3ForConditionalGeneration(config).eval()
-    processor = MT3Processor(MT3FeatureExtractor(), MT3Tokenizer())
-    inputs = processor(audio=np.zeros(0, np.float32), sampling_rate=16000, return_tensors="pt")
-    tokens = model.generate(**inputs)
-    assert tokens.shape == (0, 1) and tokens.dtype == torch.long
-    assert processor.batch_decode(tokens, inputs)["notes"] == []
-
-
 @pytest.mark.parametrize("peak, warned", [(0.9, False), (3.9, False), (100.0, True), (32767.0, True)])
 def test_unscaled_audio_gets_one_warning(peak, warned, caplog):
     from convert_mt3.mt3.feature_extraction_mt3 import MT3FeatureExtractor

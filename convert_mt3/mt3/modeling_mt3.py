@@ -145,7 +145,7 @@ class MT3Encoder(nn.Module):
 
         MT3 masks no frame; pass `attention_mask` (batch, frames) only to deviate from the original on purpose.
         """
-        check_input_features(input_features, self.config.input_depth, "model")
+        _check_input_features(input_features, self.config.input_depth, "model")
         dtype = self.continuous_inputs_projection.weight.dtype
         hidden = self.continuous_inputs_projection(input_features.to(dtype))  # (batch, frames, d_model)
         hidden = self.dropout(hidden + self.position_embedding(0, hidden.shape[1]).to(dtype))
@@ -532,7 +532,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
                 f"generate() needs `input_features` (segments, frames, mel bins), e.g. from the processor; found {found}"
             )
         if features is not None:
-            check_input_features(features, self.config.input_depth, "generate")
+            _check_input_features(features, self.config.input_depth, "generate")
             if features.shape[0] == 0:  # audio of length 0 (GenerationMixin cannot take an empty batch)
                 return self._no_segments(features.device, generation_config, kwargs)
         fast = self._fast_greedy_settings(inputs, generation_config, kwargs)
@@ -630,7 +630,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         return features, max_new_tokens, eos, pad, start, {name: getattr(config, name, None) for name in POOL_SETTINGS}
 
 
-def check_input_features(features, input_depth: int, caller: str) -> None:
+def _check_input_features(features, input_depth: int, caller: str) -> None:
     """A ValueError unless `features` is a (segments, frames >= 1, input_depth) tensor, checked where the frames
     enter (`caller`: "model" or "generate"), so that a processor output given whole, numpy arrays or a wrong mel
     size are named rather than failing deep inside."""

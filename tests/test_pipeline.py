@@ -127,6 +127,18 @@ def test_task_inferred_and_input_forms(tiny_pipe, tmp_path):
     np.testing.assert_array_equal(tiny_pipe.load_audio(str(tmp_path / "stereo.flac")), expected)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_cuda_device_without_cuda_is_one_error(tiny_folder, monkeypatch_module):
+    """device="cuda" where torch has no CUDA: one ValueError naming it (torch raised an AssertionError when the
+    pipeline moved the model)."""
+    from transformers import pipeline
+
+    for device in ("cuda", torch.device("cuda:1")):
+        with pytest.raises(ValueError, match=rf"device='{torch.device(device)}': CUDA is not available \(torch .*\); "
+                                             "use device='cpu'"):
+            pipeline(model=str(tiny_folder), trust_remote_code=True, device=device)
+
+
 def test_options(tiny_pipe):
     audio = {"array": tone(2.5, 16000), "sampling_rate": 16000}
     free = tiny_pipe(audio)

@@ -66,6 +66,20 @@ def read_audio(source: str | os.PathLike | bytes, sampling_rate: int) -> np.ndar
     return resample(samples.mean(axis=1), rate, sampling_rate)  # (samples, channels) -> mono
 
 
+def _check_cuda(device) -> None:
+    """`device="cuda"` where torch has no CUDA: one ValueError, where transformers would move the model and torch
+    raise an AssertionError ("Torch not compiled with CUDA enabled"). Numbers are left to transformers, which maps
+    them to whichever accelerator is present."""
+    if device is None or isinstance(device, int):
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        return  # transformers' own error names it
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}: CUDA is not available (torch {torch.__version__}); use device='cpu'")
+
+
 def _agreed_rate(own: int | None, argument: int | None, source: str) -> int | None:
     """The sampling rate an input carries (a dict's, a decoder's) or else the `sampling_rate` argument; both given,
     they must agree."""
@@ -113,6 +127,7 @@ class MT3TranscriptionPipeline(ChunkPipeline):
     _load_tokenizer = None
 
     def __init__(self, *args, **kwargs):
+        _check_cuda(kwargs.get("device"))
         super().__init__(*args, **kwargs)
         if self.tokenizer is None or self.feature_extractor is None:
             raise ValueError(

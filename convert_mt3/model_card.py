@@ -33,7 +33,8 @@ MT3 (Gardner et al., ICLR 2022) turns audio into MIDI $instruments: a
 T5.1.1-style encoder-decoder reads $seconds s segments of log-mel frames and writes MIDI-like
 events ($events). This folder is $variant_text of [magenta/mt3](https://github.com/magenta/mt3),
 converted from its T5X/JAX format to PyTorch with convert-mt3 $version. It runs with `transformers` alone
-(`trust_remote_code=True`); `pretty_midi` is needed only to write MIDI.
+(`trust_remote_code=True`); `pretty_midi` is needed for MIDI, which the pipeline and `batch_decode` return by
+default (`return_midi=False` gives the notes only).
 
 | | |
 |---|---|
@@ -100,7 +101,8 @@ $usage
 `batch_decode(tokens, inputs)` then returns `notes` and `pretty_midi` as lists, one entry per clip.
 
 `generate()` decodes all segments of the audio with greedy search (`generation_config.json`: start
-id 0, EOS 1, up to 1024 tokens), as the original does, at most `segment_batch_size` segments at a
+id 0, EOS 1, `max_length` 1025: the start id and up to 1024 generated ids; a call's `max_length` or `max_new_tokens`
+replaces it), as the original does, at most `segment_batch_size` segments at a
 time ($pool): a finished segment makes room for the next, so memory does not
 grow with the length of the audio. Other settings (beam search, scores, ...) use transformers'
 own `generate()`. On CUDA each decode step is replayed as a CUDA graph (`cuda_graphs=False` for

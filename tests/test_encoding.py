@@ -121,8 +121,8 @@ def test_targets_layout():
 def test_a_segment_starting_on_the_grid_counts_from_its_start():
     """Segment 15 starts at 30.72 s, on the 10 ms grid: its targets count from step 3072, as MT3's
     encode_and_index_events compares each step's time with the frame's (float 30.72 % 0.01 is ~0.01, so the
-    colab's rounding, which the targets used, made it 3071 and every time in the segment one step late: 223 of an
-    hour's 1,800 segments). Decoding keeps the colab's rounding, so there the notes come back 10 ms early, as
+    colab's rounding, which the targets used, made it 3071 and every time in the segment one step late: 215 of an
+    hour's 1,758 segments). Decoding keeps the colab's rounding, so there the notes come back 10 ms early, as
     MT3's own decoding of such targets gives them."""
     tokenizer = MT3Tokenizer()
     starts = [k * 2.048 for k in range(16)]

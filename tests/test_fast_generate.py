@@ -17,6 +17,7 @@ from test_modeling import frames, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     BatchFeature,
+    GenerationConfig,
     GenerationMixin,
     LogitsProcessor,
     LogitsProcessorList,
@@ -409,6 +410,12 @@ def test_a_callers_length_replaces_the_folders(model, count_fast, monkeypatch):
     assert model.generate(input_features=x, max_length=6, num_beams=2).shape[1] <= 6  # GenerationMixin
     torch.testing.assert_close(model.generate(input_features=x, max_new_tokens=3), full[:, :4], atol=0, rtol=0)
     assert model.generate(input_features=x, max_new_tokens=3, num_beams=2).shape[1] <= 4 and len(count_fast) == 3
+    # in a GenerationConfig of the caller's too; max_length=None keeps the folder's
+    torch.testing.assert_close(model.generate(input_features=x, generation_config=GenerationConfig(max_new_tokens=3)),
+                               full[:, :4], atol=0, rtol=0)
+    assert model.generate(input_features=x, generation_config=GenerationConfig(max_new_tokens=3), num_beams=2).shape[1] <= 4
+    torch.testing.assert_close(model.generate(input_features=x, max_length=None), full, atol=0, rtol=0)
+    assert model.generate(input_features=x, max_length=None, num_beams=2).shape[1] <= 41
     assert not [w for w in warned if "max_new_tokens" in w], warned
 
 

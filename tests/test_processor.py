@@ -360,7 +360,7 @@ def test_notes_as_tuples_or_the_pipelines_dicts(processor):
 
 def test_inputs_that_are_not_samples_are_named(processor, caplog):
     """A file name or a dict given to the processor, or a sampling rate given as text, is refused in words; rows
-    that end without EOS (cut by max_new_tokens) get a warning when decoded."""
+    that end without EOS (cut by the length limit) get a warning when decoded."""
     with pytest.raises(ValueError, match="found str. The feature extractor does not read files"):
         processor(audio="song.wav", sampling_rate=16000)
     with pytest.raises(ValueError, match="samples \\(a 1-D float array\\); found a dict with keys \\['array'\\]"):
@@ -387,5 +387,6 @@ def test_inputs_that_are_not_samples_are_named(processor, caplog):
     with caplog.at_level("WARNING"):
         processor.batch_decode(torch.tensor([[0, 5, 6], [0, 1, 0], [0, 5, 6]]), inputs, return_midi=False)
     cut_messages = [record.getMessage() for record in caplog.records if "without EOS" in record.getMessage()]
-    assert cut_messages == ["2 of 3 segments (clips [0, 1]) end without EOS (cut by max_new_tokens?): notes at their "
+    assert cut_messages == ["2 of 3 segments (clips [0, 1]) end without EOS (cut by the length limit, "
+                            "max_length or max_new_tokens?): notes at their "
                             "ends may be missing."]

@@ -631,7 +631,8 @@ class _Rows:
 
     def positions(self, step: int, limit: int) -> list[int]:
         """Each row's position at `step`: an ended row waits at its last (at most `limit`) until collected; idle: 0."""
-        return [0 if segment is None else min(step - at, limit) for at, segment in zip(self.admitted_at, self.segment_of)]
+        return [0 if segment is None else min(step - at, limit)
+                for at, segment in zip(self.admitted_at, self.segment_of)]
 
     def collect(self, cache: "MT3SlotCache", out: torch.Tensor) -> tuple[list[int], list[int]]:
         """The rows whose segments ended and the position each ended at; their ids go to their segments' rows of

@@ -385,9 +385,10 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
             if labels is None:
                 raise ValueError(
                     "Pass `decoder_input_ids` or `labels` to the forward pass (Trainer's label smoothing and "
-                    "`compute_loss_func` take the labels out first: collate with `processor.collate(..., model=model)`); "
-                    'to transcribe, call `generate()` or pipeline("music-transcription", ...) (the '
-                    '"automatic-speech-recognition" pipeline cannot decode MT3)'
+                    "`compute_loss_func` take the labels out first: collate with "
+                    "`processor.collate(..., model=model)`); to transcribe, call `generate()` or "
+                    'pipeline("music-transcription", ...) (the "automatic-speech-recognition" pipeline cannot '
+                    "decode MT3)"
                 )
             decoder_input_ids = self._shift_right(labels)
 
@@ -497,9 +498,9 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
     ) -> torch.LongTensor:
         """Greedy decoding of all segments: `generate(input_features=x)`, x (segments, frames, input_depth).
 
-        When the generation settings differ from greedy search only in `FAST_GREEDY_SETTINGS` and the logits
-        processors, if any, work row by row (`ROW_INDEPENDENT_PROCESSORS`, or `row_independent = True` on their
-        class), decoding runs in `MT3GreedyPool` (the model's own layers, at most `segment_batch_size` segments at
+        In eval mode, when the generation settings differ from greedy search only in `FAST_GREEDY_SETTINGS` and
+        the logits processors, if any, work row by row (`ROW_INDEPENDENT_PROCESSORS`, or `row_independent = True`
+        on their class), decoding runs in `MT3GreedyPool` (the model's own layers, at most `segment_batch_size` segments at
         once, a finished one making room for the next) and returns what `GenerationMixin.generate` returns: (segments, 1 + longest)
         ids, decoder start first, EOS then padding after each finished row (the same ids in float32; in half
         precision, other kernels round differently and may flip near-ties). Anything else goes to
@@ -522,9 +523,7 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         # works.
         kwargs.pop("segment_start_times", None)
         kwargs.pop("segments_per_clip", None)
-        if kwargs.get("max_new_tokens") is not None and "max_length" not in kwargs and generation_config is None:
-            # a call's limit replaces the folder's `max_length` (GenerationMixin would warn that both are set)
-            kwargs["max_length"] = None
+        _replace_folder_limit(generation_config, kwargs)
         features = inputs if kwargs.get(self.main_input_name) is None else kwargs[self.main_input_name]
         if features is None and kwargs.get("encoder_outputs") is None:
             found = "`input_ids` (token ids are the output, not the input)" if "input_ids" in kwargs else "none"
@@ -628,6 +627,19 @@ class MT3ForConditionalGeneration(MT3PreTrainedModel, GenerationMixin):
         if type(max_new_tokens) is not int or max_new_tokens < 1:
             return None  # GenerationMixin takes it (5.0 as 5) or raises its error
         return features, max_new_tokens, eos, pad, start, {name: getattr(config, name, None) for name in POOL_SETTINGS}
+
+
+def _replace_folder_limit(generation_config: GenerationConfig | None, kwargs: dict) -> None:
+    """A call's `max_new_tokens` (a keyword, or in a GenerationConfig passed without `max_length`) replaces the
+    folder's `max_length` in `kwargs`, where GenerationMixin would keep both and warn that both are set; an explicit
+    `max_length=None` leaves the folder's."""
+    if "max_length" in kwargs and kwargs["max_length"] is None:
+        del kwargs["max_length"]
+    new_tokens = kwargs.get("max_new_tokens")
+    if new_tokens is None and generation_config is not None and generation_config.max_length is None:
+        new_tokens = generation_config.max_new_tokens
+    if new_tokens is not None and "max_length" not in kwargs:
+        kwargs["max_length"] = None
 
 
 def _check_input_features(features, input_depth: int, caller: str) -> None:

@@ -11,7 +11,7 @@ Ported (rewritten, no TensorFlow / seqio) from Magenta MT3:
 Segments are the feature extractor's: segment k holds the events from its origin step to the next segment's, times
 counted from its origin: the last step at or before its start, as MT3's `encode_and_index_events` finds it. Decoding
 rounds a start down with the colab's `start_time -= start_time % (1 / steps_per_second)`, which in floats is one step
-lower for some starts (30.72 s, 61.44 s, ...: 223 of an hour's 1,800): there the targets' notes decode 10 ms early,
+lower for some starts (30.72 s, 61.44 s, ...: 215 of an hour's 1,758): there the targets' notes decode 10 ms early,
 as MT3's own do; elsewhere decoding the targets gives back the notes.
 """
 

@@ -314,7 +314,7 @@ class MT3Tokenizer(PreTrainedTokenizer):
         `token_ids`: (num_segments, length) model ids as returned by `generate()`; with `has_decoder_start` the
         first column (the decoder start token) is removed. `segment_start_times`: seconds, from the feature
         extractor (`segment_start_times`), rounded down to the shift grid here as the colab does. With
-        `has_decoder_start` and `check_eos`, rows without EOS (cut by generate()'s `max_new_tokens`) get a warning.
+        `has_decoder_start` and `check_eos`, rows without EOS (cut by generate()'s length limit) get a warning.
         """
         rows = _to_int_rows(token_ids)
         start_times = _to_start_times(segment_start_times)
@@ -350,15 +350,17 @@ class MT3Tokenizer(PreTrainedTokenizer):
         )
 
     def _warn_if_cut(self, rows: list[np.ndarray], clip_of_row: list[int] | None = None) -> None:
-        """One warning for the generated rows that end without EOS: generate() stopped them at `max_new_tokens`,
-        so a segment's last notes may be missing. `clip_of_row` names the clips they belong to."""
+        """One warning for the generated rows that end without EOS: generate() stopped them at its length limit
+        (the folder's `max_length`, or a `max_length` / `max_new_tokens` passed), so a segment's last notes may be
+        missing. `clip_of_row` names the clips they belong to."""
         if self.eos_token_id is None:
             return
         cut = [index for index, row in enumerate(rows) if not (row == self.eos_token_id).any()]
         if cut:
             where = f" (clips {sorted({clip_of_row[i] for i in cut})})" if clip_of_row is not None else ""
             logger.warning(
-                f"{len(cut)} of {len(rows)} segments{where} end without EOS (cut by max_new_tokens?): notes at their "
+                f"{len(cut)} of {len(rows)} segments{where} end without EOS (cut by the length limit, max_length "
+                "or max_new_tokens?): notes at their "
                 "ends may be missing."
             )
 
